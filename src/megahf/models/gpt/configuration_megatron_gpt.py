@@ -1,0 +1,169 @@
+"""Configuration of Megatron's GPT: the paper's GPT-2 family and the Llama-style Megatron-Core variant."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+from ..presets import lookup_preset
+
+ACTIVATIONS = ("gelu", "swiglu")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+
+
+class MegatronGPTConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MegatronGPTModel`]. Field names follow Megatron-Core's `TransformerConfig`; the standard
+    transformers names (`num_hidden_layers`, `num_key_value_heads`, `intermediate_size`, `initializer_range`,
+    `layer_norm_eps`, `rms_norm_eps`) are aliases of them.
+
+    Args:
+        vocab_size (`int`): the tokenizer's vocabulary. The embedding holds `padded_vocab_size` rows
+            (`vocab_size` rounded up to `make_vocab_size_divisible_by`); the padded rows are never generated.
+        hidden_size (`int`): width of the residual stream.
+        num_layers (`int`): number of transformer layers.
+        num_attention_heads (`int`): query heads.
+        num_query_groups (`int`, *optional*): key/value heads (grouped-query attention). `None` means multi-head
+            attention and is stored as `num_attention_heads`.
+        ffn_hidden_size (`int`, *optional*): MLP width; `None` means `4 * hidden_size`.
+        max_position_embeddings (`int`): longest sequence (the size of the learned position table).
+        position_embedding_type (`str`): `"learned_absolute"` (GPT-2) or `"rope"` (rotary).
+        rotary_base (`int`): RoPE base (theta).
+        normalization (`str`): `"LayerNorm"` or `"RMSNorm"`.
+        layernorm_epsilon (`float`): epsilon of every norm.
+        activation (`str`): `"gelu"` (GPT-2 MLP) or `"swiglu"` (gated, Llama-style).
+        add_bias_linear (`bool`): biases on every linear layer (GPT-2 style) or none (Llama style).
+        tie_word_embeddings (`bool`): share the input embedding and the output layer.
+        attention_dropout (`float`): dropout on the attention probabilities.
+        hidden_dropout (`float`): dropout on the embeddings and on each block's output before the residual add.
+        init_method_std (`float`): standard deviation of the normal init; the output projection of each block
+            (`linear_proj`, `linear_fc2`) uses `init_method_std / sqrt(2 * num_layers)`, as Megatron does.
+        make_vocab_size_divisible_by (`int`): the embedding is padded to a multiple of this. Megatron multiplies it
+            by the tensor-parallel size; megahf pads once, so that a checkpoint's shapes do not depend on the layout
+            it was trained with (128 divides by every power-of-two TP size up to 128).
+    """
+
+    model_type = "megatron_gpt"
+    attribute_map = {
+        "num_hidden_layers": "num_layers",
+        "num_key_value_heads": "num_query_groups",
+        "intermediate_size": "ffn_hidden_size",
+        "initializer_range": "init_method_std",
+        "layer_norm_eps": "layernorm_epsilon",
+        "rms_norm_eps": "layernorm_epsilon",
+    }
+    # Megatron's tensor parallelism as data: Q/K/V and fc1 split by columns (heads / channels), the projections
+    # after them by rows; the embedding split along the (padded) vocabulary.
+    base_model_tp_plan = {
+        "embedding.word_embeddings": "embedding_rowwise",
+        "decoder.layers.*.self_attention.linear_qkv": "colwise",
+        "decoder.layers.*.self_attention.linear_proj": "rowwise",
+        "decoder.layers.*.mlp.linear_fc1": "colwise",
+        "decoder.layers.*.mlp.linear_fc1_gate": "colwise",
+        "decoder.layers.*.mlp.linear_fc1_up": "colwise",
+        "decoder.layers.*.mlp.linear_fc2": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embedding": (["input_ids"], ["inputs_embeds"]),
+        "decoder.layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "decoder.final_layernorm": (["hidden_states"], ["hidden_states"]),
+    }
+    # FSDP units. The word embeddings are named themselves (not their parent) so that transformers can merge a
+    # tied output layer into their unit.
+    base_model_fsdp_plan = {
+        "embedding.word_embeddings": "free_full_weight",
+        "decoder.layers.*": "free_full_weight",
+        "decoder.final_layernorm": "keep_full_weight",
+    }
+
+    vocab_size: int = 50257
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_attention_heads: int = 16
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    max_position_embeddings: int = 1024
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int | float = 10000
+    normalization: str = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"
+    add_bias_linear: bool = True
+    tie_word_embeddings: bool = True
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    use_cache: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Refuse an inconsistent architecture with a message naming the key, the value and the fix."""
+
+        def fail(key, fix):
+            raise ValueError(f"MegatronGPTConfig: {key}={getattr(self, key)!r} is invalid: {fix}")
+
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                    "ffn_hidden_size", "max_position_embeddings", "make_vocab_size_divisible_by"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(key, "it must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            fail("hidden_size", f"it must be divisible by num_attention_heads={self.num_attention_heads}.")
+        if self.num_attention_heads % self.num_query_groups:
+            fail("num_attention_heads", f"it must be divisible by num_query_groups={self.num_query_groups}.")
+        if self.activation not in ACTIVATIONS:
+            fail("activation", f"use one of {ACTIVATIONS}.")
+        if self.normalization not in NORMALIZATIONS:
+            fail("normalization", f"use one of {NORMALIZATIONS}.")
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            fail("position_embedding_type", f"use one of {POSITION_EMBEDDINGS}.")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            fail("hidden_size", f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
+        for key in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                fail(key, "a dropout probability must lie in [0, 1).")
+        if not self.init_method_std > 0:
+            fail("init_method_std", "it must be positive.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and of the output layer: `vocab_size` rounded up as Megatron pads it."""
+        multiple = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Refuse, before anything is allocated, a tensor-parallel size that does not divide the model."""
+        for key, value in (("num_attention_heads", self.num_attention_heads),
+                           ("num_query_groups", self.num_query_groups),
+                           ("ffn_hidden_size", self.ffn_hidden_size),
+                           ("padded_vocab_size", self.padded_vocab_size)):
+            if value % tp_size:
+                fix = ("raise make_vocab_size_divisible_by to a multiple of the TP size"
+                       if key == "padded_vocab_size" else "pick a TP size that divides it")
+                raise ValueError(f"{key}={value} is not divisible by tp_size={tp_size}: {fix}.")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MegatronGPTConfig:
+        """A config with the shapes of a named model: `gpt-tiny`, the paper's `gpt-345m` ... `gpt-8.3b`, and
+        the Llama-style `llama-tiny`, `llama-1b`, `llama-8b`. Keyword arguments override preset fields."""
+        return cls(**{**lookup_preset(name, "gpt"), **overrides})
+
+
+__all__ = ["MegatronGPTConfig"]

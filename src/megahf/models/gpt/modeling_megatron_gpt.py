@@ -1,0 +1,367 @@
+"""Megatron's GPT as a transformers model.
+
+Module names and the fused QKV layout are Megatron-Core's, so a Megatron checkpoint maps onto this model by renaming.
+The file holds no parallelism: the tensor-parallel plan is data on the config (`base_model_tp_plan`) and on the head
+class (`_tp_plan`), applied by transformers' `DistributedConfig` machinery; the loss comes from `megahf.parallel`,
+which computes it on vocabulary-sharded logits when the output layer is tensor-parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ...parallel.distribute import maybe_distribute_tied
+from ...parallel.vocab_parallel import VOCAB_PARALLEL_OUTPUT, causal_lm_loss, gather_vocab_logits
+from .configuration_megatron_gpt import MegatronGPTConfig
+
+
+def build_norm(config: MegatronGPTConfig) -> nn.Module:
+    if config.normalization == "RMSNorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class MegatronGPTEmbedding(nn.Module):
+    """Word embeddings over the padded vocabulary, plus learned positions for GPT-2-style models."""
+
+    def __init__(self, config: MegatronGPTConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_embedding_type == "learned_absolute"
+            else None
+        )
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # The lookup happens inside this module's call so that an FSDP unit wrapping it gathers its weights first.
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            inputs_embeds = inputs_embeds + self.position_embeddings(position_ids)
+        return self.embedding_dropout(inputs_embeds)
+
+
+class MegatronGPTRotaryEmbedding(nn.Module):
+    """Rotary position embedding over the whole head (Megatron's default `rotary_percent=1.0`, non-interleaved)."""
+
+    def __init__(self, config: MegatronGPTConfig):
+        super().__init__()
+        dim = config.head_dim
+        self.rotary_base = config.rotary_base
+        self.register_buffer("inv_freq", self.compute_inv_freq(config.rotary_base, dim), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(base: float, dim: int) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+class MegatronGPTSelfAttention(nn.Module):
+    """Self-attention with Megatron-Core's fused QKV: for each query group, its query heads, then its key, then
+    its value are stacked along the output dimension, so a contiguous column split is a split by groups."""
+
+    def __init__(self, config: MegatronGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        self.num_key_value_groups = self.heads_per_group  # read by transformers' attention functions
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
+        self.linear_qkv = nn.Linear(config.hidden_size, qkv_size, bias=config.add_bias_linear)
+        self.linear_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                     bias=config.add_bias_linear)
+        self.linear_proj.is_block_output = True  # Megatron's scaled init of the residual-branch outputs
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq, _ = hidden_states.shape
+        # -1 groups: under tensor parallelism this rank holds only its share of the groups.
+        qkv = self.linear_qkv(hidden_states).view(batch, seq, -1, self.heads_per_group + 2, self.head_dim)
+        query = qkv[..., : self.heads_per_group, :].reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
+        key = qkv[..., self.heads_per_group, :].transpose(1, 2)
+        value = qkv[..., self.heads_per_group + 1, :].transpose(1, 2)
+
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.linear_proj(output.reshape(batch, seq, -1)), weights
+
+
+class MegatronGPTMLP(nn.Module):
+    """GeLU MLP (`linear_fc1` -> gelu -> `linear_fc2`) or SwiGLU (silu(gate) * up -> `linear_fc2`).
+
+    Megatron-Core fuses SwiGLU's gate and up into one `linear_fc1` of width 2 x ffn ([gate; up]). Here they are two
+    layers, `linear_fc1_gate` and `linear_fc1_up`, so that a plain column split keeps each gate channel with its up
+    channel under tensor parallelism, also combined with FSDP2 (transformers' `packed_colwise` style loads wrong
+    weights under FSDP2); the converters split and concatenate [gate; up].
+    """
+
+    def __init__(self, config: MegatronGPTConfig):
+        super().__init__()
+        bias = config.add_bias_linear
+        self.gated = config.activation == "swiglu"
+        if self.gated:
+            self.linear_fc1_gate = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
+            self.linear_fc1_up = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
+        else:
+            self.linear_fc1 = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
+        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=bias)
+        self.linear_fc2.is_block_output = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            hidden_states = F.silu(self.linear_fc1_gate(hidden_states)) * self.linear_fc1_up(hidden_states)
+        else:
+            hidden_states = F.gelu(self.linear_fc1(hidden_states))
+        return self.linear_fc2(hidden_states)
+
+
+class MegatronGPTLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer layer: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, config: MegatronGPTConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = build_norm(config)
+        self.self_attention = MegatronGPTSelfAttention(config, layer_idx)
+        self.pre_mlp_layernorm = build_norm(config)
+        self.mlp = MegatronGPTMLP(config)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attention_output, _ = self.self_attention(
+            self.input_layernorm(hidden_states), attention_mask, position_embeddings, cache, **kwargs
+        )
+        hidden_states = hidden_states + self.hidden_dropout(attention_output)
+        return hidden_states + self.hidden_dropout(self.mlp(self.pre_mlp_layernorm(hidden_states)))
+
+
+class MegatronGPTTransformerBlock(nn.Module):
+    """Megatron-Core's `decoder`: the layers and the final norm."""
+
+    def __init__(self, config: MegatronGPTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(MegatronGPTLayer(config, i) for i in range(config.num_layers))
+        self.final_layernorm = build_norm(config)
+
+
+class MegatronGPTPreTrainedModel(PreTrainedModel):
+    config_class = MegatronGPTConfig
+    config: MegatronGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MegatronGPTLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": MegatronGPTLayer, "attentions": MegatronGPTSelfAttention}
+
+    def init_parallel_plans(self) -> None:
+        # The plan names both MLP variants (gelu's `linear_fc1`, swiglu's gate/up); keep the rules this model has.
+        super().init_parallel_plans()
+        names = {name for name, _ in self.named_modules()}
+        pattern = {name.split(".")[-1] for name in names}
+        self._tp_plan = {k: v for k, v in self._tp_plan.items() if k.rsplit(".", 1)[-1] in pattern}
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # Refuse a layout that does not divide the model before anything is sharded or loaded.
+        if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
+            model.config.check_tensor_parallel(distributed_config.tp_size)
+        return maybe_distribute_tied(model, distributed_config, mesh_manager)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Megatron's init: N(0, std) for every weight, N(0, std / sqrt(2 * layers)) for the output projection of
+        each block, zero biases, unit norms."""
+        std = self.config.init_method_std
+        block_output_std = std / math.sqrt(2 * self.config.num_layers)
+        if isinstance(module, nn.Linear):
+            is_block_output = getattr(module, "is_block_output", False)
+            init.normal_(module.weight, mean=0.0, std=block_output_std if is_block_output else std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MegatronGPTRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.rotary_base, self.config.head_dim))
+
+
+class MegatronGPTModel(MegatronGPTPreTrainedModel):
+    """Megatron-Core's GPT body: `embedding` and `decoder` (the output layer lives on the causal-LM head)."""
+
+    _input_embed_layer = "word_embeddings"
+
+    def __init__(self, config: MegatronGPTConfig):
+        super().__init__(config)
+        self.embedding = MegatronGPTEmbedding(config)
+        self.decoder = MegatronGPTTransformerBlock(config)
+        self.rotary_pos_emb = MegatronGPTRotaryEmbedding(config) if config.position_embedding_type == "rope" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embedding.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + reference.shape[1], device=reference.device)[None]
+        hidden_states = self.embedding(input_ids, position_ids, inputs_embeds)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        rotary = self.rotary_pos_emb(hidden_states, position_ids) if self.rotary_pos_emb is not None else None
+        for layer in self.decoder.layers:
+            hidden_states = layer(hidden_states, mask, rotary, cache, position_ids=position_ids, **kwargs)
+        hidden_states = self.decoder.final_layernorm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
+    """Megatron's GPT with its output layer (tied to the word embeddings unless `tie_word_embeddings=False`).
+
+    Under tensor parallelism the output layer is split along the vocabulary and, when `labels` are given, the loss
+    is computed on the vocabulary-sharded logits without gathering them (Megatron's parallel cross entropy); the
+    returned `logits` are then left sharded (a DTensor). Without labels the logits are gathered. Returned logits
+    stop at `config.vocab_size`: the padding rows of the embedding can never be generated.
+    """
+
+    _tied_weights_keys = {"output_layer.weight": "model.embedding.word_embeddings.weight"}
+    _tp_plan = {"output_layer": VOCAB_PARALLEL_OUTPUT}
+    _pp_plan = {"output_layer": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"output_layer": "keep_full_weight"}
+
+    def __init__(self, config: MegatronGPTConfig):
+        super().__init__(config)
+        self.model = MegatronGPTModel(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.output_layer
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.output_layer = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""`labels` are the input ids (shifted inside, -100 ignored), as in transformers; pass `shift_labels`
+        instead for labels that are already shifted (Megatron's datasets)."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.output_layer(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = causal_lm_loss(logits, labels, **kwargs)
+        logits = gather_vocab_logits(logits, self.config.vocab_size, keep_sharded=loss is not None)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MegatronGPTForCausalLM", "MegatronGPTModel", "MegatronGPTPreTrainedModel"]

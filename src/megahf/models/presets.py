@@ -1,0 +1,56 @@
+"""Named model shapes: the Megatron paper's (Shoeybi et al. 2019, Table 1) and Llama-style Megatron-Core ones.
+
+A preset holds only what differs from the config's defaults; `expected_params` is the size the model is known
+by, checked by the tests on the meta device.
+"""
+
+from __future__ import annotations
+
+_GPT2 = {"vocab_size": 50257, "max_position_embeddings": 1024}
+_LLAMA = {
+    "position_embedding_type": "rope",
+    "normalization": "RMSNorm",
+    "activation": "swiglu",
+    "add_bias_linear": False,
+    "tie_word_embeddings": False,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+}
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "gpt": {
+        # A model that trains in minutes on two CPU cores (the demo and the tests).
+        "gpt-tiny": {**_GPT2, "hidden_size": 128, "num_layers": 4, "num_attention_heads": 4,
+                     "max_position_embeddings": 256},
+        # The paper's GPT-2 family. The 8.3B model has 32 heads in Table 1 (Table 2 says 24).
+        "gpt-345m": {**_GPT2, "hidden_size": 1024, "num_layers": 24, "num_attention_heads": 16},
+        "gpt-1.2b": {**_GPT2, "hidden_size": 1536, "num_layers": 40, "num_attention_heads": 16},
+        "gpt-2.5b": {**_GPT2, "hidden_size": 1920, "num_layers": 54, "num_attention_heads": 20},
+        "gpt-4.2b": {**_GPT2, "hidden_size": 2304, "num_layers": 64, "num_attention_heads": 24},
+        "gpt-8.3b": {**_GPT2, "hidden_size": 3072, "num_layers": 72, "num_attention_heads": 32},
+        # Llama-style Megatron-Core models: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied output.
+        "llama-tiny": {**_LLAMA, "vocab_size": 50257, "hidden_size": 128, "num_layers": 4,
+                       "num_attention_heads": 8, "num_query_groups": 4, "ffn_hidden_size": 352,
+                       "max_position_embeddings": 256},
+        "llama-1b": {**_LLAMA, "vocab_size": 128256, "hidden_size": 2048, "num_layers": 16,
+                     "num_attention_heads": 32, "num_query_groups": 8, "ffn_hidden_size": 8192,
+                     "max_position_embeddings": 8192, "rotary_base": 500000, "tie_word_embeddings": True,
+                     "layernorm_epsilon": 1e-5, "make_vocab_size_divisible_by": 128},
+        "llama-8b": {**_LLAMA, "vocab_size": 128256, "hidden_size": 4096, "num_layers": 32,
+                     "num_attention_heads": 32, "num_query_groups": 8, "ffn_hidden_size": 14336,
+                     "max_position_embeddings": 8192, "rotary_base": 500000, "layernorm_epsilon": 1e-5},
+    },
+}
+
+# The size each model is known by (paper Table 1; Llama 3 / 3.2 model cards), for the parameter-count test.
+EXPECTED_PARAMS = {
+    "gpt-345m": 355e6, "gpt-1.2b": 1.2e9, "gpt-2.5b": 2.5e9, "gpt-4.2b": 4.2e9, "gpt-8.3b": 8.3e9,
+    "llama-1b": 1.24e9, "llama-8b": 8.03e9,
+}
+
+
+def lookup_preset(name: str, family: str) -> dict:
+    presets = PRESETS[family]
+    if name not in presets:
+        raise ValueError(f"Unknown {family} preset {name!r}. Known presets: {', '.join(presets)}.")
+    return dict(presets[name])
