@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Set up (once) and activate megahf's test environment.
+#
+#   source scripts/setup_env.sh     # from scripts/test.sh, scripts/demo.sh, or your shell
+#   bash scripts/setup_env.sh       # only build/refresh .venv
+#
+# What it does:
+#   * creates .venv in the repository root if it is missing (python3 -m venv);
+#   * installs, when .venv/.megahf-stamp does not hold the sha256 of
+#     scripts/requirements-test.txt + setup.cfg:
+#       1. a quiet pip upgrade,
+#       2. torch==2.13.0 (a CPU wheel when `nvidia-smi` is absent),
+#       3. scripts/requirements-test.txt (exact pins),
+#       4. megahf itself, editable, with --no-deps (the pins cover its dependencies);
+#     then writes the stamp, so the next runs skip all of this;
+#   * exports HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, HF_DATASETS_OFFLINE=1,
+#     TOKENIZERS_PARALLELISM=false and activates .venv.
+#
+# Settings (environment):
+#   MEGAHF_PYTHON           interpreter used to create .venv (default: python3)
+#
+# It does not use `set -e` (it is sourced into other shells); every step checks its own errors.
+
+_megahf_setup() {
+    local root venv stamp_file want have py t0 torch_version
+    local torch_pin="2.13.0"
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
+    venv="$root/.venv"
+    stamp_file="$venv/.megahf-stamp"
+    t0=$SECONDS
+
+    _megahf_say() { printf '[setup_env] %s\n' "$*" >&2; }
+
+    if [[ ! -f "$root/scripts/requirements-test.txt" || ! -f "$root/setup.cfg" ]]; then
+        _megahf_say "error: $root does not look like the megahf repository"
+        return 1
+    fi
+
+    # sha256 of the two files that decide what gets installed
+    if command -v sha256sum >/dev/null 2>&1; then
+        want="$(cat "$root/scripts/requirements-test.txt" "$root/setup.cfg" | sha256sum | cut -d' ' -f1)"
+    else
+        want="$(cat "$root/scripts/requirements-test.txt" "$root/setup.cfg" | shasum -a 256 | cut -d' ' -f1)"
+    fi || return 1
+
+    if [[ ! -x "$venv/bin/python" ]]; then
+        py="${MEGAHF_PYTHON:-python3}"
+        if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            _megahf_say "error: megahf needs Python >= 3.10 ('$py' is missing or older); set MEGAHF_PYTHON"
+            return 1
+        fi
+        _megahf_say "creating $venv with $("$py" --version 2>&1)"
+        "$py" -m venv "$venv" || { _megahf_say "error: python -m venv failed"; return 1; }
+        rm -f "$stamp_file"
+    fi
+
+    have=""
+    [[ -f "$stamp_file" ]] && have="$(cat "$stamp_file")"
+    if [[ "$have" == "$want" ]]; then
+        _megahf_say "environment up to date (stamp matches), skipping installs"
+    else
+        rm -f "$stamp_file"
+        local log="$venv/.megahf-install.log"
+        : >"$log" || return 1
+        # pip's (and setuptools') chatter goes to the log; its tail is shown when a step fails
+        _megahf_pip() {
+            local t=$SECONDS
+            if ! "$venv/bin/python" -m pip "$@" >>"$log" 2>&1; then
+                tail -n 30 "$log" >&2
+                _megahf_say "error: 'pip $*' failed (full log: $log)"
+                return 1
+            fi
+            _megahf_say "  done in $((SECONDS - t))s"
+        }
+
+        _megahf_say "upgrading pip"
+        _megahf_pip install -q --upgrade pip || return 1
+
+        torch_version="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)" || true
+        if [[ "${torch_version%%+*}" == "$torch_pin" ]]; then
+            _megahf_say "torch $torch_version already installed"
+        elif command -v nvidia-smi >/dev/null 2>&1; then
+            _megahf_say "nvidia-smi found: installing torch==$torch_pin (CUDA build, large download)"
+            _megahf_pip install -q "torch==$torch_pin" || return 1
+        else
+            # On a machine without a GPU, pip's configured index must give the CPU wheel (it does on
+            # megahf's CI machines, where the wheel lies on disk).
+            _megahf_say "no nvidia-smi: installing torch==$torch_pin (CPU)"
+            _megahf_pip install -q "torch==$torch_pin" || return 1
+        fi
+
+        _megahf_say "installing scripts/requirements-test.txt"
+        _megahf_pip install -q -r "$root/scripts/requirements-test.txt" || return 1
+
+        _megahf_say "installing megahf (editable, --no-deps)"
+        _megahf_pip install -q --no-deps -e "$root" || return 1
+
+        printf '%s\n' "$want" >"$stamp_file" || return 1
+        torch_version="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)" || true
+        _megahf_say "installed (torch $torch_version) in $((SECONDS - t0))s"
+    fi
+
+    export HF_HUB_OFFLINE=1
+    export TRANSFORMERS_OFFLINE=1
+    export HF_DATASETS_OFFLINE=1
+    export TOKENIZERS_PARALLELISM=false
+
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate" || { _megahf_say "error: cannot activate $venv"; return 1; }
+    _megahf_say "ready: $(python --version 2>&1) at $venv ($((SECONDS - t0))s)"
+}
+
+_megahf_setup
+_megahf_status=$?
+unset -f _megahf_setup _megahf_say _megahf_pip
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+    # sourced
+    return "$_megahf_status"
+else
+    exit "$_megahf_status"
+fi
