@@ -79,13 +79,10 @@ _megahf_setup() {
         torch_version="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)" || true
         if [[ "${torch_version%%+*}" == "$torch_pin" ]]; then
             _megahf_say "torch $torch_version already installed"
-        elif command -v nvidia-smi >/dev/null 2>&1; then
-            _megahf_say "nvidia-smi found: installing torch==$torch_pin (CUDA build, large download)"
-            _megahf_pip install -q "torch==$torch_pin" || return 1
         else
-            # On a machine without a GPU, pip's configured index must give the CPU wheel (it does on
-            # megahf's CI machines, where the wheel lies on disk).
-            _megahf_say "no nvidia-smi: installing torch==$torch_pin (CPU)"
+            # pip's configured index gives the CPU wheel on megahf's machines (it lies on disk there);
+            # installing it first keeps accelerate's bare torch requirement from pulling a CUDA build.
+            _megahf_say "installing torch==$torch_pin"
             _megahf_pip install -q "torch==$torch_pin" || return 1
         fi
 
