@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ...parallel.distribute import maybe_distribute_tied
+from ...parallel.distribute import maybe_distribute_tied, retie_gathered_state_dict
 from ...parallel.vocab_parallel import VOCAB_PARALLEL_OUTPUT, causal_lm_loss, gather_vocab_logits
 from .configuration_megatron_gpt import MegatronGPTConfig
 
@@ -226,6 +226,11 @@ class MegatronGPTPreTrainedModel(PreTrainedModel):
             model.config.check_tensor_parallel(distributed_config.tp_size)
         return maybe_distribute_tied(model, distributed_config, mesh_manager)
 
+    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs):
+        # A gathered tied head is a copy of the embedding: re-tie it so that the checkpoint holds it once.
+        state_dict = super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **kwargs)
+        return retie_gathered_state_dict(model_to_save, state_dict)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Megatron's init: N(0, std) for every weight, N(0, std / sqrt(2 * layers)) for the output projection of
@@ -296,7 +301,10 @@ class MegatronGPTModel(MegatronGPTPreTrainedModel):
         )
         rotary = self.rotary_pos_emb(hidden_states, position_ids) if self.rotary_pos_emb is not None else None
         for layer in self.decoder.layers:
-            hidden_states = layer(hidden_states, mask, rotary, cache, position_ids=position_ids, **kwargs)
+            # Keyword arguments: GradientCheckpointingLayer drops a `cache=` keyword under checkpointing (a positional
+            # cache would be updated a second time when the backward pass replays the layer).
+            hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=rotary, cache=cache,
+                                  position_ids=position_ids, **kwargs)
         hidden_states = self.decoder.final_layernorm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
