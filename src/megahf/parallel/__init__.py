@@ -7,3 +7,6 @@ __all__ = ["VOCAB_PARALLEL_OUTPUT", "causal_lm_loss", "gather_vocab_logits", "vo
 from .distribute import distribute_model  # noqa: E402
 
 __all__ += ["distribute_model"]
+from .clip import clip_grad_norm_  # noqa: E402
+
+__all__ += ["clip_grad_norm_"]

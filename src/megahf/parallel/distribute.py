@@ -51,6 +51,16 @@ def maybe_distribute_tied(model: PreTrainedModel, distributed_config: Distribute
     return model
 
 
+def retie_gathered_state_dict(model: PreTrainedModel, state_dict: dict) -> dict:
+    """Gathering a TP-sharded state dict makes a separate full tensor of each key, so a tied head no longer shares
+    the embedding's storage and `save_pretrained` (which drops tied keys by storage) would write it twice: point
+    every tied key back at its source tensor."""
+    for target, source in _tied_targets(model).items():
+        if target in state_dict and source in state_dict:
+            state_dict[target] = state_dict[source]
+    return state_dict
+
+
 def distribute_model(model: PreTrainedModel, distributed_config: DistributedConfig | dict) -> PreTrainedModel:
     """Apply tensor parallelism and/or FSDP2 from `distributed_config` to a fully initialised `model`."""
     cls = type(model)
