@@ -1,0 +1,66 @@
+"""Megatron's data pipeline on numpy and Hugging Face tokenizers.
+
+* :mod:`megahf.data.indexed_dataset`: Megatron-Core's ``.bin``/``.idx`` indexed dataset, read
+  (:class:`IndexedDataset`) and written (:class:`IndexedDatasetBuilder`) byte for byte;
+* :mod:`megahf.data.preprocess`: ``megahf preprocess``, a corpus (jsonl, json, parquet, txt or a
+  cached Hugging Face dataset) tokenized into that format;
+* :mod:`megahf.data.gpt_dataset`, :mod:`megahf.data.blended_dataset`: Megatron-Core's GPTDataset and
+  BlendedDataset (same samples in the same order), on index builders in numpy (:mod:`megahf.data.sample_index`).
+"""
+
+from .indexed_dataset import (
+    DTYPE_CODES,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    IndexedDatasetError,
+    best_dtype,
+)
+
+from .blended_dataset import BlendedDataset, build_gpt_datasets, parse_blend, source_sizes
+from .gpt_dataset import (
+    GPTDataset,
+    GPTDatasetConfig,
+    GPTDatasetError,
+    ltor_masks_and_position_ids,
+    parse_split,
+    split_ranges,
+)
+from .sample_index import build_blending_indices, build_exhaustive_blending_indices, build_sample_index
+
+_PREPROCESS_NAMES = ("PreprocessError", "PreprocessResult", "preprocess_corpus", "split_sentences")
+
+
+def __getattr__(name):
+    # Imported lazily so that `python -m megahf.data.preprocess` does not import the module twice.
+    # (`megahf.data.preprocess` is the submodule; the function is `preprocess_corpus`.)
+    if name in _PREPROCESS_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(".preprocess", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BlendedDataset",
+    "GPTDataset",
+    "GPTDatasetConfig",
+    "GPTDatasetError",
+    "build_blending_indices",
+    "build_exhaustive_blending_indices",
+    "build_gpt_datasets",
+    "build_sample_index",
+    "ltor_masks_and_position_ids",
+    "parse_blend",
+    "parse_split",
+    "source_sizes",
+    "split_ranges",
+    "DTYPE_CODES",
+    "IndexedDataset",
+    "IndexedDatasetBuilder",
+    "IndexedDatasetError",
+    "PreprocessError",
+    "PreprocessResult",
+    "best_dtype",
+    "preprocess_corpus",
+    "split_sentences",
+]
