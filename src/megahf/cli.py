@@ -1,0 +1,94 @@
+"""`megahf <verb>` (also `python -m megahf <verb>`).
+
+    megahf pretrain recipes/gpt/tiny.yaml [--key value ...]
+    megahf preprocess --input corpus.jsonl --tokenizer gpt2 --output-prefix data/my --append-eod
+
+A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
+status 2, before anything is computed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PRETRAIN_EPILOG = """\
+Every recipe key can be overridden after the recipe path, as --key value or --key=value; model fields go through
+--model_overrides.FIELD value (or --model_overrides '{num_layers: 2, hidden_size: 64}'); a bare --flag sets a
+boolean key to true. Examples:
+
+  megahf pretrain recipes/gpt/tiny.yaml --train_steps 50 --output_dir runs/quick
+  megahf pretrain recipes/gpt/llama-tiny.yaml --model_overrides.num_layers 2 --lr_schedule linear
+
+Recipe keys (defaults of the PretrainRecipe dataclass; a recipe file sets its own):
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megahf",
+        description="Megatron-LM's GPT on transformers and accelerate: recipes in YAML, one verb per job.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"megahf {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    from .training.recipe import recipe_help
+
+    pretrain = verbs.add_parser(
+        "pretrain",
+        help="pretrain a MegatronGPT from a YAML recipe",
+        description="Pretrain a MegatronGPT from scratch as a YAML recipe says: progress bar and log lines, "
+        "validation perplexity, a generated sample, and OUTPUT_DIR/{final/, loss.png, metrics.json, recipe.yaml}.",
+        epilog=PRETRAIN_EPILOG + recipe_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="megahf pretrain [-h] RECIPE [--key value ...]",
+    )
+    pretrain.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/gpt/tiny.yaml")
+
+    from .data import preprocess
+
+    preprocess.add_arguments(
+        verbs.add_parser(
+            "preprocess",
+            help="tokenize a corpus into Megatron's indexed dataset (.bin/.idx)",
+            description="Tokenize a corpus (jsonl, json, parquet, txt, or a cached Hugging Face dataset) into "
+            "Megatron-Core's indexed dataset format, {prefix}_{key}_{document|sentence}.bin/.idx.",
+        )
+    )
+    return parser
+
+
+def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
+    from .training.pretrain import pretrain
+    from .training.recipe import load_recipe
+
+    pretrain(load_recipe(recipe_path, overrides))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.verb == "preprocess":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from .data import preprocess
+
+        return preprocess.run(args)
+    from .training.recipe import RecipeError
+
+    try:
+        if args.verb == "pretrain":
+            return run_pretrain_verb(args.recipe, rest)
+    except RecipeError as error:
+        print(f"megahf {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown verb {args.verb!r}")  # unreachable: argparse checks the verb
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Trainer callbacks: Megatron-style log lines printed above Trainer's progress bar."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from transformers.trainer_callback import ProgressCallback
+
+
+class MegatronLogCallback(ProgressCallback):
+    """Trainer's tqdm progress bar, with each log printed as one readable line instead of a dict:
+
+        step   100/300 | loss 5.8123 | lr 9.41e-04 | grad norm 1.02 | 10,410 tokens/s
+        step   100/300 | valid loss 5.9012 | valid ppl 365.4
+
+    `tokens_per_step` is the number of tokens in one optimizer step over all data-parallel ranks.
+    """
+
+    def __init__(self, tokens_per_step: int):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.last_time: float | None = None
+        self.last_step = 0
+        # Steady-state throughput: tokens and seconds of the logged training steps after the first one (which
+        # carries the start-up), evaluations excluded.
+        self.train_seconds = 0.0
+        self.tokens_seen = 0
+        self.eval_seconds = 0.0  # evaluation time since the previous training log (Trainer's eval_runtime)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.last_time = time.perf_counter()
+        self.last_step = state.global_step
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass  # no second progress bar for the (short) evaluations: it garbles logs that are not a terminal
+
+    def tokens_per_second(self, state) -> float | None:
+        """Throughput since the previous training log, evaluation time excluded."""
+        now = time.perf_counter()
+        if self.last_time is None or state.global_step <= self.last_step:
+            return None
+        elapsed = now - self.last_time - self.eval_seconds
+        if self.last_step > 0:  # the totals leave out the first step, which carries the start-up
+            self.train_seconds += elapsed
+            self.tokens_seen += (state.global_step - self.last_step) * self.tokens_per_step
+        rate = (state.global_step - self.last_step) * self.tokens_per_step / max(elapsed, 1e-9)
+        self.last_time, self.last_step, self.eval_seconds = now, state.global_step, 0.0
+        return rate
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        head = f"step {state.global_step:>5}/{state.max_steps}"
+        parts = []
+        if "loss" in logs:
+            rate = self.tokens_per_second(state)
+            parts.append(f"loss {logs['loss']:.4f}")
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.3e}")
+            if logs.get("grad_norm") is not None:
+                parts.append(f"grad norm {float(logs['grad_norm']):.3f}")
+            if rate is not None:
+                parts.append(f"{rate:,.0f} tokens/s")
+        elif "eval_loss" in logs:
+            self.eval_seconds += logs.get("eval_runtime", 0.0)
+            ppl = math.exp(min(logs["eval_loss"], 50.0))
+            parts.append(f"valid loss {logs['eval_loss']:.4f} | valid ppl {ppl:,.2f}")
+        else:
+            return  # the end-of-training summary: reported by pretrain() itself
+        line = " | ".join([head, *parts])
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+
+__all__ = ["MegatronLogCallback"]

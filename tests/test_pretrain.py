@@ -1,0 +1,249 @@
+"""The first pretraining path: recipes (YAML -> dataclass, overrides, early errors), data packing, a short run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import yaml
+
+import megahf  # noqa: F401  (registers MegatronGPT with the Auto classes)
+from megahf.training import PretrainRecipe, RecipeError, load_recipe, run_pretrain
+from megahf.training.data import build_corpus, collate_blocks, load_tokenizer, split_documents
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the king and queen of the castle speak to the lords in the hall while the night "
+         "falls on the town and the guards keep watch by the gate").split()
+
+
+def write_corpus(path: Path, n_docs: int = 40, seed: int = 0, key: str = "text") -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n_docs):
+            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
+                         for _ in range(rng.randint(3, 6))]
+            f.write(json.dumps({key: " ".join(sentences), "id": i}) + "\n")
+    return path
+
+
+def tiny_overrides(corpus: Path, output_dir: Path, **extra) -> list[str]:
+    values = {
+        "corpus": str(corpus), "output_dir": str(output_dir),
+        "model_overrides.num_layers": 1, "model_overrides.hidden_size": 64,
+        "seq_length": 32, "micro_batch_size": 4, "train_steps": 8, "warmup_steps": 1,
+        "learning_rate": 3e-3, "min_learning_rate": 3e-4, "log_interval": 1, "eval_interval": 4,
+        "valid_fraction": 0.2, "sample_prompt": "The king", "sample_tokens": 8, **extra,
+    }
+    tokens = []
+    for key, value in values.items():
+        tokens += [f"--{key}", str(value)]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    recipe = load_recipe(None, tiny_overrides(write_corpus(root / "corpus.jsonl"), root / "out"))
+    return run_pretrain(recipe)
+
+
+# ----------------------------------------------------------------------------- a short run
+
+
+def test_loss_falls(run):
+    losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
+    assert len(losses) == 8
+    assert math.log(50257) - 0.5 < losses[0] < math.log(50257) + 0.5  # a fresh model is near uniform
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_metrics_json(run):
+    metrics = json.loads((run.output_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 8
+    assert metrics["tokens_seen"] == 8 * 4 * 32
+    for key in ("first_train_loss", "final_train_loss", "valid_loss", "valid_ppl", "tokens_per_second",
+                "train_time_s", "wall_time_s"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert metrics["valid_ppl"] == pytest.approx(math.exp(metrics["valid_loss"]))
+    assert metrics["final_train_loss"] < metrics["first_train_loss"]
+    assert metrics["sample"].startswith("The king")
+    assert metrics == run.metrics
+
+
+def test_outputs_written(run):
+    out = run.output_dir
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no partial files left
+    saved = load_recipe(out / "recipe.yaml")
+    assert saved.model_overrides == {"num_layers": 1, "hidden_size": 64}
+    assert saved.train_steps == 8
+
+
+def test_final_checkpoint_reloads_with_auto_class(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run.output_dir / "final"
+    trained = run.model.eval()
+    loaded = AutoModelForCausalLM.from_pretrained(final).to(trained.device).eval()
+    assert type(loaded).__name__ == "MegatronGPTForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = torch.tensor([tokenizer("The king and the queen speak")["input_ids"]], device=trained.device)
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert loaded.config.num_layers == 1 and loaded.config.hidden_size == 64
+
+
+def test_no_weight_decay_on_biases_and_norms(run):
+    decayed = set(run.trainer.get_decay_parameter_names(run.model))
+    names = {name for name, _ in run.model.named_parameters()}
+    assert "model.embedding.word_embeddings.weight" in decayed
+    assert "model.decoder.layers.0.self_attention.linear_qkv.weight" in decayed
+    assert not any(n.endswith(".bias") or "layernorm" in n for n in decayed)
+    assert "model.decoder.final_layernorm.weight" in names - decayed
+
+
+def test_learning_rate_decays_to_min_lr(run):
+    lrs = [e["learning_rate"] for e in run.trainer.state.log_history if "learning_rate" in e]
+    assert max(lrs) == pytest.approx(3e-3, rel=0.05)
+    # Trainer logs at step s the lr that step's update used, the schedule's value at s - 1: here step 7 of a cosine
+    # from 3e-3 (after 1 warmup step) to 3e-4 at step 8.
+    assert lrs[-1] == pytest.approx(3e-4 + (3e-3 - 3e-4) * 0.5 * (1 + math.cos(math.pi * 6 / 7)))
+
+
+@pytest.mark.parametrize("schedule, final_factor", [("linear", 0.1), ("cosine", 0.1), ("constant", 1.0)])
+def test_schedules_end_at_min_lr(schedule, final_factor, tmp_path):
+    from megahf.training.pretrain import MegatronTrainer, training_arguments
+
+    recipe = load_recipe(None, ["--lr_schedule", schedule, "--train_steps", "10", "--warmup_steps", "2",
+                                "--learning_rate", "1e-3", "--min_learning_rate", "1e-4",
+                                "--eval_interval", "0", "--output_dir", str(tmp_path)])
+    trainer = MegatronTrainer(model=torch.nn.Linear(2, 2), args=training_arguments(recipe), recipe=recipe)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    lrs = []
+    for _ in range(11):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3 * final_factor)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_blocks_are_eod_separated_and_split_by_document(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", n_docs=20)
+    recipe = load_recipe(None, ["--corpus", str(corpus), "--seq_length", "16", "--valid_fraction", "0.25"])
+    tokenizer = load_tokenizer(recipe)
+    data = build_corpus(recipe, tokenizer)
+    assert (data.train_documents, data.valid_documents) == (15, 5)
+    assert len(data.train) == data.train_tokens // 16 and len(data.valid) == data.valid_tokens // 16
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    train_docs, valid_docs = split_documents(datasets.Dataset.from_dict({"text": texts}), 0.25, recipe.seed)
+    assert set(train_docs["text"]).isdisjoint(valid_docs["text"]) and len(valid_docs) == 5
+    # The train stream is the train documents in corpus order, each followed by EOD, cut into blocks.
+    eod = tokenizer.eos_token_id
+    stream = [t for text in train_docs["text"] for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [eod]]
+    train_ids = torch.cat([row["input_ids"] for row in data.train]).tolist()
+    assert train_ids == stream[: len(train_ids)] and len(stream) - len(train_ids) < 16
+    batch = collate_blocks([data.train[0], data.train[1]])
+    assert batch["input_ids"].shape == (2, 16) and torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_missing_text_key_names_file_key_and_fields(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", key="content")
+    recipe = load_recipe(None, ["--corpus", str(corpus)])
+    with pytest.raises(RecipeError, match=r"no field text_key='text'.*'content'.*set text_key"):
+        build_corpus(recipe, load_tokenizer(recipe))
+
+
+def test_valid_split_without_a_block_says_how_to_fix(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", n_docs=12)
+    recipe = load_recipe(None, ["--corpus", str(corpus), "--seq_length", "256", "--valid_fraction", "0.1"])
+    with pytest.raises(RecipeError, match=r"valid split .* fewer than one block of seq_length=256.*valid_fraction"):
+        build_corpus(recipe, load_tokenizer(recipe))
+
+
+def test_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "  "}) + "\n")
+    recipe = load_recipe(None, ["--corpus", str(empty)])
+    with pytest.raises(RecipeError, match="no non-empty"):
+        build_corpus(recipe, load_tokenizer(recipe))
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_shipped_recipes_load():
+    tiny = load_recipe(REPO_ROOT / "recipes" / "gpt" / "tiny.yaml")
+    llama = load_recipe(REPO_ROOT / "recipes" / "gpt" / "llama-tiny.yaml")
+    assert tiny.model == "gpt-tiny" and llama.model == "llama-tiny"
+    assert tiny.corpus == "embedded" and tiny.tokenizer == "gpt2-embedded"
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", {"lerning_rate": 1e-3})
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'lerning_rate' in .*r\.yaml; did you mean "
+                                          r"'learning_rate'\?"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"'trian_steps' on the command line.*did you mean '--train_steps'"):
+        load_recipe(None, ["--trian_steps", "3"])
+
+
+def test_wrong_type_names_key_value_and_fix(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", {"train_steps": "many"})
+    with pytest.raises(RecipeError, match=r"'train_steps' in .* must be an integer, got 'many'.*train_steps: 300"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"'train_steps' on the command line .*must be an integer, got '1.5'.*--train_steps 300"):
+        load_recipe(None, ["--train_steps", "1.5"])
+    with pytest.raises(RecipeError, match=r"'activation_checkpointing'.*true or false, got 'maybe'"):
+        load_recipe(None, ["--activation_checkpointing", "maybe"])
+    with pytest.raises(RecipeError, match=r"--seq_length needs a value"):
+        load_recipe(None, ["--seq_length"])
+
+
+def test_values_out_of_range_and_bad_models_fail_early(tmp_path):
+    cases = [
+        (["--valid_fraction", "1.5"], r"valid_fraction=1.5 is invalid"),
+        (["--lr_schedule", "cosin"], r"lr_schedule='cosin' is invalid: use one of cosine, linear, constant"),
+        (["--min_learning_rate", "1", "--learning_rate", "0.1"], r"min_learning_rate=1.0 is invalid"),
+        (["--model", "gpt-tiy"], r"unknown model preset model='gpt-tiy'; did you mean 'gpt-tiny'"),
+        (["--model_overrides.num_layer", "2"], r"model_overrides.num_layer=2; did you mean "
+                                               r"'model_overrides.num_layers'"),
+        (["--model_overrides.hidden_size", "130"], r"hidden_size=130 is invalid: .*divisible by num_attention_heads"),
+        (["--seq_length", "512"], r"seq_length=512 exceeds the model's max_position_embeddings=256"),
+        (["--corpus", str(tmp_path / "nope.jsonl")], r"corpus=.*nope.jsonl.*no such file"),
+        (["--report_to", "wandb"], r"report_to='wandb' is invalid"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, overrides)
+
+
+def test_command_line_overrides_the_file(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", {"train_steps": 300, "warmup_steps": 2, "learning_rate": "1e-3",  # YAML 1.1 string
+                                            "model_overrides": {"num_layers": 2}})
+    recipe = load_recipe(path, ["--train_steps", "12", "--learning-rate=2e-3", "--model_overrides.hidden_size", "64",
+                                "--activation_checkpointing", "--sample_prompt", "Romeo.\n"])
+    assert isinstance(recipe, PretrainRecipe)
+    assert recipe.train_steps == 12 and recipe.learning_rate == 2e-3
+    assert recipe.model_overrides == {"num_layers": 2, "hidden_size": 64}
+    assert recipe.activation_checkpointing is True
+    assert recipe.sample_prompt == "Romeo.\n"
+    config = recipe.build_config()
+    assert (config.num_layers, config.hidden_size) == (2, 64)
+    replaced = load_recipe(path, ["--model_overrides", "{hidden_size: 64}"])
+    assert replaced.model_overrides == {"hidden_size": 64}
