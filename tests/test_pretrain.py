@@ -247,3 +247,38 @@ def test_command_line_overrides_the_file(tmp_path):
     assert (config.num_layers, config.hidden_size) == (2, 64)
     replaced = load_recipe(path, ["--model_overrides", "{hidden_size: 64}"])
     assert replaced.model_overrides == {"hidden_size": 64}
+
+
+# ----------------------------------------------------------------------------- Megatron indexed data
+
+
+def test_pretrain_from_indexed_data_blend(tmp_path):
+    """`data_path` trains from `megahf preprocess` output, blended by weight, with Megatron's samples of
+    seq_length + 1 tokens: the model sees the first seq_length tokens and is scored on the last seq_length."""
+    from megahf.data import preprocess_corpus
+    from megahf.training.data import build_indexed_data, collate_samples
+
+    prefixes = []
+    for name, seed in (("a", 1), ("b", 2)):
+        corpus = write_corpus(tmp_path / f"{name}.jsonl", n_docs=60, seed=seed)
+        preprocess_corpus(input=str(corpus), json_keys=["text"], tokenizer="gpt2",
+                          output_prefix=str(tmp_path / name), append_eod=True, workers=1)
+        prefixes.append(str(tmp_path / f"{name}_text_document"))
+    data_path = f"30 {prefixes[0]} 70 {prefixes[1]}"
+    recipe = load_recipe(None, tiny_overrides(tmp_path / "a.jsonl", tmp_path / "out", data_path=data_path,
+                                              split="90,10,0", data_cache_path=str(tmp_path / "cache")))
+    data = build_indexed_data(recipe)
+    assert len(data.train) >= recipe.train_steps * recipe.micro_batch_size
+    batch = collate_samples([data.train[i] for i in range(2)])
+    assert batch["input_ids"].shape == batch["shift_labels"].shape == (2, recipe.seq_length)
+    assert torch.equal(batch["input_ids"][:, 1:], batch["shift_labels"][:, :-1])
+
+    result = run_pretrain(recipe)
+    losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
+    assert len(losses) == recipe.train_steps and losses[-1] < losses[0]
+    assert math.isfinite(result.metrics["valid_loss"])
+
+
+def test_data_path_that_does_not_exist_is_refused_before_training(tmp_path):
+    with pytest.raises(RecipeError, match="data_path"):
+        load_recipe(None, tiny_overrides(tmp_path / "a.jsonl", tmp_path / "out", data_path=str(tmp_path / "nope")))

@@ -37,8 +37,9 @@ def clip_grad_norm_(
     rank.
 
     The gradients of one mesh must be complete on that mesh (as after a backward pass under TP / FSDP2); plain
-    tensors count as one more group and are taken as they are (replicated: the same on every rank). With plain
-    tensors only, this is `torch.nn.utils.clip_grad_norm_` exactly.
+    tensors count as one more group and are taken as they are (replicated: the same on every rank). Every rank must
+    call it with the same parameters (the group norms are collectives). With plain tensors only, this is
+    `torch.nn.utils.clip_grad_norm_` exactly.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]

@@ -30,8 +30,11 @@ class PackedCorpus:
     valid_documents: int
     train_tokens: int
     valid_tokens: int
+    source: str = ""  # set for Megatron indexed data
 
     def describe(self) -> str:
+        if self.source:
+            return f"{self.source}: {len(self.train):,} train / {len(self.valid):,} valid samples"
         return (
             f"{self.num_documents} documents ({self.train_documents} train / {self.valid_documents} valid), "
             f"{self.train_tokens:,} / {self.valid_tokens:,} tokens -> "
@@ -179,11 +182,50 @@ def build_corpus(recipe: PretrainRecipe, tokenizer) -> PackedCorpus:
     )
 
 
+def build_indexed_data(recipe: PretrainRecipe, world_size: int = 1) -> PackedCorpus:
+    """Megatron's data path: GPT samples of seq_length + 1 tokens from indexed datasets (blended by weight), split
+    into train/valid by `recipe.split`; as many train samples as the run consumes, eval_iters batches to validate."""
+    from ..data import GPTDatasetConfig, GPTDatasetError, build_gpt_datasets, parse_blend
+
+    prefixes, weights = parse_blend(recipe.data_path.split())
+    config = GPTDatasetConfig(
+        seq_length=recipe.seq_length,
+        seed=recipe.seed,
+        split=recipe.split,
+        path_to_cache=recipe.data_cache_path or None,
+    )
+    train_samples = recipe.train_steps * recipe.micro_batch_size * recipe.gradient_accumulation_steps * world_size
+    valid_samples = recipe.eval_iters * recipe.micro_batch_size * world_size
+    try:
+        train, valid, _ = build_gpt_datasets((prefixes, weights), [train_samples, valid_samples, 0], config)
+    except GPTDatasetError as error:
+        raise RecipeError(f"recipe key data_path={recipe.data_path!r}: {error}") from None
+    if train is None or valid is None:
+        raise RecipeError(f"recipe key split={recipe.split!r} leaves no train or no valid split; e.g. '969,30,1'")
+    return PackedCorpus(
+        train=train,
+        valid=valid,
+        num_documents=0,
+        train_documents=0,
+        valid_documents=0,
+        train_tokens=len(train) * recipe.seq_length,
+        valid_tokens=len(valid) * recipe.seq_length,
+        source=f"{' + '.join(prefixes)} (split {recipe.split})",
+    )
+
+
+def collate_samples(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Megatron samples of seq_length + 1 tokens: the model reads the first seq_length and predicts the last
+    seq_length (`shift_labels`); `labels` (the inputs, as transformers has them) let Trainer count the tokens."""
+    tokens = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
+    return {"input_ids": tokens[:, :-1], "labels": tokens[:, :-1].clone(), "shift_labels": tokens[:, 1:]}
+
+
 def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack blocks into a batch; the labels are the inputs (the model shifts them)."""
     input_ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-__all__ = ["PackedCorpus", "build_corpus", "collate_blocks", "load_documents", "load_tokenizer",
+__all__ = ["PackedCorpus", "build_corpus", "build_indexed_data", "collate_blocks", "collate_samples", "load_documents", "load_tokenizer",
            "split_documents", "tokenize_and_pack"]

@@ -28,7 +28,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..models.gpt import MegatronGPTForCausalLM
 from .callbacks import MegatronLogCallback
-from .data import PackedCorpus, build_corpus, collate_blocks, load_tokenizer
+from .data import PackedCorpus, build_corpus, build_indexed_data, collate_blocks, collate_samples, load_tokenizer
 from .recipe import PretrainRecipe, RecipeError, save_recipe
 
 
@@ -218,8 +218,12 @@ def run_pretrain(recipe: PretrainRecipe) -> PretrainResult:
     set_seed(recipe.seed)
 
     tokenizer = load_tokenizer(recipe)
-    data: PackedCorpus = build_corpus(recipe, tokenizer)
-    say(f"corpus: {data.describe()}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.data_path:
+        data: PackedCorpus = build_indexed_data(recipe, world_size)
+    else:
+        data = build_corpus(recipe, tokenizer)
+    say(f"data: {data.describe()}")
     model = build_model(recipe, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     say(
@@ -233,7 +237,7 @@ def run_pretrain(recipe: PretrainRecipe) -> PretrainResult:
     trainer = MegatronTrainer(
         model=model,
         args=args,
-        data_collator=collate_blocks,
+        data_collator=collate_samples if recipe.data_path else collate_blocks,
         train_dataset=data.train,
         eval_dataset=data.valid,
         processing_class=tokenizer,

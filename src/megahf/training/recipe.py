@@ -58,6 +58,17 @@ class PretrainRecipe:
         default=EMBEDDED_CORPUS,
     )
     text_key: str = _help("Field holding each document's text in a .jsonl/.json/.parquet corpus.", default="text")
+    data_path: str = _help(
+        "Megatron indexed data instead of `corpus` (Megatron's --data-path): one prefix written by "
+        "`megahf preprocess` (e.g. data/my_text_document), or weights and prefixes to blend ('30 data/a 70 data/b').",
+        default="",
+    )
+    split: str = _help("Train/valid/test shares of the documents of each data_path file (Megatron's --split).",
+                       default="969,30,1")
+    eval_iters: int = _help("With data_path: validation batches per evaluation (Megatron's --eval-iters).",
+                            default=10)
+    data_cache_path: str = _help("Folder for the sample-index cache of data_path (default: beside the data).",
+                                 default="")
     valid_fraction: float = _help("Fraction of the documents held out for validation (0 < f < 1).", default=0.05)
     seq_length: int = _help("Tokens per training sample (documents are packed, EOD-separated).", default=128)
     # ---- batch and length of training
@@ -123,6 +134,13 @@ class PretrainRecipe:
         except (TypeError, ValueError) as error:
             raise RecipeError(f"model={self.model!r} with model_overrides={self.model_overrides}: {error}") from None
 
+    @property
+    def data_prefixes(self) -> list[str]:
+        """The indexed-dataset prefixes named by data_path (weights dropped)."""
+        from ..data import parse_blend
+
+        return parse_blend(self.data_path.split())[0] if self.data_path.strip() else []
+
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> None:
@@ -133,7 +151,7 @@ class PretrainRecipe:
                 raise RecipeError(f"recipe key {key}={getattr(self, key)!r} is invalid: {rule}")
 
         for key in ("seq_length", "micro_batch_size", "gradient_accumulation_steps", "train_steps",
-                    "log_interval"):
+                    "log_interval", "eval_iters"):
             need(getattr(self, key) >= 1, key, "it must be at least 1")
         for key in ("warmup_steps", "eval_interval", "sample_tokens", "sample_top_k", "num_workers", "seed"):
             need(getattr(self, key) >= 0, key, "it must be 0 or more")
@@ -155,6 +173,12 @@ class PretrainRecipe:
         reports = [r.strip() for r in self.report_to.split(",")]
         need(all(r in REPORT_TO for r in reports), "report_to", f"use one of {', '.join(REPORT_TO)}")
 
+        for prefix in self.data_prefixes:
+            if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+                raise RecipeError(
+                    f"recipe key data_path={self.data_path!r}: {prefix}.bin/.idx not found; give the prefix that "
+                    "`megahf preprocess --output-prefix P` wrote, P_text_document"
+                )
         if self.corpus != EMBEDDED_CORPUS:
             if not os.path.isfile(self.corpus):
                 raise RecipeError(

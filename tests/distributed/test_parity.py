@@ -1,0 +1,123 @@
+"""Tensor parallelism and TP x FSDP2 against one process, on gloo under torchrun.
+
+One torchrun per process count (2: tp2; 4: tp4 and tp2xfsdp2) runs both presets; each (preset, layout) test reads
+its part of the result. The worker (`_worker.py`) documents what is compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.distributed import DistributedConfig
+
+from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
+from megahf.parallel import clip_grad_norm_
+
+PRESETS = ("gpt-tiny", "llama-tiny")
+LAYOUTS = {"tp2": 2, "tp4": 4, "tp2xfsdp2": 4}  # layout -> processes
+TOLERANCE = 1e-5  # relative: max |distributed - single process| / max |single process|
+# What the worker compares (the worst over ranks, parameters and tensors of each).
+COMPARED = (
+    "logits",  # forward without labels (gathered)
+    "sharded_logits",  # forward with labels: the vocabulary-sharded logits, gathered here only to compare
+    "loss",  # vocabulary-parallel cross entropy
+    "grads",  # every parameter's gradient
+    "grad_norm_3",  # megahf's clip_grad_norm_ on the distributed model vs torch's, 3-norm
+    "grad_norm_inf",  # ... inf-norm
+    "grad_norm",  # ... 2-norm, clipping active
+    "clipped_grads",
+    "params",  # after one AdamW step
+    "step_logits",  # the distributed model after the step
+    "saved_tensors",  # save_pretrained on all ranks vs a single-process save
+    "reload_logits",  # that checkpoint reloaded in one process
+    "auto_load_logits",  # a single-process checkpoint loaded by AutoModelForCausalLM with distributed_config
+)
+
+
+@pytest.fixture(scope="module")
+def layout_report(torchrun, tmp_path_factory):
+    """The worker's results for a layout. One launch runs every layout of the same process count and both presets
+    (process start-up dominates on two cores); it is run once and cached."""
+    launches: dict[int, dict] = {}
+
+    def get(layout: str) -> dict:
+        nproc = LAYOUTS[layout]
+        if nproc not in launches:
+            layouts = [name for name, n in LAYOUTS.items() if n == nproc]
+            workdir = tmp_path_factory.mktemp(f"parity-{nproc}procs")
+            launches[nproc] = torchrun(
+                nproc,
+                ["--layouts", ",".join(layouts), "--presets", ",".join(PRESETS), "--workdir", str(workdir)],
+                workdir / "result.json",
+            )
+        assert launches[nproc]["world_size"] == nproc
+        return launches[nproc]["layouts"][layout]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_parity(preset, layout, layout_report):
+    result = layout_report(layout)[preset]
+    errors = {key: result[key] for key in COMPARED}
+    bad = {key: value for key, value in errors.items() if not value <= TOLERANCE}
+    assert not bad, f"{preset} {layout}: relative errors above {TOLERANCE}: {bad} (all: {result})"
+    # The step was a real one: clipping was active, and the checkpoint held every tensor once.
+    assert result["grad_norm_value"] > 0.05
+    assert result["saved_keys"] == result["num_params"]
+
+
+# In-process checks: no torchrun needed.
+
+
+def test_tp_size_that_does_not_divide_the_heads_is_refused():
+    config = MegatronGPTConfig.from_preset("llama-tiny", num_layers=2)  # 8 heads, 4 query groups
+    with pytest.raises(ValueError, match=r"num_attention_heads=8 .*tp_size=3"):
+        config.check_tensor_parallel(3)
+    # The model's distribution hook refuses it before any process group or mesh is touched.
+    model = MegatronGPTForCausalLM(MegatronGPTConfig.from_preset("llama-tiny", num_layers=1, hidden_size=64))
+    with pytest.raises(ValueError, match=r"num_attention_heads=8 .*tp_size=3"):
+        MegatronGPTForCausalLM.maybe_distribute_model(model, DistributedConfig(tp_size=3), None)
+
+
+def test_padded_vocab_that_does_not_divide_is_refused():
+    # 4 heads and an ffn of 512 divide by 4; 50257 padded to a multiple of 2 (50258) does not.
+    config = MegatronGPTConfig.from_preset("gpt-tiny", num_layers=2, make_vocab_size_divisible_by=2)
+    assert config.padded_vocab_size == 50258
+    with pytest.raises(ValueError, match=r"padded_vocab_size=50258 .*tp_size=4"):
+        config.check_tensor_parallel(4)
+    config.check_tensor_parallel(2)  # 50258 = 2 x 25129
+
+
+def _grads(seed: int, scale: float) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((7, 5), (5,), (3, 4, 2))]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator) * scale
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: ignored
+    return params
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])
+def test_clip_grad_norm_single_process_equals_torch(norm_type, max_norm):
+    ours, theirs = _grads(0, 2.0), _grads(0, 2.0)
+    norm = clip_grad_norm_(ours, max_norm, norm_type=norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type=norm_type)
+    assert torch.equal(norm, expected)
+    for a, b in zip(ours, theirs):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
+def test_clip_grad_norm_edge_cases():
+    assert clip_grad_norm_([torch.nn.Parameter(torch.ones(3))], 1.0).item() == 0.0  # no gradients at all
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.tensor([3.0, 4.0])
+    assert clip_grad_norm_(param, 1.0).item() == 5.0  # a single tensor is accepted
+    assert torch.allclose(param.grad, torch.tensor([0.6, 0.8]), rtol=1e-5)
+    param.grad = torch.tensor([float("nan"), 1.0])
+    with pytest.raises(RuntimeError, match="error_if_nonfinite"):
+        clip_grad_norm_([param], 1.0, error_if_nonfinite=True)
