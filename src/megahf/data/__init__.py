@@ -5,7 +5,8 @@
 * :mod:`megahf.data.preprocess`: ``megahf preprocess``, a corpus (jsonl, json, parquet, txt or a
   cached Hugging Face dataset) tokenized into that format;
 * :mod:`megahf.data.gpt_dataset`, :mod:`megahf.data.blended_dataset`: Megatron-Core's GPTDataset and
-  BlendedDataset (same samples in the same order), on index builders in numpy (:mod:`megahf.data.sample_index`).
+  BlendedDataset (same samples in the same order), on index builders in numpy (:mod:`megahf.data.sample_index`);
+* :mod:`megahf.data.bert_dataset`: Megatron-Core's BERT samples (masked LM + sentence order), sample for sample.
 """
 
 from .indexed_dataset import (
@@ -16,6 +17,7 @@ from .indexed_dataset import (
     best_dtype,
 )
 
+from .bert_dataset import BertDataset, BertDatasetConfig, BertDatasetError, build_bert_sample_mapping
 from .blended_dataset import BlendedDataset, build_gpt_datasets, parse_blend, source_sizes
 from .gpt_dataset import (
     GPTDataset,
@@ -41,6 +43,10 @@ def __getattr__(name):
 
 
 __all__ = [
+    "BertDataset",
+    "BertDatasetConfig",
+    "BertDatasetError",
+    "build_bert_sample_mapping",
     "BlendedDataset",
     "GPTDataset",
     "GPTDatasetConfig",
