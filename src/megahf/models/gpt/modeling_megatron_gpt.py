@@ -110,9 +110,11 @@ class MegatronGPTSelfAttention(nn.Module):
         batch, seq, _ = hidden_states.shape
         # -1 groups: under tensor parallelism this rank holds only its share of the groups.
         qkv = self.linear_qkv(hidden_states).view(batch, seq, -1, self.heads_per_group + 2, self.head_dim)
-        query = qkv[..., : self.heads_per_group, :].reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
-        key = qkv[..., self.heads_per_group, :].transpose(1, 2)
-        value = qkv[..., self.heads_per_group + 1, :].transpose(1, 2)
+        # split, not indexing: its backward is one cat instead of a zero-filled full-size buffer per piece
+        query, key, value = qkv.split([self.heads_per_group, 1, 1], dim=3)
+        query = query.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
+        key = key.squeeze(3).transpose(1, 2)
+        value = value.squeeze(3).transpose(1, 2)
 
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
