@@ -93,18 +93,14 @@ import hashlib
 import json
 import logging
 import math
-import os
-import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .index_cache import load_or_build
 from .gpt_dataset import (
     SPLIT_NAMES,
-    _atomic_save,
-    _atomic_write_text,
     _describe_range,
     _lengths_md5,
     _without_split,
@@ -533,45 +529,15 @@ class BertDataset:
 
     def _build_or_load(self) -> np.ndarray:
         folder = self.config.path_to_cache
-        self.cache_paths: Optional[Dict[str, str]] = None
-        self.loaded_from_cache = False
-        if not folder:
-            return self._build()
-        text = self._describe()
-        key = hashlib.md5(text.encode("utf-8")).hexdigest()
-        base = os.path.join(os.fspath(folder), f"{key}-BertDataset-{self.split_name}")
-        paths = {"description": base + "-description.json", "sample_index": base + "-sample_index.npy"}
-        self.cache_paths = paths
-        if os.path.isfile(paths["description"]):
-            try:
-                with open(paths["description"], encoding="utf-8") as f:
-                    stored = json.load(f)
-            except (OSError, ValueError):
-                stored = None
-            arr = None
-            if stored == json.loads(text):
-                try:
-                    arr = np.load(paths["sample_index"], mmap_mode="r", allow_pickle=False)
-                except (OSError, ValueError):
-                    arr = None
-            if arr is not None and arr.ndim == 2 and arr.shape[1] == 3 and arr.dtype in (np.uint32, np.uint64):
-                self.loaded_from_cache = True
-                return arr
-            warnings.warn(
-                f"BertDataset cache {paths['description']} does not match this dataset or is "
-                f"unreadable; rebuilding the sample mapping",
-                stacklevel=3,
-            )
-        t0 = time.perf_counter()
-        arr = self._build()
-        logger.info(
-            "built the %s BertDataset mapping (%d samples) in %.3fs; caching it as %s-*",
-            self.split_name, arr.shape[0], time.perf_counter() - t0, base,
+        (sample_index,), self.cache_paths, self.loaded_from_cache = load_or_build(
+            folder,
+            f"BertDataset-{self.split_name}",
+            self._describe() if folder else "",
+            ("sample_index",),
+            lambda: (self._build(),),
+            lambda a: a.ndim == 2 and a.shape[1] == 3 and a.dtype in (np.uint32, np.uint64),
         )
-        os.makedirs(folder, exist_ok=True)
-        _atomic_save(paths["sample_index"], arr)
-        _atomic_write_text(paths["description"], text)  # last: marks completion
-        return arr
+        return sample_index
 
     def _setup(self) -> None:
         cfg = self.config

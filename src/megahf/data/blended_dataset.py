@@ -33,11 +33,9 @@ description that includes the sources' descriptions; the description is stored a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -48,11 +46,10 @@ from .gpt_dataset import (
     GPTDataset,
     GPTDatasetConfig,
     GPTDatasetError,
-    _atomic_save,
-    _atomic_write_text,
     _normalize,
     split_ranges,
 )
+from .index_cache import description_key, load_or_build
 from .sample_index import build_blending_indices, build_exhaustive_blending_indices
 
 __all__ = [
@@ -138,7 +135,7 @@ class BlendedDataset:
 
     @property
     def cache_key(self) -> str:
-        return hashlib.md5(self.description_json.encode("utf-8")).hexdigest()
+        return description_key(self.description_json)
 
     def _build(self) -> Tuple[np.ndarray, np.ndarray]:
         if self.size is None:
@@ -146,39 +143,16 @@ class BlendedDataset:
         return build_blending_indices(self.weights, self.size)
 
     def _build_or_load(self) -> Tuple[np.ndarray, np.ndarray]:
-        folder = self.path_to_cache
-        if not folder:
-            return self._build()
-        base = os.path.join(os.fspath(folder), f"{self.cache_key}-BlendedDataset-{self.split_name or 'mixed'}")
-        paths = {
-            "description": base + "-description.json",
-            "dataset_index": base + "-dataset_index.npy",
-            "dataset_sample_index": base + "-dataset_sample_index.npy",
-        }
-        self.cache_paths = paths
         expected = self.size if self.size is not None else sum(self.weights)
-        if os.path.isfile(paths["description"]):
-            try:
-                with open(paths["description"], encoding="utf-8") as f:
-                    stored = json.load(f)
-            except (OSError, ValueError):
-                stored = None
-            if stored == self.description():
-                try:
-                    di = np.load(paths["dataset_index"], mmap_mode="r", allow_pickle=False)
-                    si = np.load(paths["dataset_sample_index"], mmap_mode="r", allow_pickle=False)
-                    if di.shape == si.shape == (expected,) and di.dtype == np.int16 and si.dtype == np.int64:
-                        self.loaded_from_cache = True
-                        return di, si
-                except (OSError, ValueError):
-                    pass
-            warnings.warn(f"BlendedDataset cache {paths['description']} does not match; rebuilding", stacklevel=3)
-        di, si = self._build()
-        os.makedirs(folder, exist_ok=True)
-        _atomic_save(paths["dataset_index"], di)
-        _atomic_save(paths["dataset_sample_index"], si)
-        _atomic_write_text(paths["description"], self.description_json)
-        return di, si
+        arrays, self.cache_paths, self.loaded_from_cache = load_or_build(
+            self.path_to_cache,
+            f"BlendedDataset-{self.split_name or 'mixed'}",
+            self.description_json if self.path_to_cache else "",
+            ("dataset_index", "dataset_sample_index"),
+            self._build,
+            lambda di, si: di.shape == si.shape == (expected,) and di.dtype == np.int16 and si.dtype == np.int64,
+        )
+        return arrays
 
     def _check_sizes(self) -> None:
         counts = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets))

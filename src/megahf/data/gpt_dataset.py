@@ -75,15 +75,13 @@ import json
 import logging
 import os
 import re
-import tempfile
-import time
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .index_cache import description_key, load_or_build
 from .sample_index import build_sample_index
 
 logger = logging.getLogger(__name__)
@@ -249,32 +247,6 @@ def ltor_masks_and_position_ids(
 
 
 # ------------------------------------------------------------------------------------ dataset
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 _LENGTHS_MD5: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
@@ -466,7 +438,7 @@ class GPTDataset:
     @property
     def cache_key(self) -> str:
         """md5 of :attr:`description_json`; names the cache files."""
-        return hashlib.md5(self.description_json.encode("utf-8")).hexdigest()
+        return description_key(self.description_json)
 
     def _expected_lengths(self) -> Tuple[int, int]:
         tokens = self.num_epochs * self.tokens_per_epoch
@@ -478,58 +450,19 @@ class GPTDataset:
         return self.num_epochs * int(self.indices.size), n
 
     def _build_or_load(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        folder = self.config.path_to_cache
-        if not folder:
-            return self._build()
-        base = os.path.join(os.fspath(folder), f"{self.cache_key}-GPTDataset-{self.split_name}")
-        paths = {
-            "description": base + "-description.json",
-            "document_index": base + "-document_index.npy",
-            "sample_index": base + "-sample_index.npy",
-            "shuffle_index": base + "-shuffle_index.npy",
-        }
-        self.cache_paths = paths
-        arrays = self._load(paths)
-        if arrays is not None:
-            self.loaded_from_cache = True
-            logger.info("loaded the %s GPTDataset indices from %s-*", self.split_name, base)
-            return arrays
-        t0 = time.perf_counter()
-        arrays = self._build()
-        logger.info(
-            "built the %s GPTDataset indices (%d samples, %d epochs) in %.3fs; caching them as %s-*",
-            self.split_name, arrays[1].shape[0] - 1, self.num_epochs, time.perf_counter() - t0, base,
+        arrays, self.cache_paths, self.loaded_from_cache = load_or_build(
+            self.config.path_to_cache,
+            f"GPTDataset-{self.split_name}",
+            self.description_json if self.config.path_to_cache else "",
+            ("document_index", "sample_index", "shuffle_index"),
+            self._build,
+            self._valid_cache,
         )
-        os.makedirs(folder, exist_ok=True)
-        for name, array in zip(("document_index", "sample_index", "shuffle_index"), arrays):
-            _atomic_save(paths[name], array)
-        _atomic_write_text(paths["description"], self.description_json)  # last: marks completion
         return arrays
 
-    def _load(self, paths: Dict[str, str]) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        if not os.path.isfile(paths["description"]):
-            return None
-        try:
-            with open(paths["description"], encoding="utf-8") as f:
-                stored = json.load(f)
-        except (OSError, ValueError):
-            stored = None
-        if stored != self.description():
-            warnings.warn(
-                f"GPTDataset cache {paths['description']} describes other settings than this "
-                f"dataset's; rebuilding the index arrays",
-                stacklevel=4,
-            )
-            return None
-        try:
-            doc = np.load(paths["document_index"], mmap_mode="r", allow_pickle=False)
-            sample = np.load(paths["sample_index"], mmap_mode="r", allow_pickle=False)
-            shuffle = np.load(paths["shuffle_index"], mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:
-            warnings.warn(f"GPTDataset cache {paths['description']}: unreadable ({err}); rebuilding", stacklevel=4)
-            return None
+    def _valid_cache(self, doc: np.ndarray, sample: np.ndarray, shuffle: np.ndarray) -> bool:
         n_doc, n = self._expected_lengths()
-        ok = (
+        return (
             doc.shape == (n_doc,)
             and doc.dtype == np.int32
             and sample.shape == (n + 1, 2)
@@ -537,17 +470,9 @@ class GPTDataset:
             and shuffle.shape == (n,)
             and shuffle.dtype in (np.uint32, np.int64)
         )
-        if not ok:
-            warnings.warn(
-                f"GPTDataset cache {paths['description']}: arrays of unexpected shape or dtype; "
-                f"rebuilding",
-                stacklevel=4,
-            )
-            return None
-        return doc, sample, shuffle
 
     def _build(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        seq, extra = int(self.config.seq_length), self.config.extra
+        seq = int(self.config.seq_length)
         epochs, tpe = self.num_epochs, self.tokens_per_epoch
         separate_last, samples_before_last = self.separate_last_epoch, self.samples_before_last_epoch
         rng = np.random.RandomState(self.config.seed)
