@@ -1,7 +1,10 @@
-"""Files shipped with megahf: the GPT-2 BPE tokenizer and a small Shakespeare corpus.
+"""Files shipped with megahf: the GPT-2 BPE and BERT uncased WordPiece tokenizers and a small Shakespeare corpus.
 
 * ``gpt2/``: OpenAI's GPT-2 ``vocab.json`` and ``merges.txt`` plus the configs that let
   ``transformers.AutoTokenizer`` load the folder offline (see ``gpt2/LICENSE``).
+* ``bert-uncased/``: Google BERT's uncased WordPiece vocabulary (30,522 entries, the one Megatron's
+  uncased BERT uses) as ``vocab.txt`` and ``tokenizer.json``, loadable with ``AutoTokenizer``
+  (see ``bert-uncased/LICENSE``).
 * ``corpus/shakespeare.jsonl``: four plays, one JSON object per scene with the keys
   ``text``, ``source`` and ``id`` (see ``corpus/NOTICE.md``; rebuilt by
   ``scripts/build_corpus.py``).
@@ -14,12 +17,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ASSETS_DIR", "corpus_path", "gpt2_tokenizer_path", "load_gpt2_tokenizer"]
+__all__ = [
+    "ASSETS_DIR",
+    "bert_tokenizer_path",
+    "corpus_path",
+    "gpt2_tokenizer_path",
+    "load_bert_tokenizer",
+    "load_gpt2_tokenizer",
+]
 
 #: Folder that holds the shipped assets (inside the installed package).
 ASSETS_DIR: Path = Path(__file__).resolve().parent
 
 _GPT2_DIR = ASSETS_DIR / "gpt2"
+_BERT_DIR = ASSETS_DIR / "bert-uncased"
 _CORPUS_FILE = ASSETS_DIR / "corpus" / "shakespeare.jsonl"
 
 
@@ -38,6 +49,23 @@ def load_gpt2_tokenizer(**kwargs: Any):
     from transformers import AutoTokenizer  # imported here so that importing megahf.assets stays cheap
 
     return AutoTokenizer.from_pretrained(gpt2_tokenizer_path(), **kwargs)
+
+
+def bert_tokenizer_path() -> str:
+    """Folder of the BERT uncased WordPiece tokenizer, usable as ``AutoTokenizer.from_pretrained(path)``."""
+    return str(_BERT_DIR)
+
+
+def load_bert_tokenizer(**kwargs: Any):
+    """Load the shipped BERT uncased WordPiece tokenizer (a fast ``BertTokenizer``) without touching the network.
+
+    30,522 entries: ``[PAD]`` 0, ``[UNK]`` 100, ``[CLS]`` 101, ``[SEP]`` 102, ``[MASK]`` 103; text is lower-cased
+    and accents are stripped; pairs are encoded ``[CLS] A [SEP] B [SEP]`` with token types 0 and 1.
+    Keyword arguments go to ``from_pretrained``.
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bert_tokenizer_path(), **kwargs)
 
 
 def corpus_path() -> str:

@@ -1,4 +1,4 @@
-"""Named model shapes: the Megatron paper's (Shoeybi et al. 2019, Table 1) and Llama-style Megatron-Core ones.
+"""Named model shapes: the Megatron paper's (Shoeybi et al. 2019, Tables 1 and 4) and Llama-style Megatron-Core ones.
 
 A preset holds only what differs from the config's defaults; `expected_params` is the size the model is known
 by, checked by the tests on the meta device.
@@ -40,12 +40,21 @@ PRESETS: dict[str, dict[str, dict]] = {
                      "num_attention_heads": 32, "num_query_groups": 8, "ffn_hidden_size": 14336,
                      "max_position_embeddings": 8192, "rotary_base": 500000, "layernorm_epsilon": 1e-5},
     },
+    "bert": {
+        # A model that trains in minutes on two CPU cores (the BERT demo recipe and the tests).
+        "bert-tiny": {"hidden_size": 128, "num_layers": 4, "num_attention_heads": 4},
+        # The paper's BERT family (Table 4), pre-LayerNorm, uncased WordPiece vocabulary of 30,522.
+        "bert-336m": {"hidden_size": 1024, "num_layers": 24, "num_attention_heads": 16},
+        "bert-1.3b": {"hidden_size": 2048, "num_layers": 24, "num_attention_heads": 32},
+        "bert-3.9b": {"hidden_size": 2560, "num_layers": 48, "num_attention_heads": 40},
+    },
 }
 
 # The size each model is known by (paper Table 1; Llama 3 / 3.2 model cards), for the parameter-count test.
 EXPECTED_PARAMS = {
     "gpt-345m": 355e6, "gpt-1.2b": 1.2e9, "gpt-2.5b": 2.5e9, "gpt-4.2b": 4.2e9, "gpt-8.3b": 8.3e9,
     "llama-1b": 1.24e9, "llama-8b": 8.03e9,
+    "bert-336m": 336e6, "bert-1.3b": 1.3e9, "bert-3.9b": 3.9e9,
 }
 
 

@@ -78,6 +78,31 @@ def vocab_parallel_cross_entropy(logits: DTensor, target: torch.Tensor) -> torch
     return _VocabParallelCrossEntropy.apply(local, target, start, mesh.get_group())
 
 
+def token_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Mean cross entropy of `logits` [..., V] against `labels` [...] over the labels that are not `ignore_index`
+    (masked LM, or causal LM once shifted). `num_items_in_batch`, passed by Trainer under gradient accumulation,
+    replaces this micro-batch's count as the denominator. Plain logits and vocabulary-sharded DTensor logits give
+    the same value and gradients."""
+    labels = labels.to(logits.device)
+    if is_vocab_sharded(logits):
+        per_token = vocab_parallel_cross_entropy(logits, labels)
+    else:
+        per_token = F.cross_entropy(
+            logits.float().flatten(0, -2), labels.flatten(), reduction="none", ignore_index=ignore_index
+        ).view(labels.shape)
+    kept = labels != ignore_index
+    total = (per_token * kept).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else kept.sum()
+    if torch.is_tensor(count):
+        count = count.to(total.device)
+    return total / count
+
+
 def causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -86,28 +111,11 @@ def causal_lm_loss(
     ignore_index: int = IGNORE_INDEX,
     **kwargs,
 ) -> torch.Tensor:
-    """Mean next-token cross entropy over the tokens whose label is not `ignore_index`.
-
-    `labels` are aligned with the inputs and shifted here (transformers' convention); `shift_labels` are already
-    shifted (Megatron's). `num_items_in_batch`, passed by Trainer under gradient accumulation, replaces the count
-    of this micro-batch's tokens as the denominator. Plain logits and vocabulary-sharded DTensor logits give the
-    same value and gradients.
-    """
+    """Mean next-token cross entropy: `labels` are aligned with the inputs and shifted here (transformers'
+    convention); `shift_labels` are already shifted (Megatron's)."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(logits.device)
-    if is_vocab_sharded(logits):
-        per_token = vocab_parallel_cross_entropy(logits, shift_labels)
-    else:
-        per_token = F.cross_entropy(
-            logits.float().flatten(0, -2), shift_labels.flatten(), reduction="none", ignore_index=ignore_index
-        ).view(shift_labels.shape)
-    kept = shift_labels != ignore_index
-    total = (per_token * kept).sum()
-    count = num_items_in_batch if num_items_in_batch is not None else kept.sum()
-    if torch.is_tensor(count):
-        count = count.to(total.device)
-    return total / count
+    return token_cross_entropy(logits, shift_labels, num_items_in_batch, ignore_index)
 
 
 def gather_vocab_logits(logits: torch.Tensor, vocab_size: int, keep_sharded: bool = False) -> torch.Tensor:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from transformers import PreTrainedConfig
 
+from ..config_checks import MegatronConfigMixin
 from ..presets import lookup_preset
 
 ACTIVATIONS = ("gelu", "swiglu")
@@ -13,7 +12,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 
 
-class MegatronGPTConfig(PreTrainedConfig):
+class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
     r"""
     Configuration of [`MegatronGPTModel`]. Field names follow Megatron-Core's `TransformerConfig`; the standard
     transformers names (`num_hidden_layers`, `num_key_value_heads`, `intermediate_size`, `initializer_range`,
@@ -111,53 +110,16 @@ class MegatronGPTConfig(PreTrainedConfig):
 
     def check(self) -> None:
         """Refuse an inconsistent architecture with a message naming the key, the value and the fix."""
-
-        def fail(key, fix):
-            raise ValueError(f"MegatronGPTConfig: {key}={getattr(self, key)!r} is invalid: {fix}")
-
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-                    "ffn_hidden_size", "max_position_embeddings", "make_vocab_size_divisible_by"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(key, "it must be a positive integer.")
-        if self.hidden_size % self.num_attention_heads:
-            fail("hidden_size", f"it must be divisible by num_attention_heads={self.num_attention_heads}.")
-        if self.num_attention_heads % self.num_query_groups:
-            fail("num_attention_heads", f"it must be divisible by num_query_groups={self.num_query_groups}.")
+        self.check_common()
         if self.activation not in ACTIVATIONS:
-            fail("activation", f"use one of {ACTIVATIONS}.")
+            self.fail("activation", f"use one of {ACTIVATIONS}.")
         if self.normalization not in NORMALIZATIONS:
-            fail("normalization", f"use one of {NORMALIZATIONS}.")
+            self.fail("normalization", f"use one of {NORMALIZATIONS}.")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
-            fail("position_embedding_type", f"use one of {POSITION_EMBEDDINGS}.")
+            self.fail("position_embedding_type", f"use one of {POSITION_EMBEDDINGS}.")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
-            fail("hidden_size", f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
-        for key in ("attention_dropout", "hidden_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                fail(key, "a dropout probability must lie in [0, 1).")
-        if not self.init_method_std > 0:
-            fail("init_method_std", "it must be positive.")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding and of the output layer: `vocab_size` rounded up as Megatron pads it."""
-        multiple = self.make_vocab_size_divisible_by
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
-
-    def check_tensor_parallel(self, tp_size: int) -> None:
-        """Refuse, before anything is allocated, a tensor-parallel size that does not divide the model."""
-        for key, value in (("num_attention_heads", self.num_attention_heads),
-                           ("num_query_groups", self.num_query_groups),
-                           ("ffn_hidden_size", self.ffn_hidden_size),
-                           ("padded_vocab_size", self.padded_vocab_size)):
-            if value % tp_size:
-                fix = ("raise make_vocab_size_divisible_by to a multiple of the TP size"
-                       if key == "padded_vocab_size" else "pick a TP size that divides it")
-                raise ValueError(f"{key}={value} is not divisible by tp_size={tp_size}: {fix}.")
+            self.fail("hidden_size",
+                      f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MegatronGPTConfig:

@@ -8,32 +8,22 @@ which computes it on vocabulary-sharded logits when the output layer is tensor-p
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ...parallel.distribute import maybe_distribute_tied, retie_gathered_state_dict
 from ...parallel.vocab_parallel import VOCAB_PARALLEL_OUTPUT, causal_lm_loss, gather_vocab_logits
+from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
 from .configuration_megatron_gpt import MegatronGPTConfig
-
-
-def build_norm(config: MegatronGPTConfig) -> nn.Module:
-    if config.normalization == "RMSNorm":
-        return nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
-    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
 
 class MegatronGPTEmbedding(nn.Module):
@@ -80,101 +70,15 @@ class MegatronGPTRotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-class MegatronGPTSelfAttention(nn.Module):
-    """Self-attention with Megatron-Core's fused QKV: for each query group, its query heads, then its key, then
-    its value are stacked along the output dimension, so a contiguous column split is a split by groups."""
-
-    def __init__(self, config: MegatronGPTConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.heads_per_group = config.num_attention_heads // config.num_query_groups
-        self.num_key_value_groups = self.heads_per_group  # read by transformers' attention functions
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = True
-        qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
-        self.linear_qkv = nn.Linear(config.hidden_size, qkv_size, bias=config.add_bias_linear)
-        self.linear_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                     bias=config.add_bias_linear)
-        self.linear_proj.is_block_output = True  # Megatron's scaled init of the residual-branch outputs
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, seq, _ = hidden_states.shape
-        # -1 groups: under tensor parallelism this rank holds only its share of the groups.
-        qkv = self.linear_qkv(hidden_states).view(batch, seq, -1, self.heads_per_group + 2, self.head_dim)
-        # split, not indexing: its backward is one cat instead of a zero-filled full-size buffer per piece
-        query, key, value = qkv.split([self.heads_per_group, 1, 1], dim=3)
-        query = query.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
-        key = key.squeeze(3).transpose(1, 2)
-        value = value.squeeze(3).transpose(1, 2)
-
-        if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        return self.linear_proj(output.reshape(batch, seq, -1)), weights
-
-
-class MegatronGPTMLP(nn.Module):
-    """GeLU MLP (`linear_fc1` -> gelu -> `linear_fc2`) or SwiGLU (silu(gate) * up -> `linear_fc2`).
-
-    Megatron-Core fuses SwiGLU's gate and up into one `linear_fc1` of width 2 x ffn ([gate; up]). Here they are two
-    layers, `linear_fc1_gate` and `linear_fc1_up`, so that a plain column split keeps each gate channel with its up
-    channel under tensor parallelism, also combined with FSDP2 (transformers' `packed_colwise` style loads wrong
-    weights under FSDP2); the converters split and concatenate [gate; up].
-    """
-
-    def __init__(self, config: MegatronGPTConfig):
-        super().__init__()
-        bias = config.add_bias_linear
-        self.gated = config.activation == "swiglu"
-        if self.gated:
-            self.linear_fc1_gate = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
-            self.linear_fc1_up = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
-        else:
-            self.linear_fc1 = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
-        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=bias)
-        self.linear_fc2.is_block_output = True
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            hidden_states = F.silu(self.linear_fc1_gate(hidden_states)) * self.linear_fc1_up(hidden_states)
-        else:
-            hidden_states = F.gelu(self.linear_fc1(hidden_states))
-        return self.linear_fc2(hidden_states)
-
-
 class MegatronGPTLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer layer: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
 
     def __init__(self, config: MegatronGPTConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = build_norm(config)
-        self.self_attention = MegatronGPTSelfAttention(config, layer_idx)
+        self.self_attention = MegatronSelfAttention(config, layer_idx)
         self.pre_mlp_layernorm = build_norm(config)
-        self.mlp = MegatronGPTMLP(config)
+        self.mlp = MegatronMLP(config)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -212,7 +116,7 @@ class MegatronGPTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-    _can_record_outputs = {"hidden_states": MegatronGPTLayer, "attentions": MegatronGPTSelfAttention}
+    _can_record_outputs = {"hidden_states": MegatronGPTLayer, "attentions": MegatronSelfAttention}
 
     def init_parallel_plans(self) -> None:
         # The plan names both MLP variants (gelu's `linear_fc1`, swiglu's gate/up); keep the rules this model has.
@@ -235,22 +139,8 @@ class MegatronGPTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Megatron's init: N(0, std) for every weight, N(0, std / sqrt(2 * layers)) for the output projection of
-        each block, zero biases, unit norms."""
-        std = self.config.init_method_std
-        block_output_std = std / math.sqrt(2 * self.config.num_layers)
-        if isinstance(module, nn.Linear):
-            is_block_output = getattr(module, "is_block_output", False)
-            init.normal_(module.weight, mean=0.0, std=block_output_std if is_block_output else std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, MegatronGPTRotaryEmbedding):
+        init_megatron_weights(module, self.config)
+        if isinstance(module, MegatronGPTRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.rotary_base, self.config.head_dim))
 
 
