@@ -180,3 +180,34 @@ def test_shipped_corpus_is_reproducible(tmp_path):
     out = tmp_path / "shakespeare.jsonl"
     _run_build(Path(os.environ["MEGAHF_SHAKESPEARE_TEXTS"]), out)
     assert out.read_bytes() == Path(assets.corpus_path()).read_bytes()
+
+
+# ---- BERT uncased WordPiece
+
+
+VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"  # Google BERT uncased vocab.txt
+
+
+def test_bert_tokenizer_files_and_license():
+    import hashlib
+
+    folder = Path(assets.bert_tokenizer_path())
+    assert hashlib.sha256((folder / "vocab.txt").read_bytes()).hexdigest() == VOCAB_SHA256
+    assert "Apache License" in (folder / "LICENSE").read_text()
+    config = json.loads((folder / "tokenizer.json").read_text())
+    assert config["truncation"] is None and config["padding"] is None  # no fixed 128-token padding
+
+
+def test_bert_tokenizer_ids_and_special_tokens():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.bert_tokenizer_path())
+    assert len(tokenizer) == 30522 and tokenizer.model_max_length == 512
+    special = (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+               tokenizer.mask_token_id)
+    assert special == (0, 100, 101, 102, 103)
+    # bert-base-uncased ids: lower-cased, accents stripped, WordPiece continuation pieces
+    assert tokenizer("Hello World")["input_ids"] == [101, 7592, 2088, 102]
+    assert tokenizer.tokenize("Café unaffable") == ["cafe", "una", "##ffa", "##ble"]
+    pair = assets.load_bert_tokenizer()("a b", "c")
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1]

@@ -89,7 +89,7 @@ def _rounds_to(count: int, figure: float) -> bool:
 PARAM_TOLERANCE = {"gpt-1.2b": 0.011}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED_PARAMS if n in PRESETS["gpt"]))
 def test_parameter_count_matches_known_size(name):
     config = MegatronGPTConfig.from_preset(name)
     with torch.device("meta"):  # nothing is allocated

@@ -1,11 +1,14 @@
 """Parity worker, run by `torchrun` (gloo, CPU): a tensor-parallel / FSDP2 model against one process.
 
-For each preset, every rank builds the single-process reference model and the distributed model from the same
-seed, and compares them on one batch: the logits, the loss (computed on vocabulary-sharded logits under TP), every
+For each case (a GPT preset, or a BERT head), every rank builds the single-process reference model and the
+distributed model from the same seed, and compares them on one batch: the logits, the loss (computed on vocabulary-sharded logits under TP), every
 gradient, the gradient norm clipped by `megahf.parallel.clip_grad_norm_` against torch's, and the parameters after
 one AdamW step taken from the same gradients. It then saves the distributed model (all ranks), reloads it in a plain
 single process, and loads a single-process checkpoint with
 `AutoModelForCausalLM.from_pretrained(..., distributed_config=...)`.
+
+`--cases` picks them: `gpt-tiny`, `llama-tiny`, and `bert-<head>` for the BERT pretraining model and every head
+(pairs of segments of different lengths, right padding, token types 0 and 1).
 
 Numbers are relative errors, max |a - b| / max |b|, the worst over all ranks; rank 0 writes them as JSON to --out.
 Structural problems (a missing gradient, gathered logits under TP, an incomplete checkpoint) raise, which makes
@@ -24,11 +27,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, Shard
-from transformers import AutoModelForCausalLM
+import transformers
 from transformers.distributed import DistributedConfig
 
-import megahf  # noqa: F401  (registers the Auto classes)
-from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
+import megahf
+from megahf import MegatronBertConfig, MegatronGPTConfig
 from megahf.parallel import clip_grad_norm_, distribute_model
 
 LAYOUTS = {
@@ -36,19 +39,41 @@ LAYOUTS = {
     "tp4": {"tp_size": 4},
     "tp2xfsdp2": {"tp_size": 2, "fsdp_size": 2},
 }
-# Small enough for four processes on two cores; the vocabulary stays GPT-2's (50257, padded to 50304), so the
-# padded columns are exercised.
+# Small enough for four processes on two cores; the vocabularies stay GPT-2's (50257, padded to 50304) and BERT's
+# (30522, padded to 30592), so the padded columns are exercised.
 OVERRIDES = {
     "gpt-tiny": {"hidden_size": 64},
     "llama-tiny": {"hidden_size": 64},
+    "bert-tiny": {"hidden_size": 64, "num_labels": 3},
 }
 LENGTHS = (16, 11)  # two sequences, the second right-padded
+SEGMENT_A = (9, 4)  # BERT: tokens of segment A (token type 0) in each sequence, the rest is segment B (type 1)
+CHOICES = 3  # BERT multiple choice
 MAX_NORM = 0.05  # small enough that clipping is active
 LR, WEIGHT_DECAY = 1e-3, 0.01
 
+# case -> (preset, model class, Auto class, output holding vocabulary logits (None: not vocabulary-parallel))
+CASES = {
+    "gpt-tiny": ("gpt-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
+    "llama-tiny": ("llama-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
+    "bert-pretraining": ("bert-tiny", "MegatronBertForPreTraining", "AutoModelForPreTraining", "prediction_logits"),
+    "bert-mlm": ("bert-tiny", "MegatronBertForMaskedLM", "AutoModelForMaskedLM", "logits"),
+    "bert-classification": ("bert-tiny", "MegatronBertForSequenceClassification",
+                            "AutoModelForSequenceClassification", None),
+    "bert-multiple-choice": ("bert-tiny", "MegatronBertForMultipleChoice", "AutoModelForMultipleChoice", None),
+    "bert-qa": ("bert-tiny", "MegatronBertForQuestionAnswering", "AutoModelForQuestionAnswering", None),
+    "bert-token-classification": ("bert-tiny", "MegatronBertForTokenClassification",
+                                  "AutoModelForTokenClassification", None),
+}
 
-def make_config(preset: str) -> MegatronGPTConfig:
-    return MegatronGPTConfig.from_preset(
+# The BERT heads run at TP=2 and TP=2 x FSDP2=2 (TP=4 adds nothing the GPT cases do not already cover).
+CASE_LAYOUTS = {case: ("tp2", "tp2xfsdp2") for case in CASES if case.startswith("bert")}
+
+
+def make_config(case: str):
+    preset = CASES[case][0]
+    config_class = MegatronBertConfig if preset.startswith("bert") else MegatronGPTConfig
+    return config_class.from_preset(
         preset, num_layers=2, hidden_dropout=0.0, attention_dropout=0.0, **OVERRIDES.get(preset, {})
     )
 
@@ -57,30 +82,67 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    """max |actual - expected| / max |expected|, the scale never below `floor`."""
     actual, expected = full(actual).detach().float(), full(expected).detach().float()
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    scale = expected.abs().max().clamp_min(1e-30)
+    scale = expected.abs().max().clamp_min(floor)
     return ((actual - expected).abs().max() / scale).item()
 
 
-def make_batch(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
+def make_batch(case: str, config, seed: int) -> dict[str, torch.Tensor]:
+    """Inputs and the labels the case's head trains on (GPT: next tokens; BERT: its task's labels)."""
     generator = torch.Generator().manual_seed(seed + 1)
     seq = max(LENGTHS)
-    input_ids = torch.randint(0, vocab_size, (len(LENGTHS), seq), generator=generator)
+    input_ids = torch.randint(0, config.vocab_size, (len(LENGTHS), seq), generator=generator)
     attention_mask = torch.zeros_like(input_ids)
     for row, length in enumerate(LENGTHS):
         attention_mask[row, :length] = 1
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if case in ("gpt-tiny", "llama-tiny"):
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+    token_type_ids = torch.zeros_like(input_ids)
+    for row, a in enumerate(SEGMENT_A):
+        token_type_ids[row, a:LENGTHS[row]] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    masked = (torch.rand(input_ids.shape, generator=generator) < 0.3) & (attention_mask == 1)
+    if case in ("bert-pretraining", "bert-mlm"):
+        batch["labels"] = input_ids.masked_fill(~masked, -100)
+        if case == "bert-pretraining":
+            batch["next_sentence_label"] = torch.tensor([0, 1])
+    elif case == "bert-classification":
+        batch["labels"] = torch.tensor([2, 0])
+    elif case == "bert-token-classification":
+        batch["labels"] = torch.randint(0, config.num_labels, input_ids.shape, generator=generator).masked_fill(
+            attention_mask == 0, -100)
+    elif case == "bert-qa":
+        batch["start_positions"], batch["end_positions"] = torch.tensor([3, 5]), torch.tensor([7, 9])
+    elif case == "bert-multiple-choice":
+        # each example's choices: the same pair with different tokens (and lengths), as RACE's options differ
+        batch = {k: v[:, None].repeat(1, CHOICES, 1) for k, v in batch.items()}
+        batch["input_ids"] = torch.randint(1, config.vocab_size, batch["input_ids"].shape, generator=generator)
+        batch["attention_mask"][:, 1, -2:] = 0
+        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
+        batch["labels"] = torch.tensor([1, 2])
+    return batch
 
 
-def eval_logits(model, batch) -> torch.Tensor:
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def predictions(model, batch) -> dict[str, torch.Tensor]:
+    """Every output tensor of a forward pass without labels (full tensors), by name."""
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return full(out.logits)
+        out = model(**{k: v for k, v in batch.items() if k in INPUT_KEYS})
+    return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def compare_predictions(actual: dict, expected: dict) -> float:
+    if actual.keys() != expected.keys():
+        raise AssertionError(f"outputs differ: {sorted(actual)} != {sorted(expected)}")
+    return max(rel_err(actual[k], expected[k]) for k in expected)
 
 
 def worst(errors: dict[str, float]) -> tuple[float, str]:
@@ -88,11 +150,13 @@ def worst(errors: dict[str, float]) -> tuple[float, str]:
     return errors[name], name
 
 
-def run_preset(preset: str, layout: str, seed: int, workdir: str) -> dict:
+def run_case(case: str, layout: str, seed: int, workdir: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout_kwargs = LAYOUTS[layout]
     tp_size = layout_kwargs["tp_size"]
-    config = make_config(preset)
+    _, class_name, auto_name, vocab_output = CASES[case]
+    model_class, auto_class = getattr(megahf, class_name), getattr(transformers, auto_name)
+    config = make_config(case)
     result: dict = {"world_size": world, "padded_vocab_size": config.padded_vocab_size}
     started = time.perf_counter()
     seconds = result["seconds"] = {}
@@ -101,36 +165,37 @@ def run_preset(preset: str, layout: str, seed: int, workdir: str) -> dict:
         seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 2)
 
     torch.manual_seed(seed)
-    reference = MegatronGPTForCausalLM(copy.deepcopy(config))
+    reference = model_class(copy.deepcopy(config))
     torch.manual_seed(seed)
-    model = distribute_model(MegatronGPTForCausalLM(copy.deepcopy(config)), DistributedConfig(**layout_kwargs))
+    model = distribute_model(model_class(copy.deepcopy(config)), DistributedConfig(**layout_kwargs))
     reference.train()
     model.train()
-    batch = make_batch(config.vocab_size, seed)
+    batch = make_batch(case, config, seed)
 
     lap("build")
-    # 1. Logits without labels: gathered, over the real vocabulary.
-    ref_logits = eval_logits(reference, batch)
+    # 1. Outputs without labels: gathered; vocabulary logits over the real vocabulary.
+    ref_predictions = predictions(reference, batch)
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if isinstance(out.logits, DTensor):
-        raise AssertionError(f"logits without labels should be gathered, got a DTensor {out.logits.placements}")
-    if out.logits.shape[-1] != config.vocab_size:
-        raise AssertionError(f"logits width {out.logits.shape[-1]} != vocab_size {config.vocab_size}")
-    result["logits"] = rel_err(out.logits, ref_logits)
+        out = model(**{k: v for k, v in batch.items() if k in INPUT_KEYS})
+    for name, value in out.items():
+        if isinstance(value, DTensor):
+            raise AssertionError(f"{name} without labels should be gathered, got a DTensor {value.placements}")
+    if vocab_output and out[vocab_output].shape[-1] != config.vocab_size:
+        raise AssertionError(f"{vocab_output} width {out[vocab_output].shape[-1]} != vocab_size {config.vocab_size}")
+    result["logits"] = compare_predictions({k: v for k, v in out.items() if torch.is_tensor(v)}, ref_predictions)
 
     lap("logits")
     # 2. Loss with labels: computed on vocabulary-sharded logits, which are returned as they are.
     ref_out = reference(**batch)
     out = model(**batch)
-    if tp_size > 1:
-        logits = out.logits
+    if tp_size > 1 and vocab_output:
+        logits = out[vocab_output]
         if not (isinstance(logits, DTensor) and any(isinstance(p, Shard) for p in logits.placements)):
             raise AssertionError(f"under TP the training logits must stay vocabulary-sharded, got {type(logits)}")
         local_width = logits.to_local().shape[-1]
         if local_width * tp_size != config.padded_vocab_size:
             raise AssertionError(f"local logits width {local_width} is not padded_vocab_size / tp_size")
-        result["sharded_logits"] = rel_err(logits.full_tensor()[..., : config.vocab_size], ref_out.logits)
+        result["sharded_logits"] = rel_err(logits.full_tensor()[..., : config.vocab_size], ref_out[vocab_output])
     result["loss"] = rel_err(out.loss, ref_out.loss)
     result["loss_value"] = ref_out.loss.item()
     ref_out.loss.backward()
@@ -142,11 +207,15 @@ def run_preset(preset: str, layout: str, seed: int, workdir: str) -> dict:
     params = dict(model.named_parameters())
     if ref_params.keys() != params.keys():
         raise AssertionError(f"parameter names differ: {sorted(ref_params.keys() ^ params.keys())}")
+    # A gradient that is zero in exact arithmetic is roundoff on both sides (e.g. the final norm's bias under the QA
+    # head: its softmax over positions does not change when every position's score moves together), so each
+    # gradient is measured against at least 1e-3 of the model's largest one.
+    grad_floor = 1e-3 * max(p.grad.abs().max().item() for p in ref_params.values())
     grad_errors = {}
     for name, ref_param in ref_params.items():
         if params[name].grad is None:
             raise AssertionError(f"{name} has no gradient in the distributed model")
-        grad_errors[name] = rel_err(params[name].grad, ref_param.grad)
+        grad_errors[name] = rel_err(params[name].grad, ref_param.grad, grad_floor)
     result["grads"], result["grads_worst_param"] = worst(grad_errors)
     result["num_params"] = len(ref_params)
 
@@ -175,7 +244,10 @@ def run_preset(preset: str, layout: str, seed: int, workdir: str) -> dict:
         raise AssertionError(f"the grad norm differs between ranks: {norms}")
     result["grad_norm"] = rel_err(norm, ref_norm)
     result["grad_norm_value"] = ref_norm.item()
-    result["clipped_grads"], _ = worst({n: rel_err(params[n].grad, p.grad) for n, p in ref_params.items()})
+    grad_floor *= min(1.0, MAX_NORM / ref_norm.item())
+    result["clipped_grads"], _ = worst(
+        {n: rel_err(params[n].grad, p.grad, grad_floor) for n, p in ref_params.items()}
+    )
 
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -186,14 +258,14 @@ def run_preset(preset: str, layout: str, seed: int, workdir: str) -> dict:
     result["params"], result["params_worst_param"] = worst(
         {n: rel_err(params[n], p) for n, p in ref_params.items()}
     )
-    ref_logits = eval_logits(reference, batch)
-    result["step_logits"] = rel_err(eval_logits(model, batch), ref_logits)
+    ref_predictions = predictions(reference, batch)
+    result["step_logits"] = compare_predictions(predictions(model, batch), ref_predictions)
 
     lap("clip_step")
     # 5. save_pretrained on all ranks gathers the full model; rank 0 checks it against a single-process save and
     #    reloads it in this process without any parallelism.
-    saved_dir = os.path.join(workdir, f"{preset}-{layout}-distributed")
-    reference_dir = os.path.join(workdir, f"{preset}-{layout}-reference")
+    saved_dir = os.path.join(workdir, f"{case}-{layout}-distributed")
+    reference_dir = os.path.join(workdir, f"{case}-{layout}-reference")
     model.save_pretrained(saved_dir)
     if rank == 0:
         reference.save_pretrained(reference_dir)
@@ -209,21 +281,19 @@ def run_preset(preset: str, layout: str, seed: int, workdir: str) -> dict:
                 raise AssertionError(f"{key}: saved shape {tuple(saved[key].shape)} != {tuple(tensor.shape)}")
         result["saved_tensors"], _ = worst({k: rel_err(saved[k], t) for k, t in expected.items()})
         result["saved_keys"] = len(saved)
-        reloaded = MegatronGPTForCausalLM.from_pretrained(saved_dir)
-        result["reload_logits"] = rel_err(eval_logits(reloaded, batch), ref_logits)
+        reloaded = model_class.from_pretrained(saved_dir)
+        result["reload_logits"] = compare_predictions(predictions(reloaded, batch), ref_predictions)
     dist.barrier()
 
     lap("save_reload")
     # 6. A single-process checkpoint loaded straight into the layout by transformers.
-    loaded = AutoModelForCausalLM.from_pretrained(
-        reference_dir, distributed_config=DistributedConfig(**layout_kwargs)
-    )
-    if not isinstance(loaded, MegatronGPTForCausalLM):
-        raise AssertionError(f"AutoModelForCausalLM built {type(loaded).__name__}")
+    loaded = auto_class.from_pretrained(reference_dir, distributed_config=DistributedConfig(**layout_kwargs))
+    if not isinstance(loaded, model_class):
+        raise AssertionError(f"{auto_name} built {type(loaded).__name__}")
     sharded = [n for n, p in loaded.named_parameters() if isinstance(p, DTensor)]
     if not sharded:
         raise AssertionError("from_pretrained(distributed_config=...) left every parameter unsharded")
-    result["auto_load_logits"] = rel_err(eval_logits(loaded, batch), ref_logits)
+    result["auto_load_logits"] = compare_predictions(predictions(loaded, batch), ref_predictions)
     dist.barrier()
     lap("auto_load")
     return result
@@ -243,7 +313,7 @@ def merge(results: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", required=True, help="comma-separated, all for the same number of processes")
-    parser.add_argument("--presets", default="gpt-tiny,llama-tiny")
+    parser.add_argument("--cases", default="gpt-tiny,llama-tiny", help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
@@ -261,11 +331,13 @@ def main() -> None:
     report = {"world_size": world, "layouts": {}}
     for layout in layouts:
         report["layouts"][layout] = {}
-        for preset in args.presets.split(","):
-            result = run_preset(preset, layout, args.seed, args.workdir)
+        for case in args.cases.split(","):
+            if layout not in CASE_LAYOUTS.get(case, LAYOUTS):
+                continue
+            result = run_case(case, layout, args.seed, args.workdir)
             gathered = [None] * world
             dist.all_gather_object(gathered, result)
-            report["layouts"][layout][preset] = merge(gathered)
+            report["layouts"][layout][case] = merge(gathered)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

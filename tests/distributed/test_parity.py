@@ -1,6 +1,6 @@
 """Tensor parallelism and TP x FSDP2 against one process, on gloo under torchrun.
 
-One torchrun per process count (2: tp2; 4: tp4 and tp2xfsdp2) runs both presets; each (preset, layout) test reads
+One torchrun per process count (2: tp2; 4: tp4 and tp2xfsdp2) runs every case (GPT presets, BERT heads); each (case, layout) test reads
 its part of the result. The worker (`_worker.py`) documents what is compared.
 """
 
@@ -15,13 +15,16 @@ from transformers.distributed import DistributedConfig
 from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
 from megahf.parallel import clip_grad_norm_
 
-PRESETS = ("gpt-tiny", "llama-tiny")
+GPT_CASES = ("gpt-tiny", "llama-tiny")
+BERT_CASES = ("bert-pretraining", "bert-mlm", "bert-classification", "bert-multiple-choice", "bert-qa",
+              "bert-token-classification")
 LAYOUTS = {"tp2": 2, "tp4": 4, "tp2xfsdp2": 4}  # layout -> processes
+BERT_LAYOUTS = ("tp2", "tp2xfsdp2")
 TOLERANCE = 1e-5  # relative: max |distributed - single process| / max |single process|
 # What the worker compares (the worst over ranks, parameters and tensors of each).
 COMPARED = (
-    "logits",  # forward without labels (gathered)
-    "sharded_logits",  # forward with labels: the vocabulary-sharded logits, gathered here only to compare
+    "logits",  # forward without labels (gathered): every output tensor
+    "sharded_logits",  # forward with labels: the vocabulary-sharded logits, gathered here only to compare (LM heads)
     "loss",  # vocabulary-parallel cross entropy
     "grads",  # every parameter's gradient
     "grad_norm_3",  # megahf's clip_grad_norm_ on the distributed model vs torch's, 3-norm
@@ -32,13 +35,14 @@ COMPARED = (
     "step_logits",  # the distributed model after the step
     "saved_tensors",  # save_pretrained on all ranks vs a single-process save
     "reload_logits",  # that checkpoint reloaded in one process
-    "auto_load_logits",  # a single-process checkpoint loaded by AutoModelForCausalLM with distributed_config
+    "auto_load_logits",  # a single-process checkpoint loaded by its Auto class with distributed_config
 )
+VOCAB_PARALLEL_CASES = ("gpt-tiny", "llama-tiny", "bert-pretraining", "bert-mlm")
 
 
 @pytest.fixture(scope="module")
 def layout_report(torchrun, tmp_path_factory):
-    """The worker's results for a layout. One launch runs every layout of the same process count and both presets
+    """The worker's results for a layout. One launch runs every layout of the same process count and every case
     (process start-up dominates on two cores); it is run once and cached."""
     launches: dict[int, dict] = {}
 
@@ -49,7 +53,8 @@ def layout_report(torchrun, tmp_path_factory):
             workdir = tmp_path_factory.mktemp(f"parity-{nproc}procs")
             launches[nproc] = torchrun(
                 nproc,
-                ["--layouts", ",".join(layouts), "--presets", ",".join(PRESETS), "--workdir", str(workdir)],
+                ["--layouts", ",".join(layouts), "--cases", ",".join(GPT_CASES + BERT_CASES),
+                 "--workdir", str(workdir)],
                 workdir / "result.json",
             )
         assert launches[nproc]["world_size"] == nproc
@@ -58,13 +63,17 @@ def layout_report(torchrun, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("preset", PRESETS)
-def test_parity(preset, layout, layout_report):
-    result = layout_report(layout)[preset]
-    errors = {key: result[key] for key in COMPARED}
+@pytest.mark.parametrize(
+    "case, layout",
+    [(case, layout) for case in GPT_CASES for layout in LAYOUTS]
+    + [(case, layout) for case in BERT_CASES for layout in BERT_LAYOUTS],
+)
+def test_parity(case, layout, layout_report):
+    result = layout_report(layout)[case]
+    compared = [k for k in COMPARED if k != "sharded_logits" or case in VOCAB_PARALLEL_CASES]
+    errors = {key: result[key] for key in compared}
     bad = {key: value for key, value in errors.items() if not value <= TOLERANCE}
-    assert not bad, f"{preset} {layout}: relative errors above {TOLERANCE}: {bad} (all: {result})"
+    assert not bad, f"{case} {layout}: relative errors above {TOLERANCE}: {bad} (all: {result})"
     # The step was a real one: clipping was active, and the checkpoint held every tensor once.
     assert result["grad_norm_value"] > 0.05
     assert result["saved_keys"] == result["num_params"]
