@@ -19,8 +19,10 @@ from typing import Any
 
 __all__ = [
     "ASSETS_DIR",
+    "EMBEDDED_TOKENIZERS",
     "bert_tokenizer_path",
     "corpus_path",
+    "embedded_tokenizer_path",
     "gpt2_tokenizer_path",
     "load_bert_tokenizer",
     "load_gpt2_tokenizer",
@@ -31,12 +33,27 @@ ASSETS_DIR: Path = Path(__file__).resolve().parent
 
 _GPT2_DIR = ASSETS_DIR / "gpt2"
 _BERT_DIR = ASSETS_DIR / "bert-uncased"
+
+#: Names that mean a tokenizer shipped with megahf (recipes' `tokenizer`, `megahf preprocess --tokenizer`).
+EMBEDDED_TOKENIZERS = {
+    "gpt2": _GPT2_DIR,
+    "gpt2-embedded": _GPT2_DIR,
+    "embedded": _GPT2_DIR,
+    "bert-uncased": _BERT_DIR,
+    "bert-uncased-embedded": _BERT_DIR,
+}
 _CORPUS_FILE = ASSETS_DIR / "corpus" / "shakespeare.jsonl"
 
 
 def gpt2_tokenizer_path() -> str:
     """Folder of the GPT-2 tokenizer, usable as ``AutoTokenizer.from_pretrained(path)``."""
     return str(_GPT2_DIR)
+
+
+def embedded_tokenizer_path(name: str) -> str | None:
+    """The folder of the shipped tokenizer called `name` (see `EMBEDDED_TOKENIZERS`), None for any other name."""
+    folder = EMBEDDED_TOKENIZERS.get(name)
+    return None if folder is None else str(folder)
 
 
 def load_gpt2_tokenizer(**kwargs: Any):

@@ -83,8 +83,8 @@ __all__ = [
     "split_sentences",
 ]
 
-#: ``--tokenizer`` values that mean the GPT-2 tokenizer shipped in ``megahf/assets/gpt2``.
-EMBEDDED_TOKENIZER_NAMES = ("gpt2", "embedded")
+#: ``--tokenizer`` values that mean a tokenizer shipped in ``megahf/assets`` (GPT-2 BPE, BERT uncased WordPiece).
+EMBEDDED_TOKENIZER_NAMES = ("gpt2", "embedded", "bert-uncased")
 _DTYPE_CHOICES = ("auto", "uint8", "int16", "uint16", "int32", "int64")
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -147,19 +147,20 @@ def split_sentences(text: str) -> List[str]:
 # tokenizer
 # ---------------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str):
-    """``gpt2``/``embedded`` -> the shipped GPT-2 tokenizer; else ``AutoTokenizer.from_pretrained``."""
+    """``gpt2``/``embedded`` -> the shipped GPT-2 tokenizer, ``bert-uncased`` -> the shipped BERT WordPiece;
+    else ``AutoTokenizer.from_pretrained``."""
     from transformers import AutoTokenizer
 
-    from megahf.assets import gpt2_tokenizer_path
+    from megahf.assets import embedded_tokenizer_path
 
-    path = gpt2_tokenizer_path() if name_or_path in EMBEDDED_TOKENIZER_NAMES else name_or_path
+    path = embedded_tokenizer_path(name_or_path) or name_or_path
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises OSError, ValueError, HFValidationError ...
         raise PreprocessError(
             f"could not load the tokenizer {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"give a local folder with the tokenizer files, a Hub name already in the local cache (megahf runs "
-            f"offline), or {' / '.join(EMBEDDED_TOKENIZER_NAMES)} for the GPT-2 tokenizer shipped with megahf"
+            f"offline), or one of the tokenizers shipped with megahf: {' / '.join(EMBEDDED_TOKENIZER_NAMES)}"
         ) from e
 
 
@@ -687,7 +688,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("tokenization")
     g.add_argument(
         "--tokenizer", required=True,
-        help="'gpt2' or 'embedded' for megahf's shipped GPT-2 tokenizer, else a path or cached name for AutoTokenizer",
+        help="'gpt2' (or 'embedded') or 'bert-uncased' for a tokenizer shipped with megahf, else a path or cached "
+             "name for AutoTokenizer",
     )
     g.add_argument("--append-eod", action="store_true", help="append the eos token id to the end of each document")
     g.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (rule-based splitter, no nltk)")

@@ -1,0 +1,103 @@
+"""BERT pretraining data: Megatron's masked-LM + sentence-order samples (`megahf.data.BertDataset`).
+
+From indexed data written with sentence splitting (`data_path`, Megatron's `--data-path`), or from a text corpus
+(the shipped Shakespeare by default) that is first preprocessed into such data under `cache_dir`: split into
+sentences, tokenized with the run's WordPiece tokenizer, written atomically and reused by later runs. Documents are
+divided into train / valid / test by `split` as Megatron does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..data import BertDataset, BertDatasetConfig, BertDatasetError, IndexedDataset, parse_blend, split_ranges
+from ..data.preprocess import output_prefix_for, preprocess_corpus
+from .data import PackedCorpus
+from .recipe import RecipeError
+
+BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label")
+
+
+def _corpus_prefix(corpus: str, text_key: str, tokenizer, cache_dir: Path) -> str:
+    """Sentence-split indexed data of `corpus` for `tokenizer`, built once under `cache_dir` (keyed by the corpus
+    file, its size and time, and the tokenizer's vocabulary, so that a changed input is rebuilt)."""
+    stat = Path(corpus).stat()
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    key = hashlib.md5(
+        f"{Path(corpus).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{text_key}|{vocab}".encode()
+    ).hexdigest()[:12]
+    prefix = cache_dir / f"{Path(corpus).stem}-{key}"
+    indexed = output_prefix_for(str(prefix), text_key, split_sentences=True)
+    if not Path(indexed + ".idx").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_dir = cache_dir / f"tokenizer-{key}"
+        if not tokenizer_dir.exists():
+            tokenizer.save_pretrained(tokenizer_dir)
+        # Written under temporary names and renamed: concurrent ranks write identical files.
+        preprocess_corpus(corpus, str(prefix), tokenizer=str(tokenizer_dir), json_keys=(text_key,),
+                          split_sentences=True, progress=False)
+    return indexed
+
+
+def build_bert_data(
+    *,
+    tokenizer,
+    seq_length: int,
+    seed: int,
+    split: str,
+    train_samples: int,
+    valid_samples: int,
+    cache_dir: str | Path,
+    data_path: str = "",
+    corpus: str = "",
+    text_key: str = "text",
+    sentence_order_prediction: bool = True,
+    masking_probability: float = 0.15,
+    short_sequence_probability: float = 0.1,
+) -> PackedCorpus:
+    """Train and valid `BertDataset`s with at least the samples asked (whole passes over the documents)."""
+    for name in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is None:
+            raise RecipeError(f"the tokenizer has no {name.removesuffix('_id')} token, which BERT samples need "
+                              "([CLS] A [SEP] B [SEP], [MASK], [PAD]): use tokenizer: bert-uncased-embedded or "
+                              "another WordPiece tokenizer")
+    if data_path:
+        prefixes, weights = parse_blend(data_path.split())
+        if len(prefixes) != 1:
+            raise RecipeError(f"recipe key data_path={data_path!r}: BERT pretraining reads one indexed dataset "
+                              "(blending is implemented for GPT data only)")
+        prefix, source = prefixes[0], prefixes[0]
+    else:
+        prefix, source = _corpus_prefix(corpus, text_key, tokenizer, Path(cache_dir)), corpus
+    try:
+        indexed = IndexedDataset(prefix)
+        config = BertDatasetConfig.from_tokenizer(
+            tokenizer, seq_length, seed=seed, split=split, path_to_cache=str(Path(cache_dir)),
+            sentence_order_prediction=sentence_order_prediction, masking_probability=masking_probability,
+            short_sequence_probability=short_sequence_probability,
+        )
+        ranges = split_ranges(indexed.num_documents, split)
+        train = BertDataset(indexed, ranges[0] or range(0), train_samples, config, "train")
+        valid = BertDataset(indexed, ranges[1] or range(0), valid_samples, config, "valid")
+    except BertDatasetError as error:
+        raise RecipeError(f"BERT data from {source!r}: {error}") from None
+    return PackedCorpus(
+        train=train, valid=valid, num_documents=indexed.num_documents,
+        train_documents=len(train.indices), valid_documents=len(valid.indices),
+        train_tokens=0, valid_tokens=0,
+        source=f"{source} ({indexed.num_documents} documents, {len(indexed)} sentences, split {split})",
+    )
+
+
+def collate_bert(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack BERT samples into the inputs of `MegatronBertForPreTraining` (the dataset's `loss_mask` is the same
+    information as labels != -100 and is left out)."""
+    keys = [k for k in BATCH_KEYS if k in examples[0]]
+    return {k: torch.stack([torch.as_tensor(e[k]) for e in examples]) for k in keys}
+
+
+__all__ = ["build_bert_data", "collate_bert"]
