@@ -13,7 +13,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+
+def _inf_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The largest |g| over every rank's local pieces. PyTorch's inf-norm of a DTensor fails when a rank's shard is
+    empty (a parameter with fewer rows than FSDP ranks); a max needs no care for replicated copies, so one MAX
+    all-reduce over the world gives the global value."""
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    maxima = [t.detach().abs().max().float() for t in local if t.numel()]
+    norm = torch.stack(maxima).max() if maxima else torch.zeros((), device=grads[0].device)
+    dist.all_reduce(norm, op=dist.ReduceOp.MAX)
+    return norm
 
 
 def _group_norm(grads: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
@@ -54,7 +66,10 @@ def clip_grad_norm_(
         groups.setdefault(key, []).append(grad)
 
     first_device = grads[0].device
-    norms = [_group_norm(group, norm_type, foreach).to(first_device) for group in groups.values()]
+    if norm_type == float("inf") and any(isinstance(g, DTensor) for g in grads):
+        norms = [_inf_norm(grads)]
+    else:
+        norms = [_group_norm(group, norm_type, foreach).to(first_device) for group in groups.values()]
     if len(norms) == 1:
         total_norm = norms[0]
     elif norm_type == float("inf"):
