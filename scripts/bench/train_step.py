@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Training-step throughput of megahf's MegatronGPTForCausalLM against transformers' reference models.
+"""Training-step throughput of megahf's models against transformers' reference models.
 
-Two pairs of models of the same shape, each pair built with the same attention implementation:
+Pairs of models of the same shape, each pair built with the same attention implementation:
 
 * GPT-2 style: MegatronGPTForCausalLM (learned positions, LayerNorm, exact GeLU, biases, tied embeddings)
   against transformers' GPT2LMHeadModel (activation_function="gelu", tied embeddings).
 * Llama style: MegatronGPTForCausalLM from the `llama-tiny` preset (RoPE, RMSNorm, SwiGLU, grouped-query
   attention, no biases, untied output) against transformers' LlamaForCausalLM.
+* BERT: MegatronBertForPreTraining (pre-LayerNorm, Megatron's order) against transformers'
+  MegatronBertForPreTraining, and megahf's post-LayerNorm variant against transformers' BertForPreTraining (the
+  original BERT order), all with masked-LM (15% of the tokens) + sentence-order labels.
 
-One step is forward (with the model's own causal-LM loss) + backward + AdamW step + zero_grad, timed with
+One step is forward (with the model's own loss: causal LM, or masked LM + sentence order) + backward + AdamW step + zero_grad, timed with
 time.perf_counter on the same batch of random token ids. Steps of the models are interleaved (A, B, A, B, ...)
 after warm-up so that drifts of the machine's speed hit every model alike. The report gives the median and the
 interquartile range of tokens/s of every model, and the megahf/peer ratio (> 1: megahf is faster): the ratio of
@@ -23,8 +26,9 @@ same parameters; the padded megahf model is timed too and reported on an extra l
 
 Usage (from the repository root):
 
-    python scripts/bench/train_step.py                       # both pairs, fp32 on CPU, sdpa
+    python scripts/bench/train_step.py                       # every pair, fp32 on CPU, sdpa
     python scripts/bench/train_step.py --pair gpt --attn eager --threads 2 --json out.json
+    python scripts/bench/train_step.py --pair bert --seq 128
     python scripts/bench/train_step.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --heads 16 --seq 1024
 """
 
@@ -43,21 +47,35 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForPreTraining,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MegatronBertForPreTraining,
+)
 
-from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
+from megahf import MegatronBertConfig, MegatronGPTConfig, MegatronGPTForCausalLM
+from megahf import MegatronBertForPreTraining as MegahfBertForPreTraining
+
+PAIRS = ("gpt", "llama", "bert", "bert-post-ln")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--pair", choices=("gpt", "llama", "both"), default="both", help="which comparison(s) to run")
+    p.add_argument("--pair", choices=(*PAIRS, "all"), default="all",
+                   help="which comparison to run: gpt, llama, bert (pre-LN, vs MegatronBert), bert-post-ln "
+                        "(vs Bert), or all")
     shape = p.add_argument_group("shape (shared by both pairs unless noted)")
     shape.add_argument("--hidden", type=int, default=256)
     shape.add_argument("--layers", type=int, default=4)
     shape.add_argument("--heads", type=int, default=4)
     shape.add_argument("--seq", type=int, default=256, help="sequence length (also max_position_embeddings)")
     shape.add_argument("--batch", type=int, default=4)
-    shape.add_argument("--vocab", type=int, default=50257)
+    shape.add_argument("--vocab", type=int, default=50257, help="GPT and Llama vocabulary")
+    shape.add_argument("--bert-vocab", type=int, default=30522, help="BERT vocabulary (uncased WordPiece)")
     shape.add_argument("--gpt-ffn", type=int, default=None, help="GPT-2 MLP width (default 4 * hidden)")
     shape.add_argument("--llama-ffn", type=int, default=None,
                        help="Llama MLP width (default: llama-tiny's ratio 352/128, i.e. 2.75 * hidden)")
@@ -159,6 +177,54 @@ def peer_llama(args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def pair_attention(pair: str, args) -> str:
+    """transformers' MegatronBert has eager attention only: its pair runs eager on both sides."""
+    return "eager" if pair == "bert" else args.attn
+
+
+def megahf_bert(args, divisible_by: int | None, order: str = "pre", attn: str | None = None):
+    overrides = dict(
+        vocab_size=args.bert_vocab, hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=args.heads,
+        ffn_hidden_size=4 * args.hidden, max_position_embeddings=args.seq, hidden_dropout=0.0, attention_dropout=0.0,
+        layernorm_order=order,
+    )
+    if divisible_by is not None:
+        overrides["make_vocab_size_divisible_by"] = divisible_by
+    config = MegatronBertConfig.from_preset("bert-tiny", **overrides)
+    config._attn_implementation = attn or pair_attention("bert" if order == "pre" else "bert-post-ln", args)
+    return MegahfBertForPreTraining(config)
+
+
+def peer_bert(args, order: str = "pre"):
+    """transformers' MegatronBert (pre-LN) or Bert (post-LN) of the same shape and epsilon as megahf's."""
+    config_class, model_class = ((transformers.MegatronBertConfig, MegatronBertForPreTraining) if order == "pre"
+                                 else (BertConfig, BertForPreTraining))
+    config = config_class(
+        vocab_size=args.bert_vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=4 * args.hidden, max_position_embeddings=args.seq,
+        hidden_act="gelu", layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    config._attn_implementation = pair_attention("bert" if order == "pre" else "bert-post-ln", args)
+    return model_class(config)
+
+
+def make_batch(pair: str, args, device: torch.device) -> dict:
+    """One batch of random inputs with the labels of the pair's loss."""
+    gen = torch.Generator().manual_seed(args.seed)
+    if not pair.startswith("bert"):
+        input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+        # use_cache=False: a training step needs no KV cache (both families would otherwise build one).
+        return {"input_ids": input_ids, "labels": input_ids, "use_cache": False}
+    input_ids = torch.randint(1000, args.bert_vocab, (args.batch, args.seq), generator=gen)
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, args.seq // 2:] = 1
+    masked = torch.rand(input_ids.shape, generator=gen) < 0.15
+    return {"input_ids": input_ids.to(device), "token_type_ids": token_type_ids.to(device),
+            "attention_mask": torch.ones_like(input_ids).to(device),
+            "labels": input_ids.masked_fill(~masked, -100).to(device),
+            "next_sentence_label": torch.randint(0, 2, (args.batch,), generator=gen).to(device)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Timing
 
@@ -169,6 +235,7 @@ class Entry:
     label: str
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    batch: dict  # the model's inputs and labels
     times: list[float] = field(default_factory=list)  # wall seconds (time.perf_counter)
     cpu_times: list[float] = field(default_factory=list)  # CPU seconds of the process, all threads
     first_loss: float | None = None
@@ -187,21 +254,21 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def make_entry(key, label, model, args, device) -> Entry:
+def make_entry(key, label, model, args, device, batch: dict, attn: str | None = None) -> Entry:
     model.to(device).train()
-    attn = model.config._attn_implementation
-    if attn != args.attn:
-        raise RuntimeError(f"{label}: asked for attention {args.attn!r}, the model uses {attn!r}")
-    return Entry(key, label, model, torch.optim.AdamW(model.parameters(), lr=args.lr))
+    expected = attn or pair_attention(key.split("/")[0], args)
+    if model.config._attn_implementation != expected:
+        raise RuntimeError(f"{label}: asked for attention {expected!r}, the model uses "
+                           f"{model.config._attn_implementation!r}")
+    return Entry(key, label, model, torch.optim.AdamW(model.parameters(), lr=args.lr), batch)
 
 
-def step(entry: Entry, input_ids: torch.Tensor, autocast, device: torch.device) -> tuple[float, float]:
+def step(entry: Entry, autocast, device: torch.device) -> tuple[float, float]:
     sync(device)
     cpu_start = time.process_time()
     start = time.perf_counter()
     with autocast():
-        # use_cache=False: a training step needs no KV cache (both families would otherwise build one).
-        loss = entry.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss = entry.model(**entry.batch).loss
     loss.backward()
     entry.optimizer.step()
     entry.optimizer.zero_grad()
@@ -280,22 +347,32 @@ def main(argv=None) -> int:
         autocast = nullcontext
 
     headline_div = 1 if args.same_vocab else None  # None: the preset's default padding (128)
-    pairs = ["gpt", "llama"] if args.pair == "both" else [args.pair]
+    pairs = list(PAIRS) if args.pair == "all" else [args.pair]
     builders = {"gpt": (megahf_gpt, peer_gpt, "GPT2LMHeadModel"),
-                "llama": (megahf_llama, peer_llama, "LlamaForCausalLM")}
+                "llama": (megahf_llama, peer_llama, "LlamaForCausalLM"),
+                "bert": (megahf_bert, peer_bert, "MegatronBertForPreTraining"),
+                "bert-post-ln": (lambda a, d: megahf_bert(a, d, "post"), lambda a: peer_bert(a, "post"),
+                                 "BertForPreTraining")}
 
     entries: list[Entry] = []
     comparisons: list[tuple[str, str, str]] = []  # (name, megahf key, peer key)
     for pair in pairs:
         build_megahf, build_peer, peer_name = builders[pair]
+        batch = make_batch(pair, args, device)
         head_label = "megahf" + (" (vocab unpadded)" if args.same_vocab else " (vocab padded)")
-        entries.append(make_entry(f"{pair}/megahf", head_label, build_megahf(args, headline_div), args, device))
-        entries.append(make_entry(f"{pair}/peer", peer_name, build_peer(args), args, device))
+        entries.append(make_entry(f"{pair}/megahf", head_label, build_megahf(args, headline_div), args, device,
+                                  batch))
+        entries.append(make_entry(f"{pair}/peer", peer_name, build_peer(args), args, device, batch))
         comparisons.append((pair, f"{pair}/megahf", f"{pair}/peer"))
         if args.padded_extra and args.same_vocab:
             entries.append(make_entry(f"{pair}/megahf-padded", "megahf (vocab padded)",
-                                      build_megahf(args, None), args, device))
+                                      build_megahf(args, None), args, device, batch))
             comparisons.append((f"{pair} (padded vocab)", f"{pair}/megahf-padded", f"{pair}/peer"))
+        if pair == "bert" and args.attn == "sdpa":
+            # what a user gets: megahf's default sdpa against MegatronBert's only (eager) attention
+            entries.append(make_entry("bert/megahf-sdpa", "megahf (sdpa, padded)",
+                                      megahf_bert(args, None, attn="sdpa"), args, device, batch, attn="sdpa"))
+            comparisons.append(("bert (megahf sdpa, padded)", "bert/megahf-sdpa", "bert/peer"))
     by_key = {e.key: e for e in entries}
 
     # Same-vocab pairs must hold the same parameters, or the comparison is not of the same work.
@@ -305,8 +382,6 @@ def main(argv=None) -> int:
             raise RuntimeError(f"{pair}: megahf has {n_params(m.model)} parameters, the peer {n_params(p.model)}")
 
     tokens = args.batch * args.seq
-    gen = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
 
     ls = llama_shape(args)
     probe = next(iter(by_key.values())).optimizer
@@ -315,26 +390,31 @@ def main(argv=None) -> int:
     print(f"device {device}  dtype {args.dtype}  threads {torch.get_num_threads()} (cores {os.cpu_count()})  "
           f"attention {args.attn}  AdamW foreach={foreach} (None: torch's default)")
     print(f"shape: hidden {args.hidden}, layers {args.layers}, heads {args.heads}, seq {args.seq}, batch {args.batch} "
-          f"({tokens} tokens/step), vocab {args.vocab}")
+          f"({tokens} tokens/step), vocab {args.vocab} (BERT {args.bert_vocab})")
     if "gpt" in pairs:
         print(f"  gpt:   ffn {args.gpt_ffn or 4 * args.hidden}, exact gelu, learned positions, LayerNorm, biases, tied")
     if "llama" in pairs:
         print(f"  llama: ffn {ls['ffn']}, kv heads {ls['kv_heads']}, rope theta {ls['rope_theta']}, "
               f"rms eps {ls['rms_eps']}, swiglu, no bias, untied")
+    if any(p.startswith("bert") for p in pairs):
+        print(f"  bert:  ffn {4 * args.hidden}, exact gelu, learned positions + 2 token types, tied MLM output, "
+              "15% masked + sentence order (pre-LN vs MegatronBert; post-LN vs Bert)")
+    if "bert" in pairs:
+        print("  bert pair: eager attention on both sides (transformers' MegatronBert has no sdpa)")
     for e in entries:
         rows = e.model.get_output_embeddings().weight.shape[0]
-        print(f"  {e.key:<20} {type(e.model).__name__:<24} params {n_params(e.model):>12,}  vocab rows {rows}")
+        print(f"  {e.key:<24} {type(e.model).__name__:<28} params {n_params(e.model):>12,}  vocab rows {rows}")
     print(f"warm-up {args.warmup} + timed {args.reps} steps per model, interleaved over {len(entries)} models",
           flush=True)
 
     load_before = load_average()
     for _ in range(args.warmup):
         for e in entries:
-            step(e, input_ids, autocast, device)
+            step(e, autocast, device)
     t0 = time.perf_counter()
     for r in range(args.reps):
         for e in entries:
-            wall, cpu = step(e, input_ids, autocast, device)
+            wall, cpu = step(e, autocast, device)
             e.times.append(wall)
             e.cpu_times.append(cpu)
         print(f"  round {r + 1}/{args.reps}: " + "  ".join(f"{e.key} {tokens / e.times[-1]:.0f}" for e in entries),
@@ -346,25 +426,25 @@ def main(argv=None) -> int:
 
     on_cpu = device.type == "cpu"
     print()
-    header = (f"{'pair':<6} {'model':<24} {'params':>11} {'tok/s median':>12} {'IQR (q1-q3)':>13} {'best':>6} "
+    header = (f"{'pair':<12} {'model':<26} {'params':>11} {'tok/s median':>12} {'IQR (q1-q3)':>13} {'best':>6} "
               f"{'step s':>7}" + (f" {'cpu s':>7}" if on_cpu else ""))
     print(header)
     print("-" * len(header))
     for e in entries:
         s = summaries[e.key]
         iqr = f"{s['tokens_per_s_q1']:.0f}-{s['tokens_per_s_q3']:.0f}"
-        print(f"{e.key.split('/')[0]:<6} {s['model']:<24} {s['params']:>11,} {s['tokens_per_s_median']:>12.0f} "
+        print(f"{e.key.split('/')[0]:<12} {s['model']:<26} {s['params']:>11,} {s['tokens_per_s_median']:>12.0f} "
               f"{iqr:>13} {s['tokens_per_s_best']:>6.0f} {s['step_s_median']:>7.3f}"
               + (f" {s['cpu_s_median']:>7.3f}" if on_cpu else ""))
     print()
-    header = (f"{'megahf/peer':<20} {'ratio of medians':>16} {'paired [q1, q3]':>22}  {'verdict':<14}"
+    header = (f"{'megahf/peer':<26} {'ratio of medians':>16} {'paired [q1, q3]':>22}  {'verdict':<14}"
               + (f" {'cpu-time paired [q1, q3]':>25}  cpu verdict" if on_cpu else ""))
     print(header)
     print("-" * len(header))
     for name, c in results:
         wall = f"{c['paired_ratio_median']:.3f} [{c['paired_ratio_q1']:.3f}, {c['paired_ratio_q3']:.3f}]"
         cpu = f"{c['cpu_paired_ratio_median']:.3f} [{c['cpu_paired_ratio_q1']:.3f}, {c['cpu_paired_ratio_q3']:.3f}]"
-        print(f"{name:<20} {c['ratio_of_medians']:>16.3f} {wall:>22}  {c['verdict']:<14}"
+        print(f"{name:<26} {c['ratio_of_medians']:>16.3f} {wall:>22}  {c['verdict']:<14}"
               + (f" {cpu:>25}  {c['cpu_verdict']}" if on_cpu else ""))
     print("ratio > 1: megahf faster. paired: median and quartiles of the per-round ratios; verdict: their")
     print("interquartile range lies above 1, below 1, or spans it."
@@ -382,7 +462,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
         "dtype": args.dtype, "threads": torch.get_num_threads(), "attention": args.attn, "adamw_foreach": foreach,
         "shape": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "seq": args.seq,
-                  "batch": args.batch, "vocab": args.vocab, "gpt_ffn": args.gpt_ffn or 4 * args.hidden,
+                  "batch": args.batch, "vocab": args.vocab, "bert_vocab": args.bert_vocab,
+                  "gpt_ffn": args.gpt_ffn or 4 * args.hidden,
                   "llama": ls},
         "same_vocab": args.same_vocab, "warmup": args.warmup, "reps": args.reps, "timed_s": timed_s,
         "load_average_before": load_before, "load_average_after": load_after, "cpu_count": os.cpu_count(),
