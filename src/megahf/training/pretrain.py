@@ -363,7 +363,9 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     )
 
     tokens_per_step = layout.global_batch_size * recipe.seq_length
+    _barrier()  # on CPU rank 0 measures the matmul peak while the other ranks wait (idle) at the next barrier
     peak_tflops, peak_source = peak_tflops_per_device(recipe.peak_tflops) if _is_rank_zero() else (float("nan"), "")
+    _barrier()
     devices = layout.world_size if torch.cuda.is_available() else max(1, layout.world_size // _local_world_size())
     flops_per_token = training_flops_per_token(config, recipe.seq_length)
     progress = MegatronLogCallback(tokens_per_step, flops_per_token=flops_per_token,
