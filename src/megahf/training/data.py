@@ -182,7 +182,7 @@ def build_corpus(recipe: PretrainRecipe, tokenizer) -> PackedCorpus:
     )
 
 
-def build_indexed_data(recipe: PretrainRecipe, world_size: int = 1) -> PackedCorpus:
+def build_indexed_data(recipe: PretrainRecipe, layout=None) -> PackedCorpus:
     """Megatron's data path: GPT samples of seq_length + 1 tokens from indexed datasets (blended by weight), split
     into train/valid by `recipe.split`; as many train samples as the run consumes, eval_iters batches to validate."""
     from ..data import GPTDatasetConfig, GPTDatasetError, build_gpt_datasets, parse_blend
@@ -194,8 +194,9 @@ def build_indexed_data(recipe: PretrainRecipe, world_size: int = 1) -> PackedCor
         split=recipe.split,
         path_to_cache=recipe.data_cache_path or None,
     )
-    train_samples = recipe.train_steps * recipe.micro_batch_size * recipe.gradient_accumulation_steps * world_size
-    valid_samples = recipe.eval_iters * recipe.micro_batch_size * world_size
+    layout = layout or recipe.layout(1)
+    train_samples = recipe.train_steps * layout.global_batch_size
+    valid_samples = recipe.eval_iters * recipe.micro_batch_size * layout.data_parallel_size
     try:
         train, valid, _ = build_gpt_datasets((prefixes, weights), [train_samples, valid_samples, 0], config)
     except GPTDatasetError as error:

@@ -22,26 +22,82 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from ..models.gpt import MegatronGPTForCausalLM
-from .callbacks import MegatronLogCallback
+from ..parallel import clip_grad_norm_, distribute_model
+from ..parallel.layout import ParallelLayout
+from . import checkpoint as ckpt
+from .callbacks import CheckpointCallback, MegatronLogCallback
 from .data import PackedCorpus, build_corpus, build_indexed_data, collate_blocks, collate_samples, load_tokenizer
+from .flops import peak_tflops_per_device, training_flops_per_token
 from .recipe import PretrainRecipe, RecipeError, save_recipe
 
 
 def say(message: str) -> None:
-    print(f"[megahf] {message}", flush=True)
+    if _is_rank_zero():
+        print(f"[megahf] {message}", flush=True)
+
+
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 class MegatronTrainer(Trainer):
-    """Trainer with Megatron's choices where Trainer's defaults differ."""
+    """Trainer with Megatron's choices where Trainer's defaults differ, and megahf's checkpoints (one format for
+    every layout, tensor parallel included, which Trainer's own cannot resume)."""
 
-    def __init__(self, *args, recipe: PretrainRecipe, **kwargs):
+    def __init__(self, *args, recipe: PretrainRecipe, checkpoint_metadata: dict | None = None,
+                 progress: MegatronLogCallback | None = None, **kwargs):
         self.recipe = recipe
+        self.checkpoint_metadata = checkpoint_metadata or {}
+        self.progress = progress
         super().__init__(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.progress is not None and "loss" in logs:
+            self.progress.add_throughput(self.state, logs)  # into log_history and every tracker
+        super().log(logs, start_time)
+
+    # ---- gradient clipping across meshes (TP-only, FSDP2 and TP x FSDP2 parameters side by side)
+
+    def _clip_grad_norm(self, model):
+        if self.is_distributed_loading_by_transformers:
+            return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    # ---- checkpoints (written when CheckpointCallback asks; read by Trainer's resume path)
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+
+    def _save_checkpoint(self, model, trial) -> None:
+        path = ckpt.save_checkpoint(
+            Path(self.args.output_dir) / "checkpoints", self.state.global_step, self.model, self._torch_optimizer(),
+            self.lr_scheduler, self.state, self.checkpoint_metadata, keep_last=self.recipe.keep_last,
+        )
+        if self.is_world_process_zero():
+            say(f"checkpoint {path}")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        ckpt.load_model(resume_from_checkpoint, self.model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            ckpt.load_optimizer(checkpoint, self.model, self._torch_optimizer())
+            ckpt.load_scheduler(checkpoint, self.lr_scheduler)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            ckpt.load_rng(checkpoint)
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         # Megatron decays every weight matrix and embedding, never a bias or a 1-D parameter (norm weights). Trainer's
@@ -74,8 +130,9 @@ class PretrainResult:
     output_dir: Path
 
 
-def training_arguments(recipe: PretrainRecipe) -> TrainingArguments:
+def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = None) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
+    layout = layout or recipe.layout(1)
     schedule = {
         "cosine": ("cosine_with_min_lr", {"min_lr": recipe.min_learning_rate}),
         "linear": ("linear", {}),  # replaced by MegatronTrainer.create_scheduler (decay to min_lr)
@@ -86,7 +143,7 @@ def training_arguments(recipe: PretrainRecipe) -> TrainingArguments:
         max_steps=recipe.train_steps,
         per_device_train_batch_size=recipe.micro_batch_size,
         per_device_eval_batch_size=recipe.micro_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=schedule[0],
         lr_scheduler_kwargs=schedule[1],
@@ -103,7 +160,7 @@ def training_arguments(recipe: PretrainRecipe) -> TrainingArguments:
         eval_strategy="steps" if recipe.eval_interval > 0 else "no",
         eval_steps=recipe.eval_interval if recipe.eval_interval > 0 else None,
         prediction_loss_only=True,  # never keep b x s x vocab logits of the whole validation split
-        save_strategy="no",  # the final save is pretrain()'s, atomic
+        save_strategy="no",  # checkpoints are megahf's (CheckpointCallback); the final save is pretrain()'s
         report_to=[r.strip() for r in recipe.report_to.split(",")],
         seed=recipe.seed,
         data_seed=recipe.seed,
@@ -116,8 +173,10 @@ def training_arguments(recipe: PretrainRecipe) -> TrainingArguments:
     )
 
 
-def build_model(recipe: PretrainRecipe, tokenizer) -> MegatronGPTForCausalLM:
-    """A freshly initialized model of the recipe's shape, its vocabulary sized to the tokenizer."""
+def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None = None) -> MegatronGPTForCausalLM:
+    """A freshly initialized model of the recipe's shape, its vocabulary sized to the tokenizer, sharded as the
+    layout says (tensor parallel and/or FSDP2 through transformers' DistributedConfig). Every rank initialises the
+    full model from the recipe's seed, so each keeps its slice of the same model as one process would build."""
     vocab = len(tokenizer)
     wanted = recipe.model_overrides.get("vocab_size")
     if wanted is not None and wanted < vocab:
@@ -131,10 +190,18 @@ def build_model(recipe: PretrainRecipe, tokenizer) -> MegatronGPTForCausalLM:
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     config.check()
+    tp = layout.tensor_parallel_size if layout else 1
+    try:
+        config.check_tensor_parallel(tp)
+    except ValueError as error:  # the tokenizer's vocabulary sets the padded size
+        raise RecipeError(f"tensor_parallel_size={tp} with tokenizer={recipe.tokenizer!r}: {error}") from None
+    torch.manual_seed(recipe.seed)
     model = MegatronGPTForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = config.bos_token_id
+    if layout is not None and layout.sharded:
+        model = distribute_model(model, layout.distributed_config())
     return model
 
 
@@ -165,10 +232,15 @@ def generate_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
 
 
 def save_final(model, tokenizer, output_dir: Path) -> Path:
-    """Write `output_dir/final` so that it is either the complete new checkpoint or not there at all."""
+    """Write `output_dir/final` so that it is either the complete new checkpoint or not there at all. Called on
+    every rank: a sharded model is gathered, rank 0 writes."""
     final, partial, old = output_dir / "final", output_dir / ".final.partial", output_dir / ".final.old"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    if _is_rank_zero():
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier()
+    model.save_pretrained(partial, is_main_process=_is_rank_zero())
+    if not _is_rank_zero():
+        return final
     tokenizer.save_pretrained(partial)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -211,29 +283,93 @@ def write_json(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_pretrain(recipe: PretrainRecipe) -> PretrainResult:
-    """Train as the recipe says and write the run's outputs; return the model with the metrics."""
+def prepare_processes(layout: ParallelLayout) -> None:
+    """Make a multi-process CPU launch (plain torchrun) a real gloo run, and let a tensor-parallel model train
+    there. Without ACCELERATE_USE_CPU accelerate would see `DistributedType.NO` in every process and each would
+    train alone, silently."""
+    if torch.cuda.is_available() or layout.world_size == 1:
+        return
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    if layout.tensor_parallel_size > 1:
+        from ..parallel.accelerate_cpu import allow_parallelism_config_on_cpu
+
+        allow_parallelism_config_on_cpu()
+
+
+def checkpoint_metadata(recipe: PretrainRecipe, layout: ParallelLayout) -> dict:
+    """What a resume must agree with (the data position is global_step x global batch of seq_length samples)."""
+    return {"global_batch_size": layout.global_batch_size, "seq_length": recipe.seq_length, "seed": recipe.seed,
+            "world_size": layout.world_size, "tensor_parallel_size": layout.tensor_parallel_size,
+            "fsdp_size": layout.fsdp_size, "train_steps": recipe.train_steps}
+
+
+def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Path | None:
+    """The checkpoint to resume from (`resume: auto|none|PATH`), checked against the recipe before anything is
+    built. Rank 0 decides and tells the others, so that all ranks load the same one."""
+    path: Path | None = None
+    if recipe.resume == "auto":
+        if _is_rank_zero():
+            path = ckpt.latest_checkpoint(Path(recipe.output_dir) / "checkpoints")
+        if dist.is_available() and dist.is_initialized():
+            holder = [str(path) if path else ""]
+            dist.broadcast_object_list(holder, src=0)
+            path = Path(holder[0]) if holder[0] else None
+    elif recipe.resume != "none":
+        path = Path(recipe.resume)
+        problem = ckpt.checkpoint_problem(path)
+        if problem:
+            raise RecipeError(f"recipe key resume={recipe.resume!r}: that checkpoint is unusable ({problem}); "
+                              "name a complete one, or use resume: auto")
+    if path is None:
+        return None
+    saved, now = ckpt.read_metadata(path), checkpoint_metadata(recipe, layout)
+    for key in ("global_batch_size", "seq_length", "seed"):
+        if saved.get(key) != now[key]:
+            raise RecipeError(
+                f"checkpoint {path} was written with {key}={saved.get(key)}, the recipe now gives {now[key]}: the "
+                f"data position would not match; set {key} to {saved.get(key)}, or resume: none (or another "
+                "output_dir) to start afresh"
+            )
+    return path
+
+
+def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None = None) -> PretrainResult:
+    """Train as the recipe says and write the run's outputs; return the model with the metrics. Under a launcher
+    (torchrun, accelerate launch) every process calls it; the recipe's layout says how they split the work.
+    Extra `callbacks` are added to the Trainer's."""
     start = time.perf_counter()
     recipe.validate()
+    layout = recipe.layout()  # the world size must fit before anything is computed
+    prepare_processes(layout)
     set_seed(recipe.seed)
 
     tokenizer = load_tokenizer(recipe)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = training_arguments(recipe, layout)  # starts the process group under a launcher
+    if args.world_size != layout.world_size:
+        raise RecipeError(f"the launcher started {args.world_size} processes but WORLD_SIZE says {layout.world_size}")
+    resume_from = find_resume_checkpoint(recipe, layout)
     if recipe.data_path:
-        data: PackedCorpus = build_indexed_data(recipe, world_size)
+        data: PackedCorpus = build_indexed_data(recipe, layout)
     else:
         data = build_corpus(recipe, tokenizer)
     say(f"data: {data.describe()}")
-    model = build_model(recipe, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
+    model = build_model(recipe, tokenizer, layout)
+    config = model.config
+    with torch.device("meta"):  # the whole model's count, whatever slice of it this rank holds
+        n_params = sum(p.numel() for p in MegatronGPTForCausalLM(config).parameters())
     say(
-        f"model: {recipe.model} ({n_params / 1e6:.2f}M parameters, {model.config.num_layers} layers, hidden "
-        f"{model.config.hidden_size}, vocab {model.config.vocab_size} padded to {model.config.padded_vocab_size})"
+        f"model: {recipe.model} ({n_params / 1e6:.2f}M parameters, {config.num_layers} layers, hidden "
+        f"{config.hidden_size}, vocab {config.vocab_size} padded to {config.padded_vocab_size}); {layout.describe()}"
     )
 
-    args = training_arguments(recipe)
-    tokens_per_step = recipe.tokens_per_step * args.world_size
-    progress = MegatronLogCallback(tokens_per_step)
+    tokens_per_step = layout.global_batch_size * recipe.seq_length
+    _barrier()  # on CPU rank 0 measures the matmul peak while the other ranks wait (idle) at the next barrier
+    peak_tflops, peak_source = peak_tflops_per_device(recipe.peak_tflops) if _is_rank_zero() else (float("nan"), "")
+    _barrier()
+    devices = layout.world_size if torch.cuda.is_available() else max(1, layout.world_size // _local_world_size())
+    flops_per_token = training_flops_per_token(config, recipe.seq_length)
+    progress = MegatronLogCallback(tokens_per_step, flops_per_token=flops_per_token,
+                                   peak_flops=peak_tflops * 1e12 * devices)
     trainer = MegatronTrainer(
         model=model,
         args=args,
@@ -242,16 +378,25 @@ def run_pretrain(recipe: PretrainRecipe) -> PretrainResult:
         eval_dataset=data.valid,
         processing_class=tokenizer,
         recipe=recipe,
+        checkpoint_metadata=checkpoint_metadata(recipe, layout),
+        progress=progress,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress)
-    samples = recipe.train_steps * recipe.micro_batch_size * recipe.gradient_accumulation_steps * args.world_size
+    if recipe.save_interval:
+        trainer.add_callback(CheckpointCallback(recipe.save_interval))
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
+    samples = recipe.train_steps * layout.global_batch_size
     say(
         f"training {recipe.train_steps} steps x {tokens_per_step:,} tokens on {args.device} "
         f"({samples / len(data.train):.2f} epochs of the train split), lr {recipe.learning_rate:g} "
-        f"{recipe.lr_schedule} -> {recipe.min_learning_rate:g}, warmup {recipe.warmup_steps}"
+        f"{recipe.lr_schedule} -> {recipe.min_learning_rate:g}, warmup {recipe.warmup_steps}; MFU against "
+        f"{peak_tflops * devices:.3g} TFLOP/s ({peak_source}{f' x {devices}' if devices > 1 else ''})"
     )
-    train_output = trainer.train()
+    if resume_from is not None:
+        say(f"resuming from {resume_from}")
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # Validation at the end (reusing the evaluation of the last step if Trainer just did it).
     history = trainer.state.log_history
@@ -262,18 +407,22 @@ def run_pretrain(recipe: PretrainRecipe) -> PretrainResult:
     valid_ppl = math.exp(min(valid_loss, 50.0))
     say(f"validation: loss {valid_loss:.4f}, perplexity {valid_ppl:,.2f} ({len(data.valid)} blocks)")
 
-    sample = generate_sample(model, tokenizer, recipe)
+    sample = generate_sample(model, tokenizer, recipe)  # every rank: a sharded model's forward is collective
     if sample:
         say(f"sample ({recipe.sample_tokens} tokens, top_k={recipe.sample_top_k}, seed {recipe.seed}):")
-        print(sample, flush=True)
+        if _is_rank_zero():
+            print(sample, flush=True)
 
     output_dir = Path(recipe.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if _is_rank_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
     train_losses = [e["loss"] for e in history if "loss" in e]
     train_seconds = progress.train_seconds or train_output.metrics.get("train_runtime", float("nan"))
+    tokens_per_second = progress.tokens_seen / train_seconds if progress.tokens_seen else None
     metrics = {
         "model": recipe.model,
         "parameters": n_params,
+        "layout": layout.describe(),
         "steps": trainer.state.global_step,
         "tokens_seen": trainer.state.global_step * tokens_per_step,
         "epochs": trainer.state.epoch,
@@ -281,13 +430,18 @@ def run_pretrain(recipe: PretrainRecipe) -> PretrainResult:
         "final_train_loss": train_losses[-1] if train_losses else None,
         "valid_loss": valid_loss,
         "valid_ppl": valid_ppl,
-        "tokens_per_second": progress.tokens_seen / train_seconds if progress.tokens_seen else None,
+        "tokens_per_second": tokens_per_second,
+        "model_tflops_per_second": tokens_per_second * flops_per_token / 1e12 if tokens_per_second else None,
+        "peak_tflops": peak_tflops * devices,
+        "peak_source": peak_source,
+        "mfu": progress.mfu(tokens_per_second),
         "train_time_s": train_output.metrics.get("train_runtime"),
         "device": str(args.device),
+        "resumed_from": str(resume_from) if resume_from else None,
         "sample": sample,
     }
+    final = save_final(model, tokenizer, output_dir)
     if trainer.is_world_process_zero():
-        final = save_final(model, tokenizer, output_dir)
         plot_losses(history + ([last_eval] if last_eval not in history else []), output_dir / "loss.png",
                     f"{recipe.model}: {metrics['steps']} steps, valid ppl {valid_ppl:,.1f}")
         save_recipe(recipe, output_dir / "recipe.yaml")
@@ -297,10 +451,16 @@ def run_pretrain(recipe: PretrainRecipe) -> PretrainResult:
             f"{output_dir / 'loss.png'}, {output_dir / 'metrics.json'}")
     else:
         metrics["wall_time_s"] = time.perf_counter() - start
+    _barrier()
+    mfu = f", MFU {metrics['mfu']:.1%}" if metrics["mfu"] is not None else ""
     say(f"done in {metrics['wall_time_s']:.0f}s: train loss {metrics['first_train_loss']:.3f} -> "
         f"{metrics['final_train_loss']:.3f}, valid ppl {valid_ppl:,.2f}, {metrics['tokens_per_second'] or 0:,.0f} "
-        "tokens/s")
+        f"tokens/s{mfu}")
     return PretrainResult(model=model, tokenizer=tokenizer, trainer=trainer, metrics=metrics, output_dir=output_dir)
+
+
+def _local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def pretrain(recipe: PretrainRecipe) -> dict[str, Any]:

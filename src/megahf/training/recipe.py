@@ -25,6 +25,7 @@ EMBEDDED_CORPUS = "embedded"
 LR_SCHEDULES = ("cosine", "linear", "constant")
 CORPUS_EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
 REPORT_TO = ("none", "tensorboard", "all")
+RESUME_MODES = ("auto", "none")
 
 
 class RecipeError(ValueError):
@@ -72,9 +73,21 @@ class PretrainRecipe:
     valid_fraction: float = _help("Fraction of the documents held out for validation (0 < f < 1).", default=0.05)
     seq_length: int = _help("Tokens per training sample (documents are packed, EOD-separated).", default=128)
     # ---- batch and length of training
-    micro_batch_size: int = _help("Samples per device per forward pass.", default=8)
-    gradient_accumulation_steps: int = _help("Micro-batches accumulated into one optimizer step.", default=1)
+    micro_batch_size: int = _help("Samples per data-parallel rank per forward pass.", default=8)
+    gradient_accumulation_steps: int = _help(
+        "Micro-batches accumulated into one optimizer step (0: derived from global_batch_size, else 1).", default=0)
+    global_batch_size: int = _help(
+        "Samples per optimizer step over all ranks = micro_batch_size x data-parallel size x gradient "
+        "accumulation, checked at launch (0: whatever the other two give).", default=0)
     train_steps: int = _help("Optimizer steps (Megatron's --train-iters).", default=300)
+    # ---- parallel layout (the launch config only says how many processes)
+    tensor_parallel_size: int = _help("Tensor-parallel ranks per model replica (Megatron's --tensor-model-parallel-"
+                                      "size); must divide the heads, query groups, FFN and padded vocabulary.",
+                                      default=1)
+    fsdp_size: int = _help("Data-parallel ranks over which FSDP2 shards parameters, gradients and optimizer state "
+                           "(1: no sharding; must divide the data-parallel size).", default=1)
+    data_parallel_size: int = _help("Ranks with distinct batches = world size / tensor_parallel_size, checked at "
+                                    "launch (0: derived).", default=0)
     # ---- optimizer and learning-rate schedule
     learning_rate: float = _help("Peak learning rate after warmup.", default=1e-3)
     min_learning_rate: float = _help("Floor the schedule decays to (cosine and linear).", default=1e-4)
@@ -99,13 +112,35 @@ class PretrainRecipe:
     activation_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.",
                                          default=False)
     report_to: str = _help(f"Experiment tracker for Trainer: one of {', '.join(REPORT_TO)}.", default="none")
+    peak_tflops: float = _help("Peak TFLOP/s of one device for the MFU figure (0: a known GPU's bf16 dense peak, "
+                               "or on CPU this machine's fp32 matmul rate measured at start-up).", default=0.0)
+    # ---- checkpoints and resume
+    save_interval: int = _help("Write a resumable checkpoint to output_dir/checkpoints/ every this many steps "
+                               "(0: none; Megatron's --save-interval).", default=0)
+    keep_last: int = _help("Complete checkpoints kept; older ones are deleted once a newer one is complete.",
+                           default=2)
+    resume: str = _help("'auto': continue from the newest complete checkpoint in output_dir/checkpoints if there "
+                        "is one (running the same command again resumes); 'none': start afresh; or a checkpoint "
+                        "folder.", default="auto")
 
     # ------------------------------------------------------------------ derived values
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens per optimizer step on one data-parallel rank."""
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.seq_length
+    def layout(self, world_size: int | None = None):
+        """The parallel layout for `world_size` processes (default: $WORLD_SIZE, 1 without a launcher), with the
+        gradient accumulation derived; raises `RecipeError` naming the key when the sizes do not fit."""
+        from ..parallel.layout import LayoutError, resolve_layout
+
+        if world_size is None:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            return resolve_layout(
+                world_size=world_size, tensor_parallel_size=self.tensor_parallel_size, fsdp_size=self.fsdp_size,
+                data_parallel_size=self.data_parallel_size, micro_batch_size=self.micro_batch_size,
+                gradient_accumulation_steps=self.gradient_accumulation_steps,
+                global_batch_size=self.global_batch_size,
+            )
+        except LayoutError as error:
+            raise RecipeError(f"recipe layout: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,11 +185,18 @@ class PretrainRecipe:
             if not ok:
                 raise RecipeError(f"recipe key {key}={getattr(self, key)!r} is invalid: {rule}")
 
-        for key in ("seq_length", "micro_batch_size", "gradient_accumulation_steps", "train_steps",
-                    "log_interval", "eval_iters"):
+        for key in ("seq_length", "micro_batch_size", "train_steps", "log_interval", "eval_iters",
+                    "tensor_parallel_size", "fsdp_size", "keep_last"):
             need(getattr(self, key) >= 1, key, "it must be at least 1")
-        for key in ("warmup_steps", "eval_interval", "sample_tokens", "sample_top_k", "num_workers", "seed"):
+        for key in ("warmup_steps", "eval_interval", "sample_tokens", "sample_top_k", "num_workers", "seed",
+                    "gradient_accumulation_steps", "global_batch_size", "data_parallel_size", "save_interval"):
             need(getattr(self, key) >= 0, key, "it must be 0 or more")
+        need(math.isfinite(self.peak_tflops) and self.peak_tflops >= 0, "peak_tflops",
+             "it must be 0 (auto) or the device's peak in TFLOP/s, e.g. 989 for an H100's bf16")
+        need(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
+             f"it must be a multiple of micro_batch_size={self.micro_batch_size}")
+        need(self.resume in RESUME_MODES or os.path.isdir(self.resume), "resume",
+             "use 'auto', 'none' or an existing checkpoint folder (output_dir/checkpoints/step_NNNNNNN)")
         need(self.warmup_steps < self.train_steps, "warmup_steps",
              f"it must be smaller than train_steps={self.train_steps}")
         need(0.0 < self.valid_fraction < 1.0, "valid_fraction", "it must lie strictly between 0 and 1, e.g. 0.05")
@@ -199,6 +241,13 @@ class PretrainRecipe:
             )
 
         config = self.build_config()
+        try:
+            config.check_tensor_parallel(self.tensor_parallel_size)
+        except ValueError as error:
+            raise RecipeError(
+                f"recipe key tensor_parallel_size={self.tensor_parallel_size} does not fit model={self.model!r}: "
+                f"{error}".replace("tp_size=", "tensor_parallel_size=")
+            ) from None
         if config.position_embedding_type == "learned_absolute" and self.seq_length > config.max_position_embeddings:
             raise RecipeError(
                 f"recipe key seq_length={self.seq_length} exceeds the model's max_position_embeddings="

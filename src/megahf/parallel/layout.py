@@ -1,0 +1,114 @@
+"""How a run's processes are arranged: tensor parallel x FSDP (x replicas), and the batch each step takes.
+
+Megatron's terms: the data-parallel size is the number of ranks that see distinct batches, world / tp; FSDP shards
+parameters, gradients and optimizer state over `fsdp_size` of them (Megatron's distributed optimizer), and the
+rest are replicas (HSDP when both are above 1). The global batch is micro batch x data-parallel size x gradient
+accumulation, in samples per optimizer step.
+
+    layout = resolve_layout(world_size=4, tensor_parallel_size=2, fsdp_size=2, micro_batch_size=4,
+                            global_batch_size=32)  # -> data_parallel_size 2, gradient_accumulation_steps 4
+
+Every error names the recipe key, its value and the fix, and is raised before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LayoutError(ValueError):
+    """The parallel sizes or batch sizes do not fit the world size (the message names key, value and fix)."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int
+    tensor_parallel_size: int
+    fsdp_size: int
+    data_parallel_size: int  # ranks with distinct batches = world / tp = fsdp x replicas
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+
+    @property
+    def replicas(self) -> int:
+        return self.data_parallel_size // self.fsdp_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.data_parallel_size * self.gradient_accumulation_steps
+
+    @property
+    def sharded(self) -> bool:
+        """Whether transformers shards the model (TP and/or FSDP2); otherwise accelerate replicates it (DDP)."""
+        return self.tensor_parallel_size > 1 or self.fsdp_size > 1
+
+    def distributed_config(self):
+        """transformers' `DistributedConfig` for a sharded layout (None for plain data parallelism)."""
+        if not self.sharded:
+            return None
+        from transformers.distributed import DistributedConfig
+
+        return DistributedConfig(tp_size=self.tensor_parallel_size, fsdp_size=self.fsdp_size,
+                                 dp_replicate_size=self.replicas)
+
+    def describe(self) -> str:
+        parts = [f"{self.world_size} process{'es' if self.world_size > 1 else ''}"]
+        if self.tensor_parallel_size > 1:
+            parts.append(f"tensor parallel {self.tensor_parallel_size}")
+        if self.fsdp_size > 1:
+            parts.append(f"FSDP2 {self.fsdp_size}")
+        if self.replicas > 1:
+            parts.append(f"{'HSDP' if self.fsdp_size > 1 else 'DDP'} replicas {self.replicas}")
+        return (f"{' x '.join(parts)}; global batch {self.global_batch_size} = micro {self.micro_batch_size} x "
+                f"data parallel {self.data_parallel_size} x accumulation {self.gradient_accumulation_steps}")
+
+
+def resolve_layout(
+    world_size: int,
+    tensor_parallel_size: int = 1,
+    fsdp_size: int = 1,
+    data_parallel_size: int = 0,
+    micro_batch_size: int = 1,
+    gradient_accumulation_steps: int = 0,
+    global_batch_size: int = 0,
+) -> ParallelLayout:
+    """Check the sizes against `world_size` and derive what was left at 0 (data_parallel_size,
+    gradient_accumulation_steps from global_batch_size, or 1)."""
+    tp, fsdp = tensor_parallel_size, fsdp_size
+    if world_size % tp:
+        raise LayoutError(
+            f"the world size {world_size} is not a multiple of tensor_parallel_size={tp}; launch a multiple of {tp} "
+            f"processes or set tensor_parallel_size to a divisor of {world_size}"
+        )
+    dp = world_size // tp
+    if data_parallel_size and data_parallel_size != dp:
+        raise LayoutError(
+            f"data_parallel_size={data_parallel_size} does not fit {world_size} processes at tensor_parallel_size="
+            f"{tp} (which leave {dp} data-parallel ranks); set data_parallel_size to {dp}, or 0 to derive it"
+        )
+    if dp % fsdp:
+        raise LayoutError(
+            f"fsdp_size={fsdp} does not divide the data-parallel size {dp} (= {world_size} processes / "
+            f"tensor_parallel_size={tp}); use an fsdp_size that divides {dp}, or launch {fsdp * tp} x k processes"
+        )
+    per_step = micro_batch_size * dp
+    if global_batch_size:
+        if global_batch_size % per_step:
+            raise LayoutError(
+                f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size={micro_batch_size} x "
+                f"data-parallel size {dp} = {per_step}; use a multiple of {per_step} or change micro_batch_size"
+            )
+        derived = global_batch_size // per_step
+        if gradient_accumulation_steps and gradient_accumulation_steps != derived:
+            raise LayoutError(
+                f"global_batch_size={global_batch_size} != micro_batch_size={micro_batch_size} x data-parallel size "
+                f"{dp} x gradient_accumulation_steps={gradient_accumulation_steps}; set gradient_accumulation_steps "
+                f"to {derived}, or 0 to derive it"
+            )
+        gradient_accumulation_steps = derived
+    return ParallelLayout(world_size=world_size, tensor_parallel_size=tp, fsdp_size=fsdp, data_parallel_size=dp,
+                          micro_batch_size=micro_batch_size,
+                          gradient_accumulation_steps=gradient_accumulation_steps or 1)
+
+
+__all__ = ["LayoutError", "ParallelLayout", "resolve_layout"]

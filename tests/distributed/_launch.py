@@ -1,0 +1,82 @@
+"""Run `megahf pretrain` as a user would (one process, or torchrun on gloo) and read back what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE = REPO_ROOT / "recipes" / "gpt" / "tiny.yaml"
+KILLED = Path(__file__).with_name("_pretrain_killed.py")
+TIMEOUT_S = 300
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from test_pretrain import write_corpus  # noqa: E402, F401  (one corpus generator for every pretraining test)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_args(corpus: Path, output_dir: Path, **extra) -> list[str]:
+    """A 2-layer, hidden-64 GPT on 32-token blocks: a few seconds per run on one core."""
+    values = {
+        "corpus": corpus, "output_dir": output_dir, "model_overrides.num_layers": 2,
+        "model_overrides.hidden_size": 64, "seq_length": 32, "micro_batch_size": 4, "warmup_steps": 1,
+        "learning_rate": 3e-3, "min_learning_rate": 3e-4, "log_interval": 1, "eval_interval": 0,
+        "valid_fraction": 0.2, "sample_tokens": 0, **extra,
+    }
+    return [token for key, value in values.items() for token in (f"--{key}", str(value))]
+
+
+def run_pretrain_cli(nproc: int, args: list[str], kill_at_step: int | None = None,
+                     timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`megahf pretrain RECIPE args` on `nproc` processes (torchrun when more than one); with `kill_at_step` the
+    run SIGKILLs itself after that step and must not exit 0. Fails the test with the output's tail otherwise."""
+    entry = [str(KILLED), "--kill_at_step", str(kill_at_step)] if kill_at_step else ["-m", "megahf", "pretrain"]
+    if nproc == 1:
+        cmd = [sys.executable, *entry, str(RECIPE), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry, str(RECIPE), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s:\n{output[-6000:]}")
+    if kill_at_step is None and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-6000:]}")
+    if kill_at_step is not None and proc.returncode == 0:
+        pytest.fail(f"the run was to die at step {kill_at_step} but exited 0:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output)
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """Training loss of every step, from the trainer state in the newest checkpoint (save_interval must hit the
+    last step, which CheckpointCallback always saves)."""
+    newest = max((output_dir / "checkpoints").glob("step_*"))
+    history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "final" / "model.safetensors")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()

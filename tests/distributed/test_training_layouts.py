@@ -1,0 +1,67 @@
+"""`megahf pretrain` under every parallel layout equals one process at the same global batch, step by step.
+
+Each layout is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains the same tiny
+GPT for several steps at a global batch of 8 (one process: micro-batch 4 x accumulation 2). Dropout is off: each
+rank draws its own masks, so with dropout the runs would differ by design. Compared: the loss of every step, the
+gradient norm (clipped across meshes), and every weight of the final gathered model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _launch import final_weights, losses, run_pretrain_cli, tiny_args, write_corpus
+
+STEPS = 4
+LAYOUTS = {  # name -> (processes, recipe keys)
+    "ddp2": (2, {}),
+    "fsdp2": (2, {"fsdp_size": 2}),
+    "tp2": (2, {"tensor_parallel_size": 2}),
+    "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
+}
+# Losses: relative. Weights: max |difference| relative to the largest weight of the model, not of each tensor: AdamW
+# moves every element by about lr whatever its gradient's size, so the roundoff of a near-zero gradient element (a
+# zero-initialised bias) becomes a weight difference of the order of lr x roundoff / eps, independent of that
+# tensor's own scale (see tests/distributed/test_parity.py). A wrong layout is off by 1e-2 and more.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("layouts") / "corpus.jsonl")
+
+
+def run_layout(corpus, out, nproc: int, keys: dict):
+    args = tiny_args(corpus, out, train_steps=STEPS, global_batch_size=8, save_interval=STEPS,
+                     **{"model_overrides.hidden_dropout": 0.0, "model_overrides.attention_dropout": 0.0}, **keys)
+    result = run_pretrain_cli(nproc, args)
+    return result, losses(out), final_weights(out)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    return run_layout(corpus, tmp_path_factory.mktemp("single") / "out", 1, {})
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_equals_one_process(layout, corpus, reference, tmp_path):
+    nproc, keys = LAYOUTS[layout]
+    out = tmp_path / "out"
+    result, got_losses, got_weights = run_layout(corpus, out, nproc, keys)
+    _, ref_losses, ref_weights = reference
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"{nproc} processes" in metrics["layout"] and "global batch 8" in metrics["layout"], metrics["layout"]
+
+    assert sorted(got_losses) == list(range(1, STEPS + 1))
+    loss_errors = {step: abs(got_losses[step] - ref_losses[step]) / abs(ref_losses[step]) for step in ref_losses}
+    assert max(loss_errors.values()) <= TOLERANCE, (got_losses, ref_losses)
+    assert ref_losses[STEPS] < ref_losses[1] - 0.3  # it did train
+
+    assert got_weights.keys() == ref_weights.keys()
+    scale = max(ref.abs().max().item() for ref in ref_weights.values())
+    weight_errors = {name: (got_weights[name] - ref).abs().max().item() / scale for name, ref in ref_weights.items()}
+    worst = max(weight_errors, key=weight_errors.get)
+    print(f"{layout}: worst loss error {max(loss_errors.values()):.1e}, weights {weight_errors[worst]:.1e} ({worst})")
+    assert weight_errors[worst] <= TOLERANCE, f"{layout}: {worst} off by {weight_errors[worst]:.2e}"
