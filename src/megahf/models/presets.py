@@ -63,3 +63,12 @@ def lookup_preset(name: str, family: str) -> dict:
     if name not in presets:
         raise ValueError(f"Unknown {family} preset {name!r}. Known presets: {', '.join(presets)}.")
     return dict(presets[name])
+
+
+def preset_family(name: str) -> str:
+    """The family ("gpt" or "bert") of a preset name; raises ValueError listing every preset for an unknown one."""
+    for family, presets in PRESETS.items():
+        if name in presets:
+            return family
+    known = ", ".join(n for presets in PRESETS.values() for n in presets)
+    raise ValueError(f"Unknown model preset {name!r}. Known presets: {known}.")

@@ -62,7 +62,7 @@ def build_bert_data(
     """Train and valid `BertDataset`s with at least the samples asked (whole passes over the documents)."""
     for name in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"):
         if getattr(tokenizer, name, None) is None:
-            raise RecipeError(f"the tokenizer has no {name.removesuffix('_id')} token, which BERT samples need "
+            raise RecipeError(f"the tokenizer has no {name.removesuffix('_token_id')} token, which BERT samples need "
                               "([CLS] A [SEP] B [SEP], [MASK], [PAD]): use tokenizer: bert-uncased-embedded or "
                               "another WordPiece tokenizer")
     if data_path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .recipe import EMBEDDED_CORPUS, EMBEDDED_TOKENIZER, PretrainRecipe, RecipeError
+from .recipe import EMBEDDED_BERT_TOKENIZER, EMBEDDED_CORPUS, EMBEDDED_TOKENIZER, PretrainRecipe, RecipeError
 
 # Documents tokenized and packed per `datasets.map` call; the tail of each group shorter than a block is dropped.
 PACK_GROUP_DOCUMENTS = 1000
@@ -43,22 +43,21 @@ class PackedCorpus:
 
 
 def load_tokenizer(recipe: PretrainRecipe):
-    """The recipe's tokenizer: the shipped GPT-2 BPE, or `AutoTokenizer.from_pretrained(recipe.tokenizer)`."""
-    if recipe.tokenizer == EMBEDDED_TOKENIZER:
-        from ..assets import load_gpt2_tokenizer
+    """The recipe's tokenizer: one shipped with megahf (GPT-2 BPE, BERT WordPiece) by name, or
+    `AutoTokenizer.from_pretrained(recipe.tokenizer)`."""
+    from transformers import AutoTokenizer
 
-        tokenizer = load_gpt2_tokenizer()
-    else:
-        from transformers import AutoTokenizer
+    from ..assets import embedded_tokenizer_path
+    from ..models.presets import preset_family
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
-        except (OSError, ValueError) as error:
-            raise RecipeError(
-                f"recipe key tokenizer={recipe.tokenizer!r} cannot be loaded ({str(error).splitlines()[0]}); give a "
-                f"local tokenizer folder or '{EMBEDDED_TOKENIZER}'"
-            ) from None
-    if tokenizer.eos_token_id is None:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(embedded_tokenizer_path(recipe.tokenizer) or recipe.tokenizer)
+    except (OSError, ValueError) as error:
+        raise RecipeError(
+            f"recipe key tokenizer={recipe.tokenizer!r} cannot be loaded ({str(error).splitlines()[0]}); give a "
+            f"local tokenizer folder or '{EMBEDDED_TOKENIZER}' / '{EMBEDDED_BERT_TOKENIZER}'"
+        ) from None
+    if preset_family(recipe.model) == "gpt" and tokenizer.eos_token_id is None:
         raise RecipeError(
             f"tokenizer={recipe.tokenizer!r} has no eos token, which marks the end of each document; "
             "use a tokenizer with an eos token"

@@ -1,19 +1,19 @@
-"""`megahf pretrain`: train a MegatronGPT from scratch on a packed text corpus with `transformers.Trainer`.
+"""`megahf pretrain`: train a Megatron GPT or BERT from scratch with `transformers.Trainer`.
 
     from megahf.training import load_recipe, pretrain
     metrics = pretrain(load_recipe("recipes/gpt/tiny.yaml", ["--train_steps", "50"]))
 
-What Megatron's `pretrain_gpt.py` does, in transformers terms: AdamW without weight decay on biases and norm weights,
-linear warmup then cosine (or linear) decay to `min_learning_rate` (or constant), global gradient-norm clipping,
-evaluation every `eval_interval` steps. At the end: validation loss and perplexity, a generated sample, the model and
-tokenizer saved to `output_dir/final` (loadable with `AutoModelForCausalLM.from_pretrained` after `import megahf`),
+What Megatron's `pretrain_gpt.py` and `pretrain_bert.py` do, in transformers terms: AdamW without weight decay on
+biases and norm weights, linear warmup then cosine (or linear) decay to `min_learning_rate` (or constant), global gradient-norm clipping,
+evaluation every `eval_interval` steps. At the end: validation loss and perplexity, a sample (GPT: generated text;
+BERT: the words predicted at [MASK]), the model and tokenizer saved to `output_dir/final` (loadable with
+`AutoModelForCausalLM` / `AutoModelForPreTraining.from_pretrained` after `import megahf`),
 the loss curves in `output_dir/loss.png` and the numbers in `output_dir/metrics.json`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -27,12 +27,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from ..models.gpt import MegatronGPTForCausalLM
 from ..parallel import clip_grad_norm_, distribute_model
 from ..parallel.layout import ParallelLayout
 from . import checkpoint as ckpt
 from .callbacks import CheckpointCallback, MegatronLogCallback
-from .data import PackedCorpus, build_corpus, build_indexed_data, collate_blocks, collate_samples, load_tokenizer
+from .data import PackedCorpus, load_tokenizer
+from .families import family_of
 from .flops import peak_tflops_per_device, training_flops_per_token
 from .recipe import PretrainRecipe, RecipeError, save_recipe
 
@@ -123,7 +123,7 @@ class MegatronTrainer(Trainer):
 class PretrainResult:
     """What a run leaves behind: the trained model (in memory), its tokenizer, the Trainer, the metrics."""
 
-    model: MegatronGPTForCausalLM
+    model: Any  # MegatronGPTForCausalLM or MegatronBertForPreTraining
     tokenizer: Any
     trainer: MegatronTrainer
     metrics: dict[str, Any]
@@ -173,7 +173,7 @@ def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = N
     )
 
 
-def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None = None) -> MegatronGPTForCausalLM:
+def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None = None):
     """A freshly initialized model of the recipe's shape, its vocabulary sized to the tokenizer, sharded as the
     layout says (tensor parallel and/or FSDP2 through transformers' DistributedConfig). Every rank initialises the
     full model from the recipe's seed, so each keeps its slice of the same model as one process would build."""
@@ -187,8 +187,12 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
     config = recipe.build_config()
     if wanted is None:
         config.vocab_size = vocab
-    config.eos_token_id = tokenizer.eos_token_id
-    config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    family = family_of(recipe)
+    if family.name == "gpt":
+        config.eos_token_id = tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    else:
+        config.pad_token_id = tokenizer.pad_token_id
     config.check()
     tp = layout.tensor_parallel_size if layout else 1
     try:
@@ -196,39 +200,14 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
     except ValueError as error:  # the tokenizer's vocabulary sets the padded size
         raise RecipeError(f"tensor_parallel_size={tp} with tokenizer={recipe.tokenizer!r}: {error}") from None
     torch.manual_seed(recipe.seed)
-    model = MegatronGPTForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = config.bos_token_id
+    model = family.model_class(config)
+    if family.name == "gpt":
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = config.bos_token_id
     if layout is not None and layout.sharded:
         model = distribute_model(model, layout.distributed_config())
     return model
-
-
-@torch.no_grad()
-def generate_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
-    """Continue `sample_prompt` by `sample_tokens` tokens (seeded top-k sampling, or greedy with top_k 0)."""
-    if recipe.sample_tokens == 0:
-        return ""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids = tokenizer(recipe.sample_prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-    max_new = recipe.sample_tokens
-    limit = model.config.max_position_embeddings if model.config.position_embedding_type == "learned_absolute" else None
-    if limit is not None:
-        ids = ids[-(limit - 1):]
-        max_new = min(max_new, limit - len(ids))
-    torch.manual_seed(recipe.seed)
-    sampling = {"do_sample": True, "top_k": recipe.sample_top_k} if recipe.sample_top_k > 0 else {"do_sample": False}
-    out = model.generate(
-        input_ids=torch.tensor([ids], device=device),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-        max_new_tokens=max_new,
-        **sampling,
-    )
-    model.train(was_training)
-    return tokenizer.decode(out[0], skip_special_tokens=False)
 
 
 def save_final(model, tokenizer, output_dir: Path) -> Path:
@@ -348,15 +327,13 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     if args.world_size != layout.world_size:
         raise RecipeError(f"the launcher started {args.world_size} processes but WORLD_SIZE says {layout.world_size}")
     resume_from = find_resume_checkpoint(recipe, layout)
-    if recipe.data_path:
-        data: PackedCorpus = build_indexed_data(recipe, layout)
-    else:
-        data = build_corpus(recipe, tokenizer)
+    family = family_of(recipe)
+    data: PackedCorpus = family.build_data(recipe, tokenizer, layout)
     say(f"data: {data.describe()}")
     model = build_model(recipe, tokenizer, layout)
     config = model.config
     with torch.device("meta"):  # the whole model's count, whatever slice of it this rank holds
-        n_params = sum(p.numel() for p in MegatronGPTForCausalLM(config).parameters())
+        n_params = sum(p.numel() for p in family.model_class(config).parameters())
     say(
         f"model: {recipe.model} ({n_params / 1e6:.2f}M parameters, {config.num_layers} layers, hidden "
         f"{config.hidden_size}, vocab {config.vocab_size} padded to {config.padded_vocab_size}); {layout.describe()}"
@@ -373,7 +350,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     trainer = MegatronTrainer(
         model=model,
         args=args,
-        data_collator=collate_samples if recipe.data_path else collate_blocks,
+        data_collator=family.collate(recipe),
         train_dataset=data.train,
         eval_dataset=data.valid,
         processing_class=tokenizer,
@@ -398,18 +375,19 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
         say(f"resuming from {resume_from}")
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    # Validation at the end (reusing the evaluation of the last step if Trainer just did it).
+    # Validation at the end (GPT: reusing the evaluation of the last step if Trainer just did it).
+    validation = family.validate(trainer)
+    valid_loss, valid_ppl = validation["valid_loss"], validation["valid_ppl"]
+    extra = "".join(f", {k.removeprefix('valid_').replace('_', ' ')} {v:.4f}" for k, v in validation.items()
+                    if k not in ("valid_loss", "valid_ppl"))
+    say(f"validation: loss {valid_loss:.4f}, {family.valid_ppl_name} perplexity {valid_ppl:,.2f}{extra} "
+        f"({len(data.valid)} samples)")
     history = trainer.state.log_history
-    last_eval = next((e for e in reversed(history) if "eval_loss" in e), None)
-    if last_eval is None or last_eval["step"] != trainer.state.global_step:
-        last_eval = {**trainer.evaluate(), "step": trainer.state.global_step}
-    valid_loss = float(last_eval["eval_loss"])
-    valid_ppl = math.exp(min(valid_loss, 50.0))
-    say(f"validation: loss {valid_loss:.4f}, perplexity {valid_ppl:,.2f} ({len(data.valid)} blocks)")
+    last_eval = {"eval_loss": valid_loss, "step": trainer.state.global_step}
 
-    sample = generate_sample(model, tokenizer, recipe)  # every rank: a sharded model's forward is collective
+    sample = family.sample(model, tokenizer, recipe)  # every rank: a sharded model's forward is collective
     if sample:
-        say(f"sample ({recipe.sample_tokens} tokens, top_k={recipe.sample_top_k}, seed {recipe.seed}):")
+        say(f"sample (sample_top_k={recipe.sample_top_k}, seed {recipe.seed}):")
         if _is_rank_zero():
             print(sample, flush=True)
 
@@ -430,6 +408,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
         "final_train_loss": train_losses[-1] if train_losses else None,
         "valid_loss": valid_loss,
         "valid_ppl": valid_ppl,
+        **{k: v for k, v in validation.items() if k not in ("valid_loss", "valid_ppl")},
         "tokens_per_second": tokens_per_second,
         "model_tflops_per_second": tokens_per_second * flops_per_token / 1e12 if tokens_per_second else None,
         "peak_tflops": peak_tflops * devices,
@@ -442,12 +421,13 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     }
     final = save_final(model, tokenizer, output_dir)
     if trainer.is_world_process_zero():
-        plot_losses(history + ([last_eval] if last_eval not in history else []), output_dir / "loss.png",
+        evaluated = any(e.get("eval_loss") is not None and e["step"] == last_eval["step"] for e in history)
+        plot_losses(history + ([] if evaluated else [last_eval]), output_dir / "loss.png",
                     f"{recipe.model}: {metrics['steps']} steps, valid ppl {valid_ppl:,.1f}")
         save_recipe(recipe, output_dir / "recipe.yaml")
         metrics["wall_time_s"] = time.perf_counter() - start
         write_json(metrics, output_dir / "metrics.json")
-        say(f"saved {final} (AutoModelForCausalLM.from_pretrained after `import megahf`), "
+        say(f"saved {final} ({family.auto_class}.from_pretrained after `import megahf`), "
             f"{output_dir / 'loss.png'}, {output_dir / 'metrics.json'}")
     else:
         metrics["wall_time_s"] = time.perf_counter() - start

@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 EMBEDDED_TOKENIZER = "gpt2-embedded"
+EMBEDDED_BERT_TOKENIZER = "bert-uncased-embedded"
+GPT2_TOKENIZER_NAMES = (EMBEDDED_TOKENIZER, "gpt2", "embedded")
 EMBEDDED_CORPUS = "embedded"
 LR_SCHEDULES = ("cosine", "linear", "constant")
 CORPUS_EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
@@ -43,14 +45,17 @@ class PretrainRecipe:
     `--lr-decay-style`, `--clip-grad`, `--eval-interval`, `--log-interval`)."""
 
     # ---- model
-    model: str = _help("Model preset: gpt-tiny, gpt-345m, ..., llama-tiny, llama-1b, llama-8b.", default="gpt-tiny")
+    model: str = _help("Model preset: gpt-tiny, gpt-345m, ..., llama-tiny, llama-1b, llama-8b (MegatronGPT), or "
+                       "bert-tiny, bert-336m, bert-1.3b, bert-3.9b (MegatronBert: masked LM + sentence order).",
+                       default="gpt-tiny")
     model_overrides: dict[str, Any] = _help(
-        "MegatronGPTConfig fields that replace the preset's, e.g. {num_layers: 2, hidden_size: 64}.",
+        "MegatronGPTConfig / MegatronBertConfig fields that replace the preset's, e.g. {num_layers: 2}.",
         default_factory=dict,
     )
     # ---- data
     tokenizer: str = _help(
-        f"'{EMBEDDED_TOKENIZER}' (GPT-2 BPE shipped with megahf), or a folder/name for AutoTokenizer.",
+        f"'{EMBEDDED_TOKENIZER}' (GPT-2 BPE shipped with megahf), '{EMBEDDED_BERT_TOKENIZER}' (BERT WordPiece "
+        "shipped with megahf), or a folder/name for AutoTokenizer.",
         default=EMBEDDED_TOKENIZER,
     )
     corpus: str = _help(
@@ -66,10 +71,13 @@ class PretrainRecipe:
     )
     split: str = _help("Train/valid/test shares of the documents of each data_path file (Megatron's --split).",
                        default="969,30,1")
-    eval_iters: int = _help("With data_path: validation batches per evaluation (Megatron's --eval-iters).",
-                            default=10)
+    eval_iters: int = _help("Validation batches per evaluation (Megatron's --eval-iters) for GPT data_path and "
+                            "BERT data.", default=10)
     data_cache_path: str = _help("Folder for the sample-index cache of data_path (default: beside the data).",
                                  default="")
+    mask_prob: float = _help("BERT: share of the tokens masked for the masked LM (Megatron's --mask-prob).",
+                             default=0.15)
+    short_seq_prob: float = _help("BERT: chance of a shorter sample (Megatron's --short-seq-prob).", default=0.1)
     valid_fraction: float = _help("Fraction of the documents held out for validation (0 < f < 1).", default=0.05)
     seq_length: int = _help("Tokens per training sample (documents are packed, EOD-separated).", default=128)
     # ---- batch and length of training
@@ -146,26 +154,29 @@ class PretrainRecipe:
         return dataclasses.asdict(self)
 
     def build_config(self):
-        """The model's `MegatronGPTConfig` (no weights). Raises `RecipeError` for an unknown preset or field."""
+        """The model's `MegatronGPTConfig` or `MegatronBertConfig` (no weights). Raises `RecipeError` for an
+        unknown preset or field."""
+        from ..models.bert import MegatronBertConfig
         from ..models.gpt import MegatronGPTConfig
-        from ..models.presets import PRESETS
+        from ..models.presets import PRESETS, preset_family
 
-        presets = PRESETS["gpt"]
+        presets = [name for family in PRESETS.values() for name in family]
         if self.model not in presets:
             raise RecipeError(
                 f"unknown model preset model={self.model!r}{_did_you_mean(self.model, presets)} "
                 f"(known presets: {', '.join(presets)})"
             )
-        known = _config_keys(MegatronGPTConfig)
+        config_class = MegatronBertConfig if preset_family(self.model) == "bert" else MegatronGPTConfig
+        known = _config_keys(config_class)
         for key in self.model_overrides:
             if key not in known:
                 raise RecipeError(
                     f"unknown model field model_overrides.{key}={self.model_overrides[key]!r}"
                     f"{_did_you_mean(key, known, prefix='model_overrides.')} (model_overrides takes "
-                    "MegatronGPTConfig fields)"
+                    f"{config_class.__name__} fields)"
                 )
         try:
-            return MegatronGPTConfig.from_preset(self.model, **self.model_overrides)
+            return config_class.from_preset(self.model, **self.model_overrides)
         except (TypeError, ValueError) as error:
             raise RecipeError(f"model={self.model!r} with model_overrides={self.model_overrides}: {error}") from None
 
@@ -199,6 +210,8 @@ class PretrainRecipe:
              "use 'auto', 'none' or an existing checkpoint folder (output_dir/checkpoints/step_NNNNNNN)")
         need(self.warmup_steps < self.train_steps, "warmup_steps",
              f"it must be smaller than train_steps={self.train_steps}")
+        need(0.0 < self.mask_prob < 1.0, "mask_prob", "it must lie strictly between 0 and 1, e.g. 0.15")
+        need(0.0 <= self.short_seq_prob <= 1.0, "short_seq_prob", "it must lie in [0, 1], e.g. 0.1")
         need(0.0 < self.valid_fraction < 1.0, "valid_fraction", "it must lie strictly between 0 and 1, e.g. 0.05")
         need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
              "it must be positive, e.g. 1e-3")
@@ -241,6 +254,12 @@ class PretrainRecipe:
             )
 
         config = self.build_config()
+        if type(config).__name__ == "MegatronBertConfig" and self.tokenizer in GPT2_TOKENIZER_NAMES:
+            raise RecipeError(
+                f"recipe key tokenizer={self.tokenizer!r} does not fit model={self.model!r}: BERT needs a WordPiece "
+                f"tokenizer with [CLS], [SEP], [MASK] and [PAD]; use '{EMBEDDED_BERT_TOKENIZER}' (shipped) or a "
+                "tokenizer folder"
+            )
         try:
             config.check_tensor_parallel(self.tensor_parallel_size)
         except ValueError as error:
@@ -248,7 +267,8 @@ class PretrainRecipe:
                 f"recipe key tensor_parallel_size={self.tensor_parallel_size} does not fit model={self.model!r}: "
                 f"{error}".replace("tp_size=", "tensor_parallel_size=")
             ) from None
-        if config.position_embedding_type == "learned_absolute" and self.seq_length > config.max_position_embeddings:
+        learned = getattr(config, "position_embedding_type", "learned_absolute") == "learned_absolute"  # BERT: always
+        if learned and self.seq_length > config.max_position_embeddings:
             raise RecipeError(
                 f"recipe key seq_length={self.seq_length} exceeds the model's max_position_embeddings="
                 f"{config.max_position_embeddings}; lower seq_length or set model_overrides.max_position_embeddings"
