@@ -117,7 +117,13 @@ def test_bert_recipe_errors_name_the_key(tmp_path):
         load_recipe(None, ["--model", "bert-tinyy"])
 
 
-def test_shipped_bert_recipe_loads():
-    recipe = load_recipe(REPO_ROOT / "recipes" / "bert" / "tiny.yaml")
-    assert recipe.model == "bert-tiny" and recipe.tokenizer == "bert-uncased-embedded"
+@pytest.mark.parametrize("name", ["tiny", "bert-336m", "bert-1.3b", "bert-3.9b"])
+def test_shipped_bert_recipes_load_and_fit_a_node(name):
+    recipe = load_recipe(REPO_ROOT / "recipes" / "bert" / f"{name}.yaml")
+    assert recipe.tokenizer == "bert-uncased-embedded" and recipe.model.startswith("bert-")
     assert recipe.build_config().layernorm_order == "pre"
+    if name != "tiny":  # the paper's schedule: batch 1024, lr 1e-4, 10k warm-up, linear decay over 2M steps
+        assert (recipe.global_batch_size, recipe.learning_rate, recipe.warmup_steps, recipe.train_steps,
+                recipe.lr_schedule, recipe.seq_length) == (1024, 1e-4, 10_000, 2_000_000, "linear", 512)
+    layout = recipe.layout(8)  # one node of 8 GPUs
+    assert layout.global_batch_size == (recipe.global_batch_size or layout.global_batch_size)
