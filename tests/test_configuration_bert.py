@@ -91,6 +91,9 @@ INVALID = [
     ({"hidden_dropout": 1.0}, "hidden_dropout", "1.0"),
     ({"classifier_dropout": -0.1}, "classifier_dropout", "-0.1"),
     ({"init_method_std": 0.0}, "init_method_std", "0.0"),
+    ({"activation": "swiglu"}, "activation", "'swiglu'"),
+    ({"normalization": "RMSNorm"}, "normalization", "'RMSNorm'"),
+    ({"num_attention_heads": 4, "num_query_groups": 2}, "num_query_groups", "2"),
 ]
 
 

@@ -86,11 +86,22 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
 
-    # Megatron's BERT: multi-head attention, GeLU MLP with biases, LayerNorm (read by the shared building blocks).
-    num_query_groups = property(lambda self: self.num_attention_heads)
-    activation = "gelu"
-    normalization = "LayerNorm"
-    add_bias_linear = True
+    # Megatron's BERT: multi-head attention, GeLU MLP with biases, LayerNorm (read by the shared building blocks;
+    # not fields: `check` refuses other values).
+    FIXED = {"activation": "gelu", "normalization": "LayerNorm", "add_bias_linear": True}
+    activation = FIXED["activation"]
+    normalization = FIXED["normalization"]
+    add_bias_linear = FIXED["add_bias_linear"]
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_attention_heads
+
+    @num_query_groups.setter
+    def num_query_groups(self, value) -> None:
+        if value != self.num_attention_heads:
+            raise ValueError(f"MegatronBertConfig: num_query_groups={value!r} is invalid: Megatron's BERT uses "
+                             "multi-head attention (one key/value head per query head).")
 
     def __post_init__(self, **kwargs):
         if self.ffn_hidden_size is None:
@@ -101,6 +112,9 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
     def check(self) -> None:
         """Refuse an inconsistent architecture with a message naming the key, the value and the fix."""
         self.check_common()
+        for key, value in self.FIXED.items():
+            if getattr(self, key) != value:
+                self.fail(key, f"Megatron's BERT uses {value!r} (MegatronGPTConfig has the Llama-style options).")
         self.check_positive_ints("type_vocab_size")
         if self.layernorm_order not in LAYERNORM_ORDERS:
             self.fail("layernorm_order", "use 'pre' (Megatron) or 'post' (original BERT).")
