@@ -9,3 +9,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def megatron_core():
+    """Megatron-Core (megatron-core 0.16.1, a test-only dependency) ready to build its models on the CPU: a
+    one-process gloo group, model parallel size 1, and its three CUDA-only spots sidestepped (FACTS.md): its memory
+    buffer allocates on the CPU and its RNG tracker's fork is a no-op (callers pass an explicit attention mask)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    owns_group = not dist.is_initialized()
+    with pytest.MonkeyPatch.context() as patch:
+        if owns_group:
+            patch.setenv("MASTER_ADDR", "127.0.0.1")
+            patch.setenv("MASTER_PORT", str(29000 + os.getpid() % 2000))
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        patch.setattr(GlobalMemoryBuffer, "get_tensor",
+                      lambda self, shape, dtype, name, mem_alloc_context=None: torch.empty(*shape, dtype=dtype))
+        patch.setattr(megatron_random.CudaRNGStatesTracker, "fork", lambda self, name=None: contextlib.nullcontext())
+        parallel_state.initialize_model_parallel(1, 1)
+        try:
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            if owns_group:
+                dist.destroy_process_group()

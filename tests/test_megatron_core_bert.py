@@ -4,12 +4,8 @@ sentence-order logits and per-token loss."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from megahf import MegatronBertConfig, MegatronBertForPreTraining
 
@@ -18,42 +14,22 @@ VOCAB, PADDED, SEQ = 30522, 30592, 12
 
 
 @pytest.fixture(scope="module")
-def megatron_core_bert():
-    """A Megatron-Core BertModel (local layer spec) in a one-process gloo group; three CUDA-only spots sidestepped
-    as FACTS.md describes: the memory buffer on the CPU, the RNG tracker's fork a no-op, an explicit mask."""
-    from megatron.core import parallel_state
+def megatron_core_bert(megatron_core):
+    """A Megatron-Core BertModel with the local layer spec and random weights (biases and norms too)."""
     from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
     from megatron.core.models.bert.bert_model import BertModel
-    from megatron.core.tensor_parallel import random as megatron_random
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from megatron.core.utils import GlobalMemoryBuffer
 
-    owns_group = not dist.is_initialized()
-    with pytest.MonkeyPatch.context() as patch:
-        if owns_group:
-            patch.setenv("MASTER_ADDR", "127.0.0.1")
-            patch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
-            dist.init_process_group("gloo", rank=0, world_size=1)
-        patch.setattr(GlobalMemoryBuffer, "get_tensor",
-                      lambda self, shape, dtype, name, mem_alloc_context=None: torch.empty(*shape, dtype=dtype))
-        patch.setattr(megatron_random.CudaRNGStatesTracker, "fork", lambda self, name=None: contextlib.nullcontext())
-        parallel_state.initialize_model_parallel(1, 1)
-        try:
-            config = TransformerConfig(**SHAPE, use_cpu_initialization=True, hidden_dropout=0.0,
-                                       attention_dropout=0.0, layernorm_epsilon=1e-5, params_dtype=torch.float32)
-            torch.manual_seed(0)
-            model = BertModel(config, num_tokentypes=2, transformer_layer_spec=bert_layer_local_spec,
-                              vocab_size=PADDED, max_sequence_length=64, share_embeddings_and_output_weights=True,
-                              add_binary_head=True).eval()
-            with torch.no_grad():  # non-zero biases and norms, so that a swapped one cannot go unnoticed
-                for name, param in model.named_parameters():
-                    if param.ndim == 1:
-                        param.add_(torch.randn_like(param) * 0.1)
-            yield model
-        finally:
-            parallel_state.destroy_model_parallel()
-            if owns_group:
-                dist.destroy_process_group()
+    config = TransformerConfig(**SHAPE, use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+                               layernorm_epsilon=1e-5, params_dtype=torch.float32)
+    torch.manual_seed(0)
+    model = BertModel(config, num_tokentypes=2, transformer_layer_spec=bert_layer_local_spec, vocab_size=PADDED,
+                      max_sequence_length=64, share_embeddings_and_output_weights=True, add_binary_head=True).eval()
+    with torch.no_grad():  # non-zero biases and norms, so that a swapped one cannot go unnoticed
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
 
 
 def batch() -> dict[str, torch.Tensor]:
