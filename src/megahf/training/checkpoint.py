@@ -18,6 +18,7 @@ sampler up to `global_step` x global batch, which is why a resume refuses a diff
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -54,6 +55,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _fsync_file(path: Path) -> None:
@@ -132,7 +141,8 @@ def save_checkpoint(
     _barrier()
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
     _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
     if rank == 0:
         torch.save(scheduler.state_dict(), partial / SCHEDULER)
@@ -219,7 +229,8 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
     set_model_state_dict(model, state["model"])
 
 
@@ -228,7 +239,8 @@ def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: t
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
