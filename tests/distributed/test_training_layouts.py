@@ -18,7 +18,7 @@ from _launch import final_weights, losses, run_pretrain_cli, tiny_args, write_co
 
 STEPS, SAVE = 4, 2
 LAYOUTS = {  # name -> (processes, recipe keys)
-    "ddp2": (2, {}),
+    "ddp2": (2, {}),  # launched with accelerate launch --config_file recipes/accelerate/cpu-multi.yaml
     "fsdp2": (2, {"fsdp_size": 2}),
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
@@ -49,7 +49,9 @@ def layout_run(corpus, tmp_path_factory):
         if name not in done:
             nproc, keys = LAYOUTS.get(name, (1, {}))
             out = tmp_path_factory.mktemp(name) / "out"
-            run_pretrain_cli(nproc, layout_args(corpus, out, keys))
+            # The CPU launch configs are tested here, where their runs are also checked for exactness.
+            launch_config = {"single": "cpu.yaml", "ddp2": "cpu-multi.yaml"}.get(name, "")
+            run_pretrain_cli(nproc, layout_args(corpus, out, keys), launch_config=launch_config)
             done[name] = out
         return done[name]
 
