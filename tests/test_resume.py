@@ -74,6 +74,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(corpus, straig
     assert_same_run(out, straight)
 
 
+def test_the_same_command_after_the_end_trains_no_further(corpus, straight, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(straight / "checkpoints", out / "checkpoints")
+    result = run_pretrain(load_recipe(RECIPE, recipe_args(corpus, out)))
+    assert result.trainer.state.global_step == STEPS and result.metrics["steps"] == STEPS
+    assert_same_run(out, straight)
+
+
 def test_resume_refuses_another_global_batch(corpus, straight):
     recipe = load_recipe(RECIPE, recipe_args(corpus, straight, micro_batch_size=2))
     with pytest.raises(RecipeError, match=r"written with global_batch_size=4, the recipe now gives 2.*resume: none"):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from ..models.gpt import MegatronGPTForCausalLM
@@ -400,9 +400,17 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
         f"{recipe.lr_schedule} -> {recipe.min_learning_rate:g}, warmup {recipe.warmup_steps}; MFU against "
         f"{peak_tflops * devices:.3g} TFLOP/s ({peak_source}{f' x {devices}' if devices > 1 else ''})"
     )
-    if resume_from is not None:
-        say(f"resuming from {resume_from}")
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None and ckpt.read_metadata(resume_from)["step"] >= recipe.train_steps:
+        # Trainer would run one more step past max_steps (it checks for the end after a step): load the trained
+        # model and its history instead, as Megatron does when iteration >= train_iters.
+        say(f"{resume_from} has finished training: evaluating and saving it")
+        ckpt.load_model(resume_from, model)
+        trainer.state = TrainerState.load_from_json(str(resume_from / ckpt.TRAINER_STATE))
+        train_metrics = {}
+    else:
+        if resume_from is not None:
+            say(f"resuming from {resume_from}")
+        train_metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
 
     # Validation at the end (reusing the evaluation of the last step if Trainer just did it).
     history = trainer.state.log_history
@@ -423,7 +431,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     if _is_rank_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
     train_losses = [e["loss"] for e in history if "loss" in e]
-    train_seconds = progress.train_seconds or train_output.metrics.get("train_runtime", float("nan"))
+    train_seconds = progress.train_seconds or train_metrics.get("train_runtime", float("nan"))
     tokens_per_second = progress.tokens_seen / train_seconds if progress.tokens_seen else None
     metrics = {
         "model": recipe.model,
@@ -441,7 +449,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
         "peak_tflops": peak_tflops * devices,
         "peak_source": peak_source,
         "mfu": progress.mfu(tokens_per_second),
-        "train_time_s": train_output.metrics.get("train_runtime"),
+        "train_time_s": train_metrics.get("train_runtime"),
         "device": str(args.device),
         "resumed_from": str(resume_from) if resume_from else None,
         "sample": sample,
