@@ -84,8 +84,18 @@ def test_the_same_command_after_the_end_trains_no_further(corpus, straight, tmp_
 
 def test_resume_refuses_another_global_batch(corpus, straight):
     recipe = load_recipe(RECIPE, recipe_args(corpus, straight, micro_batch_size=2))
-    with pytest.raises(RecipeError, match=r"written with global_batch_size=4, the recipe now gives 2.*resume: none"):
+    with pytest.raises(RecipeError, match=r"written with global_batch_size=4, the recipe and launch now give 2: the "
+                                          r"data position would not match; set global_batch_size to 4, or resume: none"):
         run_pretrain(recipe)
+
+
+def test_resume_refuses_another_layout(corpus, straight):
+    from megahf.training.pretrain import find_resume_checkpoint
+
+    recipe = load_recipe(RECIPE, recipe_args(corpus, straight, micro_batch_size=2))  # 2 x 2 ranks: same global batch
+    with pytest.raises(RecipeError, match=r"written with world_size=1, the recipe and launch now give 2: resuming "
+                                          r"needs the layout it was written with; launch 1 processes"):
+        find_resume_checkpoint(recipe, recipe.layout(2))
 
 
 def test_resume_path_must_be_a_complete_checkpoint(corpus, straight, tmp_path):

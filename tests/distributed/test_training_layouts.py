@@ -36,7 +36,8 @@ def corpus(tmp_path_factory):
 
 
 def layout_args(corpus, out, keys: dict) -> list[str]:
-    return tiny_args(corpus, out, train_steps=STEPS, global_batch_size=8, save_interval=SAVE,
+    return tiny_args(corpus, out, train_steps=STEPS, global_batch_size=8, save_interval=SAVE, sample_tokens=4,
+                     sample_prompt="The king",  # generate() on the sharded model, every rank together
                      **{"model_overrides.hidden_dropout": 0.0, "model_overrides.attention_dropout": 0.0}, **keys)
 
 
@@ -65,6 +66,7 @@ def test_layout_equals_one_process(layout, layout_run):
     got_losses, got_weights = losses(out), final_weights(out)
     ref_losses, ref_weights = losses(reference), final_weights(reference)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sample"].startswith("The king") and len(metrics["sample"]) > len("The king")
     assert f"{nproc} processes" in metrics["layout"] and "global batch 8" in metrics["layout"], metrics["layout"]
 
     assert sorted(got_losses) == list(range(1, STEPS + 1))

@@ -1,9 +1,8 @@
-"""Resumable training checkpoints: written atomically, one layout-independent format for every parallel layout.
+"""Resumable training checkpoints: written atomically, one format for every parallel layout.
 
     OUTPUT_DIR/checkpoints/step_0000400/
         model_optim/            model and optimizer state through torch.distributed.checkpoint (DCP): each rank
-                                writes its own shards (TP / FSDP2 DTensors, or full tensors), reloadable under
-                                another layout
+                                writes its own shards (TP / FSDP2 DTensors, or full tensors)
         scheduler.pt            learning-rate scheduler state (plain numbers; loaded with weights_only=True)
         trainer_state.json      Trainer's state: global step (hence the data position), log history
         rng/rank_00000.json     per-rank python / numpy / torch (and CUDA) RNG states, as JSON (no pickle)

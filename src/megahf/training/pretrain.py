@@ -84,8 +84,7 @@ class MegatronTrainer(Trainer):
             Path(self.args.output_dir) / "checkpoints", self.state.global_step, self.model, self._torch_optimizer(),
             self.lr_scheduler, self.state, self.checkpoint_metadata, keep_last=self.recipe.keep_last,
         )
-        if self.is_world_process_zero():
-            say(f"checkpoint {path}")
+        say(f"checkpoint {path}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         ckpt.load_model(resume_from_checkpoint, self.model)
@@ -329,12 +328,16 @@ def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Pa
     if path is None:
         return None
     saved, now = ckpt.read_metadata(path), checkpoint_metadata(recipe, layout)
-    for key in ("global_batch_size", "seq_length", "seed"):
+    layout_reason = "resuming needs the layout it was written with"  # optimizer groups and RNG streams follow it
+    reasons = {"global_batch_size": "the data position would not match", "seq_length": "the data position would "
+               "not match", "seed": "the data position would not match", "world_size": layout_reason,
+               "tensor_parallel_size": layout_reason, "fsdp_size": layout_reason}
+    for key, reason in reasons.items():
         if saved.get(key) != now[key]:
+            fix = f"launch {saved.get(key)} processes" if key == "world_size" else f"set {key} to {saved.get(key)}"
             raise RecipeError(
-                f"checkpoint {path} was written with {key}={saved.get(key)}, the recipe now gives {now[key]}: the "
-                f"data position would not match; set {key} to {saved.get(key)}, or resume: none (or another "
-                "output_dir) to start afresh"
+                f"checkpoint {path} was written with {key}={saved.get(key)}, the recipe and launch now give "
+                f"{now[key]}: {reason}; {fix}, or resume: none (or another output_dir) to start afresh"
             )
     return path
 
