@@ -3,9 +3,10 @@
 
 Runs `megahf pretrain` as a user does (one process; `torchrun` for TP=2) on two recipes, and reads tokens/s and MFU
 from each run's metrics.json (steady state: the first logged interval, which carries the start-up, is left out;
-evaluation and checkpointing are off). The peak that MFU is measured against is taken once at the start of this run
-and passed to every job (`--peak_tflops`): on CPU, the best fp32 matmul rate of this machine on all its cores
-(`megahf.training.flops.measure_cpu_matmul_tflops`); on a GPU, the bf16 peak of megahf's table.
+evaluation and checkpointing are off). MFU is each job's model TFLOP/s over the peak: on CPU the best fp32 matmul
+rate of this machine on all its cores (`megahf.training.flops.measure_cpu_matmul_tflops`) seen in this run, measured
+before every job and after the last (other work on the machine only lowers a measurement, so the best one is the
+closest to the peak); on a GPU the bf16 peak of megahf's table.
 
     python scripts/bench/pretrain.py                       # CPU: tiny and small recipes, 1 process and TP=2
     python scripts/bench/pretrain.py --steps 40 --out scripts/bench/results/pretrain_cpu
@@ -63,7 +64,9 @@ def run_job(config: str, tp: int, steps: int, peak: float, workdir: Path, log) -
     env = {**os.environ, "OMP_NUM_THREADS": str(env_threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    log.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
+    text = f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n"
+    # The saved log names no folder of this machine.
+    log.write(text.replace(sys.executable, "python").replace(str(workdir), "$TMP").replace(str(ROOT), "."))
     if proc.returncode != 0:
         raise SystemExit(f"{config} tp={tp} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -78,32 +81,52 @@ def main() -> None:
     p.add_argument("--configs", default="tiny,small", help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--layouts", default="1,2", help="tensor-parallel sizes (processes), comma-separated")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="rounds over all jobs (interleaved); each job's best round is reported")
     p.add_argument("--out", default="", help="write OUT.json (results) and OUT.log (every job's output)")
     args = p.parse_args()
 
     from megahf.training.flops import measure_cpu_matmul_tflops, peak_tflops_per_device
 
-    if torch.cuda.is_available():
-        peak, source = peak_tflops_per_device()
-    else:
-        peak = max(measure_cpu_matmul_tflops() for _ in range(3))
-        source = f"fp32 matmul measured now on {os.cpu_count()} cores (best of 3 x 5)"
-    load_before = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, peak {peak:.4f} TFLOP/s ({source}), "
-          f"load average {load_before:.1f}", flush=True)
+    on_gpu = torch.cuda.is_available()
+    peaks: list[float] = []
 
-    results = []
+    def measure_peak() -> float:
+        if on_gpu:
+            peaks.append(peak_tflops_per_device()[0])
+        else:
+            peaks.append(max(measure_cpu_matmul_tflops() for _ in range(3)))
+        return max(peaks)
+
+    source = peak_tflops_per_device()[1] if on_gpu else (
+        f"fp32 matmul on {os.cpu_count()} cores, best seen in this run")
+    load_before = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, load average {load_before:.1f}", flush=True)
+
     log_path = Path(args.out + ".log") if args.out else Path(os.devnull)
     with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log:
-        for config in args.configs.split(","):
-            for tp in (int(t) for t in args.layouts.split(",")):
-                result = run_job(config, tp, args.steps, peak, Path(tmp), log)
-                results.append(result)
-                print(f"  {config} tp={tp}: {result['tokens_per_second']:,.0f} tokens/s, MFU {result['mfu']:.2%} "
-                      f"({result['job_seconds']:.0f} s)", flush=True)
+        best: dict[tuple[str, int], dict] = {}
+        for round_ in range(args.repeats):
+            for config in args.configs.split(","):
+                for tp in (int(t) for t in args.layouts.split(",")):
+                    result = run_job(config, tp, args.steps, measure_peak(), Path(tmp), log)
+                    result["rounds_tokens_per_second"] = best.get((config, tp), {}).get(
+                        "rounds_tokens_per_second", []) + [result["tokens_per_second"]]
+                    if result["tokens_per_second"] >= best.get((config, tp), {}).get("tokens_per_second", 0):
+                        best[(config, tp)] = result
+                    else:
+                        best[(config, tp)]["rounds_tokens_per_second"] = result["rounds_tokens_per_second"]
+                    print(f"  round {round_ + 1}: {config} tp={tp}: {result['tokens_per_second']:,.0f} tokens/s, "
+                          f"{result['model_tflops_per_second']:.4f} model TFLOP/s ({result['job_seconds']:.0f} s; "
+                          f"peak so far {max(peaks):.4f})", flush=True)
+        results = list(best.values())
+    peak = measure_peak()
+    for result in results:  # against the best peak of the whole run
+        result["mfu"] = result["model_tflops_per_second"] / peak
     load_after = os.getloadavg()[0]
 
-    print(f"\n| config | parameters | processes (TP) | threads/process | tokens/s | model TFLOP/s | MFU |")
+    print(f"\n| config | parameters | processes (TP) | threads/process | tokens/s (best of {args.repeats}) | "
+          "model TFLOP/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['config']} | {r['parameters'] / 1e6:.1f}M | {r['tensor_parallel_size']} | "
@@ -111,7 +134,8 @@ def main() -> None:
               f"{r['mfu']:.2%} |")
     print(f"\npeak {peak:.4f} TFLOP/s ({source}); load average {load_before:.1f} before, {load_after:.1f} after")
     report = {"torch": torch.__version__, "cores": os.cpu_count(), "peak_tflops": peak, "peak_source": source,
-              "steps": args.steps, "load_average": [load_before, load_after], "results": results}
+              "peak_measurements": peaks, "steps": args.steps, "load_average": [load_before, load_after],
+              "results": results}
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")
     print("JSON " + json.dumps(report))
