@@ -52,7 +52,8 @@ def layout_run(corpus, tmp_path_factory):
             out = tmp_path_factory.mktemp(name) / "out"
             # The CPU launch configs are tested here, where their runs are also checked for exactness.
             launch_config = {"single": "cpu.yaml", "ddp2": "cpu-multi.yaml"}.get(name, "")
-            run_pretrain_cli(nproc, layout_args(corpus, out, keys), launch_config=launch_config)
+            result = run_pretrain_cli(nproc, layout_args(corpus, out, keys), launch_config=launch_config)
+            (out / "output.txt").write_text(result.stdout)
             done[name] = out
         return done[name]
 
@@ -66,6 +67,10 @@ def test_layout_equals_one_process(layout, layout_run):
     got_losses, got_weights = losses(out), final_weights(out)
     ref_losses, ref_weights = losses(reference), final_weights(reference)
     metrics = json.loads((out / "metrics.json").read_text())
+    output = (out / "output.txt").read_text()
+    # One progress bar and one set of log lines, from the main process only.
+    assert output.count(f" 0/{STEPS} [") == 1 and output.count("[megahf] model:") == 1, output[-3000:]
+    assert output.count(f"step {STEPS:>5}/{STEPS} | loss") == 1
     assert metrics["sample"].startswith("The king") and len(metrics["sample"]) > len("The king")
     assert f"{nproc} processes" in metrics["layout"] and "global batch 8" in metrics["layout"], metrics["layout"]
 
