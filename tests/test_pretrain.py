@@ -48,7 +48,8 @@ def tiny_overrides(corpus: Path, output_dir: Path, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    recipe = load_recipe(None, tiny_overrides(write_corpus(root / "corpus.jsonl"), root / "out"))
+    recipe = load_recipe(None, tiny_overrides(write_corpus(root / "corpus.jsonl"), root / "out",
+                                              report_to="tensorboard"))
     return run_pretrain(recipe)
 
 
@@ -73,6 +74,26 @@ def test_metrics_json(run):
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
     assert metrics["sample"].startswith("The king")
     assert metrics == run.metrics
+
+
+def test_throughput_and_mfu_are_logged(run):
+    metrics = json.loads((run.output_dir / "metrics.json").read_text())
+    assert 0 < metrics["mfu"] < 1 and metrics["peak_tflops"] > 0 and "measured" in metrics["peak_source"]
+    assert metrics["mfu"] == pytest.approx(metrics["model_tflops_per_second"] / metrics["peak_tflops"])
+    logged = [e for e in run.trainer.state.log_history if "loss" in e]
+    assert all("tokens_per_second" in e and "mfu" in e for e in logged[1:])
+
+
+def test_tensorboard_writes_events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run.output_dir.glob("runs/*/events.out.tfevents.*"))
+    assert events, sorted(str(p) for p in run.output_dir.rglob("*"))
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/tokens_per_second", "train/mfu", "eval/loss"} <= tags, tags
+    assert [e.step for e in accumulator.Scalars("train/loss")] == list(range(1, 9))
 
 
 def test_outputs_written(run):

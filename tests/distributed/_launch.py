@@ -40,12 +40,17 @@ def tiny_args(corpus: Path, output_dir: Path, **extra) -> list[str]:
     return [token for key, value in values.items() for token in (f"--{key}", str(value))]
 
 
-def run_pretrain_cli(nproc: int, args: list[str], kill_at_step: int | None = None,
+def run_pretrain_cli(nproc: int, args: list[str], kill_at_step: int | None = None, launch_config: str = "",
                      timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`megahf pretrain RECIPE args` on `nproc` processes (torchrun when more than one); with `kill_at_step` the
-    run SIGKILLs itself after that step and must not exit 0. Fails the test with the output's tail otherwise."""
+    """`megahf pretrain RECIPE args` on `nproc` processes (torchrun when more than one, or `accelerate launch
+    --config_file recipes/accelerate/LAUNCH_CONFIG`); with `kill_at_step` the run SIGKILLs itself after that step and
+    must not exit 0. Fails the test with the output's tail otherwise."""
     entry = [str(KILLED), "--kill_at_step", str(kill_at_step)] if kill_at_step else ["-m", "megahf", "pretrain"]
-    if nproc == 1:
+    if launch_config:
+        config = REPO_ROOT / "recipes" / "accelerate" / launch_config
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_port", str(free_port()), *entry, str(RECIPE), *args]
+    elif nproc == 1:
         cmd = [sys.executable, *entry, str(RECIPE), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),

@@ -1,4 +1,5 @@
-"""`megahf pretrain` under every parallel layout equals one process at the same global batch, step by step.
+"""`megahf pretrain` under every parallel layout equals one process at the same global batch, step by step; and a
+tensor-parallel run killed with SIGKILL resumes exactly when the same command is run again.
 
 Each layout is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains the same tiny
 GPT for several steps at a global batch of 8 (one process: micro-batch 4 x accumulation 2). Dropout is off: each
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from _launch import final_weights, losses, run_pretrain_cli, tiny_args, write_corpus
 
-STEPS = 4
+STEPS, SAVE = 4, 2
 LAYOUTS = {  # name -> (processes, recipe keys)
-    "ddp2": (2, {}),
+    "ddp2": (2, {}),  # launched with accelerate launch --config_file recipes/accelerate/cpu-multi.yaml
     "fsdp2": (2, {"fsdp_size": 2}),
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
@@ -33,25 +35,43 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("layouts") / "corpus.jsonl")
 
 
-def run_layout(corpus, out, nproc: int, keys: dict):
-    args = tiny_args(corpus, out, train_steps=STEPS, global_batch_size=8, save_interval=STEPS,
+def layout_args(corpus, out, keys: dict) -> list[str]:
+    return tiny_args(corpus, out, train_steps=STEPS, global_batch_size=8, save_interval=SAVE, sample_tokens=4,
+                     sample_prompt="The king",  # generate() on the sharded model, every rank together
                      **{"model_overrides.hidden_dropout": 0.0, "model_overrides.attention_dropout": 0.0}, **keys)
-    result = run_pretrain_cli(nproc, args)
-    return result, losses(out), final_weights(out)
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    return run_layout(corpus, tmp_path_factory.mktemp("single") / "out", 1, {})
+def layout_run(corpus, tmp_path_factory):
+    """Output folder of a layout's run ('single': one process), run once per session."""
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            nproc, keys = LAYOUTS.get(name, (1, {}))
+            out = tmp_path_factory.mktemp(name) / "out"
+            # The CPU launch configs are tested here, where their runs are also checked for exactness.
+            launch_config = {"single": "cpu.yaml", "ddp2": "cpu-multi.yaml"}.get(name, "")
+            result = run_pretrain_cli(nproc, layout_args(corpus, out, keys), launch_config=launch_config)
+            (out / "output.txt").write_text(result.stdout)
+            done[name] = out
+        return done[name]
+
+    return get
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_equals_one_process(layout, corpus, reference, tmp_path):
-    nproc, keys = LAYOUTS[layout]
-    out = tmp_path / "out"
-    result, got_losses, got_weights = run_layout(corpus, out, nproc, keys)
-    _, ref_losses, ref_weights = reference
+def test_layout_equals_one_process(layout, layout_run):
+    nproc, _ = LAYOUTS[layout]
+    out, reference = layout_run(layout), layout_run("single")
+    got_losses, got_weights = losses(out), final_weights(out)
+    ref_losses, ref_weights = losses(reference), final_weights(reference)
     metrics = json.loads((out / "metrics.json").read_text())
+    output = (out / "output.txt").read_text()
+    # One progress bar and one set of log lines, from the main process only.
+    assert output.count(f" 0/{STEPS} [") == 1 and output.count("[megahf] model:") == 1, output[-3000:]
+    assert output.count(f"step {STEPS:>5}/{STEPS} | loss") == 1
+    assert metrics["sample"].startswith("The king") and len(metrics["sample"]) > len("The king")
     assert f"{nproc} processes" in metrics["layout"] and "global batch 8" in metrics["layout"], metrics["layout"]
 
     assert sorted(got_losses) == list(range(1, STEPS + 1))
@@ -65,3 +85,16 @@ def test_layout_equals_one_process(layout, corpus, reference, tmp_path):
     worst = max(weight_errors, key=weight_errors.get)
     print(f"{layout}: worst loss error {max(loss_errors.values()):.1e}, weights {weight_errors[worst]:.1e} ({worst})")
     assert weight_errors[worst] <= TOLERANCE, f"{layout}: {worst} off by {weight_errors[worst]:.2e}"
+
+
+def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path):
+    nproc, keys = LAYOUTS["tp2"]
+    out = tmp_path / "out"
+    killed = run_pretrain_cli(nproc, layout_args(corpus, out, keys), kill_at_step=SAVE + 1)
+    assert killed.returncode != 0 and not (out / "final").exists()
+    run_pretrain_cli(nproc, layout_args(corpus, out, keys))  # the same command again
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith("step_0000002")
+    straight = layout_run("tp2")
+    assert losses(out) == losses(straight)  # bitwise: same layout, same reductions
+    got, expected = final_weights(out), final_weights(straight)
+    assert [n for n in expected if not torch.equal(got[n], expected[n])] == []

@@ -1,9 +1,8 @@
-"""Resumable training checkpoints: written atomically, one layout-independent format for every parallel layout.
+"""Resumable training checkpoints: written atomically, one format for every parallel layout.
 
     OUTPUT_DIR/checkpoints/step_0000400/
         model_optim/            model and optimizer state through torch.distributed.checkpoint (DCP): each rank
-                                writes its own shards (TP / FSDP2 DTensors, or full tensors), reloadable under
-                                another layout
+                                writes its own shards (TP / FSDP2 DTensors, or full tensors)
         scheduler.pt            learning-rate scheduler state (plain numbers; loaded with weights_only=True)
         trainer_state.json      Trainer's state: global step (hence the data position), log history
         rng/rank_00000.json     per-rank python / numpy / torch (and CUDA) RNG states, as JSON (no pickle)
@@ -18,6 +17,7 @@ sampler up to `global_step` x global batch, which is why a resume refuses a diff
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -54,6 +54,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _fsync_file(path: Path) -> None:
@@ -132,7 +140,8 @@ def save_checkpoint(
     _barrier()
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
     _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
     if rank == 0:
         torch.save(scheduler.state_dict(), partial / SCHEDULER)
@@ -219,7 +228,8 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
     set_model_state_dict(model, state["model"])
 
 
@@ -228,7 +238,8 @@ def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: t
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from ..parallel import clip_grad_norm_, distribute_model
@@ -84,8 +84,7 @@ class MegatronTrainer(Trainer):
             Path(self.args.output_dir) / "checkpoints", self.state.global_step, self.model, self._torch_optimizer(),
             self.lr_scheduler, self.state, self.checkpoint_metadata, keep_last=self.recipe.keep_last,
         )
-        if self.is_world_process_zero():
-            say(f"checkpoint {path}")
+        say(f"checkpoint {path}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         ckpt.load_model(resume_from_checkpoint, self.model)
@@ -266,6 +265,12 @@ def prepare_processes(layout: ParallelLayout) -> None:
     """Make a multi-process CPU launch (plain torchrun) a real gloo run, and let a tensor-parallel model train
     there. Without ACCELERATE_USE_CPU accelerate would see `DistributedType.NO` in every process and each would
     train alone, silently."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise RecipeError(
+            "the launch config enables accelerate's FSDP plugin (distributed_type: FSDP), which would shard the model "
+            "a second time: megahf shards it from the recipe's fsdp_size and tensor_parallel_size; launch with a "
+            "MULTI_GPU config such as recipes/accelerate/fsdp2.yaml"
+        )
     if torch.cuda.is_available() or layout.world_size == 1:
         return
     os.environ.setdefault("ACCELERATE_USE_CPU", "true")
@@ -302,12 +307,16 @@ def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Pa
     if path is None:
         return None
     saved, now = ckpt.read_metadata(path), checkpoint_metadata(recipe, layout)
-    for key in ("global_batch_size", "seq_length", "seed"):
+    layout_reason = "resuming needs the layout it was written with"  # optimizer groups and RNG streams follow it
+    reasons = {"global_batch_size": "the data position would not match", "seq_length": "the data position would "
+               "not match", "seed": "the data position would not match", "world_size": layout_reason,
+               "tensor_parallel_size": layout_reason, "fsdp_size": layout_reason}
+    for key, reason in reasons.items():
         if saved.get(key) != now[key]:
+            fix = f"launch {saved.get(key)} processes" if key == "world_size" else f"set {key} to {saved.get(key)}"
             raise RecipeError(
-                f"checkpoint {path} was written with {key}={saved.get(key)}, the recipe now gives {now[key]}: the "
-                f"data position would not match; set {key} to {saved.get(key)}, or resume: none (or another "
-                "output_dir) to start afresh"
+                f"checkpoint {path} was written with {key}={saved.get(key)}, the recipe and launch now give "
+                f"{now[key]}: {reason}; {fix}, or resume: none (or another output_dir) to start afresh"
             )
     return path
 
@@ -371,9 +380,17 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
         f"{recipe.lr_schedule} -> {recipe.min_learning_rate:g}, warmup {recipe.warmup_steps}; MFU against "
         f"{peak_tflops * devices:.3g} TFLOP/s ({peak_source}{f' x {devices}' if devices > 1 else ''})"
     )
-    if resume_from is not None:
-        say(f"resuming from {resume_from}")
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None and ckpt.read_metadata(resume_from)["step"] >= recipe.train_steps:
+        # Trainer would run one more step past max_steps (it checks for the end after a step): load the trained
+        # model and its history instead, as Megatron does when iteration >= train_iters.
+        say(f"{resume_from} has finished training: evaluating and saving it")
+        ckpt.load_model(resume_from, model)
+        trainer.state = TrainerState.load_from_json(str(resume_from / ckpt.TRAINER_STATE))
+        train_metrics = {}
+    else:
+        if resume_from is not None:
+            say(f"resuming from {resume_from}")
+        train_metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
 
     # Validation at the end (GPT: reusing the evaluation of the last step if Trainer just did it).
     validation = family.validate(trainer)
@@ -395,7 +412,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     if _is_rank_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
     train_losses = [e["loss"] for e in history if "loss" in e]
-    train_seconds = progress.train_seconds or train_output.metrics.get("train_runtime", float("nan"))
+    train_seconds = progress.train_seconds or train_metrics.get("train_runtime", float("nan"))
     tokens_per_second = progress.tokens_seen / train_seconds if progress.tokens_seen else None
     metrics = {
         "model": recipe.model,
@@ -414,7 +431,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
         "peak_tflops": peak_tflops * devices,
         "peak_source": peak_source,
         "mfu": progress.mfu(tokens_per_second),
-        "train_time_s": train_output.metrics.get("train_runtime"),
+        "train_time_s": train_metrics.get("train_runtime"),
         "device": str(args.device),
         "resumed_from": str(resume_from) if resume_from else None,
         "sample": sample,
