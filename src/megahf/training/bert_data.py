@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..data import BertDataset, BertDatasetConfig, BertDatasetError, IndexedDataset, parse_blend, split_ranges
 from ..data.preprocess import output_prefix_for, preprocess_corpus
@@ -32,14 +35,22 @@ def _corpus_prefix(corpus: str, text_key: str, tokenizer, cache_dir: Path) -> st
     ).hexdigest()[:12]
     prefix = cache_dir / f"{Path(corpus).stem}-{key}"
     indexed = output_prefix_for(str(prefix), text_key, split_sentences=True)
-    if not Path(indexed + ".idx").exists():
+    # One process per machine builds it (the others wait at the barrier); every file is written under a temporary
+    # name and renamed, so machines sharing a file system may race harmlessly.
+    if not Path(indexed + ".idx").exists() and os.environ.get("LOCAL_RANK", "0") == "0":
         cache_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_dir = cache_dir / f"tokenizer-{key}"
         if not tokenizer_dir.exists():
-            tokenizer.save_pretrained(tokenizer_dir)
-        # Written under temporary names and renamed: concurrent ranks write identical files.
+            partial = cache_dir / f".tokenizer-{key}.{os.getpid()}.partial"
+            tokenizer.save_pretrained(partial)
+            try:
+                partial.rename(tokenizer_dir)
+            except OSError:  # another machine renamed its identical copy first
+                shutil.rmtree(partial, ignore_errors=True)
         preprocess_corpus(corpus, str(prefix), tokenizer=str(tokenizer_dir), json_keys=(text_key,),
                           split_sentences=True, progress=False)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return indexed
 
 

@@ -33,9 +33,11 @@ class MegatronLogCallback(ProgressCallback):
     is left out when it is not a finite number).
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float = float("nan"), peak_flops: float = float("nan")):
+    def __init__(self, tokens_per_step: int, flops_per_token: float = float("nan"), peak_flops: float = float("nan"),
+                 perplexity: bool = True):
         super().__init__()
         self.tokens_per_step = tokens_per_step
+        self.perplexity = perplexity  # exp(eval_loss) means something for a language-model loss alone
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.last_time: float | None = None
@@ -100,8 +102,9 @@ class MegatronLogCallback(ProgressCallback):
                 parts.append(f"MFU {logs['mfu']:.2%}")
         elif "eval_loss" in logs:
             self.eval_seconds += logs.get("eval_runtime", 0.0)
-            ppl = math.exp(min(logs["eval_loss"], 50.0))
-            parts.append(f"valid loss {logs['eval_loss']:.4f} | valid ppl {ppl:,.2f}")
+            parts.append(f"valid loss {logs['eval_loss']:.4f}")
+            if self.perplexity:
+                parts.append(f"valid ppl {math.exp(min(logs['eval_loss'], 50.0)):,.2f}")
         else:
             return  # the end-of-training summary: reported by pretrain() itself
         line = " | ".join([head, *parts])

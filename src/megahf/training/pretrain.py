@@ -355,7 +355,8 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     devices = layout.world_size if torch.cuda.is_available() else max(1, layout.world_size // _local_world_size())
     flops_per_token = training_flops_per_token(config, recipe.seq_length)
     progress = MegatronLogCallback(tokens_per_step, flops_per_token=flops_per_token,
-                                   peak_flops=peak_tflops * 1e12 * devices)
+                                   peak_flops=peak_tflops * 1e12 * devices,
+                                   perplexity=family.name == "gpt")
     trainer = MegatronTrainer(
         model=model,
         args=args,
