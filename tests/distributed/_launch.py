@@ -82,6 +82,3 @@ def losses(output_dir: Path) -> dict[int, float]:
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "final" / "model.safetensors")
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
