@@ -2,7 +2,8 @@
 tensor-parallel run killed with SIGKILL resumes exactly when the same command is run again.
 
 Each layout is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains the same tiny
-GPT for several steps at a global batch of 8 (one process: micro-batch 4 x accumulation 2). Dropout is off: each
+GPT (and, at TP=2, the same tiny BERT) for several steps at a global batch of 8 (one process: micro-batch 4 x
+accumulation 2). Dropout is off: each
 rank draws its own masks, so with dropout the runs would differ by design. Compared: the loss of every step, the
 gradient norm (clipped across meshes), and every weight of the final gathered model.
 """
@@ -23,6 +24,10 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
 }
+# BERT: masked LM + sentence order on sentence-split data built from the same corpus.
+BERT = {"model": "bert-tiny", "tokenizer": "bert-uncased-embedded", "split": "80,20,0", "eval_iters": 1,
+        "sample_prompt": "The king [MASK] the queen."}
+BERT_LAYOUTS = {"bert-single": (1, BERT), "bert-tp2": (2, {**BERT, "tensor_parallel_size": 2})}
 # Losses: relative. Weights: max |difference| relative to the largest weight of the model, not of each tensor: AdamW
 # moves every element by about lr whatever its gradient's size, so the roundoff of a near-zero gradient element (a
 # zero-initialised bias) becomes a weight difference of the order of lr x roundoff / eps, independent of that
@@ -36,9 +41,10 @@ def corpus(tmp_path_factory):
 
 
 def layout_args(corpus, out, keys: dict) -> list[str]:
-    return tiny_args(corpus, out, train_steps=STEPS, global_batch_size=8, save_interval=SAVE, sample_tokens=4,
-                     sample_prompt="The king",  # generate() on the sharded model, every rank together
-                     **{"model_overrides.hidden_dropout": 0.0, "model_overrides.attention_dropout": 0.0}, **keys)
+    values = {"train_steps": STEPS, "global_batch_size": 8, "save_interval": SAVE, "sample_tokens": 4,
+              "sample_prompt": "The king",  # generate() / fill-mask on the sharded model, every rank together
+              "model_overrides.hidden_dropout": 0.0, "model_overrides.attention_dropout": 0.0}
+    return tiny_args(corpus, out, **{**values, **keys})
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def layout_run(corpus, tmp_path_factory):
 
     def get(name: str):
         if name not in done:
-            nproc, keys = LAYOUTS.get(name, (1, {}))
+            nproc, keys = {**LAYOUTS, **BERT_LAYOUTS}.get(name, (1, {}))
             out = tmp_path_factory.mktemp(name) / "out"
             # The CPU launch configs are tested here, where their runs are also checked for exactness.
             launch_config = {"single": "cpu.yaml", "ddp2": "cpu-multi.yaml"}.get(name, "")
@@ -60,10 +66,8 @@ def layout_run(corpus, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_equals_one_process(layout, layout_run):
-    nproc, _ = LAYOUTS[layout]
-    out, reference = layout_run(layout), layout_run("single")
+def assert_same_run(name: str, out, reference, nproc: int) -> None:
+    """The run in `out` (`nproc` processes) equals the one-process run in `reference`, step by step."""
     got_losses, got_weights = losses(out), final_weights(out)
     ref_losses, ref_weights = losses(reference), final_weights(reference)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -81,10 +85,25 @@ def test_layout_equals_one_process(layout, layout_run):
 
     assert got_weights.keys() == ref_weights.keys()
     scale = max(ref.abs().max().item() for ref in ref_weights.values())
-    weight_errors = {name: (got_weights[name] - ref).abs().max().item() / scale for name, ref in ref_weights.items()}
+    weight_errors = {n: (got_weights[n] - ref).abs().max().item() / scale for n, ref in ref_weights.items()}
     worst = max(weight_errors, key=weight_errors.get)
-    print(f"{layout}: worst loss error {max(loss_errors.values()):.1e}, weights {weight_errors[worst]:.1e} ({worst})")
-    assert weight_errors[worst] <= TOLERANCE, f"{layout}: {worst} off by {weight_errors[worst]:.2e}"
+    print(f"{name}: worst loss error {max(loss_errors.values()):.1e}, weights {weight_errors[worst]:.1e} ({worst})")
+    assert weight_errors[worst] <= TOLERANCE, f"{name}: {worst} off by {weight_errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_equals_one_process(layout, layout_run):
+    assert_same_run(layout, layout_run(layout), layout_run("single"), LAYOUTS[layout][0])
+
+
+def test_bert_tensor_parallel_equals_one_process(layout_run):
+    out = layout_run("bert-tp2")
+    assert_same_run("bert-tp2", out, layout_run("bert-single"), 2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    reference = json.loads((layout_run("bert-single") / "metrics.json").read_text())
+    assert "[MASK] at" in metrics["sample"]  # the fill-mask sample, computed on the sharded model
+    for key in ("valid_mlm_loss", "valid_sop_loss", "valid_sop_accuracy"):
+        assert metrics[key] == pytest.approx(reference[key], rel=1e-5), key
 
 
 def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path):
