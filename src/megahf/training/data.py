@@ -227,5 +227,5 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-__all__ = ["PackedCorpus", "build_corpus", "build_indexed_data", "collate_blocks", "collate_samples", "load_documents", "load_tokenizer",
-           "split_documents", "tokenize_and_pack"]
+__all__ = ["PackedCorpus", "build_corpus", "build_indexed_data", "collate_blocks", "collate_samples",
+           "load_documents", "load_tokenizer", "split_documents", "tokenize_and_pack"]

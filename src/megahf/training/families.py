@@ -30,7 +30,7 @@ class Family:
     collate: Callable[[PretrainRecipe], Callable]
     validate: Callable[[Any], dict[str, float]]  # (trainer) -> valid_loss, valid_ppl, ...
     sample: Callable[[Any, Any, PretrainRecipe], str]  # (model, tokenizer, recipe)
-    valid_ppl_name: str  # what valid_ppl is the perplexity of
+    ppl_label: str  # what valid_ppl is the perplexity of, as printed: "ppl" or "masked-LM ppl"
 
 
 # ---------------------------------------------------------------------------------------------------- GPT
@@ -156,9 +156,9 @@ def fill_mask_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
 FAMILIES = {
     "gpt": Family("gpt", MegatronGPTForCausalLM, "AutoModelForCausalLM", _gpt_data,
                   lambda recipe: collate_samples if recipe.data_path else collate_blocks, _gpt_validate,
-                  generate_sample, "next token"),
+                  generate_sample, "ppl"),
     "bert": Family("bert", MegatronBertForPreTraining, "AutoModelForPreTraining", _bert_data,
-                   lambda recipe: collate_bert, _bert_validate, fill_mask_sample, "masked LM"),
+                   lambda recipe: collate_bert, _bert_validate, fill_mask_sample, "masked-LM ppl"),
 }
 
 

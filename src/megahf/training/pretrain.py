@@ -4,8 +4,8 @@
     metrics = pretrain(load_recipe("recipes/gpt/tiny.yaml", ["--train_steps", "50"]))
 
 What Megatron's `pretrain_gpt.py` and `pretrain_bert.py` do, in transformers terms: AdamW without weight decay on
-biases and norm weights, linear warmup then cosine (or linear) decay to `min_learning_rate` (or constant), global gradient-norm clipping,
-evaluation every `eval_interval` steps. At the end: validation loss and perplexity, a sample (GPT: generated text;
+biases and norm weights, linear warmup then cosine (or linear) decay to `min_learning_rate` (or constant), global
+gradient-norm clipping, evaluation every `eval_interval` steps. At the end: validation loss and perplexity, a sample (GPT: generated text;
 BERT: the words predicted at [MASK]), the model and tokenizer saved to `output_dir/final` (loadable with
 `AutoModelForCausalLM` / `AutoModelForPreTraining.from_pretrained` after `import megahf`),
 the loss curves in `output_dir/loss.png` and the numbers in `output_dir/metrics.json`.
@@ -398,7 +398,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     valid_loss, valid_ppl = validation["valid_loss"], validation["valid_ppl"]
     extra = "".join(f", {k.removeprefix('valid_').replace('_', ' ')} {v:.4f}" for k, v in validation.items()
                     if k not in ("valid_loss", "valid_ppl"))
-    say(f"validation: loss {valid_loss:.4f}, {family.valid_ppl_name} perplexity {valid_ppl:,.2f}{extra} "
+    say(f"validation: loss {valid_loss:.4f}, {family.ppl_label} {valid_ppl:,.2f}{extra} "
         f"({len(data.valid)} samples)")
     history = trainer.state.log_history
     last_eval = {"eval_loss": valid_loss, "step": trainer.state.global_step}
@@ -441,7 +441,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     if trainer.is_world_process_zero():
         evaluated = any(e.get("eval_loss") is not None and e["step"] == last_eval["step"] for e in history)
         plot_losses(history + ([] if evaluated else [last_eval]), output_dir / "loss.png",
-                    f"{recipe.model}: {metrics['steps']} steps, valid ppl {valid_ppl:,.1f}")
+                    f"{recipe.model}: {metrics['steps']} steps, valid {family.ppl_label} {valid_ppl:,.1f}")
         save_recipe(recipe, output_dir / "recipe.yaml")
         metrics["wall_time_s"] = time.perf_counter() - start
         write_json(metrics, output_dir / "metrics.json")
@@ -452,8 +452,8 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     _barrier()
     mfu = f", MFU {metrics['mfu']:.1%}" if metrics["mfu"] is not None else ""
     say(f"done in {metrics['wall_time_s']:.0f}s: train loss {metrics['first_train_loss']:.3f} -> "
-        f"{metrics['final_train_loss']:.3f}, valid ppl {valid_ppl:,.2f}, {metrics['tokens_per_second'] or 0:,.0f} "
-        f"tokens/s{mfu}")
+        f"{metrics['final_train_loss']:.3f}, valid {family.ppl_label} {valid_ppl:,.2f}, "
+        f"{metrics['tokens_per_second'] or 0:,.0f} tokens/s{mfu}")
     return PretrainResult(model=model, tokenizer=tokenizer, trainer=trainer, metrics=metrics, output_dir=output_dir)
 
 
