@@ -105,18 +105,20 @@ def _bert_validate(trainer) -> dict[str, float]:
     was_training = model.training
     model.eval()
     device = trainer.args.device
-    totals = torch.zeros(5, dtype=torch.float64)  # mlm loss sum, masked tokens, sop loss sum, sop correct, pairs
+    # mlm loss sum, masked tokens, sop loss sum, sop correct, pairs: on the device (NCCL reduces device tensors only;
+    # no host sync per batch)
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     for batch in trainer.get_eval_dataloader():
         batch = {k: v.to(device) for k, v in batch.items()}
         order = batch.pop("next_sentence_label", None)
         out = model(**batch)  # masked-LM loss only: the sentence-order label is left out
         masked = (batch["labels"] != -100).sum()
-        totals[0] += out.loss.double().cpu() * masked.cpu()
-        totals[1] += masked.cpu()
+        totals[0] += out.loss.double() * masked
+        totals[1] += masked
         if order is not None and out.seq_relationship_logits is not None:
             logits = out.seq_relationship_logits.float()
-            totals[2] += torch.nn.functional.cross_entropy(logits, order, reduction="sum").double().cpu()
-            totals[3] += (logits.argmax(-1) == order).sum().cpu()
+            totals[2] += torch.nn.functional.cross_entropy(logits, order, reduction="sum").double()
+            totals[3] += (logits.argmax(-1) == order).sum()
             totals[4] += order.numel()
     if dist.is_available() and dist.is_initialized():
         # tensor-parallel ranks see the same batches: every sum and count is multiplied alike
