@@ -167,10 +167,13 @@ def test_pretraining_loss_is_masked_lm_plus_sentence_order():
     assert out.prediction_logits.shape == (2, 12, VOCAB)  # the padded rows are not returned
     full = model.output_layer(model.lm_head(model.model(**batch).last_hidden_state))
     assert full.shape[-1] == PADDED_VOCAB
-    # As in Megatron the softmax runs over the padded vocabulary; the mean is over masked tokens only.
-    mlm = F.cross_entropy(full.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    # The masked-LM loss is the cross entropy of the returned logits (the real vocabulary), a mean over masked tokens;
+    # Megatron's softmax over the padded rows too is the config's `padded_vocab_softmax`.
+    mlm = F.cross_entropy(out.prediction_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     sop = F.cross_entropy(out.seq_relationship_logits, order)
     torch.testing.assert_close(out.loss, mlm + sop)
+    padded = tiny(MegatronBertForPreTraining, padded_vocab_softmax=True)(**batch, labels=labels, next_sentence_label=order)
+    torch.testing.assert_close(padded.loss, F.cross_entropy(full.flatten(0, 1), labels.flatten()) + sop)
     assert model(**batch, labels=labels).loss.item() == pytest.approx(mlm.item(), rel=1e-6)
     assert model(**batch, next_sentence_label=order).loss.item() == pytest.approx(sop.item(), rel=1e-6)
 

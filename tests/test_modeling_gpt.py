@@ -313,29 +313,31 @@ def test_padded_rows_are_never_generated(variant, sample):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_loss_is_shifted_cross_entropy_over_padded_vocabulary(variant):
-    model = tiny_model(variant)
+@pytest.mark.parametrize("padded_vocab_softmax", [False, True])
+def test_loss_is_shifted_cross_entropy_of_the_returned_logits(variant, padded_vocab_softmax):
+    """By default the loss is the cross entropy of the logits the model returns (real vocabulary only), so that
+    scores computed from the logits agree with the loss; `padded_vocab_softmax=True` is Megatron-LM's training loss,
+    whose softmax also covers the padded rows."""
+    model = tiny_model(variant, padded_vocab_softmax=padded_vocab_softmax)
     make_padded_rows_dominate(model)  # makes the padded and the unpadded softmax differ a lot
     ids = random_ids(2, 9)
     labels = ids.clone()
     labels[0, 3] = -100
     labels[1, :4] = -100
     out = model(ids, labels=labels)
+    assert out.logits.shape[-1] == VOCAB
 
     with torch.no_grad():
         hidden = model.model(ids).last_hidden_state
     full = hidden @ model.output_layer.weight.T  # [b, s, padded vocab]
     assert full.shape[-1] == PADDED_VOCAB
-    logits, targets = full[:, :-1].reshape(-1, PADDED_VOCAB), labels[:, 1:].reshape(-1)
-    kept = targets != -100
-    per_token = -logits.log_softmax(-1)[kept].gather(-1, targets[kept, None]).squeeze(-1)
-    manual = per_token.mean()
-    assert int(kept.sum()) == 16 - 1 - 3
-    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
-    assert torch.allclose(out.loss, F.cross_entropy(logits, targets, ignore_index=-100), rtol=1e-5)
-    # Megatron semantics: not the softmax over the real vocabulary only.
-    real_only = F.cross_entropy(full[:, :-1, :VOCAB].reshape(-1, VOCAB), targets, ignore_index=-100)
-    assert abs(real_only.item() - out.loss.item()) > 1.0
+    targets = labels[:, 1:].reshape(-1)
+    assert int((targets != -100).sum()) == 16 - 1 - 3
+    of_returned_logits = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), targets, ignore_index=-100)
+    over_padded = F.cross_entropy(full[:, :-1].reshape(-1, PADDED_VOCAB), targets, ignore_index=-100)
+    assert abs(of_returned_logits.item() - over_padded.item()) > 1.0  # the two losses really differ here
+    expected = over_padded if padded_vocab_softmax else of_returned_logits
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -351,8 +353,8 @@ def test_last_label_and_ignored_positions_do_not_count(variant):
     # All but one target ignored: the loss is that one token's cross entropy.
     only = torch.full_like(labels, -100)
     only[1, 5] = labels[1, 5]
-    logits_full = model.model(ids).last_hidden_state @ model.output_layer.weight.T
-    expected = -logits_full[1, 4].log_softmax(-1)[labels[1, 5]]
+    logits = (model.model(ids).last_hidden_state @ model.output_layer.weight.T)[..., :VOCAB]
+    expected = -logits[1, 4].log_softmax(-1)[labels[1, 5]]
     assert torch.allclose(model(ids, labels=only).loss, expected, atol=1e-5)
 
 

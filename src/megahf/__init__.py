@@ -26,6 +26,7 @@ from .models.bert import (
     MegatronBertModel,
 )
 from .models.gpt import MegatronGPTConfig, MegatronGPTForCausalLM, MegatronGPTModel
+from . import parallel  # noqa: F401  (attaches megahf's distribution hooks to the model classes)
 
 __version__ = "0.1.0"
 

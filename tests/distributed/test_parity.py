@@ -24,7 +24,7 @@ TOLERANCE = 1e-5  # relative: max |distributed - single process| / max |single p
 # What the worker compares (the worst over ranks, parameters and tensors of each).
 COMPARED = (
     "logits",  # forward without labels (gathered): every output tensor
-    "sharded_logits",  # forward with labels: the vocabulary-sharded logits, gathered here only to compare (LM heads)
+    "labelled_logits",  # forward with labels (LM heads): plain [..., vocab_size] logits, the loss from the shards
     "loss",  # vocabulary-parallel cross entropy
     "grads",  # every parameter's gradient
     "grad_norm_3",  # megahf's clip_grad_norm_ on the distributed model vs torch's, 3-norm
@@ -70,7 +70,7 @@ def layout_report(torchrun, tmp_path_factory):
 )
 def test_parity(case, layout, layout_report):
     result = layout_report(layout)[case]
-    compared = [k for k in COMPARED if k != "sharded_logits" or case in VOCAB_PARALLEL_CASES]
+    compared = [k for k in COMPARED if k != "labelled_logits" or case in VOCAB_PARALLEL_CASES]
     errors = {key: result[key] for key in compared}
     bad = {key: value for key, value in errors.items() if not value <= TOLERANCE}
     assert not bad, f"{case} {layout}: relative errors above {TOLERANCE}: {bad} (all: {result})"

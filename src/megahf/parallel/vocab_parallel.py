@@ -6,6 +6,11 @@ and the target's logit over its own slice, and only those b x s scalars are all-
 
 PyTorch's `loss_parallel()` does the same but needs the backward pass to run inside its context manager, which a
 training loop (Trainer, accelerate) does not do, so the loss here is an autograd function of its own.
+
+The modeling files declare transformers' `colwise_gather_output` for their output layer (exact, and loadable without
+megahf); `use_vocab_parallel_output` swaps in the sharded style and this loss when megahf distributes a model. The
+columns past `vocab_size` (Megatron's padding) are left out of the softmax unless `padded_vocab_softmax`, exactly as
+the model's own loss does, and the returned logits are the plain `[..., vocab_size]` tensor either way.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.nn import functional as F
+from torch import nn
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import ColwiseParallel
+from transformers.utils import ModelOutput
+
+from ..models.padded_vocab import causal_lm_loss, masked_lm_loss
 
 IGNORE_INDEX = -100
 
@@ -34,11 +42,15 @@ def is_vocab_sharded(logits: torch.Tensor) -> bool:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy of logits whose last dimension is split over `group`; rank r holds the columns
-    [start, start + local). Returns the loss of every token (identical on all ranks)."""
+    [start, start + local), of which those below `vocab_size` take part in the softmax. Returns the loss of every
+    token (identical on all ranks)."""
 
     @staticmethod
-    def forward(ctx, local_logits, target, start, group):
+    def forward(ctx, local_logits, target, start, vocab_size, group):
         local = local_logits.shape[-1]
+        padded = torch.arange(start, start + local, device=local_logits.device) >= vocab_size
+        if padded.any():
+            local_logits = local_logits.masked_fill(padded, float("-inf"))
         logits_max = local_logits.max(dim=-1).values
         dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         shifted = local_logits - logits_max.unsqueeze(-1)
@@ -60,13 +72,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         softmax, local_target, owned = ctx.saved_tensors
         grad = softmax.scatter_add(-1, local_target.unsqueeze(-1), -owned.to(softmax.dtype).unsqueeze(-1))
-        return grad * grad_loss.unsqueeze(-1), None, None, None
+        return grad * grad_loss.unsqueeze(-1), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: DTensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy of vocabulary-sharded logits [..., V] against `target` [...] (plain tensor)."""
+def vocab_parallel_cross_entropy(logits: DTensor, target: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Per-token cross entropy of vocabulary-sharded logits [..., V] against `target` [...] (plain tensor), the
+    softmax over the first `vocab_size` columns (all of them by default)."""
     mesh = logits.device_mesh
-    if mesh.ndim != 1 or logits.placements[0] != Shard(logits.ndim - 1) and logits.placements[0] != Shard(-1):
+    if mesh.ndim != 1 or logits.placements[0] not in (Shard(logits.ndim - 1), Shard(-1)):
         raise ValueError(f"Expected logits sharded on the vocabulary over a 1-D mesh, got {logits.placements}.")
     if logits.shape[-1] % mesh.size():
         raise ValueError(
@@ -75,26 +88,13 @@ def vocab_parallel_cross_entropy(logits: DTensor, target: torch.Tensor) -> torch
         )
     local = logits.to_local().float()
     start = mesh.get_local_rank() * local.shape[-1]
-    return _VocabParallelCrossEntropy.apply(local, target, start, mesh.get_group())
+    vocab_size = logits.shape[-1] if vocab_size is None else vocab_size
+    return _VocabParallelCrossEntropy.apply(local, target.to(local.device), start, vocab_size, mesh.get_group())
 
 
-def token_cross_entropy(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
-    """Mean cross entropy of `logits` [..., V] against `labels` [...] over the labels that are not `ignore_index`
-    (masked LM, or causal LM once shifted). `num_items_in_batch`, passed by Trainer under gradient accumulation,
-    replaces this micro-batch's count as the denominator. Plain logits and vocabulary-sharded DTensor logits give
-    the same value and gradients."""
-    labels = labels.to(logits.device)
-    if is_vocab_sharded(logits):
-        per_token = vocab_parallel_cross_entropy(logits, labels)
-    else:
-        per_token = F.cross_entropy(
-            logits.float().flatten(0, -2), labels.flatten(), reduction="none", ignore_index=ignore_index
-        ).view(labels.shape)
+def _mean_over_labels(per_token, labels, num_items_in_batch, ignore_index):
+    """transformers' reduction: the sum over kept labels, divided by their count or by `num_items_in_batch` (passed
+    by Trainer under gradient accumulation)."""
     kept = labels != ignore_index
     total = (per_token * kept).sum()
     count = num_items_in_batch if num_items_in_batch is not None else kept.sum()
@@ -103,28 +103,57 @@ def token_cross_entropy(
     return total / count
 
 
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    shift_labels: torch.Tensor | None = None,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    **kwargs,
-) -> torch.Tensor:
-    """Mean next-token cross entropy: `labels` are aligned with the inputs and shifted here (transformers'
-    convention); `shift_labels` are already shifted (Megatron's)."""
+def is_vocab_sharded(logits: torch.Tensor) -> bool:
+    return isinstance(logits, DTensor) and any(isinstance(p, Shard) for p in logits.placements)
+
+
+def vocab_parallel_causal_lm_loss(logits, labels=None, vocab_size: int = 0, padded_vocab_softmax: bool = False,
+                                  shift_labels=None, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
+                                  **kwargs):
+    """`models.padded_vocab.causal_lm_loss` on vocabulary-sharded logits, without gathering them."""
+    if not is_vocab_sharded(logits):
+        return causal_lm_loss(logits, labels, vocab_size, padded_vocab_softmax, shift_labels=shift_labels,
+                              num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return token_cross_entropy(logits, shift_labels, num_items_in_batch, ignore_index)
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    per_token = vocab_parallel_cross_entropy(logits, shift_labels, None if padded_vocab_softmax else vocab_size)
+    return _mean_over_labels(per_token, shift_labels.to(per_token.device), num_items_in_batch, ignore_index)
 
 
-def gather_vocab_logits(logits: torch.Tensor, vocab_size: int, keep_sharded: bool = False) -> torch.Tensor:
-    """Full logits over the real vocabulary (the padded columns dropped). With `keep_sharded`, sharded logits
-    are returned as they are: training only needs the loss, and gathering b x s x V is what TP saves."""
-    if is_vocab_sharded(logits):
-        if keep_sharded:
-            return logits
-        logits = logits.full_tensor()
-    elif isinstance(logits, DTensor):
-        logits = logits.to_local()
-    return logits[..., :vocab_size]
+def vocab_parallel_masked_lm_loss(logits, labels, vocab_size: int = 0, padded_vocab_softmax: bool = False,
+                                  num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, **kwargs):
+    """`models.padded_vocab.masked_lm_loss` on vocabulary-sharded logits, without gathering them."""
+    if not is_vocab_sharded(logits):
+        return masked_lm_loss(logits, labels, vocab_size, padded_vocab_softmax,
+                              num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
+    per_token = vocab_parallel_cross_entropy(logits, labels, None if padded_vocab_softmax else vocab_size)
+    return _mean_over_labels(per_token, labels.to(per_token.device), num_items_in_batch, ignore_index)
+
+
+_VOCAB_PARALLEL_LOSSES = {causal_lm_loss: vocab_parallel_causal_lm_loss, masked_lm_loss: vocab_parallel_masked_lm_loss}
+
+
+def _plain_outputs(module, args, output):
+    """The logits sliced to `vocab_size` from sharded ones are a replicated DTensor: hand back the plain tensor that
+    a single process returns (one type and shape in every layout)."""
+    if isinstance(output, ModelOutput):
+        for key, value in output.items():
+            if isinstance(value, DTensor):
+                output[key] = value.to_local()
+        return output
+    if isinstance(output, tuple):
+        return tuple(v.to_local() if isinstance(v, DTensor) else v for v in output)
+    return output
+
+
+def use_vocab_parallel_output(model: nn.Module) -> None:
+    """Before tensor parallelism is applied: split the output layer along the vocabulary without gathering its
+    logits, and compute the model's language-model loss on the shards. A model without an output layer in its plan
+    (an encoder or a task head) is left alone."""
+    plan = model._tp_plan or {}
+    loss = _VOCAB_PARALLEL_LOSSES.get(getattr(type(model), "_loss_function", None))
+    if "output_layer" not in plan or loss is None:
+        return
+    model._tp_plan = {**plan, "output_layer": VOCAB_PARALLEL_OUTPUT}
+    model.loss_function = loss
+    model.register_forward_hook(_plain_outputs)

@@ -37,6 +37,9 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
             `init_method_std / sqrt(2 * num_layers)`, as Megatron does.
         make_vocab_size_divisible_by (`int`): the embedding is padded to a multiple of this (once, not x TP: a
             checkpoint's shapes do not depend on the layout it was trained with).
+        padded_vocab_softmax (`bool`): take the language-model loss's softmax over the padded vocabulary, padded
+            rows included, as Megatron-LM trains. By default (`False`) the loss is the cross entropy of the returned
+            logits, which stop at `vocab_size`, so that scores computed from the logits agree with the loss.
         add_binary_head (`bool`): [`MegatronBertForPreTraining`] trains the sentence-order head (Megatron's
             `--bert-binary-head`); without it pretraining is masked LM alone.
         tie_word_embeddings (`bool`): share the input embedding and the masked-LM output layer.
@@ -82,6 +85,7 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
     classifier_dropout: float | None = None
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+    padded_vocab_softmax: bool = False
     add_binary_head: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0

@@ -3,9 +3,9 @@
 Module names are Megatron-Core's `BertModel` (`embedding.{word,position,tokentype}_embeddings`,
 `encoder.layers.N.{input_layernorm, self_attention.linear_qkv, linear_proj, pre_mlp_layernorm, mlp.linear_fc1,
 linear_fc2}`, `encoder.final_layernorm`, `pooler.dense`, `lm_head.{dense,layer_norm}`, `output_layer`,
-`binary_head`), with the attention and MLP blocks shared with the GPT. The file holds no parallelism: the
-tensor-parallel plan is data on the config and on the masked-LM heads; their loss comes from `megahf.parallel`,
-which computes it on vocabulary-sharded logits when the output layer is tensor-parallel.
+`binary_head`), with the attention and MLP blocks shared with the GPT. The file holds no parallelism and imports
+nothing from megahf outside `models/` (it loads as Hub remote code): the tensor-parallel plan is data on the config
+and on the masked-LM heads; `megahf.parallel` adds the vocabulary-parallel loss when megahf is installed.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.utils import ModelOutput
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ...parallel.distribute import maybe_distribute_tied, retie_gathered_state_dict
-from ...parallel.vocab_parallel import VOCAB_PARALLEL_OUTPUT, gather_vocab_logits, token_cross_entropy
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
+from ..padded_vocab import PaddedVocabMixin, masked_lm_loss
 from .configuration_megatron_bert import MegatronBertConfig
 
 
@@ -119,7 +118,7 @@ class MegatronBertLMHead(nn.Module):
         return self.layer_norm(F.gelu(self.dense(hidden_states)))
 
 
-class MegatronBertPreTrainedModel(PreTrainedModel):
+class MegatronBertPreTrainedModel(PaddedVocabMixin, PreTrainedModel):
     config_class = MegatronBertConfig
     config: MegatronBertConfig
     base_model_prefix = "model"
@@ -130,18 +129,6 @@ class MegatronBertPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": MegatronBertLayer, "attentions": MegatronSelfAttention}
-
-    @classmethod
-    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
-        # Refuse a layout that does not divide the model before anything is sharded or loaded.
-        if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
-            model.config.check_tensor_parallel(distributed_config.tp_size)
-        return maybe_distribute_tied(model, distributed_config, mesh_manager)
-
-    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs):
-        # A gathered tied head is a copy of the embedding: re-tie it so that the checkpoint holds it once.
-        state_dict = super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **kwargs)
-        return retie_gathered_state_dict(model_to_save, state_dict)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -202,7 +189,7 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
 @dataclass
 class MegatronBertForPreTrainingOutput(ModelOutput):
     """`loss` = masked-LM loss + sentence-order loss (each a mean, as in Megatron); `prediction_logits` over the
-    real vocabulary (vocabulary-sharded under tensor parallelism when labels were given)."""
+    real vocabulary."""
 
     loss: torch.Tensor | None = None
     prediction_logits: torch.Tensor | None = None
@@ -213,10 +200,12 @@ class MegatronBertForPreTrainingOutput(ModelOutput):
 
 class _MaskedLMHeadMixin:
     """The masked-LM output: `lm_head` transform, then `output_layer` (tied to the word embeddings, with a bias),
-    vocabulary-parallel under tensor parallelism."""
+    split along the vocabulary under tensor parallelism. Logits stop at `vocab_size`; the loss is their cross
+    entropy."""
 
     _tied_weights_keys = {"output_layer.weight": "model.embedding.word_embeddings.weight"}
-    _tp_plan = {"output_layer": VOCAB_PARALLEL_OUTPUT}
+    _tp_plan = {"output_layer": "colwise_gather_output"}
+    _loss_function = staticmethod(masked_lm_loss)  # `self.loss_function`, which megahf.parallel may replace
 
     def _build_lm_output(self, config: MegatronBertConfig) -> None:
         self.lm_head = MegatronBertLMHead(config)
@@ -230,8 +219,12 @@ class _MaskedLMHeadMixin:
 
     def _masked_lm(self, hidden_states, labels, num_items_in_batch=None):
         logits = self.output_layer(self.lm_head(hidden_states))
-        loss = token_cross_entropy(logits, labels, num_items_in_batch) if labels is not None else None
-        return loss, gather_vocab_logits(logits, self.config.vocab_size, keep_sharded=loss is not None)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
+                                      padded_vocab_softmax=self.config.padded_vocab_softmax,
+                                      num_items_in_batch=num_items_in_batch)
+        return loss, logits[..., : self.config.vocab_size]
 
 
 class MegatronBertForPreTraining(_MaskedLMHeadMixin, MegatronBertPreTrainedModel):
@@ -248,6 +241,7 @@ class MegatronBertForPreTraining(_MaskedLMHeadMixin, MegatronBertPreTrainedModel
         self.binary_head = nn.Linear(config.hidden_size, 2) if config.add_binary_head else None
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -258,7 +252,7 @@ class MegatronBertForPreTraining(_MaskedLMHeadMixin, MegatronBertPreTrainedModel
         labels: torch.LongTensor | None = None,
         next_sentence_label: torch.LongTensor | None = None,
         **kwargs,
-    ) -> MegatronBertForPreTrainingOutput:
+    ) -> MegatronBertForPreTrainingOutput | tuple:
         r"""`labels`: the original token at each masked position, -100 elsewhere. `next_sentence_label`: 0 when the
         segments are in order, 1 when swapped (sentence-order prediction)."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -286,6 +280,7 @@ class MegatronBertForMaskedLM(_MaskedLMHeadMixin, MegatronBertPreTrainedModel):
         self._build_lm_output(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -316,6 +311,7 @@ class MegatronBertForSequenceClassification(MegatronBertPreTrainedModel):
         self.classification_head = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -345,6 +341,7 @@ class MegatronBertForMultipleChoice(MegatronBertPreTrainedModel):
         self.multichoice_head = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -381,6 +378,7 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -412,6 +410,7 @@ class MegatronBertForTokenClassification(MegatronBertPreTrainedModel):
         self.classification_head = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -42,6 +42,9 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         make_vocab_size_divisible_by (`int`): the embedding is padded to a multiple of this. Megatron multiplies it
             by the tensor-parallel size; megahf pads once, so that a checkpoint's shapes do not depend on the layout
             it was trained with (128 divides by every power-of-two TP size up to 128).
+        padded_vocab_softmax (`bool`): take the language-model loss's softmax over the padded vocabulary, padded
+            rows included, as Megatron-LM trains. By default (`False`) the loss is the cross entropy of the returned
+            logits, which stop at `vocab_size`, so that scores computed from the logits agree with the loss.
     """
 
     model_type = "megatron_gpt"
@@ -52,17 +55,6 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         "initializer_range": "init_method_std",
         "layer_norm_eps": "layernorm_epsilon",
         "rms_norm_eps": "layernorm_epsilon",
-    }
-    # Megatron's tensor parallelism as data: Q/K/V and fc1 split by columns (heads / channels), the projections
-    # after them by rows; the embedding split along the (padded) vocabulary.
-    base_model_tp_plan = {
-        "embedding.word_embeddings": "embedding_rowwise",
-        "decoder.layers.*.self_attention.linear_qkv": "colwise",
-        "decoder.layers.*.self_attention.linear_proj": "rowwise",
-        "decoder.layers.*.mlp.linear_fc1": "colwise",
-        "decoder.layers.*.mlp.linear_fc1_gate": "colwise",
-        "decoder.layers.*.mlp.linear_fc1_up": "colwise",
-        "decoder.layers.*.mlp.linear_fc2": "rowwise",
     }
     base_model_pp_plan = {
         "embedding": (["input_ids"], ["inputs_embeds"]),
@@ -95,6 +87,7 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+    padded_vocab_softmax: bool = False
     use_cache: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
@@ -120,6 +113,20 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             self.fail("hidden_size",
                       f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Megatron's tensor parallelism as data: Q/K/V and fc1 split by columns (heads / channels), the projections
+        after them by rows, the embedding along the (padded) vocabulary; fc1 is gelu's `linear_fc1` or SwiGLU's
+        gate and up, whichever this model has."""
+        fc1 = ("linear_fc1_gate", "linear_fc1_up") if self.activation == "swiglu" else ("linear_fc1",)
+        return {
+            "embedding.word_embeddings": "embedding_rowwise",
+            "decoder.layers.*.self_attention.linear_qkv": "colwise",
+            "decoder.layers.*.self_attention.linear_proj": "rowwise",
+            **{f"decoder.layers.*.mlp.{name}": "colwise" for name in fc1},
+            "decoder.layers.*.mlp.linear_fc2": "rowwise",
+        }
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MegatronGPTConfig:

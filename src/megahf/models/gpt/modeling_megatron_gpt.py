@@ -1,9 +1,10 @@
 """Megatron's GPT as a transformers model.
 
 Module names and the fused QKV layout are Megatron-Core's, so a Megatron checkpoint maps onto this model by renaming.
-The file holds no parallelism: the tensor-parallel plan is data on the config (`base_model_tp_plan`) and on the head
-class (`_tp_plan`), applied by transformers' `DistributedConfig` machinery; the loss comes from `megahf.parallel`,
-which computes it on vocabulary-sharded logits when the output layer is tensor-parallel.
+The file holds no parallelism and imports nothing from megahf outside `models/`, so that it loads as Hub remote code:
+the tensor-parallel plan is data on the config (`base_model_tp_plan`) and on the head class (`_tp_plan`), applied by
+transformers' `DistributedConfig` machinery. `megahf.parallel` adds what transformers lacks (the vocabulary-parallel
+loss, tying before FSDP2) when megahf is installed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ...parallel.distribute import maybe_distribute_tied, retie_gathered_state_dict
-from ...parallel.vocab_parallel import VOCAB_PARALLEL_OUTPUT, causal_lm_loss, gather_vocab_logits
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
+from ..padded_vocab import PaddedVocabMixin, causal_lm_loss
 from .configuration_megatron_gpt import MegatronGPTConfig
 
 
@@ -105,7 +106,7 @@ class MegatronGPTTransformerBlock(nn.Module):
         self.final_layernorm = build_norm(config)
 
 
-class MegatronGPTPreTrainedModel(PreTrainedModel):
+class MegatronGPTPreTrainedModel(PaddedVocabMixin, PreTrainedModel):
     config_class = MegatronGPTConfig
     config: MegatronGPTConfig
     base_model_prefix = "model"
@@ -117,25 +118,6 @@ class MegatronGPTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": MegatronGPTLayer, "attentions": MegatronSelfAttention}
-
-    def init_parallel_plans(self) -> None:
-        # The plan names both MLP variants (gelu's `linear_fc1`, swiglu's gate/up); keep the rules this model has.
-        super().init_parallel_plans()
-        names = {name for name, _ in self.named_modules()}
-        pattern = {name.split(".")[-1] for name in names}
-        self._tp_plan = {k: v for k, v in self._tp_plan.items() if k.rsplit(".", 1)[-1] in pattern}
-
-    @classmethod
-    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
-        # Refuse a layout that does not divide the model before anything is sharded or loaded.
-        if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
-            model.config.check_tensor_parallel(distributed_config.tp_size)
-        return maybe_distribute_tied(model, distributed_config, mesh_manager)
-
-    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs):
-        # A gathered tied head is a copy of the embedding: re-tie it so that the checkpoint holds it once.
-        state_dict = super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **kwargs)
-        return retie_gathered_state_dict(model_to_save, state_dict)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -163,6 +145,7 @@ class MegatronGPTModel(MegatronGPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embedding.word_embeddings = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -204,16 +187,16 @@ class MegatronGPTModel(MegatronGPTPreTrainedModel):
 class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
     """Megatron's GPT with its output layer (tied to the word embeddings unless `tie_word_embeddings=False`).
 
-    Under tensor parallelism the output layer is split along the vocabulary and, when `labels` are given, the loss
-    is computed on the vocabulary-sharded logits without gathering them (Megatron's parallel cross entropy); the
-    returned `logits` are then left sharded (a DTensor). Without labels the logits are gathered. Returned logits
-    stop at `config.vocab_size`: the padding rows of the embedding can never be generated.
+    Returned logits stop at `config.vocab_size` (the padding rows of the embedding can never be generated) and the
+    loss is their cross entropy. Under tensor parallelism the output layer is split along the vocabulary; with
+    megahf installed the loss is computed on the vocabulary shards (Megatron's parallel cross entropy).
     """
 
     _tied_weights_keys = {"output_layer.weight": "model.embedding.word_embeddings.weight"}
-    _tp_plan = {"output_layer": VOCAB_PARALLEL_OUTPUT}
+    _tp_plan = {"output_layer": "colwise_gather_output"}
     _pp_plan = {"output_layer": (["hidden_states"], ["logits"])}
     _fsdp_plan = {"output_layer": "keep_full_weight"}
+    _loss_function = staticmethod(causal_lm_loss)  # `self.loss_function`, which megahf.parallel may replace
 
     def __init__(self, config: MegatronGPTConfig):
         super().__init__(config)
@@ -227,6 +210,8 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.output_layer = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -253,8 +238,9 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
         logits = self.output_layer(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:
-            loss = causal_lm_loss(logits, labels, **kwargs)
-        logits = gather_vocab_logits(logits, self.config.vocab_size, keep_sharded=loss is not None)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
+                                      padded_vocab_softmax=self.config.padded_vocab_softmax, **kwargs)
+        logits = logits[..., : self.config.vocab_size]
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -1,0 +1,38 @@
+"""What megahf adds when one of its models is distributed, attached to the model classes by `megahf.parallel`.
+
+The modeling files are plain transformers code that loads without megahf (Hub remote code); transformers then
+shards them from their plans alone. With megahf installed, `attach_parallel_hooks` gives their `PreTrainedModel`
+base classes the two hooks transformers calls, so that `from_pretrained(..., distributed_config=...)` and
+`megahf.parallel.distribute_model` both:
+
+* refuse a tensor-parallel size that does not divide the model, before anything is sharded or loaded;
+* split the output layer along the vocabulary and compute the loss on the shards (`vocab_parallel.py`);
+* tie a tied output layer before FSDP2 shards it, and save it once (`distribute.py`).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from .distribute import maybe_distribute_tied, retie_gathered_state_dict
+from .vocab_parallel import use_vocab_parallel_output
+
+
+def _maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+    if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
+        model.config.check_tensor_parallel(distributed_config.tp_size)
+        use_vocab_parallel_output(model)
+    return maybe_distribute_tied(model, distributed_config, mesh_manager)
+
+
+def _gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs):
+    # A gathered tied head is a copy of the embedding: re-tie it so that the checkpoint holds it once.
+    state_dict = PreTrainedModel.gather_sharded_state_dict_for_save(
+        self, model_to_save, state_dict, distributed_config, **kwargs
+    )
+    return retie_gathered_state_dict(model_to_save, state_dict)
+
+
+def attach_parallel_hooks(base_class: type[PreTrainedModel]) -> None:
+    base_class.maybe_distribute_model = classmethod(_maybe_distribute_model)
+    base_class.gather_sharded_state_dict_for_save = _gather_sharded_state_dict_for_save
