@@ -90,3 +90,26 @@ class InTreeNames:
         for table, model_type in cls._added_names:
             table.pop(model_type, None)
         super().tearDownClass()
+
+
+def distributed_entry(rank: int, world_size: int, port: int, module: str, name: str, args: tuple) -> None:
+    """One rank of the shims' `run_distributed`: torchrun's environment, a gloo group, then `module.name(rank, *args)`.
+    It lives here, not in the shim, so that a spawned process can import it before the tests package exists."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    package()
+    fn = importlib.import_module(module)
+    for part in name.split("."):
+        fn = getattr(fn, part)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

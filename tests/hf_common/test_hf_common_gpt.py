@@ -93,6 +93,11 @@ class MegatronGPTModelTester:
             result = model(input_ids, attention_mask=input_mask, labels=token_labels)
         self.parent.assertEqual(result.logits.shape, (self.batch_size, self.seq_length, self.vocab_size))
         self.parent.assertEqual(result.loss.shape, ())
+        # the loss is the cross entropy of the logits the model returns (labels shifted inside, as in transformers)
+        expected = torch.nn.functional.cross_entropy(result.logits[:, :-1].reshape(-1, self.vocab_size),
+                                                     token_labels[:, 1:].reshape(-1))
+        torch.testing.assert_close(result.loss, expected, msg=lambda m: "loss != cross entropy of the returned "
+                                   f"logits (over config.vocab_size={self.vocab_size}):\n{m}")
 
 
 class _MegatronGPTCommonTest(InTreeNames, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin,
@@ -121,6 +126,14 @@ class _MegatronGPTCommonTest(InTreeNames, ModelTesterMixin, GenerationTesterMixi
 
     def test_causal_lm(self):
         self.model_tester.create_and_check_causal_lm(*self.model_tester.prepare_config_and_inputs())
+
+    def _get_tp_config(self, tie_word_embeddings=None):
+        # test_tp_backward compares a TP and a single-process model in train mode: their dropout masks cannot match
+        # (each rank draws its own for its shard), so the TP tests run without dropout, as the in-tree models that
+        # transformers runs them for (Qwen2/3: no dropout) do.
+        config = super()._get_tp_config(tie_word_embeddings=tie_word_embeddings)
+        config.attention_dropout = config.hidden_dropout = 0.0
+        return config
 
     def _skip_if_tp_distributed_not_enabled(self):
         # transformers runs its distributed TP tests only for an allowlist of in-tree model types (CI time); megahf's
