@@ -13,6 +13,9 @@
 #       3. scripts/requirements-test.txt (exact pins),
 #       4. megahf itself, editable, with --no-deps (the pins cover its dependencies);
 #     then writes the stamp, so the next runs skip all of this;
+#   * restores transformers' common model tests from its pinned sdist (scripts/fetch_transformers_tests.py:
+#     PyPI, sha256-checked, into .venv/transformers-tests/; a no-op once done). Offline, it warns and goes on:
+#     the tests in tests/hf_common then fail with the command that fetches them;
 #   * exports HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, HF_DATASETS_OFFLINE=1,
 #     TOKENIZERS_PARALLELISM=false and activates .venv.
 #
@@ -95,6 +98,11 @@ _megahf_setup() {
         printf '%s\n' "$want" >"$stamp_file" || return 1
         torch_version="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)" || true
         _megahf_say "installed (torch $torch_version) in $((SECONDS - t0))s"
+    fi
+
+    if ! "$venv/bin/python" "$root/scripts/fetch_transformers_tests.py"; then
+        _megahf_say "warning: transformers' common model tests are not restored; tests/hf_common will fail until" \
+            "'python scripts/fetch_transformers_tests.py' runs with access to PyPI"
     fi
 
     export HF_HUB_OFFLINE=1
