@@ -126,15 +126,18 @@ def test_bert_masked_lm_loss_equals_cross_entropy_of_the_returned_logits(class_n
 
 @pytest.mark.parametrize("variant", ["gpt", "llama"])
 @pytest.mark.parametrize("new_vocab", [109, 150, 40])
-def test_resize_keeps_the_padding_rule_and_round_trips(variant, new_vocab, tmp_path):
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 128])
+def test_resize_rows_vocab_and_round_trip(variant, new_vocab, pad_to_multiple_of, tmp_path):
+    """transformers' rule (n rows), or Megatron's padding with `pad_to_multiple_of` (n tokens, rows rounded up);
+    either way the config describes the matrix, so that save and reload agree."""
     model = gpt(variant)
     old_rows = model.get_input_embeddings().weight.detach().clone()
-    model.resize_token_embeddings(new_vocab)
+    model.resize_token_embeddings(new_vocab, pad_to_multiple_of=pad_to_multiple_of)
     config = model.config
-    padded = -(-new_vocab // 128) * 128
-    assert (config.vocab_size, config.padded_vocab_size) == (new_vocab, padded)
-    assert model.get_input_embeddings().weight.shape[0] == padded
-    assert model.get_output_embeddings().weight.shape[0] == padded
+    rows = new_vocab if pad_to_multiple_of is None else -(-new_vocab // 128) * 128
+    assert (config.vocab_size, config.padded_vocab_size) == (new_vocab, rows)
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    assert model.get_output_embeddings().weight.shape[0] == rows
     kept = min(VOCAB, new_vocab)
     torch.testing.assert_close(model.get_input_embeddings().weight[:kept], old_rows[:kept], rtol=0, atol=0)
     out = model(ids(high=new_vocab))
@@ -142,7 +145,7 @@ def test_resize_keeps_the_padding_rule_and_round_trips(variant, new_vocab, tmp_p
 
     model.save_pretrained(tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert reloaded.config.vocab_size == new_vocab
+    assert (reloaded.config.vocab_size, reloaded.config.padded_vocab_size) == (new_vocab, rows)
     torch.testing.assert_close(reloaded(ids(high=new_vocab)).logits, out.logits, rtol=0, atol=0)
 
 
@@ -154,7 +157,7 @@ def test_resize_initialises_new_rows_around_the_mean_of_the_real_rows(variant):
     with torch.no_grad():
         model.get_input_embeddings().weight[:VOCAB] += 5.0  # real rows far from the padded ones
     real_mean = model.get_input_embeddings().weight[:VOCAB].mean(0)
-    model.resize_token_embeddings(400)
+    model.resize_token_embeddings(400, pad_to_multiple_of=128)
     new_rows = model.get_input_embeddings().weight[VOCAB:400]
     # Each new row is drawn around the old mean with the old rows' covariance (spread ~0.02 per coordinate):
     # the mean of 301 such rows lies within a few 0.02 / sqrt(301) ~ 1e-3 of it, far from the padded rows' ~0.
@@ -168,7 +171,7 @@ def test_resize_initialises_new_rows_around_the_mean_of_the_real_rows(variant):
                                         "MegatronBertForSequenceClassification"])
 def test_bert_resize_to_fewer_tokens_round_trips(class_name, tmp_path):
     model = bert(class_name)
-    model.resize_token_embeddings(109 if class_name.endswith("Classification") else 40)
+    model.resize_token_embeddings(109 if class_name.endswith("Classification") else 40, pad_to_multiple_of=128)
     assert model.config.padded_vocab_size == model.get_input_embeddings().weight.shape[0] == 128
     inputs = bert_inputs(class_name)
     expected = model(**inputs)
@@ -180,10 +183,15 @@ def test_bert_resize_to_fewer_tokens_round_trips(class_name, tmp_path):
 
 def test_from_pretrained_with_another_vocab_size_is_refused(tmp_path):
     gpt("gpt").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"vocab_size=10 does not match the checkpoint's vocab_size=99 .*"
+    with pytest.raises(RuntimeError, match=r"vocab_size=10 does not match the checkpoint's vocab_size=99 .*"
                                          r"resize_token_embeddings\(10\)"):
         MegatronGPTForCausalLM.from_pretrained(tmp_path, vocab_size=10)
     assert MegatronGPTForCausalLM.from_pretrained(tmp_path, vocab_size=VOCAB).config.vocab_size == VOCAB
+    # As transformers does on a size mismatch: ignore_mismatched_sizes=True initialises the embeddings anew.
+    stored = MegatronGPTForCausalLM.from_pretrained(tmp_path).get_input_embeddings().weight
+    fresh = MegatronGPTForCausalLM.from_pretrained(tmp_path, vocab_size=10, ignore_mismatched_sizes=True)
+    assert fresh.config.vocab_size == 10 and fresh(ids(high=10)).logits.shape[-1] == 10
+    assert not torch.equal(fresh.get_input_embeddings().weight, stored)
 
 
 # --------------------------------------------------------------------------------------------------------------------

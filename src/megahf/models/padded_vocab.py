@@ -9,10 +9,12 @@ for no token. What a user sees follows from that one rule:
   logits (LAMBADA, WikiText, lm-evaluation-harness, Trainer's `compute_metrics`) agrees with the model's own loss.
   `padded_vocab_softmax=True` on the config brings back Megatron-LM's training loss, whose softmax also covers the
   padded rows;
-* `resize_token_embeddings(n)` sets `vocab_size = n` and keeps the rows at `padded_vocab_size` (n rounded up), new
-  rows initialised as transformers does (around the mean of the real rows), so that save and reload agree;
-* `from_pretrained(..., vocab_size=n)` for a checkpoint of another vocabulary is refused: the padded shapes would
-  often match and the checkpoint's rows would be silently reinterpreted.
+* `resize_token_embeddings(n)` gives n rows as in transformers (no padding), `resize_token_embeddings(n,
+  pad_to_multiple_of=128)` n rounded up with `vocab_size` still n; either way `padded_vocab_size` is the row count
+  (save and reload agree) and new rows are initialised as transformers does, around the mean of the real rows;
+* `from_pretrained(..., vocab_size=n)` (or a `config` of another vocabulary) for a checkpoint of another vocabulary
+  raises, as a size mismatch does in transformers: the padded shapes would often match and the checkpoint's rows
+  would be silently reinterpreted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import PreTrainedConfig
 from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
+from transformers.utils import logging
 
 
 def _vocab_logits(logits: torch.Tensor, vocab_size: int, padded_vocab_softmax: bool) -> torch.Tensor:
@@ -46,18 +50,22 @@ class PaddedVocabMixin:
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True):
-        """Resize to `new_num_tokens` real tokens. The embedding keeps `padded_vocab_size` rows (`new_num_tokens`
-        rounded up to `pad_to_multiple_of`, by default `make_vocab_size_divisible_by`); rows that become real tokens
-        are initialised the way transformers initialises new rows, from the old real rows only."""
-        if new_num_tokens is None:
+        """Resize to `new_num_tokens` tokens. As in transformers the matrix then has exactly `new_num_tokens` rows;
+        with `pad_to_multiple_of` it has that many rounded up, and unlike transformers `vocab_size` stays
+        `new_num_tokens` (Megatron's padding: the extra rows stand for no token; `make_vocab_size_divisible_by`
+        becomes `pad_to_multiple_of`). Rows that become tokens are initialised as transformers initialises new rows,
+        from the old real rows only (never from padding)."""
+        if new_num_tokens is None and pad_to_multiple_of is None:
             return self.get_input_embeddings()
-        multiple = pad_to_multiple_of or self.config.make_vocab_size_divisible_by
-        if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+        if pad_to_multiple_of is not None and not isinstance(pad_to_multiple_of, int):
+            return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of)  # raises transformers' error
+        new_num_tokens = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        if not isinstance(new_num_tokens, int) or isinstance(new_num_tokens, bool) or new_num_tokens < 1:
             raise ValueError(f"resize_token_embeddings: new_num_tokens={new_num_tokens!r} must be a positive integer.")
-        old_vocab = self.config.vocab_size
+        multiple = pad_to_multiple_of or 1
         # Drop the padded rows first, so that transformers' mean-resizing reads the real rows only, then grow (or
-        # cut) to the new padded size. `super()` sets config.vocab_size to the row count each time; put it back.
-        super().resize_token_embeddings(min(old_vocab, new_num_tokens), mean_resizing=False)
+        # cut) to the new row count. `super()` sets config.vocab_size to the row count each time; put it back.
+        super().resize_token_embeddings(min(self.config.vocab_size, new_num_tokens), mean_resizing=False)
         embeddings = super().resize_token_embeddings(math.ceil(new_num_tokens / multiple) * multiple,
                                                      mean_resizing=mean_resizing)
         self.config.make_vocab_size_divisible_by = multiple
@@ -66,16 +74,44 @@ class PaddedVocabMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        vocab_size = kwargs.get("vocab_size")
-        if vocab_size is not None and pretrained_model_name_or_path is not None and kwargs.get("config") is None:
-            stored = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-            if stored.vocab_size != vocab_size:
-                raise ValueError(
-                    f"{cls.__name__}.from_pretrained: vocab_size={vocab_size} does not match the checkpoint's "
-                    f"vocab_size={stored.vocab_size} ({pretrained_model_name_or_path}). Load it without vocab_size, "
-                    f"then call model.resize_token_embeddings({vocab_size})."
-                )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """transformers' `from_pretrained`, plus the size check its shapes cannot make here: a `vocab_size` (or a
+        `config`) other than the checkpoint's raises, as a size mismatch does in transformers; with
+        `ignore_mismatched_sizes=True` the word embeddings (and an untied output layer) are initialised anew."""
+        config = kwargs.get("config")
+        wanted = config.vocab_size if isinstance(config, PreTrainedConfig) else kwargs.get("vocab_size")
+        stored = None
+        if wanted is not None and pretrained_model_name_or_path is not None:
+            stored = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs)).vocab_size
+        mismatched = stored is not None and stored != wanted
+        if mismatched and not kwargs.get("ignore_mismatched_sizes"):
+            raise RuntimeError(
+                f"{cls.__name__}.from_pretrained: vocab_size={wanted} does not match the checkpoint's "
+                f"vocab_size={stored} ({pretrained_model_name_or_path}). Load it as it is, then call "
+                f"model.resize_token_embeddings({wanted}); or pass ignore_mismatched_sizes=True to initialise the "
+                "word embeddings anew."
+            )
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if mismatched:
+            # On the logger transformers reports its own size mismatches on, in its words.
+            logging.get_logger("transformers.modeling_utils").warning(
+                f"Reinit due to size mismatch: vocab_size {stored} in the checkpoint, {wanted} asked for; the word "
+                "embeddings and the output layer are newly initialised."
+            )
+            _reinit_vocab_rows(model)
+        return model
+
+
+@torch.no_grad()
+def _reinit_vocab_rows(model) -> None:
+    """Megatron's init of the word embeddings and of an untied output layer, after loading (transformers' guarded
+    init functions skip parameters that were loaded)."""
+    std = model.config.init_method_std
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    embeddings.weight.normal_(0.0, std)
+    if output is not None and output.weight is not embeddings.weight:
+        output.weight.normal_(0.0, std)
+    if output is not None and output.bias is not None:
+        output.bias.zero_()
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
