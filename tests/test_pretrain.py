@@ -102,8 +102,8 @@ def test_outputs_written(run):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no partial files left
     saved = load_recipe(out / "recipe.yaml")
-    assert saved.model_overrides == {"num_layers": 1, "hidden_size": 64}
-    assert saved.train_steps == 8
+    assert saved.model.model_overrides == {"num_layers": 1, "hidden_size": 64}
+    assert saved.optim.train_steps == 8
 
 
 def test_final_checkpoint_reloads_with_auto_class(run):
@@ -212,8 +212,8 @@ def write_yaml(path: Path, values: dict) -> Path:
 def test_shipped_recipes_load():
     tiny = load_recipe(REPO_ROOT / "recipes" / "gpt" / "tiny.yaml")
     llama = load_recipe(REPO_ROOT / "recipes" / "gpt" / "llama-tiny.yaml")
-    assert tiny.model == "gpt-tiny" and llama.model == "llama-tiny"
-    assert tiny.corpus == "embedded" and tiny.tokenizer == "gpt2-embedded"
+    assert tiny.model.model == "gpt-tiny" and llama.model.model == "llama-tiny"
+    assert tiny.data.corpus == "embedded" and tiny.data.tokenizer == "gpt2-embedded"
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):

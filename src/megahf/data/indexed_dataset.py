@@ -51,6 +51,8 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..atomic import temporary_name
+
 __all__ = [
     "DTYPE_CODES",
     "INDEX_MAGIC",
@@ -170,6 +172,67 @@ def _open_map(path: str) -> Union[mmap.mmap, bytes]:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def _check_files_exist(prefix: str, ipath: str, bpath: str) -> None:
+    """Raise FileNotFoundError naming what is missing, with the prefix the user probably meant."""
+    missing = [p for p in (ipath, bpath) if not os.path.isfile(p)]
+    if not missing:
+        return
+    hint = ""
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            hint = f"; pass the prefix without the '{suffix}' suffix ({prefix[: -len(suffix)]!r})"
+    if not hint:
+        near = sorted(Path(prefix).parent.glob(Path(prefix).name + "*_document.idx")) + sorted(
+            Path(prefix).parent.glob(Path(prefix).name + "*_sentence.idx")
+        )
+        if near:
+            hint = f"; did you mean the prefix {str(near[0])[:-4]!r} (as written by `megahf preprocess`)?"
+    raise FileNotFoundError(f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}")
+
+
+def _read_index_header(imap, ipath: str) -> tuple[int, int, int, bool]:
+    """(dtype code, sequence count, document-index count, whether modes follow) from a checked header: magic,
+    version, dtype code, and a file size that matches the counts exactly."""
+    size = len(imap)
+    if size < _HEADER_SIZE:
+        if size >= len(INDEX_MAGIC) and bytes(imap[: len(INDEX_MAGIC)]) != INDEX_MAGIC:
+            raise IndexedDatasetError(
+                f"{ipath}: not a Megatron index file (first bytes {bytes(imap[:9])!r}, expected {INDEX_MAGIC!r})"
+            )
+        raise IndexedDatasetError(
+            f"{ipath}: truncated index file ({size} bytes, the header alone takes {_HEADER_SIZE})"
+        )
+    magic = bytes(imap[:9])
+    if magic != INDEX_MAGIC:
+        raise IndexedDatasetError(
+            f"{ipath}: not a Megatron index file (first bytes {magic!r}, expected {INDEX_MAGIC!r})"
+        )
+    (version,) = struct.unpack_from("<Q", imap, 9)
+    if version != INDEX_VERSION:
+        raise IndexedDatasetError(
+            f"{ipath}: unsupported index version {version} (only version {INDEX_VERSION} exists)"
+        )
+    (code,) = struct.unpack_from("<B", imap, 17)
+    if code not in DTYPE_CODES:
+        known = ", ".join(f"{c}={d}" for c, d in DTYPE_CODES.items())
+        raise IndexedDatasetError(f"{ipath}: unknown dtype code {code} (known codes: {known})")
+    n, d = struct.unpack_from("<QQ", imap, 18)
+    expected = _HEADER_SIZE + 4 * n + 8 * n + 8 * d
+    if size == expected:
+        has_modes = False
+    elif size == expected + n and n > 0:
+        has_modes = True
+    else:
+        kind = "truncated" if size < expected else "has trailing bytes or a corrupt header:"
+        raise IndexedDatasetError(
+            f"{ipath}: {kind} index file is {size} bytes but its header announces {n} sequences "
+            f"and {d} document indices, which take {expected} bytes ({expected + n} with modes)"
+        )
+    if d < 1:
+        raise IndexedDatasetError(f"{ipath}: corrupt index: no document indices (at least [0] is required)")
+    return code, n, d, has_modes
+
+
 class IndexedDataset:
     """Read a Megatron ``{prefix}.bin`` / ``{prefix}.idx`` pair through memory maps.
 
@@ -190,66 +253,18 @@ class IndexedDataset:
 
     # ------------------------------------------------------------------ opening and validation
     def _open(self) -> None:
-        prefix = self.path_prefix
-        ipath, bpath = idx_path(prefix), bin_path(prefix)
-        missing = [p for p in (ipath, bpath) if not os.path.isfile(p)]
-        if missing:
-            hint = ""
-            for suffix in (".bin", ".idx"):
-                if prefix.endswith(suffix):
-                    hint = f"; pass the prefix without the '{suffix}' suffix ({prefix[: -len(suffix)]!r})"
-            if not hint:
-                near = sorted(Path(prefix).parent.glob(Path(prefix).name + "*_document.idx")) + sorted(
-                    Path(prefix).parent.glob(Path(prefix).name + "*_sentence.idx")
-                )
-                if near:
-                    hint = f"; did you mean the prefix {str(near[0])[:-4]!r} (as written by `megahf preprocess`)?"
-            raise FileNotFoundError(
-                f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}"
-            )
-
+        """Map both files and check them against each other before any sample is read."""
+        ipath, bpath = idx_path(self.path_prefix), bin_path(self.path_prefix)
+        _check_files_exist(self.path_prefix, ipath, bpath)
         imap = _open_map(ipath)
-        size = len(imap)
-        if size < _HEADER_SIZE:
-            if size >= len(INDEX_MAGIC) and bytes(imap[: len(INDEX_MAGIC)]) != INDEX_MAGIC:
-                raise IndexedDatasetError(
-                    f"{ipath}: not a Megatron index file (first bytes {bytes(imap[:9])!r}, "
-                    f"expected {INDEX_MAGIC!r})"
-                )
-            raise IndexedDatasetError(
-                f"{ipath}: truncated index file ({size} bytes, the header alone takes {_HEADER_SIZE})"
-            )
-        magic = bytes(imap[:9])
-        if magic != INDEX_MAGIC:
-            raise IndexedDatasetError(
-                f"{ipath}: not a Megatron index file (first bytes {magic!r}, expected {INDEX_MAGIC!r})"
-            )
-        (version,) = struct.unpack_from("<Q", imap, 9)
-        if version != INDEX_VERSION:
-            raise IndexedDatasetError(
-                f"{ipath}: unsupported index version {version} (only version {INDEX_VERSION} exists)"
-            )
-        (code,) = struct.unpack_from("<B", imap, 17)
-        if code not in DTYPE_CODES:
-            known = ", ".join(f"{c}={d}" for c, d in DTYPE_CODES.items())
-            raise IndexedDatasetError(f"{ipath}: unknown dtype code {code} (known codes: {known})")
-        n, d = struct.unpack_from("<QQ", imap, 18)
-        body = 4 * n + 8 * n + 8 * d
-        expected = _HEADER_SIZE + body
-        if size == expected:
-            has_modes = False
-        elif size == expected + n and n > 0:
-            has_modes = True
-        else:
-            kind = "truncated" if size < expected else "has trailing bytes or a corrupt header:"
-            raise IndexedDatasetError(
-                f"{ipath}: {kind} index file is {size} bytes but its header announces {n} sequences "
-                f"and {d} document indices, which take {expected} bytes ({expected + n} with modes)"
-            )
-        if d < 1:
-            raise IndexedDatasetError(f"{ipath}: corrupt index: no document indices (at least [0] is required)")
-
+        code, n, d, has_modes = _read_index_header(imap, ipath)
         self.dtype: np.dtype = DTYPE_CODES[code]
+        self._map_index_arrays(imap, ipath, n, d, has_modes)
+        self._tokens = self._map_tokens(_open_map(bpath), ipath, bpath)
+
+    def _map_index_arrays(self, imap, ipath: str, n: int, d: int, has_modes: bool) -> None:
+        """Views of the index's arrays (lengths, pointers, document indices, modes); the document indices must run
+        from 0 to the sequence count."""
         offset = _HEADER_SIZE
         self.sequence_lengths = np.frombuffer(imap, dtype="<i4", count=n, offset=offset)
         offset += 4 * n
@@ -266,7 +281,10 @@ class IndexedDataset:
                 f"to {int(self.document_indices[-1])}, expected 0 to the sequence count {n}"
             )
 
-        bmap = _open_map(bpath)
+    def _map_tokens(self, bmap, ipath: str, bpath: str) -> np.ndarray:
+        """The ``.bin`` as one token array, after checking that the pointers are the running sum of the lengths and
+        that the file holds exactly the bytes they describe."""
+        n = len(self.sequence_lengths)
         itemsize = self.dtype.itemsize
         if n:
             first_ptr = int(self.sequence_pointers[0])
@@ -285,8 +303,8 @@ class IndexedDataset:
                 f"({int(total // itemsize)} tokens of {self.dtype}); the .bin is "
                 f"{'truncated' if len(bmap) < total else 'longer than its index'} or belongs to another index"
             )
-        # Every array handed out is a view of one of these; numpy keeps the mmap alive via .base.
-        self._tokens = np.frombuffer(bmap, dtype=self.dtype.newbyteorder("<"), count=total // itemsize)
+        # Every array handed out is a view of this one; numpy keeps the mmap alive via .base.
+        return np.frombuffer(bmap, dtype=self.dtype.newbyteorder("<"), count=total // itemsize)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -388,12 +406,6 @@ class IndexedDataset:
         return os.path.isfile(idx_path(path_prefix)) and os.path.isfile(bin_path(path_prefix))
 
 
-def _tmp_name(path: str) -> str:
-    """Temporary name next to ``path``: same folder (so the rename is atomic), clearly unfinished."""
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}")
-
-
 class IndexedDatasetBuilder:
     """Write a Megatron ``.bin``/``.idx`` pair, byte for byte as Megatron-Core's builder does.
 
@@ -415,7 +427,7 @@ class IndexedDatasetBuilder:
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # validates
         self.multimodal = multimodal
-        self._bin_tmp = _tmp_name(self.bin_path)
+        self._bin_tmp = temporary_name(self.bin_path, tag="tmp")
         self._idx_tmp: Optional[str] = None
         self._idx_path: Optional[str] = None
         self._data = open(self._bin_tmp, "wb")
@@ -532,7 +544,7 @@ class IndexedDatasetBuilder:
         """
         self._check_open()
         self._idx_path = os.fspath(idx_path)
-        self._idx_tmp = _tmp_name(self._idx_path)
+        self._idx_tmp = temporary_name(self._idx_path, tag="tmp")
         try:
             self._data.close()
             lengths = np.frombuffer(self._lengths, dtype=np.int32) if len(self._lengths) else np.zeros(0, np.int32)

@@ -9,6 +9,7 @@ boundaries (Megatron's default).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import datasets

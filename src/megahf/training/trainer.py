@@ -74,7 +74,8 @@ class MegatronTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         # transformers' "linear" decays to 0; Megatron's linear style decays to min_lr.
         if self.lr_scheduler is None and self.recipe.optim.lr_schedule == "linear":
-            warmup, peak, floor = self.recipe.optim.warmup_steps, self.recipe.optim.learning_rate, self.recipe.optim.min_learning_rate
+            optim = self.recipe.optim
+            warmup, peak, floor = optim.warmup_steps, optim.learning_rate, optim.min_learning_rate
 
             def factor(step: int) -> float:
                 if step < warmup:
