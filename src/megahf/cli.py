@@ -15,7 +15,7 @@ import importlib
 import sys
 
 from . import __version__
-from .data import preprocess
+from .data import preprocess_arguments
 from .recipe import PretrainRecipe, RecipeError, recipe_help
 
 PRETRAIN_EPILOG = """\
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pretrain.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/gpt/tiny.yaml")
 
-    preprocess.add_arguments(
+    preprocess_arguments.add_arguments(
         verbs.add_parser(
             "preprocess",
             help="tokenize a corpus into Megatron's indexed dataset (.bin/.idx)",
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "preprocess":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return preprocess.run(args)
+        return run_verb("megahf.data.preprocess", "run", args)
     try:
         if args.verb == "pretrain":
             return run_pretrain_verb(args.recipe, rest)
