@@ -1,41 +1,41 @@
-"""Megatron-Core's indexed dataset (``{prefix}.bin`` + ``{prefix}.idx``), read and written by numpy.
+"""Megatron-Core's indexed dataset (`{prefix}.bin` + `{prefix}.idx`), read and written by numpy.
 
-The files are byte-compatible with ``megatron.core.datasets.indexed_dataset`` (checked against
-megatron-core 0.16.1 in ``tests/data/test_indexed_dataset.py``):
+The files are byte-compatible with `megatron.core.datasets.indexed_dataset` (checked against
+megatron-core 0.16.1 in `tests/data/test_indexed_dataset.py`):
 
-``{prefix}.bin``
+`{prefix}.bin`
     every sequence's tokens back to back, in the dtype named by the index, little-endian.
-``{prefix}.idx`` (all integers little-endian)
+`{prefix}.idx` (all integers little-endian)
     ======  ==========================  =====================================================
     bytes   field                       meaning
     ======  ==========================  =====================================================
-    9       magic                       ``b"MMIDIDX\\x00\\x00"``
+    9       magic                       `b"MMIDIDX\\x00\\x00"`
     8       version (u64)               always 1
-    1       dtype code (u8)             :data:`DTYPE_CODES`
+    1       dtype code (u8)             `DTYPE_CODES`
     8       sequence count N (u64)
     8       document count D (u64)      length of the document index array (documents + 1)
     4 N     sequence lengths (int32)    tokens per sequence
-    8 N     sequence pointers (int64)   byte offset of each sequence in the ``.bin``
-    8 D     document indices (int64)    ``[0, end of doc 0, end of doc 1, ...]`` in sequences
+    8 N     sequence pointers (int64)   byte offset of each sequence in the `.bin`
+    8 D     document indices (int64)    `[0, end of doc 0, end of doc 1, ...]` in sequences
     N       sequence modes (int8)       optional (Megatron's "multimodal" datasets only)
     ======  ==========================  =====================================================
 
-A *sequence* is what ``ds[i]`` returns (a whole document, or one sentence when the corpus was
+A *sequence* is what `ds[i]` returns (a whole document, or one sentence when the corpus was
 split into sentences); documents group consecutive sequences.
 
 Differences from Megatron-Core's reader, all on the side of safety:
 
-* every inconsistency (missing file, wrong magic, version, dtype code, an ``.idx`` whose size does
-  not add up, a ``.bin`` whose size does not match the index) raises
-  :class:`IndexedDatasetError` naming the file and the problem, instead of an ``assert`` or a
+* every inconsistency (missing file, wrong magic, version, dtype code, an `.idx` whose size does
+  not add up, a `.bin` whose size does not match the index) raises
+  `IndexedDatasetError` naming the file and the problem, instead of an `assert` or a
   silent wrong read;
-* arrays returned by ``ds[i]`` / ``ds.get`` keep the memory map alive through their ``.base``:
+* arrays returned by `ds[i]` / `ds.get` keep the memory map alive through their `.base`:
   they stay valid after the dataset object is garbage-collected (Megatron-Core closes the map in
-  ``__del__`` and a surviving view then segfaults);
-* whether the optional modes are present is read off the ``.idx`` size, not passed in.
+  `__del__` and a surviving view then segfaults);
+* whether the optional modes are present is read off the `.idx` size, not passed in.
 
-The writer (:class:`IndexedDatasetBuilder`) writes to temporary names and renames both files
-only when :meth:`IndexedDatasetBuilder.finalize` completes, so an interrupted run never leaves a
+The writer (`IndexedDatasetBuilder`) writes to temporary names and renames both files
+only when `IndexedDatasetBuilder.finalize` completes, so an interrupted run never leaves a
 pair of files that looks finished.
 """
 
@@ -66,11 +66,11 @@ __all__ = [
     "idx_path",
 ]
 
-#: First 9 bytes of every ``.idx`` file.
+#: First 9 bytes of every `.idx` file.
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 #: The only version Megatron-Core writes or reads.
 INDEX_VERSION = 1
-#: Megatron-Core's dtype codes (``megatron.core.datasets.indexed_dataset.DType``).
+#: Megatron-Core's dtype codes (`megatron.core.datasets.indexed_dataset.DType`).
 DTYPE_CODES = {
     1: np.dtype(np.uint8),
     2: np.dtype(np.int8),
@@ -92,21 +92,21 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class IndexedDatasetError(ValueError):
-    """A ``.bin``/``.idx`` pair that cannot be read or written as asked; the message names the file."""
+    """A `.bin`/`.idx` pair that cannot be read or written as asked; the message names the file."""
 
 
 def idx_path(path_prefix: PathLike) -> str:
-    """``{prefix}.idx``."""
+    """`{prefix}.idx`."""
     return os.fspath(path_prefix) + ".idx"
 
 
 def bin_path(path_prefix: PathLike) -> str:
-    """``{prefix}.bin``."""
+    """`{prefix}.bin`."""
     return os.fspath(path_prefix) + ".bin"
 
 
 def dtype_code(dtype: Any) -> int:
-    """Megatron-Core's code for ``dtype`` (e.g. ``np.uint16`` -> 8)."""
+    """Megatron-Core's code for `dtype` (e.g. `np.uint16` -> 8)."""
     dt = np.dtype(dtype)
     if dt not in _CODE_OF_DTYPE:
         names = ", ".join(str(d) for d in _CODE_OF_DTYPE)
@@ -117,7 +117,7 @@ def dtype_code(dtype: Any) -> int:
 def best_dtype(vocab_size: Optional[int]) -> np.dtype:
     """The token dtype Megatron-Core picks for a vocabulary: uint16 under 65,500 entries, else int32.
 
-    This is ``DType.optimal_dtype``'s rule (note the threshold is 65,500, not 65,536); ``None``
+    This is `DType.optimal_dtype`'s rule (note the threshold is 65,500, not 65,536); `None`
     (unknown vocabulary) gives int32.
     """
     if vocab_size is not None and vocab_size < 65500:
@@ -126,7 +126,7 @@ def best_dtype(vocab_size: Optional[int]) -> np.dtype:
 
 
 def _fits(values: np.ndarray, dtype: np.dtype, what: str) -> None:
-    """Raise unless every value of the integer array ``values`` is representable in ``dtype``."""
+    """Raise unless every value of the integer array `values` is representable in `dtype`."""
     if values.size == 0 or dtype.kind == "f":
         return
     info = np.iinfo(dtype)
@@ -142,7 +142,7 @@ def _fits(values: np.ndarray, dtype: np.dtype, what: str) -> None:
 
 
 def _as_tokens(tokens: Any, dtype: np.dtype, what: str) -> np.ndarray:
-    """``tokens`` (list, numpy array, torch tensor) as a 1-D C-contiguous array of ``dtype``."""
+    """`tokens` (list, numpy array, torch tensor) as a 1-D C-contiguous array of `dtype`."""
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # a torch tensor, without importing torch
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
@@ -164,7 +164,7 @@ def _as_tokens(tokens: Any, dtype: np.dtype, what: str) -> np.ndarray:
 
 
 def _open_map(path: str) -> Union[mmap.mmap, bytes]:
-    """A read-only memory map of ``path`` (``b""`` for an empty file, which cannot be mapped)."""
+    """A read-only memory map of `path` (`b""` for an empty file, which cannot be mapped)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -234,17 +234,17 @@ def _read_index_header(imap, ipath: str) -> tuple[int, int, int, bool]:
 
 
 class IndexedDataset:
-    """Read a Megatron ``{prefix}.bin`` / ``{prefix}.idx`` pair through memory maps.
+    """Read a Megatron `{prefix}.bin` / `{prefix}.idx` pair through memory maps.
 
-    ``len(ds)`` is the number of sequences; ``ds[i]`` is sequence ``i`` as a read-only numpy
-    array (a view into the map, no copy); ``ds[a:b]`` a list of them; ``ds.get(i, offset, length)``
-    a slice of one sequence in O(1). ``ds.sequence_lengths`` (int32), ``ds.sequence_pointers``
-    (int64 byte offsets), ``ds.document_indices`` (int64, ``num_documents + 1`` entries, the first
-    0 and the last ``len(ds)``) and ``ds.sequence_modes`` (int8, or None) are views of the index.
+    `len(ds)` is the number of sequences; `ds[i]` is sequence `i` as a read-only numpy
+    array (a view into the map, no copy); `ds[a:b]` a list of them; `ds.get(i, offset, length)`
+    a slice of one sequence in O(1). `ds.sequence_lengths` (int32), `ds.sequence_pointers`
+    (int64 byte offsets), `ds.document_indices` (int64, `num_documents + 1` entries, the first
+    0 and the last `len(ds)`) and `ds.sequence_modes` (int8, or None) are views of the index.
 
-    Views hold a reference to the memory map they come from, so they stay valid after ``ds``
+    Views hold a reference to the memory map they come from, so they stay valid after `ds`
     is deleted or closed. The object pickles by path (it reopens the files), so it can be handed
-    to ``torch.utils.data.DataLoader`` workers.
+    to `torch.utils.data.DataLoader` workers.
     """
 
     def __init__(self, path_prefix: PathLike) -> None:
@@ -282,7 +282,7 @@ class IndexedDataset:
             )
 
     def _map_tokens(self, bmap, ipath: str, bpath: str) -> np.ndarray:
-        """The ``.bin`` as one token array, after checking that the pointers are the running sum of the lengths and
+        """The `.bin` as one token array, after checking that the pointers are the running sum of the lengths and
         that the file holds exactly the bytes they describe."""
         n = len(self.sequence_lengths)
         itemsize = self.dtype.itemsize
@@ -312,17 +312,17 @@ class IndexedDataset:
 
     @property
     def num_documents(self) -> int:
-        """Number of documents (``len(document_indices) - 1``)."""
+        """Number of documents (`len(document_indices) - 1`)."""
         return int(self.document_indices.shape[0]) - 1
 
     @property
     def tokens(self) -> np.ndarray:
-        """Every token of the ``.bin`` in order, as one read-only array (a view of the map, no copy)."""
+        """Every token of the `.bin` in order, as one read-only array (a view of the map, no copy)."""
         return self._tokens
 
     @property
     def num_tokens(self) -> int:
-        """Total number of tokens in the ``.bin``."""
+        """Total number of tokens in the `.bin`."""
         return int(self._tokens.shape[0])
 
     def _index(self, idx: Any) -> int:
@@ -355,7 +355,7 @@ class IndexedDataset:
         return self._tokens[s : s + int(self.sequence_lengths[i])]
 
     def get(self, idx: Union[int, np.integer], offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        """Tokens ``offset : offset + length`` of sequence ``idx`` (to its end when ``length`` is None)."""
+        """Tokens `offset : offset + length` of sequence `idx` (to its end when `length` is None)."""
         i = self._index(idx)
         size = int(self.sequence_lengths[i])
         offset = int(offset)
@@ -402,23 +402,23 @@ class IndexedDataset:
 
     @staticmethod
     def exists(path_prefix: PathLike) -> bool:
-        """Whether both ``{prefix}.idx`` and ``{prefix}.bin`` exist."""
+        """Whether both `{prefix}.idx` and `{prefix}.bin` exist."""
         return os.path.isfile(idx_path(path_prefix)) and os.path.isfile(bin_path(path_prefix))
 
 
 class IndexedDatasetBuilder:
-    """Write a Megatron ``.bin``/``.idx`` pair, byte for byte as Megatron-Core's builder does.
+    """Write a Megatron `.bin`/`.idx` pair, byte for byte as Megatron-Core's builder does.
 
-    ``add_item(tokens)`` appends one sequence, ``end_document()`` closes the current document,
-    ``add_document(tokens, lengths)`` appends a whole document made of ``len(lengths)``
-    sequences, ``add_index(prefix)`` appends every document of an existing dataset (same dtype),
-    ``finalize(idx_path)`` writes the index. Tokens may be lists, numpy arrays or torch tensors;
-    an id that does not fit ``dtype`` raises :class:`IndexedDatasetError` (Megatron wraps it
+    `add_item(tokens)` appends one sequence, `end_document()` closes the current document,
+    `add_document(tokens, lengths)` appends a whole document made of `len(lengths)`
+    sequences, `add_index(prefix)` appends every document of an existing dataset (same dtype),
+    `finalize(idx_path)` writes the index. Tokens may be lists, numpy arrays or torch tensors;
+    an id that does not fit `dtype` raises `IndexedDatasetError` (Megatron wraps it
     silently).
 
-    Until ``finalize`` both files live under hidden temporary names in the destination folder;
-    ``finalize`` renames them into place (the ``.bin`` first, then the ``.idx``), so a reader never
-    sees a finished-looking pair that is incomplete. ``abort()`` (also run when the builder is used
+    Until `finalize` both files live under hidden temporary names in the destination folder;
+    `finalize` renames them into place (the `.bin` first, then the `.idx`), so a reader never
+    sees a finished-looking pair that is incomplete. `abort()` (also run when the builder is used
     as a context manager and the block raises) deletes the temporary files.
     """
 
@@ -447,7 +447,7 @@ class IndexedDatasetBuilder:
         self._data.write(memoryview(arr).cast("B"))
 
     def add_item(self, tokens: Any, mode: int = 0) -> None:
-        """Append one sequence (call :meth:`end_document` to close the document it belongs to)."""
+        """Append one sequence (call `end_document` to close the document it belongs to)."""
         self._check_open()
         arr = _as_tokens(tokens, self.dtype, self.bin_path)
         if arr.size > _INT32_MAX:
@@ -463,7 +463,7 @@ class IndexedDatasetBuilder:
         self._docs.append(len(self._lengths))
 
     def add_document(self, tokens: Any, lengths: Sequence[int], modes: Optional[Sequence[int]] = None) -> None:
-        """Append a document: ``tokens`` is its sequences back to back, ``lengths`` their sizes."""
+        """Append a document: `tokens` is its sequences back to back, `lengths` their sizes."""
         self._check_open()
         arr = _as_tokens(tokens, self.dtype, self.bin_path)
         lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
@@ -483,10 +483,10 @@ class IndexedDatasetBuilder:
             self._modes.extend(m)
 
     def add_documents(self, tokens: Any, lengths: Any, sequences_per_document: Any) -> None:
-        """Append many documents at once (a fast path for :mod:`megahf.data.preprocess`).
+        """Append many documents at once (a fast path for `megahf.data.preprocess`).
 
-        ``tokens``: all sequences back to back; ``lengths``: each sequence's size;
-        ``sequences_per_document``: how many consecutive sequences make each document.
+        `tokens`: all sequences back to back; `lengths`: each sequence's size;
+        `sequences_per_document`: how many consecutive sequences make each document.
         """
         self._check_open()
         if self._modes is not None:
@@ -507,7 +507,7 @@ class IndexedDatasetBuilder:
         self._docs.frombytes((base + np.cumsum(per_doc)).astype("<i8").tobytes())
 
     def add_index(self, path_prefix: PathLike) -> None:
-        """Append every document of the dataset at ``path_prefix`` (which must have this dtype)."""
+        """Append every document of the dataset at `path_prefix` (which must have this dtype)."""
         self._check_open()
         other = IndexedDataset(path_prefix)
         if other.dtype != self.dtype:
@@ -537,9 +537,9 @@ class IndexedDatasetBuilder:
         return len(self._docs) - 1
 
     def finalize(self, idx_path: PathLike, commit: bool = True) -> None:
-        """Write the index to ``idx_path``; with ``commit`` (default) rename both files into place.
+        """Write the index to `idx_path`; with `commit` (default) rename both files into place.
 
-        ``commit=False`` leaves both under their temporary names: call :meth:`commit` later (this
+        `commit=False` leaves both under their temporary names: call `commit` later (this
         lets a caller finish several builders before publishing any of them).
         """
         self._check_open()
@@ -572,7 +572,7 @@ class IndexedDatasetBuilder:
             self.commit()
 
     def commit(self) -> None:
-        """Rename the finished files into place (the ``.bin`` first, then the ``.idx``)."""
+        """Rename the finished files into place (the `.bin` first, then the `.idx`)."""
         if self._state != "finalized" or self._idx_path is None or self._idx_tmp is None:
             raise IndexedDatasetError(f"{self.bin_path}: commit() needs finalize(idx_path, commit=False) first")
         # An old index next to a new .bin would look finished: remove it before the .bin moves.

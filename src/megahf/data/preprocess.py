@@ -1,54 +1,54 @@
-"""``megahf preprocess``: tokenize a corpus into Megatron's ``.bin``/``.idx`` indexed dataset.
+"""`megahf preprocess`: tokenize a corpus into Megatron's `.bin`/`.idx` indexed dataset.
 
-The equivalent of Megatron-LM's ``tools/preprocess_data.py``, for Hugging Face tokenizers::
+The equivalent of Megatron-LM's `tools/preprocess_data.py`, for Hugging Face tokenizers::
 
     megahf preprocess --input corpus.jsonl --json-keys text --tokenizer gpt2 \\
         --output-prefix data/my --append-eod --workers 2
     python -m megahf.data.preprocess ...            # the same, without the CLI entry point
 
-writes ``data/my_text_document.bin`` and ``data/my_text_document.idx`` (one pair per json key;
-``_sentence`` instead of ``_document`` with ``--split-sentences``), readable by
-:class:`megahf.data.IndexedDataset` and by Megatron-Core's ``IndexedDataset``.
+writes `data/my_text_document.bin` and `data/my_text_document.idx` (one pair per json key;
+`_sentence` instead of `_document` with `--split-sentences`), readable by
+`megahf.data.IndexedDataset` and by Megatron-Core's `IndexedDataset`.
 
-Inputs (``--input``)
-    * ``.jsonl`` / ``.json``: one JSON object per line (blank lines are skipped); a ``.json``
+Inputs (`--input`)
+    * `.jsonl` / `.json`: one JSON object per line (blank lines are skipped); a `.json`
       file may instead hold one JSON array of objects. A key's value is a string, or a list of
       strings taken as the document's sentences (as Megatron does);
-    * ``.parquet``: the columns named by ``--json-keys``;
-    * ``.txt``: one document per line (like ``datasets``' text builder, without the trailing
-      newline); blank lines are not documents; the only key is ``text``;
-    * a folder, or a Hugging Face dataset name (``--split``, ``--subset``), through
-      ``datasets.load_dataset``: a Hub name works only when the dataset is in the local cache
+    * `.parquet`: the columns named by `--json-keys`;
+    * `.txt`: one document per line (like `datasets`' text builder, without the trailing
+      newline); blank lines are not documents; the only key is `text`;
+    * a folder, or a Hugging Face dataset name (`--split`, `--subset`), through
+      `datasets.load_dataset`: a Hub name works only when the dataset is in the local cache
       (megahf runs offline).
 
-Tokenizer (``--tokenizer``)
-    ``gpt2`` or ``embedded`` is the GPT-2 BPE tokenizer shipped with megahf; anything else goes to
-    ``transformers.AutoTokenizer.from_pretrained`` (a local folder, or a cached Hub name). Text is
-    encoded with ``add_special_tokens=False``; ``--append-eod`` appends the tokenizer's eos id
+Tokenizer (`--tokenizer`)
+    `gpt2` or `embedded` is the GPT-2 BPE tokenizer shipped with megahf; anything else goes to
+    `transformers.AutoTokenizer.from_pretrained` (a local folder, or a cached Hub name). Text is
+    encoded with `add_special_tokens=False`; `--append-eod` appends the tokenizer's eos id
     (its sep id when it has no eos, as BERT) to each document's last sequence. Tokens are stored
-    as uint16 when the vocabulary (``len(tokenizer)``) is under 65,500 ids, else int32
-    (Megatron's rule); ``--dtype`` overrides it.
+    as uint16 when the vocabulary (`len(tokenizer)`) is under 65,500 ids, else int32
+    (Megatron's rule); `--dtype` overrides it.
 
-Sentence splitting (``--split-sentences``)
+Sentence splitting (`--split-sentences`)
     Megatron uses nltk's punkt model, which cannot be had offline. megahf uses
-    :func:`split_sentences`, a small documented rule set: a sentence ends after ``.``, ``!``,
-    ``?`` or ``…`` (plus closing quotes or brackets) followed by whitespace and a word that does
+    `split_sentences`, a small documented rule set: a sentence ends after `.`, `!`,
+    `?` or `…` (plus closing quotes or brackets) followed by whitespace and a word that does
     not start in lower case, unless the word before the period is a common abbreviation
-    (``Mr.``, ``Dr.``, ``e.g.`` ...) or an initial (``J.``); a blank line always ends a sentence.
-    Whitespace between sentences is dropped, as punkt does without ``--keep-newlines``. Each
+    (`Mr.`, `Dr.`, `e.g.` ...) or an initial (`J.`); a blank line always ends a sentence.
+    Whitespace between sentences is dropped, as punkt does without `--keep-newlines`. Each
     sentence becomes one sequence; a document is its sentences.
 
 Differences from Megatron's tool, on purpose
     * documents that produce no tokens (empty text) are skipped and counted, instead of being
       written as empty documents;
     * bad input fails before anything is written when it can be seen up front (missing file or
-      key, empty corpus, a vocabulary that does not fit the dtype, no eos for ``--append-eod``),
+      key, empty corpus, a vocabulary that does not fit the dtype, no eos for `--append-eod`),
       and otherwise removes every temporary file: outputs are written under hidden temporary names
       and renamed only when every key's pair is complete;
-    * ``--workers 1`` tokenizes in the main process, in batches of ~1 MiB of text (the Rust
-      tokenizer spreads a batch over its own threads unless ``TOKENIZERS_PARALLELISM=false``);
-      with more, a ``multiprocessing.Pool`` tokenizes chunks of ~256 KiB in order (``imap``),
-      each worker single-threaded (``TOKENIZERS_PARALLELISM=false``), with a bounded number of
+    * `--workers 1` tokenizes in the main process, in batches of ~1 MiB of text (the Rust
+      tokenizer spreads a batch over its own threads unless `TOKENIZERS_PARALLELISM=false`);
+      with more, a `multiprocessing.Pool` tokenizes chunks of ~256 KiB in order (`imap`),
+      each worker single-threaded (`TOKENIZERS_PARALLELISM=false`), with a bounded number of
       chunks in flight so memory stays flat on large inputs.
 """
 
@@ -89,7 +89,7 @@ __all__ = [
     "split_sentences",
 ]
 
-#: ``--tokenizer`` values that mean a tokenizer shipped in ``megahf/assets`` (GPT-2 BPE, BERT uncased WordPiece).
+#: `--tokenizer` values that mean a tokenizer shipped in `megahf/assets` (GPT-2 BPE, BERT uncased WordPiece).
 EMBEDDED_TOKENIZER_NAMES = ("gpt2", "embedded", "bert-uncased")
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -102,7 +102,7 @@ _DEFAULT_CHUNK_ROWS = 1024
 
 
 class PreprocessError(ValueError):
-    """Bad input to ``megahf preprocess``; the message names the file, the key and the fix."""
+    """Bad input to `megahf preprocess`; the message names the file, the key and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ _OPENERS = "\"'\u201c\u2018([\u00bf\u00a1"
 
 
 def split_sentences(text: str) -> List[str]:
-    """Split ``text`` into sentences with the rules in this module's docstring (no nltk needed).
+    """Split `text` into sentences with the rules in this module's docstring (no nltk needed).
 
     >>> split_sentences("Mr. Smith came. He left! Did he? yes.\\n\\nNew paragraph")
     ['Mr. Smith came.', 'He left!', 'Did he? yes.', 'New paragraph']
@@ -152,8 +152,8 @@ def split_sentences(text: str) -> List[str]:
 # tokenizer
 # ---------------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str):
-    """``gpt2``/``embedded`` -> the shipped GPT-2 tokenizer, ``bert-uncased`` -> the shipped BERT WordPiece;
-    else ``AutoTokenizer.from_pretrained``."""
+    """`gpt2`/`embedded` -> the shipped GPT-2 tokenizer, `bert-uncased` -> the shipped BERT WordPiece;
+    else `AutoTokenizer.from_pretrained`."""
     path = embedded_tokenizer_path(name_or_path) or name_or_path
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -245,7 +245,7 @@ def _first_nonblank_line(path: str) -> Tuple[int, Optional[bytes]]:
 
 
 def _open_source(input: str, keys: Sequence[str], split: str, subset: Optional[str]) -> _Source:
-    """Find what ``input`` is, and check (before anything is written) that it has the keys and data."""
+    """Find what `input` is, and check (before anything is written) that it has the keys and data."""
     if os.path.isfile(input):
         lower = input.lower()
         size = os.path.getsize(input)
@@ -454,13 +454,13 @@ def _encode_chunk(chunk: Chunk) -> _Encoded:
 # driver
 # ---------------------------------------------------------------------------------------------
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool = False) -> str:
-    """``{output_prefix}_{key}_document`` (``_sentence`` with sentence splitting), as Megatron names it."""
+    """`{output_prefix}_{key}_document` (`_sentence` with sentence splitting), as Megatron names it."""
     return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
 @dataclass
 class PreprocessResult:
-    """What :func:`preprocess_corpus` wrote. Per key: ``documents``, ``sequences``, ``tokens``, ``bytes``."""
+    """What `preprocess_corpus` wrote. Per key: `documents`, `sequences`, `tokens`, `bytes`."""
 
     prefixes: Dict[str, str]
     records: int  # input records (documents) read
@@ -535,11 +535,11 @@ def preprocess_corpus(
     chunk_bytes: Optional[int] = None,
     chunk_rows: int = _DEFAULT_CHUNK_ROWS,
 ) -> PreprocessResult:
-    """Tokenize ``input`` into ``{output_prefix}_{key}_{document|sentence}.bin/.idx`` per key.
+    """Tokenize `input` into `{output_prefix}_{key}_{document|sentence}.bin/.idx` per key.
 
-    See the module docstring for inputs, tokenizers and sentence splitting. ``progress``: show a
-    tqdm bar (``None``: only on a terminal). ``log_interval``: also print a line every that many
-    documents (0: never). Raises :class:`PreprocessError` (or ``FileNotFoundError``) on bad input;
+    See the module docstring for inputs, tokenizers and sentence splitting. `progress`: show a
+    tqdm bar (`None`: only on a terminal). `log_interval`: also print a line every that many
+    documents (0: never). Raises `PreprocessError` (or `FileNotFoundError`) on bad input;
     on any error no output or temporary file is left behind.
     """
     t0 = time.perf_counter()
@@ -703,7 +703,7 @@ def _publish(builders: Dict[str, IndexedDatasetBuilder], prefixes: Dict[str, str
 # command line
 # ---------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    """Run ``megahf preprocess`` with parsed arguments; returns the exit status."""
+    """Run `megahf preprocess` with parsed arguments; returns the exit status."""
     try:
         result = preprocess_corpus(
             input=args.input,

@@ -9,7 +9,7 @@ DTYPE_CHOICES = ("auto", "uint8", "int16", "uint16", "int32", "int64")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``megahf preprocess``'s options to ``parser``."""
+    """Add `megahf preprocess`'s options to `parser`."""
     parser.description = parser.description or "Tokenize a corpus into Megatron .bin/.idx files."
     g = parser.add_argument_group("input")
     g.add_argument("--input", required=True, help="a .jsonl/.json/.parquet/.txt file, a folder, or a cached Hugging Face dataset name")

@@ -159,5 +159,5 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-__all__ = ["PackedTextBlocks", "build_text_blocks", "collate_blocks", "corpus_file", "load_documents", "split_documents",
-           "tokenize_and_pack"]
+__all__ = ["PackedTextBlocks", "build_text_blocks", "collate_blocks", "corpus_file", "load_documents",
+           "split_documents", "tokenize_and_pack"]
