@@ -25,7 +25,6 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
