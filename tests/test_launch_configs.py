@@ -12,7 +12,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from megahf.parallel.layout import resolve_layout
 from megahf.training import RecipeError
-from megahf.training.pretrain import prepare_processes
+from megahf.training.processes import prepare_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate"

@@ -12,6 +12,7 @@ from accelerate.utils import DistributedType
 from megahf.parallel import accelerate_cpu
 from megahf.parallel.layout import LayoutError, resolve_layout
 from megahf.training import RecipeError, load_recipe
+from megahf.training.setup import build_layout
 
 
 def test_sizes_are_derived():
@@ -55,8 +56,8 @@ def test_recipe_refuses_layouts_before_anything_runs():
         load_recipe(None, ["--fsdp_size", "two"])
     recipe = load_recipe(None, ["--tensor_parallel_size", "2", "--micro_batch_size", "2", "--global_batch_size", "8"])
     with pytest.raises(RecipeError, match=r"world size 1 is not a multiple of tensor_parallel_size=2"):
-        recipe.layout(1)
-    assert recipe.layout(4).gradient_accumulation_steps == 2
+        build_layout(recipe, 1)
+    assert build_layout(recipe, 4).gradient_accumulation_steps == 2
 
 
 def _cpu_accelerator(num_processes: int = 2):

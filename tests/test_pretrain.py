@@ -14,7 +14,8 @@ import yaml
 
 import megahf  # noqa: F401  (registers MegatronGPT with the Auto classes)
 from megahf.training import PretrainRecipe, RecipeError, load_recipe, run_pretrain
-from megahf.training.data import build_corpus, collate_blocks, load_tokenizer, split_documents
+from megahf.data.text_blocks import build_text_blocks, collate_blocks, split_documents
+from megahf.training.setup import build_config, build_layout, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king and queen of the castle speak to the lords in the hall while the night "
@@ -101,8 +102,8 @@ def test_outputs_written(run):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no partial files left
     saved = load_recipe(out / "recipe.yaml")
-    assert saved.model_overrides == {"num_layers": 1, "hidden_size": 64}
-    assert saved.train_steps == 8
+    assert saved.model.model_overrides == {"num_layers": 1, "hidden_size": 64}
+    assert saved.optim.train_steps == 8
 
 
 def test_final_checkpoint_reloads_with_auto_class(run):
@@ -140,7 +141,7 @@ def test_learning_rate_decays_to_min_lr(run):
 
 @pytest.mark.parametrize("schedule, final_factor", [("linear", 0.1), ("cosine", 0.1), ("constant", 1.0)])
 def test_schedules_end_at_min_lr(schedule, final_factor, tmp_path):
-    from megahf.training.pretrain import MegatronTrainer, training_arguments
+    from megahf.training.trainer import MegatronTrainer, training_arguments
 
     recipe = load_recipe(None, ["--lr_schedule", schedule, "--train_steps", "10", "--warmup_steps", "2",
                                 "--learning_rate", "1e-3", "--min_learning_rate", "1e-4",
@@ -163,11 +164,11 @@ def test_blocks_are_eod_separated_and_split_by_document(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", n_docs=20)
     recipe = load_recipe(None, ["--corpus", str(corpus), "--seq_length", "16", "--valid_fraction", "0.25"])
     tokenizer = load_tokenizer(recipe)
-    data = build_corpus(recipe, tokenizer)
+    data = build_text_blocks(recipe.data, tokenizer, recipe.run.seed)
     assert (data.train_documents, data.valid_documents) == (15, 5)
     assert len(data.train) == data.train_tokens // 16 and len(data.valid) == data.valid_tokens // 16
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
-    train_docs, valid_docs = split_documents(datasets.Dataset.from_dict({"text": texts}), 0.25, recipe.seed)
+    train_docs, valid_docs = split_documents(datasets.Dataset.from_dict({"text": texts}), 0.25, recipe.run.seed)
     assert set(train_docs["text"]).isdisjoint(valid_docs["text"]) and len(valid_docs) == 5
     # The train stream is the train documents in corpus order, each followed by EOD, cut into blocks.
     eod = tokenizer.eos_token_id
@@ -182,14 +183,14 @@ def test_missing_text_key_names_file_key_and_fields(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", key="content")
     recipe = load_recipe(None, ["--corpus", str(corpus)])
     with pytest.raises(RecipeError, match=r"no field text_key='text'.*'content'.*set text_key"):
-        build_corpus(recipe, load_tokenizer(recipe))
+        build_text_blocks(recipe.data, load_tokenizer(recipe), recipe.run.seed)
 
 
 def test_valid_split_without_a_block_says_how_to_fix(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", n_docs=12)
     recipe = load_recipe(None, ["--corpus", str(corpus), "--seq_length", "256", "--valid_fraction", "0.1"])
     with pytest.raises(RecipeError, match=r"valid split .* fewer than one block of seq_length=256.*valid_fraction"):
-        build_corpus(recipe, load_tokenizer(recipe))
+        build_text_blocks(recipe.data, load_tokenizer(recipe), recipe.run.seed)
 
 
 def test_empty_corpus(tmp_path):
@@ -197,7 +198,7 @@ def test_empty_corpus(tmp_path):
     empty.write_text(json.dumps({"text": "  "}) + "\n")
     recipe = load_recipe(None, ["--corpus", str(empty)])
     with pytest.raises(RecipeError, match="no non-empty"):
-        build_corpus(recipe, load_tokenizer(recipe))
+        build_text_blocks(recipe.data, load_tokenizer(recipe), recipe.run.seed)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -211,8 +212,8 @@ def write_yaml(path: Path, values: dict) -> Path:
 def test_shipped_recipes_load():
     tiny = load_recipe(REPO_ROOT / "recipes" / "gpt" / "tiny.yaml")
     llama = load_recipe(REPO_ROOT / "recipes" / "gpt" / "llama-tiny.yaml")
-    assert tiny.model == "gpt-tiny" and llama.model == "llama-tiny"
-    assert tiny.corpus == "embedded" and tiny.tokenizer == "gpt2-embedded"
+    assert tiny.model.model == "gpt-tiny" and llama.model.model == "llama-tiny"
+    assert tiny.data.corpus == "embedded" and tiny.data.tokenizer == "gpt2-embedded"
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
@@ -260,14 +261,14 @@ def test_command_line_overrides_the_file(tmp_path):
     recipe = load_recipe(path, ["--train_steps", "12", "--learning-rate=2e-3", "--model_overrides.hidden_size", "64",
                                 "--activation_checkpointing", "--sample_prompt", "Romeo.\n"])
     assert isinstance(recipe, PretrainRecipe)
-    assert recipe.train_steps == 12 and recipe.learning_rate == 2e-3
-    assert recipe.model_overrides == {"num_layers": 2, "hidden_size": 64}
-    assert recipe.activation_checkpointing is True
-    assert recipe.sample_prompt == "Romeo.\n"
-    config = recipe.build_config()
+    assert recipe.optim.train_steps == 12 and recipe.optim.learning_rate == 2e-3
+    assert recipe.model.model_overrides == {"num_layers": 2, "hidden_size": 64}
+    assert recipe.model.activation_checkpointing is True
+    assert recipe.run.sample_prompt == "Romeo.\n"
+    config = build_config(recipe.model)
     assert (config.num_layers, config.hidden_size) == (2, 64)
     replaced = load_recipe(path, ["--model_overrides", "{hidden_size: 64}"])
-    assert replaced.model_overrides == {"hidden_size": 64}
+    assert replaced.model.model_overrides == {"hidden_size": 64}
 
 
 # ----------------------------------------------------------------------------- Megatron indexed data
@@ -277,7 +278,7 @@ def test_pretrain_from_indexed_data_blend(tmp_path):
     """`data_path` trains from `megahf preprocess` output, blended by weight, with Megatron's samples of
     seq_length + 1 tokens: the model sees the first seq_length tokens and is scored on the last seq_length."""
     from megahf.data import preprocess_corpus
-    from megahf.training.data import build_indexed_data, collate_samples
+    from megahf.data.pretraining_data import build_datasets, collate_samples
 
     prefixes = []
     for name, seed in (("a", 1), ("b", 2)):
@@ -288,15 +289,16 @@ def test_pretrain_from_indexed_data_blend(tmp_path):
     data_path = f"30 {prefixes[0]} 70 {prefixes[1]}"
     recipe = load_recipe(None, tiny_overrides(tmp_path / "a.jsonl", tmp_path / "out", data_path=data_path,
                                               split="90,10,0", data_cache_path=str(tmp_path / "cache")))
-    data = build_indexed_data(recipe)
-    assert len(data.train) >= recipe.train_steps * recipe.micro_batch_size
+    data = build_datasets(recipe, load_tokenizer(recipe), build_layout(recipe, 1), build_config(recipe.model))
+    assert data.collate is collate_samples
+    assert len(data.train) >= recipe.optim.train_steps * recipe.parallel.micro_batch_size
     batch = collate_samples([data.train[i] for i in range(2)])
-    assert batch["input_ids"].shape == batch["shift_labels"].shape == (2, recipe.seq_length)
+    assert batch["input_ids"].shape == batch["shift_labels"].shape == (2, recipe.data.seq_length)
     assert torch.equal(batch["input_ids"][:, 1:], batch["shift_labels"][:, :-1])
 
     result = run_pretrain(recipe)
     losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
-    assert len(losses) == recipe.train_steps and losses[-1] < losses[0]
+    assert len(losses) == recipe.optim.train_steps and losses[-1] < losses[0]
     assert math.isfinite(result.metrics["valid_loss"])
 
 

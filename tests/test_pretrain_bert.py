@@ -14,7 +14,8 @@ from transformers import AutoModelForPreTraining
 import megahf
 from megahf.assets import load_bert_tokenizer, load_gpt2_tokenizer
 from megahf.training import RecipeError, load_recipe, run_pretrain
-from megahf.training.bert_data import build_bert_data, collate_bert
+from megahf.data.bert_pretraining_data import build_bert_data, collate_bert
+from megahf.training.setup import build_config, build_layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the king and queen of the castle speak to the lords in the hall while night falls on the town".split()
@@ -120,10 +121,11 @@ def test_bert_recipe_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize("name", ["tiny", "bert-336m", "bert-1.3b", "bert-3.9b"])
 def test_shipped_bert_recipes_load_and_fit_a_node(name):
     recipe = load_recipe(REPO_ROOT / "recipes" / "bert" / f"{name}.yaml")
-    assert recipe.tokenizer == "bert-uncased-embedded" and recipe.model.startswith("bert-")
-    assert recipe.build_config().layernorm_order == "pre"
+    assert recipe.data.tokenizer == "bert-uncased-embedded" and recipe.model.model.startswith("bert-")
+    assert build_config(recipe.model).layernorm_order == "pre"
     if name != "tiny":  # the paper's schedule: batch 1024, lr 1e-4, 10k warm-up, linear decay over 2M steps
-        assert (recipe.global_batch_size, recipe.learning_rate, recipe.warmup_steps, recipe.train_steps,
-                recipe.lr_schedule, recipe.seq_length) == (1024, 1e-4, 10_000, 2_000_000, "linear", 512)
-    layout = recipe.layout(8)  # one node of 8 GPUs
-    assert layout.global_batch_size == (recipe.global_batch_size or layout.global_batch_size)
+        optim = recipe.optim
+        assert (recipe.parallel.global_batch_size, optim.learning_rate, optim.warmup_steps, optim.train_steps,
+                optim.lr_schedule, recipe.data.seq_length) == (1024, 1e-4, 10_000, 2_000_000, "linear", 512)
+    layout = build_layout(recipe, 8)  # one node of 8 GPUs
+    assert layout.global_batch_size == (recipe.parallel.global_batch_size or layout.global_batch_size)

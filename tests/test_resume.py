@@ -15,6 +15,7 @@ import torch
 
 from megahf.training import RecipeError, load_recipe, run_pretrain
 from megahf.training import checkpoint as ckpt
+from megahf.training.setup import build_layout
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 from _launch import RECIPE, final_weights, losses, run_pretrain_cli, tiny_args, write_corpus  # noqa: E402
@@ -90,12 +91,12 @@ def test_resume_refuses_another_global_batch(corpus, straight):
 
 
 def test_resume_refuses_another_layout(corpus, straight):
-    from megahf.training.pretrain import find_resume_checkpoint
+    from megahf.training.resume import find_resume_checkpoint
 
     recipe = load_recipe(RECIPE, recipe_args(corpus, straight, micro_batch_size=2))  # 2 x 2 ranks: same global batch
     with pytest.raises(RecipeError, match=r"written with world_size=1, the recipe and launch now give 2: resuming "
                                           r"needs the layout it was written with; launch 1 processes"):
-        find_resume_checkpoint(recipe, recipe.layout(2))
+        find_resume_checkpoint(recipe, build_layout(recipe, 2))
 
 
 def test_resume_path_must_be_a_complete_checkpoint(corpus, straight, tmp_path):

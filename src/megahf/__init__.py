@@ -1,62 +1,43 @@
 """megahf: Megatron-LM's models, parallelism and recipes as citizens of the Hugging Face ecosystem.
 
-Importing megahf registers its configs and models with transformers' Auto classes.
+Importing megahf registers its configs and models with transformers' Auto classes (as soon as those are loaded:
+see `auto_registration`). The model classes below are imported on first use, so that `megahf --help` and the data
+tools start without torch.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForMultipleChoice,
-    AutoModelForPreTraining,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+from __future__ import annotations
 
-from .models.bert import (
-    MegatronBertConfig,
-    MegatronBertForMaskedLM,
-    MegatronBertForMultipleChoice,
-    MegatronBertForPreTraining,
-    MegatronBertForQuestionAnswering,
-    MegatronBertForSequenceClassification,
-    MegatronBertForTokenClassification,
-    MegatronBertModel,
-)
-from .models.gpt import MegatronGPTConfig, MegatronGPTForCausalLM, MegatronGPTModel
-from . import parallel  # noqa: F401  (attaches megahf's distribution hooks to the model classes)
+import importlib
+
+from .auto_registration import register_when_auto_classes_load
 
 __version__ = "0.1.0"
 
-AutoConfig.register(MegatronGPTConfig.model_type, MegatronGPTConfig, exist_ok=True)
-AutoModel.register(MegatronGPTConfig, MegatronGPTModel, exist_ok=True)
-AutoModelForCausalLM.register(MegatronGPTConfig, MegatronGPTForCausalLM, exist_ok=True)
+# public name -> the module that defines it (PEP 562: imported on first access)
+_LAZY_NAMES = {
+    **dict.fromkeys(
+        ("MegatronBertConfig", "MegatronBertForMaskedLM", "MegatronBertForMultipleChoice", "MegatronBertForPreTraining",
+         "MegatronBertForQuestionAnswering", "MegatronBertForSequenceClassification",
+         "MegatronBertForTokenClassification", "MegatronBertModel"),
+        "megahf.models.bert",
+    ),
+    **dict.fromkeys(("MegatronGPTConfig", "MegatronGPTForCausalLM", "MegatronGPTModel"), "megahf.models.gpt"),
+}
 
-AutoConfig.register(MegatronBertConfig.model_type, MegatronBertConfig, exist_ok=True)
-for auto_class, model_class in (
-    (AutoModel, MegatronBertModel),
-    (AutoModelForPreTraining, MegatronBertForPreTraining),
-    (AutoModelForMaskedLM, MegatronBertForMaskedLM),
-    (AutoModelForSequenceClassification, MegatronBertForSequenceClassification),
-    (AutoModelForMultipleChoice, MegatronBertForMultipleChoice),
-    (AutoModelForQuestionAnswering, MegatronBertForQuestionAnswering),
-    (AutoModelForTokenClassification, MegatronBertForTokenClassification),
-):
-    auto_class.register(MegatronBertConfig, model_class, exist_ok=True)
+register_when_auto_classes_load()
 
-__all__ = [
-    "MegatronBertConfig",
-    "MegatronBertForMaskedLM",
-    "MegatronBertForMultipleChoice",
-    "MegatronBertForPreTraining",
-    "MegatronBertForQuestionAnswering",
-    "MegatronBertForSequenceClassification",
-    "MegatronBertForTokenClassification",
-    "MegatronBertModel",
-    "MegatronGPTConfig",
-    "MegatronGPTForCausalLM",
-    "MegatronGPTModel",
-    "__version__",
-]
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))
+
+
+__all__ = [*sorted(_LAZY_NAMES), "__version__"]

@@ -4,13 +4,19 @@
     megahf preprocess --input corpus.jsonl --tokenizer gpt2 --output-prefix data/my --append-eod
 
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
-status 2, before anything is computed or written.
+status 2, before anything is computed or written. Parsing and `--help` import neither torch nor transformers: what
+a verb runs is imported when it runs (`run_verb`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+from . import __version__
+from .data import preprocess_arguments
+from .recipe import PretrainRecipe, RecipeError, recipe_help
 
 PRETRAIN_EPILOG = """\
 Every recipe key can be overridden after the recipe path, as --key value or --key=value; model fields go through
@@ -20,37 +26,31 @@ boolean key to true. Examples:
   megahf pretrain recipes/gpt/tiny.yaml --train_steps 50 --output_dir runs/quick
   megahf pretrain recipes/gpt/llama-tiny.yaml --model_overrides.num_layers 2 --lr_schedule linear
 
-Recipe keys (defaults of the PretrainRecipe dataclass; a recipe file sets its own):
+Recipe keys, by section (the defaults of megahf.recipe's dataclasses; a recipe file sets its own):
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megahf",
-        description="Megatron-LM's GPT on transformers and accelerate: recipes in YAML, one verb per job.",
+        description="Megatron-LM's GPT and BERT on transformers and accelerate: recipes in YAML, one verb per job.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"megahf {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
-    from .training.recipe import recipe_help
-
     pretrain = verbs.add_parser(
         "pretrain",
-        help="pretrain a MegatronGPT from a YAML recipe",
-        description="Pretrain a MegatronGPT from scratch as a YAML recipe says: progress bar and log lines, "
-        "validation perplexity, a generated sample, and OUTPUT_DIR/{final/, loss.png, metrics.json, recipe.yaml}.",
-        epilog=PRETRAIN_EPILOG + recipe_help(),
+        help="pretrain a MegatronGPT or MegatronBert from a YAML recipe",
+        description="Pretrain a MegatronGPT or MegatronBert from scratch as a YAML recipe says: progress bar and log "
+        "lines, validation perplexity, a sample, and OUTPUT_DIR/{final/, loss.png, metrics.json, recipe.yaml}.",
+        epilog=PRETRAIN_EPILOG + recipe_help(PretrainRecipe),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="megahf pretrain [-h] RECIPE [--key value ...]",
     )
     pretrain.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/gpt/tiny.yaml")
 
-    from .data import preprocess
-
-    preprocess.add_arguments(
+    preprocess_arguments.add_arguments(
         verbs.add_parser(
             "preprocess",
             help="tokenize a corpus into Megatron's indexed dataset (.bin/.idx)",
@@ -61,11 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
-    from .training.pretrain import pretrain
-    from .training.recipe import load_recipe
+def run_verb(module: str, function: str, *args) -> int:
+    """Import a verb's implementation only when it runs (torch and transformers take seconds to import)."""
+    return getattr(importlib.import_module(module), function)(*args)
 
-    pretrain(load_recipe(recipe_path, overrides))
+
+def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
+    recipe = run_verb("megahf.training.setup", "load_recipe", recipe_path, overrides)
+    run_verb("megahf.training.pretrain", "pretrain", recipe)
     return 0
 
 
@@ -75,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "preprocess":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        from .data import preprocess
-
-        return preprocess.run(args)
-    from .training.recipe import RecipeError
-
+        return run_verb("megahf.data.preprocess", "run", args)
     try:
         if args.verb == "pretrain":
             return run_pretrain_verb(args.recipe, rest)

@@ -1,4 +1,6 @@
-"""Run `megahf pretrain` as a user would (one process, or torchrun on gloo) and read back what it wrote."""
+"""The one launcher of the tests: a command in a session of its own (torchrun on gloo, accelerate launch, or one
+process), killed with all its children on timeout; and `megahf pretrain` run as a user would, with what it wrote
+read back."""
 
 from __future__ import annotations
 
@@ -40,6 +42,30 @@ def tiny_args(corpus: Path, output_dir: Path, **extra) -> list[str]:
     return [token for key, value in values.items() for token in (f"--{key}", str(value))]
 
 
+def torchrun_command(nproc: int, *entry: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry]
+
+
+def launch(cmd: list[str], what: str, timeout: float = TIMEOUT_S, expect_success: bool = True,
+           ) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repository root, offline, one thread per process, in a session of its own so that a
+    timeout ends a launcher and its workers together. Fails the test with the output's tail on a timeout, or on a
+    non-zero exit when `expect_success`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{what} timed out after {timeout}s:\n{output[-6000:]}")
+    if expect_success and proc.returncode != 0:
+        pytest.fail(f"{what} exited {proc.returncode}:\n{output[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output)
+
+
 def run_pretrain_cli(nproc: int, args: list[str], kill_at_step: int | None = None, launch_config: str = "",
                      timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     """`megahf pretrain RECIPE args` on `nproc` processes (torchrun when more than one, or `accelerate launch
@@ -53,22 +79,11 @@ def run_pretrain_cli(nproc: int, args: list[str], kill_at_step: int | None = Non
     elif nproc == 1:
         cmd = [sys.executable, *entry, str(RECIPE), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry, str(RECIPE), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s:\n{output[-6000:]}")
-    if kill_at_step is None and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-6000:]}")
-    if kill_at_step is not None and proc.returncode == 0:
-        pytest.fail(f"the run was to die at step {kill_at_step} but exited 0:\n{output[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, output)
+        cmd = torchrun_command(nproc, *entry, str(RECIPE), *args)
+    done = launch(cmd, " ".join(cmd), timeout, expect_success=kill_at_step is None)
+    if kill_at_step is not None and done.returncode == 0:
+        pytest.fail(f"the run was to die at step {kill_at_step} but exited 0:\n{done.stdout[-3000:]}")
+    return done
 
 
 def losses(output_dir: Path) -> dict[int, float]:

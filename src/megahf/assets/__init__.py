@@ -1,13 +1,13 @@
 """Files shipped with megahf: the GPT-2 BPE and BERT uncased WordPiece tokenizers and a small Shakespeare corpus.
 
-* ``gpt2/``: OpenAI's GPT-2 ``vocab.json`` and ``merges.txt`` plus the configs that let
-  ``transformers.AutoTokenizer`` load the folder offline (see ``gpt2/LICENSE``).
-* ``bert-uncased/``: Google BERT's uncased WordPiece vocabulary (30,522 entries, the one Megatron's
-  uncased BERT uses) as ``vocab.txt`` and ``tokenizer.json``, loadable with ``AutoTokenizer``
-  (see ``bert-uncased/LICENSE``).
-* ``corpus/shakespeare.jsonl``: four plays, one JSON object per scene with the keys
-  ``text``, ``source`` and ``id`` (see ``corpus/NOTICE.md``; rebuilt by
-  ``scripts/build_corpus.py``).
+* `gpt2/`: OpenAI's GPT-2 `vocab.json` and `merges.txt` plus the configs that let
+  `transformers.AutoTokenizer` load the folder offline (see `gpt2/LICENSE`).
+* `bert-uncased/`: Google BERT's uncased WordPiece vocabulary (30,522 entries, the one Megatron's
+  uncased BERT uses) as `vocab.txt` and `tokenizer.json`, loadable with `AutoTokenizer`
+  (see `bert-uncased/LICENSE`).
+* `corpus/shakespeare.jsonl`: four plays, one JSON object per scene with the keys
+  `text`, `source` and `id` (see `corpus/NOTICE.md`; rebuilt by
+  `scripts/build_corpus.py`).
 
 Nothing here needs the network or the Hugging Face Hub.
 """
@@ -46,7 +46,7 @@ _CORPUS_FILE = ASSETS_DIR / "corpus" / "shakespeare.jsonl"
 
 
 def gpt2_tokenizer_path() -> str:
-    """Folder of the GPT-2 tokenizer, usable as ``AutoTokenizer.from_pretrained(path)``."""
+    """Folder of the GPT-2 tokenizer, usable as `AutoTokenizer.from_pretrained(path)`."""
     return str(_GPT2_DIR)
 
 
@@ -57,11 +57,11 @@ def embedded_tokenizer_path(name: str) -> str | None:
 
 
 def load_gpt2_tokenizer(**kwargs: Any):
-    """Load the shipped GPT-2 tokenizer (a ``GPT2TokenizerFast``) without touching the network.
+    """Load the shipped GPT-2 tokenizer (a `GPT2TokenizerFast`) without touching the network.
 
-    ``<|endoftext|>`` (id 50256) is the bos, eos and unk token; the vocabulary has 50257
+    `<|endoftext|>` (id 50256) is the bos, eos and unk token; the vocabulary has 50257
     entries. No pad token is set: callers that need one choose it themselves (for example
-    ``tok.pad_token = tok.eos_token``). Keyword arguments go to ``from_pretrained``.
+    `tok.pad_token = tok.eos_token`). Keyword arguments go to `from_pretrained`.
     """
     from transformers import AutoTokenizer  # imported here so that importing megahf.assets stays cheap
 
@@ -69,16 +69,16 @@ def load_gpt2_tokenizer(**kwargs: Any):
 
 
 def bert_tokenizer_path() -> str:
-    """Folder of the BERT uncased WordPiece tokenizer, usable as ``AutoTokenizer.from_pretrained(path)``."""
+    """Folder of the BERT uncased WordPiece tokenizer, usable as `AutoTokenizer.from_pretrained(path)`."""
     return str(_BERT_DIR)
 
 
 def load_bert_tokenizer(**kwargs: Any):
-    """Load the shipped BERT uncased WordPiece tokenizer (a fast ``BertTokenizer``) without touching the network.
+    """Load the shipped BERT uncased WordPiece tokenizer (a fast `BertTokenizer`) without touching the network.
 
-    30,522 entries: ``[PAD]`` 0, ``[UNK]`` 100, ``[CLS]`` 101, ``[SEP]`` 102, ``[MASK]`` 103; text is lower-cased
-    and accents are stripped; pairs are encoded ``[CLS] A [SEP] B [SEP]`` with token types 0 and 1.
-    Keyword arguments go to ``from_pretrained``.
+    30,522 entries: `[PAD]` 0, `[UNK]` 100, `[CLS]` 101, `[SEP]` 102, `[MASK]` 103; text is lower-cased
+    and accents are stripped; pairs are encoded `[CLS] A [SEP] B [SEP]` with token types 0 and 1.
+    Keyword arguments go to `from_pretrained`.
     """
     from transformers import AutoTokenizer
 
@@ -86,5 +86,5 @@ def load_bert_tokenizer(**kwargs: Any):
 
 
 def corpus_path() -> str:
-    """Path of ``shakespeare.jsonl`` (one ``{"text", "source", "id"}`` object per line)."""
+    """Path of `shakespeare.jsonl` (one `{"text", "source", "id"}` object per line)."""
     return str(_CORPUS_FILE)

@@ -1,12 +1,16 @@
 """Megatron's data pipeline on numpy and Hugging Face tokenizers.
 
-* :mod:`megahf.data.indexed_dataset`: Megatron-Core's ``.bin``/``.idx`` indexed dataset, read
-  (:class:`IndexedDataset`) and written (:class:`IndexedDatasetBuilder`) byte for byte;
-* :mod:`megahf.data.preprocess`: ``megahf preprocess``, a corpus (jsonl, json, parquet, txt or a
+* `megahf.data.indexed_dataset`: Megatron-Core's `.bin`/`.idx` indexed dataset, read
+  (`IndexedDataset`) and written (`IndexedDatasetBuilder`) byte for byte;
+* `megahf.data.preprocess`: `megahf preprocess`, a corpus (jsonl, json, parquet, txt or a
   cached Hugging Face dataset) tokenized into that format;
-* :mod:`megahf.data.gpt_dataset`, :mod:`megahf.data.blended_dataset`: Megatron-Core's GPTDataset and
-  BlendedDataset (same samples in the same order), on index builders in numpy (:mod:`megahf.data.sample_index`);
-* :mod:`megahf.data.bert_dataset`: Megatron-Core's BERT samples (masked LM + sentence order), sample for sample.
+* `megahf.data.gpt_dataset`, `megahf.data.blended_dataset`: Megatron-Core's GPTDataset and
+  BlendedDataset (same samples in the same order), on index builders in numpy (`megahf.data.sample_index`);
+* `megahf.data.bert_dataset`: Megatron-Core's BERT samples (masked LM + sentence order), sample for sample;
+* `megahf.data.pretraining_data`: the data of a pretraining run, decided once from the recipe (`build_datasets`),
+  from `text_blocks` (a corpus packed into blocks), the GPT datasets above, or `bert_pretraining_data`.
+
+Importing this package needs numpy only (not torch, not transformers): `megahf <verb> --help` reads it.
 """
 
 from .indexed_dataset import (

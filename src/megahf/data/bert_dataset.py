@@ -1,56 +1,56 @@
 """Megatron's BERT pretraining samples: masked LM plus sentence-order prediction over
 sentence-split data.
 
-Given the same ``.bin``/``.idx`` files (written with ``--split-sentences``: one sequence per
-sentence, a document is its sentences), seed and settings, :class:`BertDataset` yields the same
-samples as ``megatron.core.datasets.bert_dataset.BERTMaskedWordPieceDataset`` (megatron-core
-0.16.1, with Megatron-LM's ``pretrain_bert.py`` settings: 3-gram masking, no permutation, no
+Given the same `.bin`/`.idx` files (written with `--split-sentences`: one sequence per
+sentence, a document is its sentences), seed and settings, `BertDataset` yields the same
+samples as `megatron.core.datasets.bert_dataset.BERTMaskedWordPieceDataset` (megatron-core
+0.16.1, with Megatron-LM's `pretrain_bert.py` settings: 3-gram masking, no permutation, no
 geometric spans): the same sentences in the same order, the same segments A and B, the same
-truncation and the same masked positions and replacement tokens (``tests/data/test_bert_dataset.py``
+truncation and the same masked positions and replacement tokens (`tests/data/test_bert_dataset.py`
 compares them sample by sample). Only the output format differs (see *What a sample is*).
 
 How Megatron-Core builds it (and so megahf)
 -------------------------------------------
 
-*Split.* Unlike the GPT dataset, the split string divides *documents* (``split_ranges`` over
-``indexed.num_documents``), and a sample never crosses a document.
+*Split.* Unlike the GPT dataset, the split string divides *documents* (`split_ranges` over
+`indexed.num_documents`), and a sample never crosses a document.
 
-*Sample mapping* (Megatron's ``helpers.build_mapping``). The target length of a sample is
-``max_seq_length = seq_length - 3`` (room for ``[CLS]`` and two ``[SEP]``). A 32-bit Mersenne
-Twister (``std::mt19937(seed)``) draws the target of each sample: with ``ratio =
-round(1 / short_sequence_probability)`` a draw ``r`` with ``r % ratio == 0`` asks a short sample of
-``2 + r % (max_seq_length - 1)`` tokens, any other draw the full ``max_seq_length``. Documents with
-fewer than ``min_sentences`` sentences (2 with sentence-order prediction, else 1) or with a
+*Sample mapping* (Megatron's `helpers.build_mapping`). The target length of a sample is
+`max_seq_length = seq_length - 3` (room for `[CLS]` and two `[SEP]`). A 32-bit Mersenne
+Twister (`std::mt19937(seed)`) draws the target of each sample: with `ratio =
+round(1 / short_sequence_probability)` a draw `r` with `r % ratio == 0` asks a short sample of
+`2 + r % (max_seq_length - 1)` tokens, any other draw the full `max_seq_length`. Documents with
+fewer than `min_sentences` sentences (2 with sentence-order prediction, else 1) or with a
 sentence longer than 512 tokens are skipped and draw nothing. In each other document, sentences
 are gathered greedily: a sample closes after the sentence that brings it to its target (if it
-has ``min_sentences`` and more than one sentence of the document is left) or at the document's
+has `min_sentences` and more than one sentence of the document is left) or at the document's
 end; the next draw then gives the next sample's target. Passes over all documents (epochs,
-the generator running on) repeat until at least ``num_samples`` samples exist (one pass when
-``num_samples`` is None); the ``(first sentence, end sentence, target)`` rows are then shuffled by
-Fisher-Yates with a 64-bit Mersenne Twister (``std::mt19937_64(seed + 1)``). Both generators are
-reproduced here in numpy (:class:`MT19937`, :class:`MT19937_64`). ``len(dataset)`` is the number
-of rows (whole passes: at least ``num_samples``).
+the generator running on) repeat until at least `num_samples` samples exist (one pass when
+`num_samples` is None); the `(first sentence, end sentence, target)` rows are then shuffled by
+Fisher-Yates with a 64-bit Mersenne Twister (`std::mt19937_64(seed + 1)`). Both generators are
+reproduced here in numpy (`MT19937`, `MT19937_64`). `len(dataset)` is the number
+of rows (whole passes: at least `num_samples`).
 
-*A sample* (``BERTMaskedWordPieceDataset.__getitem__``), all draws from
-``numpy.random.RandomState((seed + index) % 2**32)``, so a sample depends only on (seed, index):
+*A sample* (`BERTMaskedWordPieceDataset.__getitem__`), all draws from
+`numpy.random.RandomState((seed + index) % 2**32)`, so a sample depends only on (seed, index):
 
-1. with sentence-order prediction, segment A is the first ``pivot`` sentences and B the rest,
-   ``pivot`` = 1 for two sentences, else ``randint(1, n)``; then ``random() < 0.5`` swaps A and B
-   (``next_sentence_label`` = 1, "random");
+1. with sentence-order prediction, segment A is the first `pivot` sentences and B the rest,
+   `pivot` = 1 for two sentences, else `randint(1, n)`; then `random() < 0.5` swaps A and B
+   (`next_sentence_label` = 1, "random");
 2. while A + B is longer than the target, one token is dropped from the longer segment (B on a
-   tie), from its front when ``random() < 0.5``, else from its back;
-3. ``[CLS] A [SEP] B [SEP]`` (without B: ``[CLS] A [SEP]``), token types 0 up to the first
-   ``[SEP]``, 1 after;
-4. masked LM: ``min(p * target, max(1, round(p * len(tokens))))`` positions at most (p =
-   ``masking_probability``). The candidates are the non-``[CLS]``/``[SEP]`` positions (with
-   whole-word masking, a ``##`` piece joins its word). The candidate list is shuffled; for each
-   candidate in turn an n-gram size is drawn (``choice`` of 1..``masking_max_ngram`` with
+   tie), from its front when `random() < 0.5`, else from its back;
+3. `[CLS] A [SEP] B [SEP]` (without B: `[CLS] A [SEP]`), token types 0 up to the first
+   `[SEP]`, 1 after;
+4. masked LM: `min(p * target, max(1, round(p * len(tokens))))` positions at most (p =
+   `masking_probability`). The candidates are the non-`[CLS]`/`[SEP]` positions (with
+   whole-word masking, a `##` piece joins its word). The candidate list is shuffled; for each
+   candidate in turn an n-gram size is drawn (`choice` of 1..`masking_max_ngram` with
    probabilities proportional to 1/n), shrunk until it fits the budget, and the n consecutive
    candidates from there are masked unless one of them already is. Each masked token becomes
-   ``[MASK]`` when ``random() < 0.8``, else a token ``randint(0, vocab_size)`` when
-   ``random() >= 0.5``, else stays (the 80/10/10 rule).
+   `[MASK]` when `random() < 0.8`, else a token `randint(0, vocab_size)` when
+   `random() >= 0.5`, else stays (the 80/10/10 rule).
 
-*Cache.* With ``path_to_cache`` set, the mapping is saved as ``.npy`` under the md5 of a JSON
+*Cache.* With `path_to_cache` set, the mapping is saved as `.npy` under the md5 of a JSON
 description (the sequence lengths' and document boundaries' md5, the split's documents, the
 samples asked and the settings it depends on), stored next to it and compared on load; a
 mismatch rebuilds with a warning; files are written atomically, the description last.
@@ -58,32 +58,32 @@ mismatch rebuilds with a warning; files are written atomically, the description 
 What a sample is
 ----------------
 
-``dataset[i]`` is a dict of tensors ready for ``transformers.BertForPreTraining``:
-``input_ids`` (int64 ``[seq_length]``, padded with ``pad_token_id``), ``token_type_ids`` (0 for
-padding), ``attention_mask`` (1 on tokens, 0 on padding), ``labels`` (the original token at each
+`dataset[i]` is a dict of tensors ready for `transformers.BertForPreTraining`:
+`input_ids` (int64 `[seq_length]`, padded with `pad_token_id`), `token_type_ids` (0 for
+padding), `attention_mask` (1 on tokens, 0 on padding), `labels` (the original token at each
 masked position, **-100** elsewhere: transformers' ignore index, where Megatron uses -1),
-``next_sentence_label`` (scalar int64, 1 when A and B were swapped; left out without
-sentence-order prediction, as ``BertForMaskedLM`` does not take it) and ``loss_mask`` (float32, 1
-on the masked positions). :meth:`BertDataset.get_example` gives the same as numpy arrays plus
-``truncated`` and ``masked_positions``.
+`next_sentence_label` (scalar int64, 1 when A and B were swapped; left out without
+sentence-order prediction, as `BertForMaskedLM` does not take it) and `loss_mask` (float32, 1
+on the masked positions). `BertDataset.get_example` gives the same as numpy arrays plus
+`truncated` and `masked_positions`.
 
 Megatron-Core's quirks kept for sample compatibility: the random replacement token may be any
-id, ``[PAD]``/``[CLS]``/``[SEP]``/``[MASK]`` included; with whole-word masking a ``##`` piece
-right after a ``[SEP]`` joins the word before that ``[SEP]``; ``len(tokens)`` in the masking
+id, `[PAD]`/`[CLS]`/`[SEP]`/`[MASK]` included; with whole-word masking a `##` piece
+right after a `[SEP]` joins the word before that `[SEP]`; `len(tokens)` in the masking
 budget counts the special tokens.
 
-Differences from Megatron-Core, on purpose: clear :class:`BertDatasetError` instead of a hang
+Differences from Megatron-Core, on purpose: clear `BertDatasetError` instead of a hang
 or an assert for an empty split, data without sentence splitting (every document one sequence),
-a split where no document can make a sample, ``seq_length < 5`` or a seed outside ``1..2**31-1``;
-padding is ``pad_token_id`` with labels -100 (Megatron pads with 0, writes ``pad`` ids into
-its ``types``/``padding_mask`` and turns any *data* token equal to the pad id into 0 and
+a split where no document can make a sample, `seq_length < 5` or a seed outside `1..2**31-1`;
+padding is `pad_token_id` with labels -100 (Megatron pads with 0, writes `pad` ids into
+its `types`/`padding_mask` and turns any *data* token equal to the pad id into 0 and
 unmaskable padding: megahf keeps data tokens as they are); the random replacement token is
-``randint(0, vocab_size)`` itself, where Megatron indexes its ``inv_vocab`` keys (the same for
-a WordPiece vocabulary whose ids are ``0..V-1`` in order), and a random draw of the pad id is
-attended to (Megatron's padding mask hides it); ``num_samples=None`` builds one pass (Megatron-Core
+`randint(0, vocab_size)` itself, where Megatron indexes its `inv_vocab` keys (the same for
+a WordPiece vocabulary whose ids are `0..V-1` in order), and a random draw of the pad id is
+attended to (Megatron's padding mask hides it); `num_samples=None` builds one pass (Megatron-Core
 fails on it). Only Megatron-LM's BERT masking is implemented: no n-gram permutation, no
 geometric (SpanBERT) spans, no "longer n-grams first". The mapping is built in Python (about 1
-million rows in a few seconds, ~25x slower than Megatron's C++): set ``path_to_cache`` for
+million rows in a few seconds, ~25x slower than Megatron's C++): set `path_to_cache` for
 large corpora.
 """
 
@@ -134,16 +134,16 @@ class BertDatasetError(ValueError):
 # --------------------------------------------------------------------------------------- config
 @dataclass
 class BertDatasetConfig:
-    """Settings of a :class:`BertDataset` (Megatron-Core's ``BERTMaskedWordPieceDatasetConfig``
-    with Megatron-LM's BERT defaults; ``seq_length`` = ``sequence_length``, ``seed`` =
-    ``random_seed``, ``sentence_order_prediction`` = ``classification_head`` /
-    ``--bert-binary-head``, ``whole_word_masking`` = ``masking_do_full_word``). The special token
-    ids and ``vocab_size`` come from the tokenizer: :meth:`from_tokenizer` reads them."""
+    """Settings of a `BertDataset` (Megatron-Core's `BERTMaskedWordPieceDatasetConfig`
+    with Megatron-LM's BERT defaults; `seq_length` = `sequence_length`, `seed` =
+    `random_seed`, `sentence_order_prediction` = `classification_head` /
+    `--bert-binary-head`, `whole_word_masking` = `masking_do_full_word`). The special token
+    ids and `vocab_size` come from the tokenizer: `from_tokenizer` reads them."""
 
     seq_length: int
-    """Tokens per sample, ``[CLS]`` and ``[SEP]`` included (Megatron-LM's ``--seq-length``)."""
+    """Tokens per sample, `[CLS]` and `[SEP]` included (Megatron-LM's `--seq-length`)."""
     vocab_size: int
-    """Random replacement tokens are drawn from ``0..vocab_size-1``."""
+    """Random replacement tokens are drawn from `0..vocab_size-1`."""
     cls_token_id: int
     sep_token_id: int
     mask_token_id: int
@@ -151,21 +151,21 @@ class BertDatasetConfig:
     seed: int = 1234
     """Seed of the mapping's generators and, plus the sample index, of each sample's draws."""
     split: str = "969,30,1"
-    """Train, valid, test weights over *documents* (Megatron-LM's ``--split``)."""
+    """Train, valid, test weights over *documents* (Megatron-LM's `--split`)."""
     masking_probability: float = 0.15
-    """Megatron-LM's ``--mask-prob``."""
+    """Megatron-LM's `--mask-prob`."""
     short_sequence_probability: float = 0.1
-    """Megatron-LM's ``--short-seq-prob``: chance of a sample with a random shorter target."""
+    """Megatron-LM's `--short-seq-prob`: chance of a sample with a random shorter target."""
     masking_max_ngram: int = 3
     """Largest n-gram masked at once (Megatron-LM's BERT uses 3)."""
     whole_word_masking: bool = False
-    """Mask whole words (a ``##`` piece goes with its word); needs ``vocab``."""
+    """Mask whole words (a `##` piece goes with its word); needs `vocab`."""
     vocab: Optional[Sequence[str]] = None
-    """The token strings by id; only read for ``whole_word_masking``."""
+    """The token strings by id; only read for `whole_word_masking`."""
     sentence_order_prediction: bool = True
     """Split each sample in segments A and B and swap them half of the time (the SOP task)."""
     path_to_cache: Optional[str] = None
-    """Folder for the sample mapping (``.npy``); None builds it in memory every time."""
+    """Folder for the sample mapping (`.npy`); None builds it in memory every time."""
 
     def __post_init__(self) -> None:
         def _int(name: str) -> int:
@@ -210,7 +210,7 @@ class BertDatasetConfig:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, seq_length: int, **kwargs: Any) -> "BertDatasetConfig":
         """A config with the special ids and vocabulary size of a Hugging Face (WordPiece)
-        tokenizer; ``vocab`` is filled when ``whole_word_masking=True``."""
+        tokenizer; `vocab` is filled when `whole_word_masking=True`."""
         ids = {}
         for name in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"):
             value = kwargs.pop(name, None)
@@ -233,13 +233,13 @@ class BertDatasetConfig:
 
     @property
     def max_seq_length(self) -> int:
-        """The target length of a full sample's sentences (``seq_length`` less 3 special tokens)."""
+        """The target length of a full sample's sentences (`seq_length` less 3 special tokens)."""
         return int(self.seq_length) - 3
 
 
 # ------------------------------------------------------------------------- Mersenne Twisters
 class MT19937:
-    """``std::mt19937(seed)``'s outputs (numpy's legacy seeding is the same algorithm)."""
+    """`std::mt19937(seed)`'s outputs (numpy's legacy seeding is the same algorithm)."""
 
     def __init__(self, seed: int, block: int = 4096) -> None:
         self._gen = np.random.RandomState(int(seed) & 0xFFFFFFFF)._bit_generator
@@ -257,7 +257,7 @@ class MT19937:
 
 
 class MT19937_64:
-    """``std::mt19937_64(seed)``'s outputs, generated 312 at a time in numpy."""
+    """`std::mt19937_64(seed)`'s outputs, generated 312 at a time in numpy."""
 
     _N, _M = 312, 156
     _A = np.uint64(0xB5026F5AA96619E9)
@@ -286,7 +286,7 @@ class MT19937_64:
         self._mt = new
 
     def take(self, count: int) -> np.ndarray:
-        """The next ``count`` outputs (uint64)."""
+        """The next `count` outputs (uint64)."""
         count = int(count)
         blocks = [self._pending]
         for _ in range(-(-max(count - self._pending.shape[0], 0) // self._N)):
@@ -319,12 +319,12 @@ def build_bert_sample_mapping(
     seed: int,
     min_sentences: int,
 ) -> np.ndarray:
-    """Megatron's ``build_mapping``: rows ``(first sentence, end sentence, target length)``, shuffled.
+    """Megatron's `build_mapping`: rows `(first sentence, end sentence, target length)`, shuffled.
 
-    ``document_starts[k]``/``document_ends[k]``: the sentence ids ``[start, end)`` of the k-th
-    document of the split. Whole passes over the documents until ``num_samples`` rows exist (one
+    `document_starts[k]`/`document_ends[k]`: the sentence ids `[start, end)` of the k-th
+    document of the split. Whole passes over the documents until `num_samples` rows exist (one
     pass for None). uint32 rows (uint64 for more than 2**32-1 sentences), as Megatron. Raises
-    :class:`BertDatasetError` when no document can make a sample.
+    `BertDatasetError` when no document can make a sample.
     """
     sizes = np.asarray(sequence_lengths)
     starts = np.asarray(document_starts, dtype=np.int64)
@@ -392,15 +392,15 @@ class BertDataset:
     """Megatron-Core's BERT (masked LM + sentence-order prediction) dataset over one split.
 
     Args:
-        indexed: the token source, written with sentence splitting; needs ``sequence_lengths``,
-            ``document_indices`` and ``get(idx)`` (megahf's and Megatron-Core's
-            ``IndexedDataset``).
-        split_documents: the *document* ids of the split, a ``range`` (``split_ranges(
-            indexed.num_documents, config.split)``) or an array.
+        indexed: the token source, written with sentence splitting; needs `sequence_lengths`,
+            `document_indices` and `get(idx)` (megahf's and Megatron-Core's
+            `IndexedDataset`).
+        split_documents: the *document* ids of the split, a `range` (`split_ranges(
+            indexed.num_documents, config.split)`) or an array.
         num_samples: samples wanted (the dataset has at least this many: whole passes' worth);
             None for one pass.
-        config: :class:`BertDatasetConfig`.
-        split_name: ``"train"``, ``"valid"`` or ``"test"`` (part of the cache key and messages).
+        config: `BertDatasetConfig`.
+        split_name: `"train"`, `"valid"` or `"test"` (part of the cache key and messages).
     """
 
     def __init__(
@@ -601,8 +601,8 @@ class BertDataset:
         return out, masked
 
     def get_example(self, idx: int) -> Dict[str, Any]:
-        """Sample ``idx`` as numpy arrays (see the module docstring) plus ``truncated`` (bool)
-        and ``masked_positions`` (int64, ascending)."""
+        """Sample `idx` as numpy arrays (see the module docstring) plus `truncated` (bool)
+        and `masked_positions` (int64, ascending)."""
         n = len(self)
         i = int(idx)
         if i < 0:

@@ -1,20 +1,20 @@
 """Megatron-Core's BlendedDataset and the builder that sizes and splits its sources.
 
-:class:`BlendedDataset` mixes several datasets by weight exactly as
-``megatron.core.datasets.blended_dataset.BlendedDataset`` (megatron-core 0.16.1) does: the
-weights are normalized (float64, divided by their numpy sum), and sample ``s`` of the blend is
-taken from the dataset with the largest ``weight * max(s, 1) - samples taken from it so far``
-(the first on ties) -- :func:`megahf.data.sample_index.build_blending_indices`. Each source's
+`BlendedDataset` mixes several datasets by weight exactly as
+`megatron.core.datasets.blended_dataset.BlendedDataset` (megatron-core 0.16.1) does: the
+weights are normalized (float64, divided by their numpy sum), and sample `s` of the blend is
+taken from the dataset with the largest `weight * max(s, 1) - samples taken from it so far`
+(the first on ties) -- `megahf.data.sample_index.build_blending_indices`. Each source's
 samples are used in order (its own shuffle already mixed them).
 
-:func:`build_gpt_datasets` is Megatron-Core's ``BlendedMegatronDatasetBuilder`` for GPT data
-(the ``blend`` case: every split cut from the same files by the split string; and the
-``blend_per_split`` case: separate files per split). With weights, for a split that must
-provide ``size`` samples, source ``d`` (normalized weight ``w_d``):
+`build_gpt_datasets` is Megatron-Core's `BlendedMegatronDatasetBuilder` for GPT data
+(the `blend` case: every split cut from the same files by the split string; and the
+`blend_per_split` case: separate files per split). With weights, for a split that must
+provide `size` samples, source `d` (normalized weight `w_d`):
 
-* is built with ``ceil(ceil(size * w_d) * (1 + surplus))`` samples (``surplus`` =
-  ``mid_level_dataset_surplus``, 0.005), so it has a margin over what the blend takes;
-* and the blend has ``sum_d ceil(size * w_d)`` samples -- slightly more than ``size``.
+* is built with `ceil(ceil(size * w_d) * (1 + surplus))` samples (`surplus` =
+  `mid_level_dataset_surplus`, 0.005), so it has a margin over what the blend takes;
+* and the blend has `sum_d ceil(size * w_d)` samples -- slightly more than `size`.
 
 The weights are normalized twice (by the builder, then by the BlendedDataset), which can move
 the last bit of a weight; megahf does the same so the picks match. A single file without
@@ -22,12 +22,12 @@ weights is not blended (its GPTDataset is returned directly); a single file *wit
 through a BlendedDataset like Megatron-Core, so its source is built with the 0.5% surplus
 (a different epoch count, hence a different shuffle, than without a weight). Without weights,
 sources are built for one epoch and weighted by their lengths, the blend having
-``min(size, total)`` samples, or exactly every sample of every source when the size is None.
+`min(size, total)` samples, or exactly every sample of every source when the size is None.
 
-A blend that would take more samples from a source than it has raises :class:`GPTDatasetError`
-(raise ``mid_level_dataset_surplus``), as Megatron-Core raises IndexError.
+A blend that would take more samples from a source than it has raises `GPTDatasetError`
+(raise `mid_level_dataset_surplus`), as Megatron-Core raises IndexError.
 
-With ``config.path_to_cache`` set, the two blend arrays are cached like the GPT ones (md5 of a
+With `config.path_to_cache` set, the two blend arrays are cached like the GPT ones (md5 of a
 description that includes the sources' descriptions; the description is stored and compared).
 """
 
@@ -64,13 +64,13 @@ class BlendedDataset:
     """Several datasets mixed by weight, in Megatron-Core's order.
 
     Args:
-        datasets: the sources (GPTDatasets, or anything with ``__len__``/``__getitem__``).
+        datasets: the sources (GPTDatasets, or anything with `__len__`/`__getitem__`).
         weights: positive weights, one per source (normalized here).
-        size: samples of the blend; None with integer weights takes exactly ``weights[d]``
-            samples from source ``d`` (Megatron-Core's exhaustive blend).
+        size: samples of the blend; None with integer weights takes exactly `weights[d]`
+            samples from source `d` (Megatron-Core's exhaustive blend).
         path_to_cache: folder for the index arrays (default: the first source's config's).
 
-    ``blend[i]`` is the source sample's dict plus ``"dataset_id"``.
+    `blend[i]` is the source sample's dict plus `"dataset_id"`.
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class BlendedDataset:
         return int(self.dataset_index.shape[0])
 
     def locate(self, idx: int) -> Tuple[int, int]:
-        """(source, sample of that source) of blend sample ``idx``."""
+        """(source, sample of that source) of blend sample `idx`."""
         n = len(self)
         if idx < 0:
             idx += n
@@ -213,14 +213,14 @@ def _surplus_of(ds: Any) -> Any:
 
 # ------------------------------------------------------------------------------------- builder
 def source_sizes(weights: Sequence[float], size: int, surplus: float = 0.0) -> List[int]:
-    """Samples each source provides for a blend of ``size``: ``ceil(ceil(size * w) * (1 + surplus))``
-    with the normalized weights ``w`` (surplus 0 gives the blend's own shares)."""
+    """Samples each source provides for a blend of `size`: `ceil(ceil(size * w) * (1 + surplus))`
+    with the normalized weights `w` (surplus 0 gives the blend's own shares)."""
     return [int(math.ceil(math.ceil(size * w) * (1 + surplus))) for w in weights]
 
 
 def parse_blend(items: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
-    """Megatron-LM's ``--data-path`` list: ``["30", "a", "70", "b"]`` -> (["a", "b"], [30.0, 70.0]);
-    ``["a", "b"]`` -> (["a", "b"], None)."""
+    """Megatron-LM's `--data-path` list: `["30", "a", "70", "b"]` -> (["a", "b"], [30.0, 70.0]);
+    `["a", "b"]` -> (["a", "b"], None)."""
     items = [str(x) for x in items]
     if len(items) % 2 == 0 and items:
         try:
@@ -240,7 +240,7 @@ def _open(source: Any) -> Any:
 
 
 def _splits_of(indexed: Any, config: GPTDatasetConfig, only: Optional[int]) -> List[Optional[range]]:
-    """The split ranges of ``indexed``: by ``config.split``, or all of it for split ``only``."""
+    """The split ranges of `indexed`: by `config.split`, or all of it for split `only`."""
     n = int(np.asarray(indexed.sequence_lengths).shape[0])
     if only is None:
         return split_ranges(n, config.split)
@@ -277,8 +277,8 @@ def _blend_one(
     only: Optional[int],
     wanted: Sequence[int],
 ) -> List[Optional[Any]]:
-    """Megatron-Core's builder for one blend: the splits ``wanted``, cut by ``config.split``
-    (``only`` None) or each file taken whole as split ``only``."""
+    """Megatron-Core's builder for one blend: the splits `wanted`, cut by `config.split`
+    (`only` None) or each file taken whole as split `only`."""
     if weights is not None:
         if len(weights) != len(sources):
             raise GPTDatasetError(f"{len(sources)} data paths but {len(weights)} weights")
@@ -333,18 +333,18 @@ def build_gpt_datasets(
     config: GPTDatasetConfig,
     blend_per_split: Optional[Sequence[Optional[Tuple[Sequence[Any], Optional[Sequence[float]]]]]] = None,
 ) -> List[Optional[Any]]:
-    """``[train, valid, test]`` datasets, as Megatron-Core's ``BlendedMegatronDatasetBuilder``.
+    """`[train, valid, test]` datasets, as Megatron-Core's `BlendedMegatronDatasetBuilder`.
 
     Args:
-        blend: ``(paths, weights)``: path prefixes (or opened indexed datasets) and their weights
+        blend: `(paths, weights)`: path prefixes (or opened indexed datasets) and their weights
             (None: one file as is, or several weighted by their lengths); every split is cut
-            from each file by ``config.split``. A lone path means ``([path], None)``.
+            from each file by `config.split`. A lone path means `([path], None)`.
         sizes: samples wanted per split; None builds one epoch. A split asked for 0 samples is
             not built (None) -- Megatron-Core would build one epoch of it.
-        blend_per_split: instead of ``blend``, one ``(paths, weights)`` (or None) per split,
-            each file used whole for its split (``config.split`` is ignored).
+        blend_per_split: instead of `blend`, one `(paths, weights)` (or None) per split,
+            each file used whole for its split (`config.split` is ignored).
 
-    A split of weight 0 in ``config.split`` is None.
+    A split of weight 0 in `config.split` is None.
     """
     sizes = list(sizes) + [None] * (len(SPLIT_NAMES) - len(sizes))
     if len(sizes) != len(SPLIT_NAMES):

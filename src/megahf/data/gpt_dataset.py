@@ -1,71 +1,71 @@
 """Megatron-Core's GPT dataset: fixed-length samples cut from a shuffled stream of documents.
 
-Given the same ``.bin``/``.idx`` files, seed and settings, :class:`GPTDataset` yields the same
-samples in the same order as ``megatron.core.datasets.gpt_dataset.GPTDataset`` (megatron-core
-0.16.1; ``tests/data/test_gpt_dataset.py`` compares every token of every sample).
+Given the same `.bin`/`.idx` files, seed and settings, `GPTDataset` yields the same
+samples in the same order as `megatron.core.datasets.gpt_dataset.GPTDataset` (megatron-core
+0.16.1; `tests/data/test_gpt_dataset.py` compares every token of every sample).
 
 How Megatron-Core builds it (and so megahf)
 -------------------------------------------
 
-*Split.* ``"969,30,1"`` (any separators; missing entries are 0) is normalized to fractions
+*Split.* `"969,30,1"` (any separators; missing entries are 0) is normalized to fractions
 (float64 division by the sum), accumulated left to right, and each boundary becomes
-``int(round(fraction * num_sequences))`` -- Python's ``round``, half to even. A split of weight 0
-is not built at all (``None``); a split of positive weight can still round to no sequence (e.g.
-the test split of ``"969,30,1"`` with 500 sequences or fewer): Megatron-Core then loops forever,
-megahf raises :class:`GPTDatasetError` saying which split is empty and how to fix the string.
+`int(round(fraction * num_sequences))` -- Python's `round`, half to even. A split of weight 0
+is not built at all (`None`); a split of positive weight can still round to no sequence (e.g.
+the test split of `"969,30,1"` with 500 sequences or fewer): Megatron-Core then loops forever,
+megahf raises `GPTDatasetError` saying which split is empty and how to fix the string.
 Splits count *sequences* of the indexed dataset (documents, unless it was written by sentence).
 
-*Epochs.* A sample takes ``seq_length + 1`` tokens (``add_extra_token_to_sequence``: the
-inputs and the labels shifted by one), consecutive samples share one token, so ``E`` epochs of
-``T`` tokens give ``(E*T - 1) // seq_length`` samples; ``E`` is the smallest number of epochs with
-``E*T >= num_samples*seq_length + 1`` (one epoch when ``num_samples`` is None).
+*Epochs.* A sample takes `seq_length + 1` tokens (`add_extra_token_to_sequence`: the
+inputs and the labels shifted by one), consecutive samples share one token, so `E` epochs of
+`T` tokens give `(E*T - 1) // seq_length` samples; `E` is the smallest number of epochs with
+`E*T >= num_samples*seq_length + 1` (one epoch when `num_samples` is None).
 
 *One random stream.* Every dataset (each split of each file) draws from its own
-``numpy.random.RandomState(seed)``, all with the same seed, in this order:
+`numpy.random.RandomState(seed)`, all with the same seed, in this order:
 
-1. the document index: the split's sequence ids (int32) repeated ``E`` times, shuffled. When
-   the samples needed from the last epoch are fewer than ``int(0.8 * samples per epoch)``, the
-   first ``E-1`` epochs are shuffled together and then the last epoch is shuffled on its own and
+1. the document index: the split's sequence ids (int32) repeated `E` times, shuffled. When
+   the samples needed from the last epoch are fewer than `int(0.8 * samples per epoch)`, the
+   first `E-1` epochs are shuffled together and then the last epoch is shuffled on its own and
    appended (so a short last epoch does not mix with the others);
-2. the sample index (no randomness): :func:`megahf.data.sample_index.build_sample_index`, int32
+2. the sample index (no randomness): `megahf.data.sample_index.build_sample_index`, int32
    (int64 for huge datasets);
-3. the shuffle index: ``arange(num_samples)`` shuffled, uint32 (int64 past 2**32-2 samples);
-   with the separated last epoch, the samples of the first ``E-1`` epochs and those of the last
+3. the shuffle index: `arange(num_samples)` shuffled, uint32 (int64 past 2**32-2 samples);
+   with the separated last epoch, the samples of the first `E-1` epochs and those of the last
    are shuffled separately and concatenated.
 
-Sample ``i`` is then ``sample_index[shuffle_index[i]]`` to ``sample_index[shuffle_index[i] + 1]``
-read through ``document_index``. ``len(dataset)`` is the number of samples of the ``E`` epochs,
-at least ``num_samples``.
+Sample `i` is then `sample_index[shuffle_index[i]]` to `sample_index[shuffle_index[i] + 1]`
+read through `document_index`. `len(dataset)` is the number of samples of the `E` epochs,
+at least `num_samples`.
 
-*Cache.* With ``path_to_cache`` set, the three arrays are saved as ``.npy`` files named by the md5
-of a JSON description of everything they depend on (see :meth:`GPTDataset.description`) and
+*Cache.* With `path_to_cache` set, the three arrays are saved as `.npy` files named by the md5
+of a JSON description of everything they depend on (see `GPTDataset.description`) and
 reloaded (memory-mapped) next time. Unlike Megatron-Core, the description covers the index's
 sequence lengths (an md5 of them, instead of the path) and every setting that changes the
-arrays (Megatron-Core's key omits e.g. ``add_extra_token_to_sequence``, and reuses the arrays of
-a rewritten ``.idx`` silently); the description is stored next to the arrays and compared on load, the arrays'
+arrays (Megatron-Core's key omits e.g. `add_extra_token_to_sequence`, and reuses the arrays of
+a rewritten `.idx` silently); the description is stored next to the arrays and compared on load, the arrays'
 shapes are checked, and a mismatch rebuilds (with a warning) instead of reusing; files are
 written under temporary names and renamed (atomic), the description last.
 
 What a sample is
 ----------------
 
-``dataset[i]`` is ``{"input_ids": LongTensor[seq_length + 1]}``: the model's inputs are
-``input_ids[:-1]`` and its labels ``input_ids[1:]`` (Megatron's ``tokens`` / ``labels``), the
-collator or the training step does the split. With ``add_extra_token_to_sequence=False`` it has
-``seq_length`` tokens and Megatron's last label is padding (masked). ``reset_position_ids``,
-``reset_attention_mask`` and ``eod_mask_loss`` (which need ``eod_token_id``) add Megatron's
-``position_ids`` (int64), ``loss_mask`` (float32) and ``attention_mask`` (bool ``[1, s, s]``,
-True = masked), all over the ``seq_length`` input positions, computed as
-``_get_ltor_masks_and_position_ids`` does. :meth:`GPTDataset.get_tokens` gives the raw token
+`dataset[i]` is `{"input_ids": LongTensor[seq_length + 1]}`: the model's inputs are
+`input_ids[:-1]` and its labels `input_ids[1:]` (Megatron's `tokens` / `labels`), the
+collator or the training step does the split. With `add_extra_token_to_sequence=False` it has
+`seq_length` tokens and Megatron's last label is padding (masked). `reset_position_ids`,
+`reset_attention_mask` and `eod_mask_loss` (which need `eod_token_id`) add Megatron's
+`position_ids` (int64), `loss_mask` (float32) and `attention_mask` (bool `[1, s, s]`,
+True = masked), all over the `seq_length` input positions, computed as
+`_get_ltor_masks_and_position_ids` does. `GPTDataset.get_tokens` gives the raw token
 array (numpy int64) in a few microseconds.
 
 Differences from Megatron-Core, on purpose: the errors named above (empty split, a split with
-fewer tokens than one sample, ``num_samples <= 0``) instead of a hang or a degenerate sample;
-``path_to_cache=None`` means no cache (Megatron-Core then writes into ``{prefix}/cache/``);
+fewer tokens than one sample, `num_samples <= 0`) instead of a hang or a degenerate sample;
+`path_to_cache=None` means no cache (Megatron-Core then writes into `{prefix}/cache/`);
 tokens equal to the pad id are not rewritten to 0 (Megatron-Core does that whenever its
 tokenizer has a pad id distinct from eod); padding (only in the last validation sample with
-``drop_last_partial_validation_sequence=False``) is ``pad_token_id`` in :meth:`get_tokens` and 0
-with ``loss_mask`` 0 in ``dataset[i]``.
+`drop_last_partial_validation_sequence=False`) is `pad_token_id` in `get_tokens` and 0
+with `loss_mask` 0 in `dataset[i]`.
 """
 
 from __future__ import annotations
@@ -112,13 +112,13 @@ class GPTDatasetError(ValueError):
 
 # ---------------------------------------------------------------------------------------- split
 def _normalize(weights: Sequence[float]) -> List[float]:
-    """Megatron-Core's ``normalize``: float64 weights divided by their numpy sum."""
+    """Megatron-Core's `normalize`: float64 weights divided by their numpy sum."""
     w = np.array(weights, dtype=np.float64)
     return (w / np.sum(w)).tolist()
 
 
 def parse_split(split: str) -> List[float]:
-    """``"969,30,1"`` -> ``[0.969, 0.03, 0.001]`` as Megatron-Core parses it: the numbers in the
+    """`"969,30,1"` -> `[0.969, 0.03, 0.001]` as Megatron-Core parses it: the numbers in the
     string (any separators), padded with zeros to three, normalized."""
     values = [float(v) for v in re.findall(r"[.0-9]+", str(split))]
     if not values or len(values) > len(SPLIT_NAMES):
@@ -141,11 +141,11 @@ def split_matrix(split: str) -> List[Optional[Tuple[float, float]]]:
 
 
 def split_ranges(num_documents: int, split: str) -> List[Optional[range]]:
-    """The sequence ids of each split (``[train, valid, test]``), None for a split of weight 0.
+    """The sequence ids of each split (`[train, valid, test]`), None for a split of weight 0.
 
-    Boundaries are ``int(round(fraction * num_documents))`` (round half to even), as in
-    Megatron-Core; a positive-weight split may come out empty (``range(n, n)``), which
-    :class:`GPTDataset` refuses with an explanation.
+    Boundaries are `int(round(fraction * num_documents))` (round half to even), as in
+    Megatron-Core; a positive-weight split may come out empty (`range(n, n)`), which
+    `GPTDataset` refuses with an explanation.
     """
     n = int(num_documents)
     out: List[Optional[range]] = []
@@ -160,31 +160,31 @@ def split_ranges(num_documents: int, split: str) -> List[Optional[range]]:
 # --------------------------------------------------------------------------------------- config
 @dataclass
 class GPTDatasetConfig:
-    """Settings of a :class:`GPTDataset` (Megatron-Core's ``GPTDatasetConfig`` fields, renamed:
-    ``seq_length`` = ``sequence_length``, ``seed`` = ``random_seed``)."""
+    """Settings of a `GPTDataset` (Megatron-Core's `GPTDatasetConfig` fields, renamed:
+    `seq_length` = `sequence_length`, `seed` = `random_seed`)."""
 
     seq_length: int
     """Tokens per sample fed to the model (a sample holds one more with the extra token)."""
     seed: int = 1234
-    """Seed of every dataset's ``numpy.random.RandomState`` (Megatron-LM's ``--seed``)."""
+    """Seed of every dataset's `numpy.random.RandomState` (Megatron-LM's `--seed`)."""
     split: str = "969,30,1"
-    """Train, valid, test weights (Megatron-LM's ``--split``)."""
+    """Train, valid, test weights (Megatron-LM's `--split`)."""
     add_extra_token_to_sequence: bool = True
-    """Samples of ``seq_length + 1`` tokens, so inputs and shifted labels both have ``seq_length``."""
+    """Samples of `seq_length + 1` tokens, so inputs and shifted labels both have `seq_length`."""
     reset_position_ids: bool = False
     """Restart the position ids after every end-of-document token."""
     reset_attention_mask: bool = False
-    """Stop attention across end-of-document tokens (adds an ``attention_mask``)."""
+    """Stop attention across end-of-document tokens (adds an `attention_mask`)."""
     eod_mask_loss: bool = False
     """Zero the loss on end-of-document tokens."""
     eod_token_id: Optional[int] = None
     """The end-of-document token id; required by the three options above."""
     pad_token_id: int = -1
-    """Fills a padded (last, partial) validation sample in :meth:`GPTDataset.get_tokens`."""
+    """Fills a padded (last, partial) validation sample in `GPTDataset.get_tokens`."""
     drop_last_partial_validation_sequence: bool = True
     """Drop the last partial sample of the valid split (False keeps it, padded)."""
     path_to_cache: Optional[str] = None
-    """Folder for the index arrays (``.npy``); None builds them in memory every time."""
+    """Folder for the index arrays (`.npy`); None builds them in memory every time."""
     mid_level_dataset_surplus: float = 0.005
     """Extra fraction of samples each source of a blend builds (Megatron-Core's default)."""
 
@@ -221,10 +221,10 @@ def ltor_masks_and_position_ids(
     eod_mask_loss: bool,
     create_attention_mask: bool = True,
 ) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
-    """Megatron's ``_get_ltor_masks_and_position_ids`` for one sample's input tokens, vectorized.
+    """Megatron's `_get_ltor_masks_and_position_ids` for one sample's input tokens, vectorized.
 
-    Returns ``(attention_mask bool [1, s, s] with True = masked (or None), loss_mask float32 [s],
-    position_ids int64 [s])``.
+    Returns `(attention_mask bool [1, s, s] with True = masked (or None), loss_mask float32 [s],
+    position_ids int64 [s])`.
     """
     s = int(tokens.shape[0])
     eod = tokens == eod_token_id if eod_token_id is not None else np.zeros(s, dtype=bool)
@@ -265,9 +265,9 @@ def _lengths_md5(indexed: Any, lengths: np.ndarray) -> str:
 
 
 def _token_view(indexed: Any) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """All tokens of ``indexed`` as one array and each sequence's first token in it, when the
+    """All tokens of `indexed` as one array and each sequence's first token in it, when the
     reader gives access to them (megahf's and Megatron-Core's readers do); else (None, None)
-    and samples are read through ``indexed.get``."""
+    and samples are read through `indexed.get`."""
     try:
         tokens = getattr(indexed, "tokens", None)  # megahf.data.IndexedDataset: one flat token array
         if not isinstance(tokens, np.ndarray):
@@ -296,16 +296,16 @@ class GPTDataset:
     """Megatron-Core's GPTDataset over one split of an indexed dataset.
 
     Args:
-        indexed: the token source; needs ``sequence_lengths`` (int32 array) and
-            ``get(idx, offset, length)``; megahf's :class:`~megahf.data.IndexedDataset` (and
+        indexed: the token source; needs `sequence_lengths` (int32 array) and
+            `get(idx, offset, length)`; megahf's `megahf.data.IndexedDataset` (and
             Megatron-Core's) are read directly through their memory map.
-        split_documents: the sequence ids of the split, a ``range`` (see :func:`split_ranges`)
+        split_documents: the sequence ids of the split, a `range` (see `split_ranges`)
             or an array.
         num_samples: samples wanted (the dataset has at least this many: whole epochs' worth);
             None for exactly one epoch.
-        config: :class:`GPTDatasetConfig`.
-        split_name: ``"train"``, ``"valid"`` or ``"test"`` (``"valid"`` honours
-            ``drop_last_partial_validation_sequence``; all are part of the cache key).
+        config: `GPTDatasetConfig`.
+        split_name: `"train"`, `"valid"` or `"test"` (`"valid"` honours
+            `drop_last_partial_validation_sequence`; all are part of the cache key).
     """
 
     def __init__(
@@ -388,7 +388,7 @@ class GPTDataset:
 
     def _last_epoch_rule(self) -> Tuple[bool, int]:
         """Whether the last epoch is shuffled on its own (it supplies fewer than
-        ``int(0.8 * samples per epoch)`` of the samples wanted), and the samples before it."""
+        `int(0.8 * samples per epoch)` of the samples wanted), and the samples before it."""
         if self.num_epochs == 1:
             return False, 0
         seq, extra, tpe = int(self.config.seq_length), self.config.extra, self.tokens_per_epoch
@@ -432,12 +432,12 @@ class GPTDataset:
         return self._description
 
     def description(self) -> Dict[str, Any]:
-        """:attr:`description_json` as a dict."""
+        """`description_json` as a dict."""
         return json.loads(self.description_json)
 
     @property
     def cache_key(self) -> str:
-        """md5 of :attr:`description_json`; names the cache files."""
+        """md5 of `description_json`; names the cache files."""
         return description_key(self.description_json)
 
     def _expected_lengths(self) -> Tuple[int, int]:
@@ -526,7 +526,7 @@ class GPTDataset:
 
     def _locate(self, idx: int) -> Tuple[int, int, int, int]:
         """(first, last) positions in the document index and (start, stop) token offsets in the
-        first and last of those sequences, of sample ``idx``."""
+        first and last of those sequences, of sample `idx`."""
         n = self._length
         if idx < 0:
             idx += n
@@ -537,7 +537,7 @@ class GPTDataset:
         return k0, k1, o0, o1 + self._extra
 
     def _read(self, idx: int) -> Tuple[np.ndarray, int]:
-        """Sample ``idx``'s tokens (int64, padded with ``pad_token_id``) and how many are real."""
+        """Sample `idx`'s tokens (int64, padded with `pad_token_id`) and how many are real."""
         k0, k1, start, stop = self._locate(int(idx))
         doc_index, tokens, size = self.document_index, self._tokens, self._sample_length
         if tokens is not None:  # straight from the memory map
@@ -574,12 +574,12 @@ class GPTDataset:
         return out, pos
 
     def get_tokens(self, idx: int) -> np.ndarray:
-        """Sample ``idx``'s tokens (int64, ``seq_length + 1`` with the extra token), as Megatron's
-        ``_query_document_sample_shuffle_indices`` returns them (padding = ``pad_token_id``)."""
+        """Sample `idx`'s tokens (int64, `seq_length + 1` with the extra token), as Megatron's
+        `_query_document_sample_shuffle_indices` returns them (padding = `pad_token_id`)."""
         return self._read(idx)[0]
 
     def document_ids(self, idx: int) -> List[int]:
-        """The sequence ids sample ``idx`` reads from, in order."""
+        """The sequence ids sample `idx` reads from, in order."""
         k0, k1, _, _ = self._locate(int(idx))
         return np.asarray(self.document_index[k0 : k1 + 1]).tolist()
 
@@ -640,7 +640,7 @@ class GPTDataset:
 
 
 def _without_split(split: str, split_name: str) -> str:
-    """``split`` with the weight of ``split_name`` set to 0 (for error messages)."""
+    """`split` with the weight of `split_name` set to 0 (for error messages)."""
     values = re.findall(r"[.0-9]+", str(split))
     values += ["0"] * (len(SPLIT_NAMES) - len(values))
     values[SPLIT_NAMES.index(split_name)] = "0"

@@ -10,37 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write, atomic_write_text
+
 
 def description_key(description_json: str) -> str:
     """md5 of a description; names the cache files."""
     return hashlib.md5(description_json.encode("utf-8")).hexdigest()
-
-
-def _atomic_write(path: str, write: Callable) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(path: str, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_or_build(
@@ -74,6 +54,6 @@ def load_or_build(
     arrays = build()
     os.makedirs(folder, exist_ok=True)
     for name, array in zip(names, arrays):
-        atomic_save(paths[name], array)
+        atomic_write(paths[name], lambda f, array=array: np.save(f, array, allow_pickle=False))
     atomic_write_text(paths["description"], description_json)  # last: marks a complete write
     return arrays, paths, False

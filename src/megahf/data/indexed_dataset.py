@@ -1,41 +1,41 @@
-"""Megatron-Core's indexed dataset (``{prefix}.bin`` + ``{prefix}.idx``), read and written by numpy.
+"""Megatron-Core's indexed dataset (`{prefix}.bin` + `{prefix}.idx`), read and written by numpy.
 
-The files are byte-compatible with ``megatron.core.datasets.indexed_dataset`` (checked against
-megatron-core 0.16.1 in ``tests/data/test_indexed_dataset.py``):
+The files are byte-compatible with `megatron.core.datasets.indexed_dataset` (checked against
+megatron-core 0.16.1 in `tests/data/test_indexed_dataset.py`):
 
-``{prefix}.bin``
+`{prefix}.bin`
     every sequence's tokens back to back, in the dtype named by the index, little-endian.
-``{prefix}.idx`` (all integers little-endian)
+`{prefix}.idx` (all integers little-endian)
     ======  ==========================  =====================================================
     bytes   field                       meaning
     ======  ==========================  =====================================================
-    9       magic                       ``b"MMIDIDX\\x00\\x00"``
+    9       magic                       `b"MMIDIDX\\x00\\x00"`
     8       version (u64)               always 1
-    1       dtype code (u8)             :data:`DTYPE_CODES`
+    1       dtype code (u8)             `DTYPE_CODES`
     8       sequence count N (u64)
     8       document count D (u64)      length of the document index array (documents + 1)
     4 N     sequence lengths (int32)    tokens per sequence
-    8 N     sequence pointers (int64)   byte offset of each sequence in the ``.bin``
-    8 D     document indices (int64)    ``[0, end of doc 0, end of doc 1, ...]`` in sequences
+    8 N     sequence pointers (int64)   byte offset of each sequence in the `.bin`
+    8 D     document indices (int64)    `[0, end of doc 0, end of doc 1, ...]` in sequences
     N       sequence modes (int8)       optional (Megatron's "multimodal" datasets only)
     ======  ==========================  =====================================================
 
-A *sequence* is what ``ds[i]`` returns (a whole document, or one sentence when the corpus was
+A *sequence* is what `ds[i]` returns (a whole document, or one sentence when the corpus was
 split into sentences); documents group consecutive sequences.
 
 Differences from Megatron-Core's reader, all on the side of safety:
 
-* every inconsistency (missing file, wrong magic, version, dtype code, an ``.idx`` whose size does
-  not add up, a ``.bin`` whose size does not match the index) raises
-  :class:`IndexedDatasetError` naming the file and the problem, instead of an ``assert`` or a
+* every inconsistency (missing file, wrong magic, version, dtype code, an `.idx` whose size does
+  not add up, a `.bin` whose size does not match the index) raises
+  `IndexedDatasetError` naming the file and the problem, instead of an `assert` or a
   silent wrong read;
-* arrays returned by ``ds[i]`` / ``ds.get`` keep the memory map alive through their ``.base``:
+* arrays returned by `ds[i]` / `ds.get` keep the memory map alive through their `.base`:
   they stay valid after the dataset object is garbage-collected (Megatron-Core closes the map in
-  ``__del__`` and a surviving view then segfaults);
-* whether the optional modes are present is read off the ``.idx`` size, not passed in.
+  `__del__` and a surviving view then segfaults);
+* whether the optional modes are present is read off the `.idx` size, not passed in.
 
-The writer (:class:`IndexedDatasetBuilder`) writes to temporary names and renames both files
-only when :meth:`IndexedDatasetBuilder.finalize` completes, so an interrupted run never leaves a
+The writer (`IndexedDatasetBuilder`) writes to temporary names and renames both files
+only when `IndexedDatasetBuilder.finalize` completes, so an interrupted run never leaves a
 pair of files that looks finished.
 """
 
@@ -51,6 +51,8 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..atomic import temporary_name
+
 __all__ = [
     "DTYPE_CODES",
     "INDEX_MAGIC",
@@ -64,11 +66,11 @@ __all__ = [
     "idx_path",
 ]
 
-#: First 9 bytes of every ``.idx`` file.
+#: First 9 bytes of every `.idx` file.
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 #: The only version Megatron-Core writes or reads.
 INDEX_VERSION = 1
-#: Megatron-Core's dtype codes (``megatron.core.datasets.indexed_dataset.DType``).
+#: Megatron-Core's dtype codes (`megatron.core.datasets.indexed_dataset.DType`).
 DTYPE_CODES = {
     1: np.dtype(np.uint8),
     2: np.dtype(np.int8),
@@ -90,21 +92,21 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class IndexedDatasetError(ValueError):
-    """A ``.bin``/``.idx`` pair that cannot be read or written as asked; the message names the file."""
+    """A `.bin`/`.idx` pair that cannot be read or written as asked; the message names the file."""
 
 
 def idx_path(path_prefix: PathLike) -> str:
-    """``{prefix}.idx``."""
+    """`{prefix}.idx`."""
     return os.fspath(path_prefix) + ".idx"
 
 
 def bin_path(path_prefix: PathLike) -> str:
-    """``{prefix}.bin``."""
+    """`{prefix}.bin`."""
     return os.fspath(path_prefix) + ".bin"
 
 
 def dtype_code(dtype: Any) -> int:
-    """Megatron-Core's code for ``dtype`` (e.g. ``np.uint16`` -> 8)."""
+    """Megatron-Core's code for `dtype` (e.g. `np.uint16` -> 8)."""
     dt = np.dtype(dtype)
     if dt not in _CODE_OF_DTYPE:
         names = ", ".join(str(d) for d in _CODE_OF_DTYPE)
@@ -115,7 +117,7 @@ def dtype_code(dtype: Any) -> int:
 def best_dtype(vocab_size: Optional[int]) -> np.dtype:
     """The token dtype Megatron-Core picks for a vocabulary: uint16 under 65,500 entries, else int32.
 
-    This is ``DType.optimal_dtype``'s rule (note the threshold is 65,500, not 65,536); ``None``
+    This is `DType.optimal_dtype`'s rule (note the threshold is 65,500, not 65,536); `None`
     (unknown vocabulary) gives int32.
     """
     if vocab_size is not None and vocab_size < 65500:
@@ -124,7 +126,7 @@ def best_dtype(vocab_size: Optional[int]) -> np.dtype:
 
 
 def _fits(values: np.ndarray, dtype: np.dtype, what: str) -> None:
-    """Raise unless every value of the integer array ``values`` is representable in ``dtype``."""
+    """Raise unless every value of the integer array `values` is representable in `dtype`."""
     if values.size == 0 or dtype.kind == "f":
         return
     info = np.iinfo(dtype)
@@ -140,7 +142,7 @@ def _fits(values: np.ndarray, dtype: np.dtype, what: str) -> None:
 
 
 def _as_tokens(tokens: Any, dtype: np.dtype, what: str) -> np.ndarray:
-    """``tokens`` (list, numpy array, torch tensor) as a 1-D C-contiguous array of ``dtype``."""
+    """`tokens` (list, numpy array, torch tensor) as a 1-D C-contiguous array of `dtype`."""
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # a torch tensor, without importing torch
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
@@ -162,7 +164,7 @@ def _as_tokens(tokens: Any, dtype: np.dtype, what: str) -> np.ndarray:
 
 
 def _open_map(path: str) -> Union[mmap.mmap, bytes]:
-    """A read-only memory map of ``path`` (``b""`` for an empty file, which cannot be mapped)."""
+    """A read-only memory map of `path` (`b""` for an empty file, which cannot be mapped)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -170,18 +172,79 @@ def _open_map(path: str) -> Union[mmap.mmap, bytes]:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def _check_files_exist(prefix: str, ipath: str, bpath: str) -> None:
+    """Raise FileNotFoundError naming what is missing, with the prefix the user probably meant."""
+    missing = [p for p in (ipath, bpath) if not os.path.isfile(p)]
+    if not missing:
+        return
+    hint = ""
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            hint = f"; pass the prefix without the '{suffix}' suffix ({prefix[: -len(suffix)]!r})"
+    if not hint:
+        near = sorted(Path(prefix).parent.glob(Path(prefix).name + "*_document.idx")) + sorted(
+            Path(prefix).parent.glob(Path(prefix).name + "*_sentence.idx")
+        )
+        if near:
+            hint = f"; did you mean the prefix {str(near[0])[:-4]!r} (as written by `megahf preprocess`)?"
+    raise FileNotFoundError(f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}")
+
+
+def _read_index_header(imap, ipath: str) -> tuple[int, int, int, bool]:
+    """(dtype code, sequence count, document-index count, whether modes follow) from a checked header: magic,
+    version, dtype code, and a file size that matches the counts exactly."""
+    size = len(imap)
+    if size < _HEADER_SIZE:
+        if size >= len(INDEX_MAGIC) and bytes(imap[: len(INDEX_MAGIC)]) != INDEX_MAGIC:
+            raise IndexedDatasetError(
+                f"{ipath}: not a Megatron index file (first bytes {bytes(imap[:9])!r}, expected {INDEX_MAGIC!r})"
+            )
+        raise IndexedDatasetError(
+            f"{ipath}: truncated index file ({size} bytes, the header alone takes {_HEADER_SIZE})"
+        )
+    magic = bytes(imap[:9])
+    if magic != INDEX_MAGIC:
+        raise IndexedDatasetError(
+            f"{ipath}: not a Megatron index file (first bytes {magic!r}, expected {INDEX_MAGIC!r})"
+        )
+    (version,) = struct.unpack_from("<Q", imap, 9)
+    if version != INDEX_VERSION:
+        raise IndexedDatasetError(
+            f"{ipath}: unsupported index version {version} (only version {INDEX_VERSION} exists)"
+        )
+    (code,) = struct.unpack_from("<B", imap, 17)
+    if code not in DTYPE_CODES:
+        known = ", ".join(f"{c}={d}" for c, d in DTYPE_CODES.items())
+        raise IndexedDatasetError(f"{ipath}: unknown dtype code {code} (known codes: {known})")
+    n, d = struct.unpack_from("<QQ", imap, 18)
+    expected = _HEADER_SIZE + 4 * n + 8 * n + 8 * d
+    if size == expected:
+        has_modes = False
+    elif size == expected + n and n > 0:
+        has_modes = True
+    else:
+        kind = "truncated" if size < expected else "has trailing bytes or a corrupt header:"
+        raise IndexedDatasetError(
+            f"{ipath}: {kind} index file is {size} bytes but its header announces {n} sequences "
+            f"and {d} document indices, which take {expected} bytes ({expected + n} with modes)"
+        )
+    if d < 1:
+        raise IndexedDatasetError(f"{ipath}: corrupt index: no document indices (at least [0] is required)")
+    return code, n, d, has_modes
+
+
 class IndexedDataset:
-    """Read a Megatron ``{prefix}.bin`` / ``{prefix}.idx`` pair through memory maps.
+    """Read a Megatron `{prefix}.bin` / `{prefix}.idx` pair through memory maps.
 
-    ``len(ds)`` is the number of sequences; ``ds[i]`` is sequence ``i`` as a read-only numpy
-    array (a view into the map, no copy); ``ds[a:b]`` a list of them; ``ds.get(i, offset, length)``
-    a slice of one sequence in O(1). ``ds.sequence_lengths`` (int32), ``ds.sequence_pointers``
-    (int64 byte offsets), ``ds.document_indices`` (int64, ``num_documents + 1`` entries, the first
-    0 and the last ``len(ds)``) and ``ds.sequence_modes`` (int8, or None) are views of the index.
+    `len(ds)` is the number of sequences; `ds[i]` is sequence `i` as a read-only numpy
+    array (a view into the map, no copy); `ds[a:b]` a list of them; `ds.get(i, offset, length)`
+    a slice of one sequence in O(1). `ds.sequence_lengths` (int32), `ds.sequence_pointers`
+    (int64 byte offsets), `ds.document_indices` (int64, `num_documents + 1` entries, the first
+    0 and the last `len(ds)`) and `ds.sequence_modes` (int8, or None) are views of the index.
 
-    Views hold a reference to the memory map they come from, so they stay valid after ``ds``
+    Views hold a reference to the memory map they come from, so they stay valid after `ds`
     is deleted or closed. The object pickles by path (it reopens the files), so it can be handed
-    to ``torch.utils.data.DataLoader`` workers.
+    to `torch.utils.data.DataLoader` workers.
     """
 
     def __init__(self, path_prefix: PathLike) -> None:
@@ -190,66 +253,18 @@ class IndexedDataset:
 
     # ------------------------------------------------------------------ opening and validation
     def _open(self) -> None:
-        prefix = self.path_prefix
-        ipath, bpath = idx_path(prefix), bin_path(prefix)
-        missing = [p for p in (ipath, bpath) if not os.path.isfile(p)]
-        if missing:
-            hint = ""
-            for suffix in (".bin", ".idx"):
-                if prefix.endswith(suffix):
-                    hint = f"; pass the prefix without the '{suffix}' suffix ({prefix[: -len(suffix)]!r})"
-            if not hint:
-                near = sorted(Path(prefix).parent.glob(Path(prefix).name + "*_document.idx")) + sorted(
-                    Path(prefix).parent.glob(Path(prefix).name + "*_sentence.idx")
-                )
-                if near:
-                    hint = f"; did you mean the prefix {str(near[0])[:-4]!r} (as written by `megahf preprocess`)?"
-            raise FileNotFoundError(
-                f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}"
-            )
-
+        """Map both files and check them against each other before any sample is read."""
+        ipath, bpath = idx_path(self.path_prefix), bin_path(self.path_prefix)
+        _check_files_exist(self.path_prefix, ipath, bpath)
         imap = _open_map(ipath)
-        size = len(imap)
-        if size < _HEADER_SIZE:
-            if size >= len(INDEX_MAGIC) and bytes(imap[: len(INDEX_MAGIC)]) != INDEX_MAGIC:
-                raise IndexedDatasetError(
-                    f"{ipath}: not a Megatron index file (first bytes {bytes(imap[:9])!r}, "
-                    f"expected {INDEX_MAGIC!r})"
-                )
-            raise IndexedDatasetError(
-                f"{ipath}: truncated index file ({size} bytes, the header alone takes {_HEADER_SIZE})"
-            )
-        magic = bytes(imap[:9])
-        if magic != INDEX_MAGIC:
-            raise IndexedDatasetError(
-                f"{ipath}: not a Megatron index file (first bytes {magic!r}, expected {INDEX_MAGIC!r})"
-            )
-        (version,) = struct.unpack_from("<Q", imap, 9)
-        if version != INDEX_VERSION:
-            raise IndexedDatasetError(
-                f"{ipath}: unsupported index version {version} (only version {INDEX_VERSION} exists)"
-            )
-        (code,) = struct.unpack_from("<B", imap, 17)
-        if code not in DTYPE_CODES:
-            known = ", ".join(f"{c}={d}" for c, d in DTYPE_CODES.items())
-            raise IndexedDatasetError(f"{ipath}: unknown dtype code {code} (known codes: {known})")
-        n, d = struct.unpack_from("<QQ", imap, 18)
-        body = 4 * n + 8 * n + 8 * d
-        expected = _HEADER_SIZE + body
-        if size == expected:
-            has_modes = False
-        elif size == expected + n and n > 0:
-            has_modes = True
-        else:
-            kind = "truncated" if size < expected else "has trailing bytes or a corrupt header:"
-            raise IndexedDatasetError(
-                f"{ipath}: {kind} index file is {size} bytes but its header announces {n} sequences "
-                f"and {d} document indices, which take {expected} bytes ({expected + n} with modes)"
-            )
-        if d < 1:
-            raise IndexedDatasetError(f"{ipath}: corrupt index: no document indices (at least [0] is required)")
-
+        code, n, d, has_modes = _read_index_header(imap, ipath)
         self.dtype: np.dtype = DTYPE_CODES[code]
+        self._map_index_arrays(imap, ipath, n, d, has_modes)
+        self._tokens = self._map_tokens(_open_map(bpath), ipath, bpath)
+
+    def _map_index_arrays(self, imap, ipath: str, n: int, d: int, has_modes: bool) -> None:
+        """Views of the index's arrays (lengths, pointers, document indices, modes); the document indices must run
+        from 0 to the sequence count."""
         offset = _HEADER_SIZE
         self.sequence_lengths = np.frombuffer(imap, dtype="<i4", count=n, offset=offset)
         offset += 4 * n
@@ -266,7 +281,10 @@ class IndexedDataset:
                 f"to {int(self.document_indices[-1])}, expected 0 to the sequence count {n}"
             )
 
-        bmap = _open_map(bpath)
+    def _map_tokens(self, bmap, ipath: str, bpath: str) -> np.ndarray:
+        """The `.bin` as one token array, after checking that the pointers are the running sum of the lengths and
+        that the file holds exactly the bytes they describe."""
+        n = len(self.sequence_lengths)
         itemsize = self.dtype.itemsize
         if n:
             first_ptr = int(self.sequence_pointers[0])
@@ -285,8 +303,8 @@ class IndexedDataset:
                 f"({int(total // itemsize)} tokens of {self.dtype}); the .bin is "
                 f"{'truncated' if len(bmap) < total else 'longer than its index'} or belongs to another index"
             )
-        # Every array handed out is a view of one of these; numpy keeps the mmap alive via .base.
-        self._tokens = np.frombuffer(bmap, dtype=self.dtype.newbyteorder("<"), count=total // itemsize)
+        # Every array handed out is a view of this one; numpy keeps the mmap alive via .base.
+        return np.frombuffer(bmap, dtype=self.dtype.newbyteorder("<"), count=total // itemsize)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -294,17 +312,17 @@ class IndexedDataset:
 
     @property
     def num_documents(self) -> int:
-        """Number of documents (``len(document_indices) - 1``)."""
+        """Number of documents (`len(document_indices) - 1`)."""
         return int(self.document_indices.shape[0]) - 1
 
     @property
     def tokens(self) -> np.ndarray:
-        """Every token of the ``.bin`` in order, as one read-only array (a view of the map, no copy)."""
+        """Every token of the `.bin` in order, as one read-only array (a view of the map, no copy)."""
         return self._tokens
 
     @property
     def num_tokens(self) -> int:
-        """Total number of tokens in the ``.bin``."""
+        """Total number of tokens in the `.bin`."""
         return int(self._tokens.shape[0])
 
     def _index(self, idx: Any) -> int:
@@ -337,7 +355,7 @@ class IndexedDataset:
         return self._tokens[s : s + int(self.sequence_lengths[i])]
 
     def get(self, idx: Union[int, np.integer], offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        """Tokens ``offset : offset + length`` of sequence ``idx`` (to its end when ``length`` is None)."""
+        """Tokens `offset : offset + length` of sequence `idx` (to its end when `length` is None)."""
         i = self._index(idx)
         size = int(self.sequence_lengths[i])
         offset = int(offset)
@@ -384,29 +402,23 @@ class IndexedDataset:
 
     @staticmethod
     def exists(path_prefix: PathLike) -> bool:
-        """Whether both ``{prefix}.idx`` and ``{prefix}.bin`` exist."""
+        """Whether both `{prefix}.idx` and `{prefix}.bin` exist."""
         return os.path.isfile(idx_path(path_prefix)) and os.path.isfile(bin_path(path_prefix))
 
 
-def _tmp_name(path: str) -> str:
-    """Temporary name next to ``path``: same folder (so the rename is atomic), clearly unfinished."""
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}")
-
-
 class IndexedDatasetBuilder:
-    """Write a Megatron ``.bin``/``.idx`` pair, byte for byte as Megatron-Core's builder does.
+    """Write a Megatron `.bin`/`.idx` pair, byte for byte as Megatron-Core's builder does.
 
-    ``add_item(tokens)`` appends one sequence, ``end_document()`` closes the current document,
-    ``add_document(tokens, lengths)`` appends a whole document made of ``len(lengths)``
-    sequences, ``add_index(prefix)`` appends every document of an existing dataset (same dtype),
-    ``finalize(idx_path)`` writes the index. Tokens may be lists, numpy arrays or torch tensors;
-    an id that does not fit ``dtype`` raises :class:`IndexedDatasetError` (Megatron wraps it
+    `add_item(tokens)` appends one sequence, `end_document()` closes the current document,
+    `add_document(tokens, lengths)` appends a whole document made of `len(lengths)`
+    sequences, `add_index(prefix)` appends every document of an existing dataset (same dtype),
+    `finalize(idx_path)` writes the index. Tokens may be lists, numpy arrays or torch tensors;
+    an id that does not fit `dtype` raises `IndexedDatasetError` (Megatron wraps it
     silently).
 
-    Until ``finalize`` both files live under hidden temporary names in the destination folder;
-    ``finalize`` renames them into place (the ``.bin`` first, then the ``.idx``), so a reader never
-    sees a finished-looking pair that is incomplete. ``abort()`` (also run when the builder is used
+    Until `finalize` both files live under hidden temporary names in the destination folder;
+    `finalize` renames them into place (the `.bin` first, then the `.idx`), so a reader never
+    sees a finished-looking pair that is incomplete. `abort()` (also run when the builder is used
     as a context manager and the block raises) deletes the temporary files.
     """
 
@@ -415,7 +427,7 @@ class IndexedDatasetBuilder:
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # validates
         self.multimodal = multimodal
-        self._bin_tmp = _tmp_name(self.bin_path)
+        self._bin_tmp = temporary_name(self.bin_path, tag="tmp")
         self._idx_tmp: Optional[str] = None
         self._idx_path: Optional[str] = None
         self._data = open(self._bin_tmp, "wb")
@@ -435,7 +447,7 @@ class IndexedDatasetBuilder:
         self._data.write(memoryview(arr).cast("B"))
 
     def add_item(self, tokens: Any, mode: int = 0) -> None:
-        """Append one sequence (call :meth:`end_document` to close the document it belongs to)."""
+        """Append one sequence (call `end_document` to close the document it belongs to)."""
         self._check_open()
         arr = _as_tokens(tokens, self.dtype, self.bin_path)
         if arr.size > _INT32_MAX:
@@ -451,7 +463,7 @@ class IndexedDatasetBuilder:
         self._docs.append(len(self._lengths))
 
     def add_document(self, tokens: Any, lengths: Sequence[int], modes: Optional[Sequence[int]] = None) -> None:
-        """Append a document: ``tokens`` is its sequences back to back, ``lengths`` their sizes."""
+        """Append a document: `tokens` is its sequences back to back, `lengths` their sizes."""
         self._check_open()
         arr = _as_tokens(tokens, self.dtype, self.bin_path)
         lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
@@ -471,10 +483,10 @@ class IndexedDatasetBuilder:
             self._modes.extend(m)
 
     def add_documents(self, tokens: Any, lengths: Any, sequences_per_document: Any) -> None:
-        """Append many documents at once (a fast path for :mod:`megahf.data.preprocess`).
+        """Append many documents at once (a fast path for `megahf.data.preprocess`).
 
-        ``tokens``: all sequences back to back; ``lengths``: each sequence's size;
-        ``sequences_per_document``: how many consecutive sequences make each document.
+        `tokens`: all sequences back to back; `lengths`: each sequence's size;
+        `sequences_per_document`: how many consecutive sequences make each document.
         """
         self._check_open()
         if self._modes is not None:
@@ -495,7 +507,7 @@ class IndexedDatasetBuilder:
         self._docs.frombytes((base + np.cumsum(per_doc)).astype("<i8").tobytes())
 
     def add_index(self, path_prefix: PathLike) -> None:
-        """Append every document of the dataset at ``path_prefix`` (which must have this dtype)."""
+        """Append every document of the dataset at `path_prefix` (which must have this dtype)."""
         self._check_open()
         other = IndexedDataset(path_prefix)
         if other.dtype != self.dtype:
@@ -525,14 +537,14 @@ class IndexedDatasetBuilder:
         return len(self._docs) - 1
 
     def finalize(self, idx_path: PathLike, commit: bool = True) -> None:
-        """Write the index to ``idx_path``; with ``commit`` (default) rename both files into place.
+        """Write the index to `idx_path`; with `commit` (default) rename both files into place.
 
-        ``commit=False`` leaves both under their temporary names: call :meth:`commit` later (this
+        `commit=False` leaves both under their temporary names: call `commit` later (this
         lets a caller finish several builders before publishing any of them).
         """
         self._check_open()
         self._idx_path = os.fspath(idx_path)
-        self._idx_tmp = _tmp_name(self._idx_path)
+        self._idx_tmp = temporary_name(self._idx_path, tag="tmp")
         try:
             self._data.close()
             lengths = np.frombuffer(self._lengths, dtype=np.int32) if len(self._lengths) else np.zeros(0, np.int32)
@@ -560,7 +572,7 @@ class IndexedDatasetBuilder:
             self.commit()
 
     def commit(self) -> None:
-        """Rename the finished files into place (the ``.bin`` first, then the ``.idx``)."""
+        """Rename the finished files into place (the `.bin` first, then the `.idx`)."""
         if self._state != "finalized" or self._idx_path is None or self._idx_tmp is None:
             raise IndexedDatasetError(f"{self.bin_path}: commit() needs finalize(idx_path, commit=False) first")
         # An old index next to a new .bin would look finished: remove it before the .bin moves.

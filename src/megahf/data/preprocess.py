@@ -1,54 +1,54 @@
-"""``megahf preprocess``: tokenize a corpus into Megatron's ``.bin``/``.idx`` indexed dataset.
+"""`megahf preprocess`: tokenize a corpus into Megatron's `.bin`/`.idx` indexed dataset.
 
-The equivalent of Megatron-LM's ``tools/preprocess_data.py``, for Hugging Face tokenizers::
+The equivalent of Megatron-LM's `tools/preprocess_data.py`, for Hugging Face tokenizers::
 
     megahf preprocess --input corpus.jsonl --json-keys text --tokenizer gpt2 \\
         --output-prefix data/my --append-eod --workers 2
     python -m megahf.data.preprocess ...            # the same, without the CLI entry point
 
-writes ``data/my_text_document.bin`` and ``data/my_text_document.idx`` (one pair per json key;
-``_sentence`` instead of ``_document`` with ``--split-sentences``), readable by
-:class:`megahf.data.IndexedDataset` and by Megatron-Core's ``IndexedDataset``.
+writes `data/my_text_document.bin` and `data/my_text_document.idx` (one pair per json key;
+`_sentence` instead of `_document` with `--split-sentences`), readable by
+`megahf.data.IndexedDataset` and by Megatron-Core's `IndexedDataset`.
 
-Inputs (``--input``)
-    * ``.jsonl`` / ``.json``: one JSON object per line (blank lines are skipped); a ``.json``
+Inputs (`--input`)
+    * `.jsonl` / `.json`: one JSON object per line (blank lines are skipped); a `.json`
       file may instead hold one JSON array of objects. A key's value is a string, or a list of
       strings taken as the document's sentences (as Megatron does);
-    * ``.parquet``: the columns named by ``--json-keys``;
-    * ``.txt``: one document per line (like ``datasets``' text builder, without the trailing
-      newline); blank lines are not documents; the only key is ``text``;
-    * a folder, or a Hugging Face dataset name (``--split``, ``--subset``), through
-      ``datasets.load_dataset``: a Hub name works only when the dataset is in the local cache
+    * `.parquet`: the columns named by `--json-keys`;
+    * `.txt`: one document per line (like `datasets`' text builder, without the trailing
+      newline); blank lines are not documents; the only key is `text`;
+    * a folder, or a Hugging Face dataset name (`--split`, `--subset`), through
+      `datasets.load_dataset`: a Hub name works only when the dataset is in the local cache
       (megahf runs offline).
 
-Tokenizer (``--tokenizer``)
-    ``gpt2`` or ``embedded`` is the GPT-2 BPE tokenizer shipped with megahf; anything else goes to
-    ``transformers.AutoTokenizer.from_pretrained`` (a local folder, or a cached Hub name). Text is
-    encoded with ``add_special_tokens=False``; ``--append-eod`` appends the tokenizer's eos id
+Tokenizer (`--tokenizer`)
+    `gpt2` or `embedded` is the GPT-2 BPE tokenizer shipped with megahf; anything else goes to
+    `transformers.AutoTokenizer.from_pretrained` (a local folder, or a cached Hub name). Text is
+    encoded with `add_special_tokens=False`; `--append-eod` appends the tokenizer's eos id
     (its sep id when it has no eos, as BERT) to each document's last sequence. Tokens are stored
-    as uint16 when the vocabulary (``len(tokenizer)``) is under 65,500 ids, else int32
-    (Megatron's rule); ``--dtype`` overrides it.
+    as uint16 when the vocabulary (`len(tokenizer)`) is under 65,500 ids, else int32
+    (Megatron's rule); `--dtype` overrides it.
 
-Sentence splitting (``--split-sentences``)
+Sentence splitting (`--split-sentences`)
     Megatron uses nltk's punkt model, which cannot be had offline. megahf uses
-    :func:`split_sentences`, a small documented rule set: a sentence ends after ``.``, ``!``,
-    ``?`` or ``…`` (plus closing quotes or brackets) followed by whitespace and a word that does
+    `split_sentences`, a small documented rule set: a sentence ends after `.`, `!`,
+    `?` or `…` (plus closing quotes or brackets) followed by whitespace and a word that does
     not start in lower case, unless the word before the period is a common abbreviation
-    (``Mr.``, ``Dr.``, ``e.g.`` ...) or an initial (``J.``); a blank line always ends a sentence.
-    Whitespace between sentences is dropped, as punkt does without ``--keep-newlines``. Each
+    (`Mr.`, `Dr.`, `e.g.` ...) or an initial (`J.`); a blank line always ends a sentence.
+    Whitespace between sentences is dropped, as punkt does without `--keep-newlines`. Each
     sentence becomes one sequence; a document is its sentences.
 
 Differences from Megatron's tool, on purpose
     * documents that produce no tokens (empty text) are skipped and counted, instead of being
       written as empty documents;
     * bad input fails before anything is written when it can be seen up front (missing file or
-      key, empty corpus, a vocabulary that does not fit the dtype, no eos for ``--append-eod``),
+      key, empty corpus, a vocabulary that does not fit the dtype, no eos for `--append-eod`),
       and otherwise removes every temporary file: outputs are written under hidden temporary names
       and renamed only when every key's pair is complete;
-    * ``--workers 1`` tokenizes in the main process, in batches of ~1 MiB of text (the Rust
-      tokenizer spreads a batch over its own threads unless ``TOKENIZERS_PARALLELISM=false``);
-      with more, a ``multiprocessing.Pool`` tokenizes chunks of ~256 KiB in order (``imap``),
-      each worker single-threaded (``TOKENIZERS_PARALLELISM=false``), with a bounded number of
+    * `--workers 1` tokenizes in the main process, in batches of ~1 MiB of text (the Rust
+      tokenizer spreads a batch over its own threads unless `TOKENIZERS_PARALLELISM=false`);
+      with more, a `multiprocessing.Pool` tokenizes chunks of ~256 KiB in order (`imap`),
+      each worker single-threaded (`TOKENIZERS_PARALLELISM=false`), with a bounded number of
       chunks in flight so memory stays flat on large inputs.
 """
 
@@ -66,9 +66,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from ..assets import embedded_tokenizer_path
 from .indexed_dataset import IndexedDatasetBuilder, IndexedDatasetError, best_dtype
+from .preprocess_arguments import DTYPE_CHOICES, add_arguments
 
 __all__ = [
     "EMBEDDED_TOKENIZER_NAMES",
@@ -83,9 +89,8 @@ __all__ = [
     "split_sentences",
 ]
 
-#: ``--tokenizer`` values that mean a tokenizer shipped in ``megahf/assets`` (GPT-2 BPE, BERT uncased WordPiece).
+#: `--tokenizer` values that mean a tokenizer shipped in `megahf/assets` (GPT-2 BPE, BERT uncased WordPiece).
 EMBEDDED_TOKENIZER_NAMES = ("gpt2", "embedded", "bert-uncased")
-_DTYPE_CHOICES = ("auto", "uint8", "int16", "uint16", "int32", "int64")
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")
 _PARQUET_SUFFIXES = (".parquet",)
@@ -97,7 +102,7 @@ _DEFAULT_CHUNK_ROWS = 1024
 
 
 class PreprocessError(ValueError):
-    """Bad input to ``megahf preprocess``; the message names the file, the key and the fix."""
+    """Bad input to `megahf preprocess`; the message names the file, the key and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +117,7 @@ _OPENERS = "\"'\u201c\u2018([\u00bf\u00a1"
 
 
 def split_sentences(text: str) -> List[str]:
-    """Split ``text`` into sentences with the rules in this module's docstring (no nltk needed).
+    """Split `text` into sentences with the rules in this module's docstring (no nltk needed).
 
     >>> split_sentences("Mr. Smith came. He left! Did he? yes.\\n\\nNew paragraph")
     ['Mr. Smith came.', 'He left!', 'Did he? yes.', 'New paragraph']
@@ -147,12 +152,8 @@ def split_sentences(text: str) -> List[str]:
 # tokenizer
 # ---------------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str):
-    """``gpt2``/``embedded`` -> the shipped GPT-2 tokenizer, ``bert-uncased`` -> the shipped BERT WordPiece;
-    else ``AutoTokenizer.from_pretrained``."""
-    from transformers import AutoTokenizer
-
-    from megahf.assets import embedded_tokenizer_path
-
+    """`gpt2`/`embedded` -> the shipped GPT-2 tokenizer, `bert-uncased` -> the shipped BERT WordPiece;
+    else `AutoTokenizer.from_pretrained`."""
     path = embedded_tokenizer_path(name_or_path) or name_or_path
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -244,7 +245,7 @@ def _first_nonblank_line(path: str) -> Tuple[int, Optional[bytes]]:
 
 
 def _open_source(input: str, keys: Sequence[str], split: str, subset: Optional[str]) -> _Source:
-    """Find what ``input`` is, and check (before anything is written) that it has the keys and data."""
+    """Find what `input` is, and check (before anything is written) that it has the keys and data."""
     if os.path.isfile(input):
         lower = input.lower()
         size = os.path.getsize(input)
@@ -286,8 +287,6 @@ def _open_source(input: str, keys: Sequence[str], split: str, subset: Optional[s
                     raise PreprocessError(_missing_key_message(k, where, list(first)))
             return src
         if lower.endswith(_PARQUET_SUFFIXES):
-            import pyarrow.parquet as pq
-
             try:
                 pf = pq.ParquetFile(input)
             except Exception as e:
@@ -309,8 +308,6 @@ def _open_source(input: str, keys: Sequence[str], split: str, subset: Optional[s
     )
     if not os.path.isdir(input) and looks_like_path:
         raise PreprocessError(f"input file {input!r} does not exist")
-
-    import datasets
 
     desc = f"dataset {input!r}" + (f" (subset {subset!r})" if subset else "") + f", split {split!r}"
     try:
@@ -457,13 +454,13 @@ def _encode_chunk(chunk: Chunk) -> _Encoded:
 # driver
 # ---------------------------------------------------------------------------------------------
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool = False) -> str:
-    """``{output_prefix}_{key}_document`` (``_sentence`` with sentence splitting), as Megatron names it."""
+    """`{output_prefix}_{key}_document` (`_sentence` with sentence splitting), as Megatron names it."""
     return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
 @dataclass
 class PreprocessResult:
-    """What :func:`preprocess_corpus` wrote. Per key: ``documents``, ``sequences``, ``tokens``, ``bytes``."""
+    """What `preprocess_corpus` wrote. Per key: `documents`, `sequences`, `tokens`, `bytes`."""
 
     prefixes: Dict[str, str]
     records: int  # input records (documents) read
@@ -511,8 +508,8 @@ def _eod_id(tok: Any, name: str) -> int:
 def _resolve_dtype(dtype: Optional[str], vocab: int, name: str) -> np.dtype:
     if dtype in (None, "auto"):
         return best_dtype(vocab)
-    if dtype not in _DTYPE_CHOICES:
-        raise PreprocessError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPE_CHOICES)}")
+    if dtype not in DTYPE_CHOICES:
+        raise PreprocessError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     dt = np.dtype(dtype)
     if vocab - 1 > np.iinfo(dt).max:
         raise PreprocessError(
@@ -538,15 +535,52 @@ def preprocess_corpus(
     chunk_bytes: Optional[int] = None,
     chunk_rows: int = _DEFAULT_CHUNK_ROWS,
 ) -> PreprocessResult:
-    """Tokenize ``input`` into ``{output_prefix}_{key}_{document|sentence}.bin/.idx`` per key.
+    """Tokenize `input` into `{output_prefix}_{key}_{document|sentence}.bin/.idx` per key.
 
-    See the module docstring for inputs, tokenizers and sentence splitting. ``progress``: show a
-    tqdm bar (``None``: only on a terminal). ``log_interval``: also print a line every that many
-    documents (0: never). Raises :class:`PreprocessError` (or ``FileNotFoundError``) on bad input;
+    See the module docstring for inputs, tokenizers and sentence splitting. `progress`: show a
+    tqdm bar (`None`: only on a terminal). `log_interval`: also print a line every that many
+    documents (0: never). Raises `PreprocessError` (or `FileNotFoundError`) on bad input;
     on any error no output or temporary file is left behind.
     """
     t0 = time.perf_counter()
     keys = tuple(dict.fromkeys(json_keys))
+    _check_arguments(keys, workers, output_prefix)
+    source = _open_source(input, keys, split, subset)
+    tok = load_tokenizer(tokenizer)
+    dt = _resolve_dtype(dtype, len(tok), tokenizer)
+    eod = _eod_id(tok, tokenizer) if append_eod else None
+    settings = _Settings(keys, source.description, append_eod, eod, split_sentences, dt.name)
+    prefixes = {k: output_prefix_for(output_prefix, k, split_sentences) for k in keys}
+    made_dirs = _make_output_folder(output_prefix)
+    result = PreprocessResult(prefixes=prefixes, records=0, dtype=dt.name, workers=workers)
+    for k in keys:
+        result.documents[k] = result.sequences[k] = result.tokens[k] = result.skipped_empty[k] = 0
+
+    builders: Dict[str, IndexedDatasetBuilder] = {}
+    encoder = _ChunkEncoder(settings, tok, workers)
+    try:
+        for k in keys:
+            builders[k] = IndexedDatasetBuilder(prefixes[k] + ".bin", dtype=dt)
+        if chunk_bytes is None:
+            chunk_bytes = _CHUNK_BYTES_IN_PROCESS if workers == 1 else _CHUNK_BYTES_POOL
+        encoded = encoder.encode(source.chunks(keys, chunk_bytes, chunk_rows))
+        with tqdm(total=source.progress_total, unit=source.progress_unit, unit_scale=True, desc="preprocess",
+                  disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
+            _add_encoded(encoded, encoder, builders, result, bar, log_interval)
+        _publish(builders, prefixes, result, source.description)
+    except BaseException:
+        encoder.abort()
+        for b in builders.values():
+            b.abort()
+        _remove_folders(made_dirs)
+        raise
+    finally:
+        encoder.close()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _check_arguments(keys: Sequence[str], workers: int, output_prefix: str) -> None:
     if not keys:
         raise PreprocessError("--json-keys: give at least one key")
     if workers < 1:
@@ -554,156 +588,122 @@ def preprocess_corpus(
     if not output_prefix or output_prefix.endswith(("/", os.sep)):
         raise PreprocessError(f"--output-prefix {output_prefix!r}: give a file prefix such as data/my, not a folder")
 
-    source = _open_source(input, keys, split, subset)
-    tok = load_tokenizer(tokenizer)
-    vocab = len(tok)
-    dt = _resolve_dtype(dtype, vocab, tokenizer)
-    eod = _eod_id(tok, tokenizer) if append_eod else None
-    settings = _Settings(keys, source.description, append_eod, eod, split_sentences, dt.name)
 
-    prefixes = {k: output_prefix_for(output_prefix, k, split_sentences) for k in keys}
+def _make_output_folder(output_prefix: str) -> List[str]:
+    """Create the output folder; return the folders this created, outermost first (removed again on error)."""
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    made_dirs: List[str] = []  # folders this call creates, deepest last (removed again on error)
+    made_dirs: List[str] = []
     d = out_dir
     while not os.path.isdir(d):
         made_dirs.insert(0, d)
         d = os.path.dirname(d)
     os.makedirs(out_dir, exist_ok=True)
+    return made_dirs
 
-    result = PreprocessResult(prefixes=prefixes, records=0, dtype=dt.name, workers=workers)
-    for k in keys:
-        result.documents[k] = result.sequences[k] = result.tokens[k] = result.skipped_empty[k] = 0
 
-    builders: Dict[str, IndexedDatasetBuilder] = {}
-    pool = None
-    stop = threading.Event()
-    in_flight = threading.Semaphore(4 * workers)
+def _remove_folders(made_dirs: List[str]) -> None:
+    for d in reversed(made_dirs):
+        try:
+            os.rmdir(d)  # only if still empty
+        except OSError:
+            break
 
-    def throttled(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-        # Pool.imap reads its input as fast as it can: bound the chunks queued ahead of the writer.
+
+class _ChunkEncoder:
+    """Chunks -> `_Encoded`, in this process (`workers=1`) or in a pool that reads at most 4 chunks per worker
+    ahead of the writer (Pool.imap would otherwise read its whole input as fast as it can)."""
+
+    def __init__(self, settings: _Settings, tok: Any, workers: int) -> None:
+        self.settings, self.tok, self.workers = settings, tok, workers
+        self.pool = None
+        self.stop = threading.Event()
+        self.in_flight = threading.Semaphore(4 * workers)
+
+    def encode(self, chunks: Iterator[Chunk]) -> Iterator[_Encoded]:
+        if self.workers == 1:
+            _init_worker(self.settings, self.tok, single_threaded=False)
+            return map(_encode_chunk, chunks)
+        self.pool = multiprocessing.Pool(self.workers, initializer=_init_worker,
+                                         initargs=(self.settings, self.tok, True))
+        return self.pool.imap(_encode_chunk, self._throttled(chunks), chunksize=1)
+
+    def _throttled(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         for c in chunks:
-            in_flight.acquire()
-            if stop.is_set():
+            self.in_flight.acquire()
+            if self.stop.is_set():
                 return
             yield c
 
-    bar = None
-    try:
-        for k in keys:
-            builders[k] = IndexedDatasetBuilder(prefixes[k] + ".bin", dtype=dt)
-        if chunk_bytes is None:
-            chunk_bytes = _CHUNK_BYTES_IN_PROCESS if workers == 1 else _CHUNK_BYTES_POOL
-        chunks = source.chunks(keys, chunk_bytes, chunk_rows)
-        if workers == 1:
-            _init_worker(settings, tok, single_threaded=False)
-            encoded: Iterator[_Encoded] = map(_encode_chunk, chunks)
-        else:
-            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings, tok, True))
-            encoded = pool.imap(_encode_chunk, throttled(chunks), chunksize=1)
+    def done_one(self) -> None:
+        """The writer has taken one encoded chunk: let the reader queue another."""
+        if self.pool is not None:
+            self.in_flight.release()
 
-        from tqdm.auto import tqdm
+    def abort(self) -> None:
+        self.stop.set()
+        self.in_flight.release(8 * self.workers + 8)
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
-        bar = tqdm(
-            total=source.progress_total,
-            unit=source.progress_unit,
-            unit_scale=True,
-            desc="preprocess",
-            disable=(None if progress is None else not progress),
-            dynamic_ncols=True,
-        )
-        next_log = log_interval if log_interval > 0 else None
-        t_proc = time.perf_counter()
-        for enc in encoded:
-            if pool is not None:
-                in_flight.release()
-            result.records += enc.records
-            for k, (tokens, lengths, seqs_per_doc, empty) in enc.per_key.items():
-                if lengths.size:
-                    builders[k].add_documents(tokens, lengths, seqs_per_doc)
-                result.documents[k] += int(seqs_per_doc.size)
-                result.sequences[k] += int(lengths.size)
-                result.tokens[k] += int(tokens.size)
-                result.skipped_empty[k] += empty
-            bar.update(enc.units)
-            if next_log is not None and result.records >= next_log:
-                el = time.perf_counter() - t_proc
-                bar.write(
-                    f"processed {result.records:,} documents ({result.records / el:,.0f} docs/s, "
-                    f"{result.total_tokens / el:,.0f} tokens/s)",
-                    file=sys.stderr,
-                )
-                while next_log <= result.records:
-                    next_log += log_interval
-        bar.close()
-
-        for k in keys:
-            if result.tokens[k] == 0:
-                raise PreprocessError(
-                    f"{source.description}: empty corpus: the {result.records:,} documents of key {k!r} "
-                    f"produce no tokens (all texts are empty)"
-                )
-        # Publish only when every key's pair is complete: write all indexes, then rename.
-        for k in keys:
-            builders[k].finalize(prefixes[k] + ".idx", commit=False)
-        for k in keys:
-            builders[k].commit()
-            result.bytes[k] = os.path.getsize(prefixes[k] + ".bin")
-    except BaseException:
-        stop.set()
-        in_flight.release(8 * workers + 8)
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-            pool = None
-        for b in builders.values():
-            b.abort()
-        for d in reversed(made_dirs):
-            try:
-                os.rmdir(d)  # only if still empty
-            except OSError:
-                break
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
         _STATE.clear()
-    result.seconds = time.perf_counter() - t0
-    return result
+
+
+def _add_encoded(encoded: Iterator[_Encoded], encoder: _ChunkEncoder, builders: Dict[str, IndexedDatasetBuilder],
+                 result: PreprocessResult, bar: Any, log_interval: int) -> None:
+    """Append every encoded chunk to the builders and count it; a log line every `log_interval` documents."""
+    next_log = log_interval if log_interval > 0 else None
+    t_proc = time.perf_counter()
+    for enc in encoded:
+        encoder.done_one()
+        result.records += enc.records
+        for k, (tokens, lengths, seqs_per_doc, empty) in enc.per_key.items():
+            if lengths.size:
+                builders[k].add_documents(tokens, lengths, seqs_per_doc)
+            result.documents[k] += int(seqs_per_doc.size)
+            result.sequences[k] += int(lengths.size)
+            result.tokens[k] += int(tokens.size)
+            result.skipped_empty[k] += empty
+        bar.update(enc.units)
+        if next_log is not None and result.records >= next_log:
+            el = time.perf_counter() - t_proc
+            bar.write(
+                f"processed {result.records:,} documents ({result.records / el:,.0f} docs/s, "
+                f"{result.total_tokens / el:,.0f} tokens/s)",
+                file=sys.stderr,
+            )
+            while next_log <= result.records:
+                next_log += log_interval
+
+
+def _publish(builders: Dict[str, IndexedDatasetBuilder], prefixes: Dict[str, str], result: PreprocessResult,
+             description: str) -> None:
+    """Refuse a key without tokens; then publish only when every key's pair is complete: write all indexes, then
+    rename."""
+    for k in builders:
+        if result.tokens[k] == 0:
+            raise PreprocessError(
+                f"{description}: empty corpus: the {result.records:,} documents of key {k!r} "
+                f"produce no tokens (all texts are empty)"
+            )
+    for k, builder in builders.items():
+        builder.finalize(prefixes[k] + ".idx", commit=False)
+    for k, builder in builders.items():
+        builder.commit()
+        result.bytes[k] = os.path.getsize(prefixes[k] + ".bin")
 
 
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``megahf preprocess``'s options to ``parser``."""
-    parser.description = parser.description or "Tokenize a corpus into Megatron .bin/.idx files."
-    g = parser.add_argument_group("input")
-    g.add_argument("--input", required=True, help="a .jsonl/.json/.parquet/.txt file, a folder, or a cached Hugging Face dataset name")
-    g.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="keys (columns) holding the text (default: text)")
-    g.add_argument("--split", default="train", help="split of a Hugging Face dataset or folder (default: train)")
-    g.add_argument("--subset", default=None, help="configuration (subset) name of a Hugging Face dataset")
-    g = parser.add_argument_group("tokenization")
-    g.add_argument(
-        "--tokenizer", required=True,
-        help="'gpt2' (or 'embedded') or 'bert-uncased' for a tokenizer shipped with megahf, else a path or cached "
-             "name for AutoTokenizer",
-    )
-    g.add_argument("--append-eod", action="store_true", help="append the eos token id to the end of each document")
-    g.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (rule-based splitter, no nltk)")
-    g.add_argument("--dtype", default="auto", choices=_DTYPE_CHOICES, help="token dtype (auto: uint16 if vocab < 65500, else int32)")
-    g = parser.add_argument_group("output and runtime")
-    g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
-    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: in-process)")
-    g.add_argument("--log-interval", type=int, default=10000, help="print progress every N documents (0: never; default 10000)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run ``megahf preprocess`` with parsed arguments; returns the exit status."""
+    """Run `megahf preprocess` with parsed arguments; returns the exit status."""
     try:
         result = preprocess_corpus(
             input=args.input,

@@ -1,33 +1,33 @@
-"""Megatron-Core's two index builders (``helpers.cpp``), in vectorized numpy.
+"""Megatron-Core's two index builders (`helpers.cpp`), in vectorized numpy.
 
-Megatron-Core compiles ``megatron/core/datasets/helpers.cpp`` (pybind11) for two loops that
+Megatron-Core compiles `megatron/core/datasets/helpers.cpp` (pybind11) for two loops that
 are sequential as written:
 
-* :func:`build_sample_index` -- ``build_sample_idx``: where each GPT sample starts, as
+* `build_sample_index` -- `build_sample_idx`: where each GPT sample starts, as
   (position in the document index, token offset in that document) pairs;
-* :func:`build_blending_indices` -- ``build_blending_indices``: which dataset (and which of its
+* `build_blending_indices` -- `build_blending_indices`: which dataset (and which of its
   samples) each sample of a blend comes from, greedily following the weights.
 
 Both functions here return arrays equal element for element (values, shape and dtype) to
-megatron-core 0.16.1's compiled helpers (``tests/data/test_gpt_dataset.py`` checks it on random
+megatron-core 0.16.1's compiled helpers (`tests/data/test_gpt_dataset.py` checks it on random
 inputs), without a C++ compile step or numba.
 
 How the sequential loops become array operations
 ------------------------------------------------
 
-*Sample index.* Lay the documents of the document index end to end. Sample ``i`` (``i >= 1``)
-starts at token ``i * seq_length`` of that stream; the C++ walk stops in the first document
-whose end reaches ``i * seq_length + extra`` (``extra`` = 1 with the extra label token), and
-records the offset ``i * seq_length - start of that document``. So the document of boundary
-``i`` is a count: the number of documents ``k`` with ``(end[k] - extra) // seq_length < i``,
-which a prefix sum of a ``np.bincount`` gives for all boundaries at once, in
+*Sample index.* Lay the documents of the document index end to end. Sample `i` (`i >= 1`)
+starts at token `i * seq_length` of that stream; the C++ walk stops in the first document
+whose end reaches `i * seq_length + extra` (`extra` = 1 with the extra label token), and
+records the offset `i * seq_length - start of that document`. So the document of boundary
+`i` is a count: the number of documents `k` with `(end[k] - extra) // seq_length < i`,
+which a prefix sum of a `np.bincount` gives for all boundaries at once, in
 O(documents + samples) (no search, no Python loop). When the last sample is kept although partial
-(``drop_last_partial_sequence=False``), boundaries past the end point at the last document with
-offset ``length - extra``, as the C++ loop records them.
+(`drop_last_partial_sequence=False`), boundaries past the end point at the last document with
+offset `length - extra`, as the C++ loop records them.
 
-*Blending index.* Step ``s`` picks the dataset ``d`` with the largest
-``weights[d] * max(s, 1) - count[d]`` (the first one on ties). The loop depends on its own past
-through ``count``, so the steps are cut into blocks simulated side by side (one numpy operation
+*Blending index.* Step `s` picks the dataset `d` with the largest
+`weights[d] * max(s, 1) - count[d]` (the first one on ties). The loop depends on its own past
+through `count`, so the steps are cut into blocks simulated side by side (one numpy operation
 per step advances every block): each block starts from a guess of the counts at its first step;
 a block whose guess differs from the counts its predecessor actually ended with is simulated
 again from those, until every block starts where its predecessor ends. The result is then
@@ -78,15 +78,15 @@ def build_sample_index(
     drop_last_partial_sequence: bool = True,
     add_extra_token_to_sequence: bool = True,
 ) -> np.ndarray:
-    """Megatron's GPT sample index, shape ``(num_samples + 1, 2)``.
+    """Megatron's GPT sample index, shape `(num_samples + 1, 2)`.
 
-    Same arguments and result as ``megatron.core.datasets.helpers.build_sample_idx``: ``sizes``
-    are the sequence lengths of the whole indexed dataset, ``document_index`` the (shuffled,
-    epoch-repeated) sequence ids; row ``i`` is ``(position in document_index, token offset)``
-    where sample ``i`` starts, the last row where the last sample ends. The number of samples
-    is ``(num_epochs * tokens_per_epoch - extra) // seq_length`` (rounded up, in float32 as the
-    C++ does, when ``drop_last_partial_sequence`` is False), ``extra`` being 1 when
-    ``add_extra_token_to_sequence``.
+    Same arguments and result as `megatron.core.datasets.helpers.build_sample_idx`: `sizes`
+    are the sequence lengths of the whole indexed dataset, `document_index` the (shuffled,
+    epoch-repeated) sequence ids; row `i` is `(position in document_index, token offset)`
+    where sample `i` starts, the last row where the last sample ends. The number of samples
+    is `(num_epochs * tokens_per_epoch - extra) // seq_length` (rounded up, in float32 as the
+    C++ does, when `drop_last_partial_sequence` is False), `extra` being 1 when
+    `add_extra_token_to_sequence`.
     """
     sizes = np.asarray(sizes)
     document_index = np.asarray(document_index)
@@ -140,12 +140,12 @@ def _simulate(
     sample_index: Optional[np.ndarray] = None,
     caps: Optional[np.ndarray] = None,
 ) -> None:
-    """Advance ``len(first_steps)`` blocks of the greedy by ``num_steps`` steps, side by side.
+    """Advance `len(first_steps)` blocks of the greedy by `num_steps` steps, side by side.
 
-    ``counts`` (float64, blocks x datasets, C-contiguous) holds each block's counts at its first
-    step and is updated in place to the counts after its last step. When given, step ``j``'s
-    picks go to ``dataset_index[j]`` and the picked dataset's count before the pick to
-    ``sample_index[j]`` (both steps x blocks). With ``caps`` (float64 per dataset), a dataset
+    `counts` (float64, blocks x datasets, C-contiguous) holds each block's counts at its first
+    step and is updated in place to the counts after its last step. When given, step `j`'s
+    picks go to `dataset_index[j]` and the picked dataset's count before the pick to
+    `sample_index[j]` (both steps x blocks). With `caps` (float64 per dataset), a dataset
     whose count reached its cap is no longer picked (the exhaustive blend).
     """
     nb, nd = counts.shape
@@ -176,7 +176,7 @@ def _simulate(
 
 
 def _guess_counts(weights: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """Counts close to the greedy's at each step of ``steps``: floor of the ideal, the remainder
+    """Counts close to the greedy's at each step of `steps`: floor of the ideal, the remainder
     given to the largest fractional parts (so that they sum to the step)."""
     ideal = weights[None, :] * steps[:, None].astype(np.float64)
     counts = np.floor(ideal)
@@ -192,14 +192,14 @@ def _guess_counts(weights: np.ndarray, steps: np.ndarray) -> np.ndarray:
 def build_blending_indices(
     weights: Sequence[float], size: int, block: int = 0, warmup: int = -1
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Megatron's blending indices: ``(dataset_index int16, dataset_sample_index int64)``.
+    """Megatron's blending indices: `(dataset_index int16, dataset_sample_index int64)`.
 
-    The same arrays as ``helpers_cpp.build_blending_indices(dataset_index, dataset_sample_index,
-    weights, len(weights), size, False)`` fills: sample ``s`` of the blend is sample
-    ``dataset_sample_index[s]`` of dataset ``dataset_index[s]``, chosen greedily as the dataset
-    with the largest ``weights[d] * max(s, 1) - (samples taken so far from d)`` (the first on
+    The same arrays as `helpers_cpp.build_blending_indices(dataset_index, dataset_sample_index,
+    weights, len(weights), size, False)` fills: sample `s` of the blend is sample
+    `dataset_sample_index[s]` of dataset `dataset_index[s]`, chosen greedily as the dataset
+    with the largest `weights[d] * max(s, 1) - (samples taken so far from d)` (the first on
     ties). Pass the weights already normalized, as Megatron's BlendedDataset does.
-    ``block`` (steps per block) and ``warmup`` (steps each block's guess is run before its first
+    `block` (steps per block) and `warmup` (steps each block's guess is run before its first
     step) only affect speed; 0 / -1 choose them.
     """
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
@@ -209,9 +209,9 @@ def build_blending_indices(
 def build_exhaustive_blending_indices(
     sizes: Sequence[int], block: int = 0, warmup: int = -1
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Megatron's ``build_exhaustive_blending_indices``: exactly ``sizes[d]`` samples from each
-    dataset ``d`` (``sum(sizes)`` in all), picked by the same greedy with weights
-    ``sizes / sum(sizes)``, a dataset leaving the race once all its samples are taken."""
+    """Megatron's `build_exhaustive_blending_indices`: exactly `sizes[d]` samples from each
+    dataset `d` (`sum(sizes)` in all), picked by the same greedy with weights
+    `sizes / sum(sizes)`, a dataset leaving the race once all its samples are taken."""
     caps = np.asarray(sizes, dtype=np.int64).reshape(-1)
     if caps.size and caps.min() <= 0:
         raise ValueError(f"every size must be positive, got {caps.tolist()}")

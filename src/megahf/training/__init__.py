@@ -1,6 +1,15 @@
-"""Training entry points: recipes (YAML -> dataclass) and pretraining with transformers' Trainer."""
+"""Training entry points: pretraining with transformers' Trainer, from a recipe (`megahf.recipe`).
 
-from .recipe import PretrainRecipe, RecipeError, load_recipe
+    setup.py      recipe -> model config, layout, tokenizer, model (and the checks that need them); load_recipe
+    pretrain.py   run_pretrain, step by step
+    trainer.py    MegatronTrainer and its TrainingArguments
+    families.py   what differs between GPT and BERT (validation, sample)
+    checkpoint.py, resume.py   resumable checkpoints
+    callbacks.py, log.py, flops.py, outputs.py, processes.py
+"""
+
+from ..recipe import PretrainRecipe, RecipeError
 from .pretrain import PretrainResult, pretrain, run_pretrain
+from .setup import load_recipe
 
 __all__ = ["PretrainRecipe", "PretrainResult", "RecipeError", "load_recipe", "pretrain", "run_pretrain"]

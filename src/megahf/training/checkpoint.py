@@ -25,11 +25,20 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..atomic import atomic_write_json, fsync_dir, fsync_file, publish_folder
+from ..parallel.ranks import barrier, rank
 
 MARKER = "megahf_checkpoint.json"
 MODEL_OPTIM = "model_optim"
@@ -47,41 +56,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------- RNG states as JSON
@@ -126,44 +106,37 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of `step` atomically, on every rank (collective), then delete all but the newest
     `keep_last` complete checkpoints. `metadata` (layout, batch) goes into the marker."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
     partial = root / f".{final.name}.partial"
-    rank = _rank()
-    if rank == 0:
+    if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         (partial / "rng").mkdir(parents=True)
-    _barrier()
+    barrier()
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
-    _write_json(partial / "rng" / f"rank_{rank:05d}.json", rng_state())
-    if rank == 0:
+    atomic_write_json(partial / "rng" / f"rank_{rank():05d}.json", rng_state(), durable=True)
+    if rank() == 0:
         torch.save(scheduler.state_dict(), partial / SCHEDULER)
         trainer_state.save_to_json(str(partial / TRAINER_STATE))
-    _barrier()
+    barrier()
 
-    if rank == 0:
+    if rank() == 0:
         files = {}
         for path in sorted(p for p in partial.rglob("*") if p.is_file()):
-            _fsync_file(path)
+            fsync_file(path)
             files[str(path.relative_to(partial))] = path.stat().st_size
         for folder in (partial / MODEL_OPTIM, partial / "rng", partial):
-            _fsync_dir(folder)
-        _write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": step, **metadata, "files": files})
-        _fsync_dir(partial)
-        if final.exists():  # a damaged checkpoint of the same step, from a run that died after writing it
-            shutil.rmtree(final)
-        partial.rename(final)
-        _fsync_dir(root)
+            fsync_dir(folder)
+        atomic_write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": step, **metadata, "files": files},
+                          durable=True)
+        publish_folder(partial, final, durable=True)  # replaces a damaged checkpoint of the same step
         for old in complete_checkpoints(root)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -224,9 +197,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Load the model's state from a checkpoint, resharded to the model's current layout (collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     state = {"model": get_model_state_dict(model)}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
@@ -234,9 +204,6 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
 
 
 def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
@@ -249,7 +216,7 @@ def load_scheduler(path: str | os.PathLike, scheduler) -> None:
 
 def load_rng(path: str | os.PathLike) -> bool:
     """Restore this rank's RNG states; False (and a warning) if the checkpoint has none for this rank."""
-    file = Path(path) / "rng" / f"rank_{_rank():05d}.json"
+    file = Path(path) / "rng" / f"rank_{rank():05d}.json"
     if not file.is_file():
         warnings.warn(f"{file} not found (the checkpoint was written by fewer processes): the random streams "
                       "(dropout) of this rank start afresh, so the resumed run is not bitwise the uninterrupted one",

@@ -1,13 +1,12 @@
-"""What differs between pretraining Megatron's GPT and its BERT, in one place: the model class, the data and its
-collator, the end-of-run validation and the sample shown to the user. `run_pretrain` asks `family_of(recipe)` and
-is the same for both."""
+"""What differs between pretraining Megatron's GPT and its BERT, in one place: the model class, the end-of-run
+validation and the sample shown to the user (the data is `megahf.data.pretraining_data`'s). `run_pretrain` asks
+`family_of(recipe)` and is the same for both."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +15,7 @@ import torch.distributed as dist
 from ..models.bert import MegatronBertForPreTraining
 from ..models.gpt import MegatronGPTForCausalLM
 from ..models.presets import preset_family
-from .bert_data import build_bert_data, collate_bert
-from .data import PackedCorpus, build_corpus, build_indexed_data, collate_blocks, collate_samples, corpus_file
-from .recipe import PretrainRecipe
+from ..recipe import PretrainRecipe
 
 
 @dataclass(frozen=True)
@@ -26,18 +23,12 @@ class Family:
     name: str
     model_class: type
     auto_class: str  # the Auto class that loads the saved model (after `import megahf`)
-    build_data: Callable[[PretrainRecipe, Any, Any], PackedCorpus]  # (recipe, tokenizer, layout)
-    collate: Callable[[PretrainRecipe], Callable]
     validate: Callable[[Any], dict[str, float]]  # (trainer) -> valid_loss, valid_ppl, ...
     sample: Callable[[Any, Any, PretrainRecipe], str]  # (model, tokenizer, recipe)
     ppl_label: str  # what valid_ppl is the perplexity of, as printed: "ppl" or "masked-LM ppl"
 
 
 # ---------------------------------------------------------------------------------------------------- GPT
-
-
-def _gpt_data(recipe: PretrainRecipe, tokenizer, layout) -> PackedCorpus:
-    return build_indexed_data(recipe, layout) if recipe.data_path else build_corpus(recipe, tokenizer)
 
 
 def _gpt_validate(trainer) -> dict[str, float]:
@@ -53,19 +44,20 @@ def _gpt_validate(trainer) -> dict[str, float]:
 @torch.no_grad()
 def generate_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
     """Continue `sample_prompt` by `sample_tokens` tokens (seeded top-k sampling, or greedy with top_k 0)."""
-    if recipe.sample_tokens == 0:
+    if recipe.run.sample_tokens == 0:
         return ""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ids = tokenizer(recipe.sample_prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-    max_new = recipe.sample_tokens
+    ids = tokenizer(recipe.run.sample_prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    max_new = recipe.run.sample_tokens
     limit = model.config.max_position_embeddings if model.config.position_embedding_type == "learned_absolute" else None
     if limit is not None:
         ids = ids[-(limit - 1):]
         max_new = min(max_new, limit - len(ids))
-    torch.manual_seed(recipe.seed)
-    sampling = {"do_sample": True, "top_k": recipe.sample_top_k} if recipe.sample_top_k > 0 else {"do_sample": False}
+    torch.manual_seed(recipe.run.seed)
+    top_k = recipe.run.sample_top_k
+    sampling = {"do_sample": True, "top_k": top_k} if top_k > 0 else {"do_sample": False}
     out = model.generate(
         input_ids=torch.tensor([ids], device=device),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
@@ -77,24 +69,6 @@ def generate_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- BERT
-
-
-def _bert_data(recipe: PretrainRecipe, tokenizer, layout) -> PackedCorpus:
-    return build_bert_data(
-        tokenizer=tokenizer,
-        seq_length=recipe.seq_length,
-        seed=recipe.seed,
-        split=recipe.split,
-        train_samples=recipe.train_steps * layout.global_batch_size,
-        valid_samples=recipe.eval_iters * recipe.micro_batch_size * layout.data_parallel_size,
-        cache_dir=recipe.data_cache_path or Path(recipe.output_dir) / "data",
-        data_path=recipe.data_path,
-        corpus="" if recipe.data_path else corpus_file(recipe),
-        text_key=recipe.text_key,
-        sentence_order_prediction=recipe.build_config().add_binary_head,
-        masking_probability=recipe.mask_prob,
-        short_sequence_probability=recipe.short_seq_prob,
-    )
 
 
 @torch.no_grad()
@@ -136,10 +110,10 @@ def _bert_validate(trainer) -> dict[str, float]:
 @torch.no_grad()
 def fill_mask_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
     """The `sample_top_k` most likely words at each [MASK] of `sample_prompt` (one is appended if it has none)."""
-    if recipe.sample_tokens == 0:
+    if recipe.run.sample_tokens == 0:
         return ""
     mask = tokenizer.mask_token
-    text = recipe.sample_prompt if mask in recipe.sample_prompt else f"{recipe.sample_prompt} {mask}"
+    text = recipe.run.sample_prompt if mask in recipe.run.sample_prompt else f"{recipe.run.sample_prompt} {mask}"
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -148,7 +122,7 @@ def fill_mask_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
     model.train(was_training)
     lines = [text]
     for position in (batch["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist():
-        top = logits[position].float().softmax(-1).topk(max(1, recipe.sample_top_k))
+        top = logits[position].float().softmax(-1).topk(max(1, recipe.run.sample_top_k))
         words = [f"{tokenizer.decode([i]).strip()} ({p:.2f})"
                  for p, i in zip(top.values.tolist(), top.indices.tolist())]
         lines.append(f"  [MASK] at {position}: " + ", ".join(words))
@@ -156,16 +130,14 @@ def fill_mask_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
 
 
 FAMILIES = {
-    "gpt": Family("gpt", MegatronGPTForCausalLM, "AutoModelForCausalLM", _gpt_data,
-                  lambda recipe: collate_samples if recipe.data_path else collate_blocks, _gpt_validate,
-                  generate_sample, "ppl"),
-    "bert": Family("bert", MegatronBertForPreTraining, "AutoModelForPreTraining", _bert_data,
-                   lambda recipe: collate_bert, _bert_validate, fill_mask_sample, "masked-LM ppl"),
+    "gpt": Family("gpt", MegatronGPTForCausalLM, "AutoModelForCausalLM", _gpt_validate, generate_sample, "ppl"),
+    "bert": Family("bert", MegatronBertForPreTraining, "AutoModelForPreTraining", _bert_validate, fill_mask_sample,
+                   "masked-LM ppl"),
 }
 
 
 def family_of(recipe: PretrainRecipe) -> Family:
-    return FAMILIES[preset_family(recipe.model)]
+    return FAMILIES[preset_family(recipe.model.model)]
 
 
 __all__ = ["FAMILIES", "Family", "family_of", "fill_mask_sample", "generate_sample"]

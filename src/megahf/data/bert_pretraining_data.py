@@ -1,4 +1,4 @@
-"""BERT pretraining data: Megatron's masked-LM + sentence-order samples (`megahf.data.BertDataset`).
+"""BERT pretraining data: Megatron's masked-LM + sentence-order samples (`BertDataset`) for a run.
 
 From indexed data written with sentence splitting (`data_path`, Megatron's `--data-path`), or from a text corpus
 (the shipped Shakespeare by default) that is first preprocessed into such data under `cache_dir`: split into
@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ..data import BertDataset, BertDatasetConfig, BertDatasetError, IndexedDataset, parse_blend, split_ranges
-from ..data.preprocess import output_prefix_for, preprocess_corpus
-from .data import PackedCorpus
-from .recipe import RecipeError
+from ..atomic import publish_folder, temporary_name
+from ..parallel.ranks import barrier, is_local_rank_zero
+from ..recipe.errors import RecipeError
+from .bert_dataset import BertDataset, BertDatasetConfig, BertDatasetError
+from .gpt_dataset import split_ranges
+from .indexed_dataset import IndexedDataset
+from .preprocess import output_prefix_for, preprocess_corpus
+from .train_valid import TrainValidDatasets
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label")
 
@@ -37,20 +38,16 @@ def _corpus_prefix(corpus: str, text_key: str, tokenizer, cache_dir: Path) -> st
     indexed = output_prefix_for(str(prefix), text_key, split_sentences=True)
     # One process per machine builds it (the others wait at the barrier); every file is written under a temporary
     # name and renamed, so machines sharing a file system may race harmlessly.
-    if not Path(indexed + ".idx").exists() and os.environ.get("LOCAL_RANK", "0") == "0":
+    if not Path(indexed + ".idx").exists() and is_local_rank_zero():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_dir = cache_dir / f"tokenizer-{key}"
         if not tokenizer_dir.exists():
-            partial = cache_dir / f".tokenizer-{key}.{os.getpid()}.partial"
+            partial = temporary_name(tokenizer_dir)
             tokenizer.save_pretrained(partial)
-            try:
-                partial.rename(tokenizer_dir)
-            except OSError:  # another machine renamed its identical copy first
-                shutil.rmtree(partial, ignore_errors=True)
+            publish_folder(partial, tokenizer_dir, replace=False)  # keeps an identical copy another machine made
         preprocess_corpus(corpus, str(prefix), tokenizer=str(tokenizer_dir), json_keys=(text_key,),
                           split_sentences=True, progress=False)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     return indexed
 
 
@@ -63,25 +60,26 @@ def build_bert_data(
     train_samples: int,
     valid_samples: int,
     cache_dir: str | Path,
-    data_path: str = "",
+    indexed_prefixes: list[str] | None = None,
     corpus: str = "",
     text_key: str = "text",
     sentence_order_prediction: bool = True,
     masking_probability: float = 0.15,
     short_sequence_probability: float = 0.1,
-) -> PackedCorpus:
-    """Train and valid `BertDataset`s with at least the samples asked (whole passes over the documents)."""
+) -> TrainValidDatasets:
+    """Train and valid `BertDataset`s with at least the samples asked (whole passes over the documents), from one
+    indexed dataset written with sentence splitting (`indexed_prefixes`), or else from `corpus`, preprocessed into
+    one under `cache_dir`."""
     for name in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"):
         if getattr(tokenizer, name, None) is None:
             raise RecipeError(f"the tokenizer has no {name.removesuffix('_token_id')} token, which BERT samples need "
                               "([CLS] A [SEP] B [SEP], [MASK], [PAD]): use tokenizer: bert-uncased-embedded or "
                               "another WordPiece tokenizer")
-    if data_path:
-        prefixes, weights = parse_blend(data_path.split())
-        if len(prefixes) != 1:
-            raise RecipeError(f"recipe key data_path={data_path!r}: BERT pretraining reads one indexed dataset "
-                              "(blending is implemented for GPT data only)")
-        prefix, source = prefixes[0], prefixes[0]
+    if indexed_prefixes:
+        if len(indexed_prefixes) != 1:
+            raise RecipeError(f"recipe key data_path={' '.join(indexed_prefixes)!r}: BERT pretraining reads one "
+                              "indexed dataset (blending is implemented for GPT data only)")
+        prefix = source = indexed_prefixes[0]
     else:
         prefix, source = _corpus_prefix(corpus, text_key, tokenizer, Path(cache_dir)), corpus
     try:
@@ -96,11 +94,10 @@ def build_bert_data(
         valid = BertDataset(indexed, ranges[1] or range(0), valid_samples, config, "valid")
     except BertDatasetError as error:
         raise RecipeError(f"BERT data from {source!r}: {error}") from None
-    return PackedCorpus(
-        train=train, valid=valid, num_documents=indexed.num_documents,
-        train_documents=len(train.indices), valid_documents=len(valid.indices),
-        train_tokens=0, valid_tokens=0,
-        source=f"{source} ({indexed.num_documents} documents, {len(indexed)} sentences, split {split})",
+    return TrainValidDatasets(
+        train=train, valid=valid, collate=collate_bert,
+        description=f"{source} ({indexed.num_documents} documents, {len(indexed)} sentences, split {split}): "
+                    f"{len(train):,} train / {len(valid):,} valid samples",
     )
 
 

@@ -1,10 +1,10 @@
-"""The first pretraining data path: a local text corpus -> packed blocks of `seq_length` tokens.
+"""A local text corpus -> train and valid blocks of `seq_length` tokens (the data of a GPT run without `data_path`).
 
 What Megatron's `preprocess_data.py --append-eod` followed by its GPT dataset computes, in `datasets` terms:
 documents are split into train and valid by document (deterministically by seed), tokenized, each followed by the
 end-of-document token, concatenated, and cut into blocks of `seq_length` tokens. The model shifts the labels
 (`labels = input_ids`), so a block of n tokens gives n - 1 predictions. Attention is not reset at document
-boundaries (Megatron's default). Later work replaces this with Megatron's indexed datasets.
+boundaries (Megatron's default).
 """
 
 from __future__ import annotations
@@ -12,29 +12,31 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import datasets
 import numpy as np
 import torch
 
-from .recipe import EMBEDDED_BERT_TOKENIZER, EMBEDDED_CORPUS, EMBEDDED_TOKENIZER, PretrainRecipe, RecipeError
+from ..assets import corpus_path
+from ..recipe.data import EMBEDDED_CORPUS, DataRecipe
+from ..recipe.errors import RecipeError
 
 # Documents tokenized and packed per `datasets.map` call; the tail of each group shorter than a block is dropped.
 PACK_GROUP_DOCUMENTS = 1000
 
 
 @dataclass
-class PackedCorpus:
-    train: "datasets.Dataset"  # noqa: F821  (one `input_ids` row of seq_length tokens per block)
-    valid: "datasets.Dataset"  # noqa: F821
+class PackedTextBlocks:
+    """Train and valid blocks of `seq_length` tokens (one `input_ids` row each), and the counts they came from."""
+
+    train: datasets.Dataset
+    valid: datasets.Dataset
     num_documents: int
     train_documents: int
     valid_documents: int
     train_tokens: int
     valid_tokens: int
-    source: str = ""  # set for Megatron indexed data
 
     def describe(self) -> str:
-        if self.source:
-            return f"{self.source}: {len(self.train):,} train / {len(self.valid):,} valid samples"
         return (
             f"{self.num_documents} documents ({self.train_documents} train / {self.valid_documents} valid), "
             f"{self.train_tokens:,} / {self.valid_tokens:,} tokens -> "
@@ -42,41 +44,13 @@ class PackedCorpus:
         )
 
 
-def load_tokenizer(recipe: PretrainRecipe):
-    """The recipe's tokenizer: one shipped with megahf (GPT-2 BPE, BERT WordPiece) by name, or
-    `AutoTokenizer.from_pretrained(recipe.tokenizer)`."""
-    from transformers import AutoTokenizer
-
-    from ..assets import embedded_tokenizer_path
-    from ..models.presets import preset_family
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(embedded_tokenizer_path(recipe.tokenizer) or recipe.tokenizer)
-    except (OSError, ValueError) as error:
-        raise RecipeError(
-            f"recipe key tokenizer={recipe.tokenizer!r} cannot be loaded ({str(error).splitlines()[0]}); give a "
-            f"local tokenizer folder or '{EMBEDDED_TOKENIZER}' / '{EMBEDDED_BERT_TOKENIZER}'"
-        ) from None
-    if preset_family(recipe.model) == "gpt" and tokenizer.eos_token_id is None:
-        raise RecipeError(
-            f"tokenizer={recipe.tokenizer!r} has no eos token, which marks the end of each document; "
-            "use a tokenizer with an eos token"
-        )
-    return tokenizer
-
-
-def corpus_file(recipe: PretrainRecipe) -> str:
-    if recipe.corpus == EMBEDDED_CORPUS:
-        from ..assets import corpus_path
-
-        return corpus_path()
-    return recipe.corpus
+def corpus_file(data: DataRecipe) -> str:
+    """The corpus file a recipe names (`embedded`: the shipped Shakespeare)."""
+    return corpus_path() if data.corpus == EMBEDDED_CORPUS else data.corpus
 
 
 def load_documents(path: str, text_key: str):
     """A `datasets.Dataset` with one `text` row per non-empty document of a local .jsonl/.json/.parquet/.txt file."""
-    import datasets
-
     if path.endswith(".txt"):
         # Documents are separated by blank lines (the `text` builder's paragraph mode).
         ds = datasets.load_dataset("text", data_files=path, split="train", sample_by="paragraph")
@@ -145,20 +119,18 @@ def tokenize_and_pack(ds, tokenizer, seq_length: int):
     return packed.remove_columns("num_tokens"), num_tokens
 
 
-def build_corpus(recipe: PretrainRecipe, tokenizer) -> PackedCorpus:
+def build_text_blocks(data: DataRecipe, tokenizer, seed: int) -> PackedTextBlocks:
     """Load, split, tokenize and pack the recipe's corpus; refuse a split that yields no block."""
-    import datasets
-
-    path = corpus_file(recipe)
+    path = corpus_file(data)
     if not os.path.isfile(path):
         raise RecipeError(f"corpus file {path!r} not found")
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one summary line instead of a bar per step on a small corpus
     try:
-        docs = load_documents(path, recipe.text_key)
-        train_docs, valid_docs = split_documents(docs, recipe.valid_fraction, recipe.seed)
-        train, train_tokens = tokenize_and_pack(train_docs, tokenizer, recipe.seq_length)
-        valid, valid_tokens = tokenize_and_pack(valid_docs, tokenizer, recipe.seq_length)
+        docs = load_documents(path, data.text_key)
+        train_docs, valid_docs = split_documents(docs, data.valid_fraction, seed)
+        train, train_tokens = tokenize_and_pack(train_docs, tokenizer, data.seq_length)
+        valid, valid_tokens = tokenize_and_pack(valid_docs, tokenizer, data.seq_length)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
@@ -166,11 +138,11 @@ def build_corpus(recipe: PretrainRecipe, tokenizer) -> PackedCorpus:
         if len(blocks) == 0:
             raise RecipeError(
                 f"the {name} split of {path!r} has {tokens} tokens, fewer than one block of seq_length="
-                f"{recipe.seq_length}; lower seq_length"
+                f"{data.seq_length}; lower seq_length"
                 + (", raise valid_fraction" if name == "valid" else ", lower valid_fraction")
                 + " or use a bigger corpus"
             )
-    return PackedCorpus(
+    return PackedTextBlocks(
         train=train.with_format("torch"),
         valid=valid.with_format("torch"),
         num_documents=len(docs),
@@ -181,51 +153,11 @@ def build_corpus(recipe: PretrainRecipe, tokenizer) -> PackedCorpus:
     )
 
 
-def build_indexed_data(recipe: PretrainRecipe, layout=None) -> PackedCorpus:
-    """Megatron's data path: GPT samples of seq_length + 1 tokens from indexed datasets (blended by weight), split
-    into train/valid by `recipe.split`; as many train samples as the run consumes, eval_iters batches to validate."""
-    from ..data import GPTDatasetConfig, GPTDatasetError, build_gpt_datasets, parse_blend
-
-    prefixes, weights = parse_blend(recipe.data_path.split())
-    config = GPTDatasetConfig(
-        seq_length=recipe.seq_length,
-        seed=recipe.seed,
-        split=recipe.split,
-        path_to_cache=recipe.data_cache_path or None,
-    )
-    layout = layout or recipe.layout(1)
-    train_samples = recipe.train_steps * layout.global_batch_size
-    valid_samples = recipe.eval_iters * recipe.micro_batch_size * layout.data_parallel_size
-    try:
-        train, valid, _ = build_gpt_datasets((prefixes, weights), [train_samples, valid_samples, 0], config)
-    except GPTDatasetError as error:
-        raise RecipeError(f"recipe key data_path={recipe.data_path!r}: {error}") from None
-    if train is None or valid is None:
-        raise RecipeError(f"recipe key split={recipe.split!r} leaves no train or no valid split; e.g. '969,30,1'")
-    return PackedCorpus(
-        train=train,
-        valid=valid,
-        num_documents=0,
-        train_documents=0,
-        valid_documents=0,
-        train_tokens=len(train) * recipe.seq_length,
-        valid_tokens=len(valid) * recipe.seq_length,
-        source=f"{' + '.join(prefixes)} (split {recipe.split})",
-    )
-
-
-def collate_samples(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Megatron samples of seq_length + 1 tokens: the model reads the first seq_length and predicts the last
-    seq_length (`shift_labels`); `labels` (the inputs, as transformers has them) let Trainer count the tokens."""
-    tokens = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, :-1].clone(), "shift_labels": tokens[:, 1:]}
-
-
 def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack blocks into a batch; the labels are the inputs (the model shifts them)."""
     input_ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-__all__ = ["PackedCorpus", "build_corpus", "build_indexed_data", "collate_blocks", "collate_samples",
-           "load_documents", "load_tokenizer", "split_documents", "tokenize_and_pack"]
+__all__ = ["PackedTextBlocks", "build_text_blocks", "collate_blocks", "corpus_file", "load_documents",
+           "split_documents", "tokenize_and_pack"]

@@ -1,0 +1,51 @@
+"""What a run leaves in `output_dir` besides checkpoints: `final/` (a Hugging Face model folder) and `loss.png`,
+each written so that it is complete or absent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import matplotlib
+from matplotlib import pyplot as plt
+
+from ..atomic import atomic_write, publish_folder, temporary_name
+from ..parallel.ranks import barrier, is_rank_zero
+
+matplotlib.use("Agg")  # files only, never a window
+
+
+def save_final(model, tokenizer, output_dir: Path) -> Path:
+    """Write `output_dir/final` so that it is either the complete new checkpoint or not there at all. Called on
+    every rank: a sharded model is gathered, rank 0 writes."""
+    final = output_dir / "final"
+    partial = Path(temporary_name(final, per_process=False))
+    if is_rank_zero():
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while saving
+    barrier()
+    model.save_pretrained(partial, is_main_process=is_rank_zero())
+    if is_rank_zero():
+        tokenizer.save_pretrained(partial)
+        publish_folder(partial, final)
+    return final
+
+
+def plot_losses(log_history: list[dict], path: Path, title: str) -> None:
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    valid = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="valid loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+__all__ = ["plot_losses", "save_final"]

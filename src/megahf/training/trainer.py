@@ -1,0 +1,134 @@
+"""`MegatronTrainer`: transformers' Trainer with Megatron's choices where Trainer's defaults differ (decay groups, the
+linear schedule to a floor, clipping across meshes) and megahf's checkpoints; and the `TrainingArguments` a recipe
+gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainingArguments
+
+from ..parallel import clip_grad_norm_
+from ..parallel.layout import ParallelLayout
+from ..recipe import PretrainRecipe
+from . import checkpoint as ckpt
+from .callbacks import MegatronLogCallback
+from .log import say
+from .setup import build_layout
+
+
+class MegatronTrainer(Trainer):
+    """Trainer with Megatron's choices where Trainer's defaults differ, and megahf's checkpoints (one format for
+    every layout, tensor parallel included, which Trainer's own cannot resume)."""
+
+    def __init__(self, *args, recipe: PretrainRecipe, checkpoint_metadata: dict | None = None,
+                 progress: MegatronLogCallback | None = None, **kwargs):
+        self.recipe = recipe
+        self.checkpoint_metadata = checkpoint_metadata or {}
+        self.progress = progress
+        super().__init__(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.progress is not None and "loss" in logs:
+            self.progress.add_throughput(self.state, logs)  # into log_history and every tracker
+        super().log(logs, start_time)
+
+    # ---- gradient clipping across meshes (TP-only, FSDP2 and TP x FSDP2 parameters side by side)
+
+    def _clip_grad_norm(self, model):
+        if self.is_distributed_loading_by_transformers:
+            return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    # ---- checkpoints (written when CheckpointCallback asks; read by Trainer's resume path)
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+
+    def _save_checkpoint(self, model, trial) -> None:
+        path = ckpt.save_checkpoint(
+            Path(self.args.output_dir) / "checkpoints", self.state.global_step, self.model, self._torch_optimizer(),
+            self.lr_scheduler, self.state, self.checkpoint_metadata, keep_last=self.recipe.run.keep_last,
+        )
+        say(f"checkpoint {path}")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        ckpt.load_model(resume_from_checkpoint, self.model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            ckpt.load_optimizer(checkpoint, self.model, self._torch_optimizer())
+            ckpt.load_scheduler(checkpoint, self.lr_scheduler)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            ckpt.load_rng(checkpoint)
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        # Megatron decays every weight matrix and embedding, never a bias or a 1-D parameter (norm weights). Trainer's
+        # default goes by module type and by name patterns; this rule does not depend on how a module is named.
+        return [name for name, param in model.named_parameters() if param.ndim > 1 and not name.endswith(".bias")]
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        # transformers' "linear" decays to 0; Megatron's linear style decays to min_lr.
+        if self.lr_scheduler is None and self.recipe.optim.lr_schedule == "linear":
+            optim = self.recipe.optim
+            warmup, peak, floor = optim.warmup_steps, optim.learning_rate, optim.min_learning_rate
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return step / warmup
+                progress = min(1.0, (step - warmup) / max(1, num_training_steps - warmup))
+                return (floor + (peak - floor) * (1.0 - progress)) / peak
+
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+
+def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = None) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    layout = layout or build_layout(recipe, 1)
+    schedule = {
+        "cosine": ("cosine_with_min_lr", {"min_lr": recipe.optim.min_learning_rate}),
+        "linear": ("linear", {}),  # replaced by MegatronTrainer.create_scheduler (decay to min_lr)
+        "constant": ("constant_with_warmup", {}),
+    }[recipe.optim.lr_schedule]
+    return TrainingArguments(
+        output_dir=recipe.run.output_dir,
+        max_steps=recipe.optim.train_steps,
+        per_device_train_batch_size=recipe.parallel.micro_batch_size,
+        per_device_eval_batch_size=recipe.parallel.micro_batch_size,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps,
+        learning_rate=recipe.optim.learning_rate,
+        lr_scheduler_type=schedule[0],
+        lr_scheduler_kwargs=schedule[1],
+        warmup_steps=recipe.optim.warmup_steps,
+        weight_decay=recipe.optim.weight_decay,
+        adam_beta1=recipe.optim.adam_beta1,
+        adam_beta2=recipe.optim.adam_beta2,
+        adam_epsilon=recipe.optim.adam_eps,
+        optim="adamw_torch_fused",  # one fused kernel per step (CPU and GPU); several times faster than the loop
+        max_grad_norm=recipe.optim.clip_grad,  # 0 turns clipping off
+        logging_strategy="steps",
+        logging_steps=recipe.run.log_interval,
+        logging_first_step=True,
+        eval_strategy="steps" if recipe.run.eval_interval > 0 else "no",
+        eval_steps=recipe.run.eval_interval if recipe.run.eval_interval > 0 else None,
+        prediction_loss_only=True,  # never keep b x s x vocab logits of the whole validation split
+        save_strategy="no",  # checkpoints are megahf's (CheckpointCallback); the final save is pretrain()'s
+        report_to=recipe.run.trackers,
+        seed=recipe.run.seed,
+        data_seed=recipe.run.seed,
+        dataloader_num_workers=recipe.data.num_workers,
+        dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=recipe.model.activation_checkpointing,
+        disable_tqdm=False,
+    )
+
+
+
+__all__ = ["MegatronTrainer", "training_arguments"]
