@@ -80,7 +80,7 @@ def load_bert_tokenizer(**kwargs: Any):
     and accents are stripped; pairs are encoded `[CLS] A [SEP] B [SEP]` with token types 0 and 1.
     Keyword arguments go to `from_pretrained`.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # here, as above: importing megahf.assets stays cheap
 
     return AutoTokenizer.from_pretrained(bert_tokenizer_path(), **kwargs)
 

@@ -673,7 +673,7 @@ class BertDataset:
         return out
 
     def __getitem__(self, idx: int) -> Dict[str, Any]:
-        import torch
+        import torch  # here, not at the top: megahf.data stays numpy-only for the CLI and the data tools
 
         ex = self.get_example(idx)
         out = {

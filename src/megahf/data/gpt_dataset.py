@@ -584,7 +584,7 @@ class GPTDataset:
         return np.asarray(self.document_index[k0 : k1 + 1]).tolist()
 
     def __getitem__(self, idx: int) -> Dict[str, Any]:
-        import torch
+        import torch  # here, not at the top: megahf.data stays numpy-only for the CLI and the data tools
 
         text, valid = self._read(idx)
         out: Dict[str, Any] = {}

@@ -46,7 +46,7 @@ class ParallelLayout:
         """transformers' `DistributedConfig` for a sharded layout (None for plain data parallelism)."""
         if not self.sharded:
             return None
-        from transformers.distributed import DistributedConfig
+        from transformers.distributed import DistributedConfig  # here: the recipe checks need no torch
 
         return DistributedConfig(tp_size=self.tensor_parallel_size, fsdp_size=self.fsdp_size,
                                  dp_replicate_size=self.replicas)
