@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
@@ -19,6 +21,10 @@ from .log import say
 from .setup import build_layout
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or a weight is NaN or infinite: the run stops, and nothing non-finite is written."""
+
+
 class MegatronTrainer(Trainer):
     """Trainer with Megatron's choices where Trainer's defaults differ, and megahf's checkpoints (one format for
     every layout, tensor parallel included, which Trainer's own cannot resume)."""
@@ -29,6 +35,11 @@ class MegatronTrainer(Trainer):
         self.checkpoint_metadata = checkpoint_metadata or {}
         self.progress = progress
         super().__init__(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_finite_loss(loss, self.state.global_step + 1)
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.progress is not None and "loss" in logs:
@@ -48,6 +59,7 @@ class MegatronTrainer(Trainer):
         return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
 
     def _save_checkpoint(self, model, trial) -> None:
+        check_finite_weights(self.model, f"checkpoint of step {self.state.global_step}")
         path = ckpt.save_checkpoint(
             Path(self.args.output_dir) / "checkpoints", self.state.global_step, self.model, self._torch_optimizer(),
             self.lr_scheduler, self.state, self.checkpoint_metadata, keep_last=self.recipe.run.keep_last,
@@ -87,6 +99,34 @@ class MegatronTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
 
+def check_finite_loss(loss: torch.Tensor, step: int) -> None:
+    """Megatron's check for NaN in the loss, on every micro-batch, before the optimizer step that would spread it into
+    the weights: every rank learns whether any rank's loss is not finite (they hold different data under data
+    parallelism) and all stop together, so no checkpoint and no final model of a non-finite run is ever written."""
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.int32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise NonFiniteError(
+            f"step {step}: the training loss is {loss.detach().float().item()} (not finite on at least one rank); the "
+            "run stopped before this step's optimizer update and wrote nothing for it. Lower learning_rate, check "
+            "the data and the recipe's optimizer values, then run the same command again to resume from the last "
+            "checkpoint."
+        )
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Refuse to write `what` from weights that are not all finite (checked on every rank's shards)."""
+    local = (p.to_local() if isinstance(p, DTensor) else p for _, p in model.named_parameters())
+    bad_names = [name for (name, _), t in zip(model.named_parameters(), local) if not torch.isfinite(t.detach()).all()]
+    bad = torch.tensor([int(bool(bad_names))], dtype=torch.int32, device=next(model.parameters()).device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        where = ", ".join(bad_names[:3]) if bad_names else "on another rank"
+        raise NonFiniteError(f"not writing the {what}: some weights are not finite ({where}).")
+
+
 def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = None) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     layout = layout or build_layout(recipe, 1)
@@ -114,6 +154,7 @@ def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = N
         logging_strategy="steps",
         logging_steps=recipe.run.log_interval,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss stops the run (check_finite_loss); never hide one in logs
         eval_strategy="steps" if recipe.run.eval_interval > 0 else "no",
         eval_steps=recipe.run.eval_interval if recipe.run.eval_interval > 0 else None,
         prediction_loss_only=True,  # never keep b x s x vocab logits of the whole validation split
@@ -131,4 +172,4 @@ def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = N
 
 
 
-__all__ = ["MegatronTrainer", "training_arguments"]
+__all__ = ["MegatronTrainer", "NonFiniteError", "check_finite_loss", "training_arguments"]
