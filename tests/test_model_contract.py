@@ -209,3 +209,14 @@ def test_modeling_files_import_nothing_of_megahf_outside_models():
                 assert not (node.module or "").startswith("megahf"), f"{path.name}: {ast.unparse(node)}"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("megahf") for a in node.names), f"{path.name}: {ast.unparse(node)}"
+
+
+@pytest.mark.parametrize("variant", ["gpt", "llama"])
+def test_shift_labels_may_be_a_slice_of_the_sample(variant):
+    # Megatron's datasets give seq + 1 tokens per sample: inputs = tokens[:, :-1], shift_labels = tokens[:, 1:],
+    # a non-contiguous view.
+    model = gpt(variant)
+    tokens = ids(seq=9)
+    out = model(tokens[:, :-1], shift_labels=tokens[:, 1:])
+    expected = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)

@@ -28,13 +28,18 @@ from transformers.utils import logging
 
 
 def _vocab_logits(logits: torch.Tensor, vocab_size: int, padded_vocab_softmax: bool) -> torch.Tensor:
-    return logits if padded_vocab_softmax else logits[..., :vocab_size]
+    """The logits the softmax covers, flattened to [tokens, vocabulary] (transformers' losses `view` them, which a
+    slice of the padded columns does not always allow; `reshape` copies only then)."""
+    logits = logits if padded_vocab_softmax else logits[..., :vocab_size]
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def causal_lm_loss(logits, labels=None, vocab_size: int = 0, padded_vocab_softmax: bool = False, **kwargs):
     """Next-token cross entropy over the real vocabulary (transformers' `ForCausalLMLoss`: `labels` are shifted
     inside; `shift_labels` are already shifted, as Megatron's datasets give them)."""
     logits = _vocab_logits(logits, vocab_size, padded_vocab_softmax)
+    if kwargs.get("shift_labels") is not None:  # often a slice of the sample (tokens[:, 1:]): `view` needs it flat
+        kwargs["shift_labels"] = kwargs["shift_labels"].reshape(-1)
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], **kwargs)
 
 
