@@ -171,11 +171,11 @@ def _run_on_all_ranks_or_fail(action, final: Path, partial: Path) -> None:
     if rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # also frees what the failed write took
     intact = complete_checkpoints(final.parent, contents=False)
-    previous = f"the newest complete one, {intact[0].name}, is resumed from" if intact else "there is none yet"
+    previous = f"the same command resumes from {intact[0].name}" if intact else "there is none yet"
     raise CheckpointError(
         f"cannot write checkpoint {final}: {'; '.join(f for f in failures if f)}. Nothing was published under that "
-        f"name and the previous checkpoints are intact ({previous} by the same command); free space or fix the "
-        "folder's permissions, or set output_dir to another disk"
+        f"name and the previous checkpoints are intact ({previous}); free space or make the folder writable, or "
+        "set output_dir to another disk"
     )
 
 
@@ -351,9 +351,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def _dcp_load(state: dict, path: str | os.PathLike) -> None:
     """`dcp.load` through megahf's safe reader; a refused pickle is a `CheckpointError` naming the file."""
+    reader = SafeFileSystemReader(Path(path) / MODEL_OPTIM)
     try:
+        reader.read_metadata()  # DCP would turn a refusal here into an AssertionError's text: refuse it first
         with _quiet_single_process():
-            dcp.load(state, storage_reader=SafeFileSystemReader(Path(path) / MODEL_OPTIM))
+            dcp.load(state, storage_reader=reader)
     except (CheckpointException, UnsafePickleError) as error:
         refused = _find_exception(error, UnsafePickleError)
         if refused is None:
