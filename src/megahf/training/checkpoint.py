@@ -159,12 +159,12 @@ def save_checkpoint(
 def _run_on_all_ranks_or_fail(action, final: Path, partial: Path) -> None:
     """Run `action` (None: nothing on this rank), then agree with the other ranks (collective): if it failed on any,
     rank 0 removes the partial folder and every rank raises the same `CheckpointError`."""
-    failure = None
+    failure, error = None, None
     if action is not None:
         try:
             action()
-        except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
-            failure = f"rank {rank()}: {write_failure_cause(error, partial)}"
+        except (Exception, CheckpointException) as caught:  # DCP's CheckpointException is a BaseException
+            error, failure = caught, f"rank {rank()}: {write_failure_cause(caught, partial)}"
     failures = _gather(failure)
     if not any(failures):
         return
@@ -176,7 +176,7 @@ def _run_on_all_ranks_or_fail(action, final: Path, partial: Path) -> None:
         f"cannot write checkpoint {final}: {'; '.join(f for f in failures if f)}. Nothing was published under that "
         f"name and the previous checkpoints are intact ({previous}); free space or make the folder writable, or "
         "set output_dir to another disk"
-    )
+    ) from error  # the traceback, for a failure that is not the disk's
 
 
 def _gather(value):

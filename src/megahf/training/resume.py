@@ -71,14 +71,15 @@ def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Pa
 
 
 def _refuse_changed_model(path: Path, saved: dict, now: dict) -> None:
-    """A checkpoint's weights only fit the model config they were trained with: name every field that differs."""
-    changed = sorted(key for key in saved.keys() | now.keys()
-                     if key not in _RUNTIME_CONFIG_FIELDS and saved.get(key) != now.get(key))
+    """A checkpoint's weights only fit the model config they were trained with: name every field that differs.
+    A field only one side knows (added to the config by a later megahf) is left alone."""
+    changed = sorted(key for key in saved.keys() & now.keys()
+                     if key not in _RUNTIME_CONFIG_FIELDS and saved[key] != now[key])
     if not changed:
         return
-    was = ", ".join(f"{key}={saved.get(key)!r}" for key in changed)
-    given = ", ".join(f"{key}={now.get(key)!r}" for key in changed)
-    fix = " and ".join(f"model_overrides.{key} to {saved.get(key)!r}" for key in changed)
+    was = ", ".join(f"{key}={saved[key]!r}" for key in changed)
+    given = ", ".join(f"{key}={now[key]!r}" for key in changed)
+    fix = " and ".join(f"model_overrides.{key} to {saved[key]!r}" for key in changed)
     raise RecipeError(
         f"checkpoint {path} was written with the model field {was}, the recipe now gives {given}: the checkpoint's "
         f"weights would not fit the model; set {fix}, or resume: none (or another output_dir) to start afresh"

@@ -22,8 +22,6 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
-METADATA_FILE = ".metadata"  # torch.distributed.checkpoint.filesystem._metadata_fn
-
 # The globals a DCP `.metadata` references (listed from a real checkpoint with pickletools / a tracing find_class),
 # and nothing else; plus torch's dtypes (below). Each is a data class, an enum, or a lookup by name: building one
 # cannot touch the file system. `pathlib._local` is where Python 3.13+ defines the path classes.
@@ -167,5 +165,5 @@ def check_dcp_folder(folder: str | os.PathLike) -> None:
     reader.read_data(LoadPlan(list(_byte_records(metadata))), _Discard()).wait()
 
 
-__all__ = ["METADATA_FILE", "MetadataUnpickler", "SafeFileSystemReader", "UnsafePickleError", "check_dcp_folder",
+__all__ = ["MetadataUnpickler", "SafeFileSystemReader", "UnsafePickleError", "check_dcp_folder",
            "load_metadata", "load_weights_only"]
