@@ -127,6 +127,31 @@ def test_the_loaders_refuse_a_crafted_pickle_too(tmp_path, where):
     assert not target.exists(), "loading the checkpoint ran its code"
 
 
+def test_the_metadata_allow_list_is_exactly_what_a_checkpoint_references(tmp_path):
+    """Every global a real `.metadata` needs is allowed and nothing more (torch's dtypes aside); should torch's
+    metadata change, this names the difference to review."""
+    import pathlib
+    from collections import OrderedDict
+
+    from megahf.training.safe_checkpoint_reader import _METADATA_GLOBALS, MetadataUnpickler, UnsafePickleError
+
+    referenced = set()
+
+    class Recording(MetadataUnpickler):
+        def find_class(self, module, name):
+            referenced.add((module, name))
+            return super().find_class(module, name)
+
+    with open(_save(tmp_path, 1) / "model_optim" / ".metadata", "rb") as f:
+        Recording(f).load()
+    dtypes = {(module, name) for module, name in referenced if isinstance(getattr(torch, name, None), torch.dtype)}
+    this_pythons = {g for g in _METADATA_GLOBALS if not g[0].startswith("pathlib")} | {
+        (pathlib.PosixPath.__module__, "PosixPath")}
+    assert referenced - dtypes == this_pythons
+    with pytest.raises(UnsafePickleError, match="it references collections.OrderedDict, which is not part of"):
+        MetadataUnpickler(io.BytesIO(pickle.dumps(OrderedDict()))).load()
+
+
 def test_a_flipped_byte_in_a_model_shard_falls_back_to_the_previous_checkpoint(corpus, straight, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(straight / "checkpoints", out / "checkpoints")

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 
 # The globals a DCP `.metadata` references (listed from a real checkpoint with pickletools / a tracing find_class),
 # and nothing else; plus torch's dtypes (below). Each is a data class, an enum, or a lookup by name: building one
-# cannot touch the file system. `pathlib._local` is where Python 3.13+ defines the path classes.
+# cannot touch the file system. `pathlib._local` is where Python 3.13+ defines PosixPath.
 _METADATA_GLOBALS = frozenset({
     ("torch.distributed.checkpoint.metadata", "Metadata"),
     ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
@@ -37,8 +37,7 @@ _METADATA_GLOBALS = frozenset({
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath"),
+    ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),  # StorageMeta.checkpoint_id, as DCP saw it
 })
 
 
@@ -94,6 +93,8 @@ def load_weights_only(source: str | os.PathLike | IO[bytes], name: str) -> Any:
     """`torch.load(source, weights_only=True)` on the CPU; `UnsafePickleError` naming `name` if refused or damaged."""
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
+    except OSError:  # cannot be read: not a refusal
+        raise
     except Exception as error:
         raise UnsafePickleError(f"{name} refused: {_weights_only_reason(error)}") from None
 
