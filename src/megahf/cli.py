@@ -72,6 +72,13 @@ def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def _one_line_errors() -> tuple[type, ...]:
+    """The errors that say what to fix: a bad recipe, and a checkpoint that cannot be written or read. The latter
+    only if its module was loaded (else none was raised; importing it would import torch)."""
+    checkpoint = sys.modules.get("megahf.training.checkpoint")
+    return (RecipeError,) + ((checkpoint.CheckpointError,) if checkpoint else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "pretrain":
             return run_pretrain_verb(args.recipe, rest)
-    except RecipeError as error:
+    except _one_line_errors() as error:  # evaluated once an exception is raised
         print(f"megahf {args.verb}: error: {error}", file=sys.stderr)
         return 2
     parser.error(f"unknown verb {args.verb!r}")  # unreachable: argparse checks the verb

@@ -4,7 +4,7 @@
     pretrain.py   run_pretrain, step by step
     trainer.py    MegatronTrainer and its TrainingArguments
     families.py   what differs between GPT and BERT (validation, sample)
-    checkpoint.py, resume.py   resumable checkpoints
+    checkpoint.py, resume.py   resumable checkpoints; safe_checkpoint_reader.py reads them without running code
     callbacks.py, log.py, flops.py, outputs.py, processes.py
 """
 

@@ -6,29 +6,37 @@
         scheduler.pt            learning-rate scheduler state (plain numbers; loaded with weights_only=True)
         trainer_state.json      Trainer's state: global step (hence the data position), log history
         rng/rank_00000.json     per-rank python / numpy / torch (and CUDA) RNG states, as JSON (no pickle)
-        megahf_checkpoint.json  written LAST: step, layout, batch, every file with its size
+        megahf_checkpoint.json  written LAST: step, layout, batch, model config, every file with its size and sha256
 
 A checkpoint is written under `.step_0000400.partial/`, every file is fsynced, the marker is written last, and only
 then is the folder renamed to `step_0000400`: a folder with that name either is complete or has been damaged
-afterwards. Damage (a missing marker, a missing or truncated file) is detected when resuming and the next older
-complete checkpoint is used, with a warning. The data position needs no file of its own: Trainer replays the seeded
-sampler up to `global_step` x global batch, which is why a resume refuses a different global batch or seq length.
+afterwards. A write that fails (a full disk) removes the partial folder and stops the run with the reason; the older
+checkpoints are untouched. Before resuming, every file is checked against its size and sha256 and every pickle is
+read the safe way (`safe_checkpoint_reader`: nothing in a checkpoint can run code); a checkpoint failing any check
+is reported and the next older complete one used. The data position needs no file of its own: Trainer replays the
+seeded sampler up to `global_step` x global batch, which is why a resume refuses a different global batch or seq
+length.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -38,13 +46,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..atomic import atomic_write_json, fsync_dir, fsync_file, publish_folder
-from ..parallel.ranks import barrier, rank
+from ..parallel.ranks import barrier, is_distributed, rank
+from .safe_checkpoint_reader import SafeFileSystemReader, UnsafePickleError, check_dcp_folder, load_weights_only
 
 MARKER = "megahf_checkpoint.json"
 MODEL_OPTIM = "model_optim"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: Trainer reads it on resume
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file's sha256 and the model config in the marker
+READABLE_FORMATS = (1, 2)  # 1 (sizes only) is still resumed, with a warning (resume.py)
+_HASH_CHUNK = 8 << 20
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -105,63 +116,204 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Write the checkpoint of `step` atomically, on every rank (collective), then delete all but the newest
-    `keep_last` complete checkpoints. `metadata` (layout, batch) goes into the marker."""
+    `keep_last` complete checkpoints. `metadata` (layout, batch, model config) goes into the marker. A failed write
+    (full disk, read-only folder) on any rank raises `CheckpointError` on every rank, saying why and that the older
+    checkpoints are intact; nothing of the failed one is left under a checkpoint's name."""
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
     partial = root / f".{final.name}.partial"
-    if rank() == 0:
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         (partial / "rng").mkdir(parents=True)
-    barrier()
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
-    atomic_write_json(partial / "rng" / f"rank_{rank():05d}.json", rng_state(), durable=True)
-    if rank() == 0:
-        torch.save(scheduler.state_dict(), partial / SCHEDULER)
-        trainer_state.save_to_json(str(partial / TRAINER_STATE))
-    barrier()
+    def write_states() -> None:  # every rank
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
+        atomic_write_json(partial / "rng" / f"rank_{rank():05d}.json", rng_state(), durable=True)
+        if rank() == 0:
+            with open(partial / SCHEDULER, "wb") as f:  # a Python file: a failed write keeps its errno
+                torch.save(scheduler.state_dict(), f)
+            trainer_state.save_to_json(str(partial / TRAINER_STATE))
 
-    if rank() == 0:
-        files = {}
-        for path in sorted(p for p in partial.rglob("*") if p.is_file()):
-            fsync_file(path)
-            files[str(path.relative_to(partial))] = path.stat().st_size
+    def complete() -> None:
+        files = describe_files(partial)
         for folder in (partial / MODEL_OPTIM, partial / "rng", partial):
             fsync_dir(folder)
         atomic_write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": step, **metadata, "files": files},
                           durable=True)
         publish_folder(partial, final, durable=True)  # replaces a damaged checkpoint of the same step
-        for old in complete_checkpoints(root)[keep_last:]:
+
+    _run_on_all_ranks_or_fail(prepare if rank() == 0 else None, final, partial)
+    _run_on_all_ranks_or_fail(write_states, final, partial)
+    _run_on_all_ranks_or_fail(complete if rank() == 0 else None, final, partial)
+    if rank() == 0:
+        for old in complete_checkpoints(root, contents=False)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
+def _run_on_all_ranks_or_fail(action, final: Path, partial: Path) -> None:
+    """Run `action` (None: nothing on this rank), then agree with the other ranks (collective): if it failed on any,
+    rank 0 removes the partial folder and every rank raises the same `CheckpointError`."""
+    failure, error = None, None
+    if action is not None:
+        try:
+            action()
+        except (Exception, CheckpointException) as caught:  # DCP's CheckpointException is a BaseException
+            error, failure = caught, f"rank {rank()}: {write_failure_cause(caught, partial)}"
+    failures = _gather(failure)
+    if not any(failures):
+        return
+    if rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # also frees what the failed write took
+    intact = complete_checkpoints(final.parent, contents=False)
+    previous = f"the same command resumes from {intact[0].name}" if intact else "there is none yet"
+    raise CheckpointError(
+        f"cannot write checkpoint {final}: {'; '.join(f for f in failures if f)}. Nothing was published under that "
+        f"name and the previous checkpoints are intact ({previous}); free space or make the folder writable, or "
+        "set output_dir to another disk"
+    ) from error  # the traceback, for a failure that is not the disk's
+
+
+def _gather(value):
+    """Every rank's `value`, in rank order (collective)."""
+    if not is_distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+_DISK_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
+_NOT_WRITABLE = {errno.EACCES: "EACCES", errno.EPERM: "EPERM", errno.EROFS: "EROFS"}
+
+
+def write_failure_cause(error: BaseException, folder: Path) -> str:
+    """Why writing into `folder` failed, in words: the disk is full, the folder is not writable, or the error. torch
+    turns a failed write into "unexpected pos N vs M" and DCP wraps it again: the OSError is found inside."""
+    os_error = _find_exception(error, OSError)
+    if os_error is not None and os_error.errno is not None:
+        where = os_error.filename or folder
+        if os_error.errno in _DISK_FULL:
+            return f"the disk holding {where} is full ({_DISK_FULL[os_error.errno]}: {os_error.strerror})"
+        if os_error.errno in _NOT_WRITABLE:
+            return f"{where} is not writable ({_NOT_WRITABLE[os_error.errno]}: {os_error.strerror})"
+        return f"{where}: {os_error.strerror} ({errno.errorcode.get(os_error.errno, os_error.errno)})"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        if free < 1 << 20:  # the error did not say, the disk does
+            return f"the disk holding {folder} is full ({free} bytes free; {_first_line(error)})"
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _find_exception(error: BaseException, kind: type) -> BaseException | None:
+    """The first `kind` in `error`'s causes and contexts, and inside DCP's per-rank failures."""
+    todo, seen = [error], set()
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        todo += [current.__cause__, current.__context__]
+        if isinstance(current, CheckpointException):  # {rank: (exception, traceback)}
+            todo += [failure[0] for failure in current.failures.values()]
+    return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of each file, several at once (hashlib releases the GIL: the disk, not Python, is the limit)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(lambda name: file_sha256(folder / name), names)))
+
+
+def describe_files(folder: Path) -> dict[str, dict]:
+    """Every file under `folder`, fsynced, as {relative name: {"bytes": size, "sha256": hex}} for the marker."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in paths:
+        fsync_file(path)
+    names = [p.relative_to(folder).as_posix() for p in paths]
+    digests = _hash_all(folder, names)
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": digests[name]} for name in names}
+
+
 # ---------------------------------------------------------------------- finding and checking
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why the checkpoint folder cannot be resumed from, or None if it is complete."""
+def checkpoint_problem(path: str | os.PathLike, contents: bool = True) -> str | None:
+    """Why the checkpoint folder cannot be resumed from, or None if it is complete. Always checked: the marker,
+    and every file it lists there with its size. With `contents` (what a resume does): every file's sha256, then
+    every pickle read the safe way, so that a flipped bit or a crafted pickle is found before anything is loaded."""
     path = Path(path)
-    marker = path / MARKER
-    if not marker.is_file():
-        return f"no {MARKER} (the write did not finish)"
-    try:
-        meta = json.loads(marker.read_text(encoding="utf-8"))
-        files = meta["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"unreadable {MARKER} ({type(error).__name__})"
-    if meta.get("format") != FORMAT_VERSION:
-        return f"format {meta.get('format')!r}, this megahf reads {FORMAT_VERSION}"
-    for name, size in files.items():
+    listed, problem = _listed_files(path)
+    if problem:
+        return problem
+    for name, (size, _) in listed.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    if not contents:
+        return None
+    return _checksum_problem(path, listed) or _unsafe_pickle_problem(path)
+
+
+def _listed_files(path: Path) -> tuple[dict[str, tuple[int, str | None]], str | None]:
+    """The marker's files as {name: (size, sha256 or None in format 1)}, or why the marker cannot be used."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return {}, f"no {MARKER} (the write did not finish)"
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+        if meta.get("format") not in READABLE_FORMATS:
+            return {}, f"format {meta.get('format')!r}, this megahf reads {' and '.join(map(str, READABLE_FORMATS))}"
+        listed = {name: (entry, None) if meta["format"] == 1 else (entry["bytes"], entry["sha256"])
+                  for name, entry in meta["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return {}, f"unreadable {MARKER} ({type(error).__name__})"
+    for name in listed:
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # the marker may only name files inside
+            return {}, f"{MARKER} lists {name!r}, outside the checkpoint"
+    return listed, None
+
+
+def _checksum_problem(path: Path, listed: dict[str, tuple[int, str | None]]) -> str | None:
+    expected = {name: digest for name, (_, digest) in listed.items() if digest is not None}
+    actual = _hash_all(path, sorted(expected))
+    for name, digest in expected.items():
+        if actual[name] != digest:
+            return f"{name} does not match its sha256 (changed after it was written)"
+    return None
+
+
+def _unsafe_pickle_problem(path: Path) -> str | None:
+    """Read every pickle a resume reads (DCP metadata and byte records, the scheduler) without running any code."""
+    try:
+        check_dcp_folder(path / MODEL_OPTIM)
+        load_weights_only(path / SCHEDULER, SCHEDULER)
+    except UnsafePickleError as error:
+        return str(error)
+    except OSError as error:
+        return f"{Path(error.filename or path).name} cannot be read ({error.strerror})"
     return None
 
 
@@ -173,8 +325,10 @@ def _step_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    return [p for p in _step_dirs(Path(root)) if checkpoint_problem(p) is None]
+def complete_checkpoints(root: str | os.PathLike, contents: bool = True) -> list[Path]:
+    """The checkpoints under `root` that pass `checkpoint_problem`, newest first; `contents=False` skips reading
+    every file (what choosing which old ones to delete needs)."""
+    return [p for p in _step_dirs(Path(root)) if checkpoint_problem(p, contents) is None]
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -195,23 +349,38 @@ def read_metadata(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------- loading
 
 
+def _dcp_load(state: dict, path: str | os.PathLike) -> None:
+    """`dcp.load` through megahf's safe reader; a refused pickle is a `CheckpointError` naming the file."""
+    reader = SafeFileSystemReader(Path(path) / MODEL_OPTIM)
+    try:
+        reader.read_metadata()  # DCP would turn a refusal here into an AssertionError's text: refuse it first
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader)
+    except (CheckpointException, UnsafePickleError) as error:
+        refused = _find_exception(error, UnsafePickleError)
+        if refused is None:
+            raise
+        raise CheckpointError(f"checkpoint {path}: {refused}") from None
+
+
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Load the model's state from a checkpoint, resharded to the model's current layout (collective)."""
     state = {"model": get_model_state_dict(model)}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
+    _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
 
 
 def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(Path(path) / MODEL_OPTIM))
+    _dcp_load(state, path)
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def load_scheduler(path: str | os.PathLike, scheduler) -> None:
-    scheduler.load_state_dict(torch.load(Path(path) / SCHEDULER, weights_only=True))
+    try:
+        scheduler.load_state_dict(load_weights_only(Path(path) / SCHEDULER, SCHEDULER))
+    except UnsafePickleError as error:
+        raise CheckpointError(f"checkpoint {path}: {error}") from None
 
 
 def load_rng(path: str | os.PathLike) -> bool:
@@ -226,6 +395,6 @@ def load_rng(path: str | os.PathLike) -> bool:
     return True
 
 
-__all__ = ["CheckpointError", "MARKER", "checkpoint_problem", "complete_checkpoints", "latest_checkpoint",
-           "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata", "rng_state",
-           "save_checkpoint", "set_rng_state", "step_dir_name"]
+__all__ = ["CheckpointError", "MARKER", "checkpoint_problem", "complete_checkpoints", "describe_files", "file_sha256",
+           "latest_checkpoint", "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata",
+           "rng_state", "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]
