@@ -73,7 +73,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ..assets import embedded_tokenizer_path
-from .indexed_dataset import IndexedDatasetBuilder, IndexedDatasetError, best_dtype
+from ..errors import MegahfError, explain_write_errors
+from .indexed_dataset import IndexedDatasetBuilder, best_dtype
 from .preprocess_arguments import DTYPE_CHOICES, add_arguments
 
 __all__ = [
@@ -101,7 +102,7 @@ _CHUNK_BYTES_POOL = 256 * 1024
 _DEFAULT_CHUNK_ROWS = 1024
 
 
-class PreprocessError(ValueError):
+class PreprocessError(MegahfError, ValueError):
     """Bad input to `megahf preprocess`; the message names the file, the key and the fix."""
 
 

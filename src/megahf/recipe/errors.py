@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from ..errors import MegahfError
 
-class RecipeError(ValueError):
+
+class RecipeError(MegahfError, ValueError):
     """A recipe (or the data it points to) is unusable; the message says which key, which value and the fix."""
 
 

@@ -1,0 +1,74 @@
+"""megahf's user-facing errors: one base class, and the one place where a failed write is explained.
+
+Every error raised because of what the user gave (a recipe, a data file, a checkpoint, a folder to write into)
+derives from `MegahfError`; its message names the thing, the value and the fix, so the command line prints it as
+one line (`megahf VERB: error: MESSAGE`, exit status 2) instead of a traceback. Each subclass also keeps the
+builtin base it had before (`ValueError`, `OSError`, ...), so existing `except` clauses still catch it.
+
+This module imports nothing but the standard library (`megahf --help` reads it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+from collections.abc import Iterator
+
+
+class MegahfError(Exception):
+    """Bad input or an unusable output location, explained in the message (what, which value, the fix)."""
+
+
+class OutputWriteError(MegahfError, OSError):
+    """An output could not be written (disk full, folder not writable); the message names the path and says that
+    the previous outputs are intact."""
+
+
+#: errno -> what it means for the user
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EACCES: "the folder is not writable (permission denied)",
+    errno.EPERM: "the folder is not writable (operation not permitted)",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+@contextlib.contextmanager
+def explain_write_errors(path: str | os.PathLike, intact: str, fix: str = "") -> Iterator[None]:
+    """Turn an `OSError` of a full disk or an unwritable folder raised in the block into an `OutputWriteError`
+    naming `path`, what happened, `intact` (what the user still has: "the previous final/ is intact") and `fix`.
+    Other errors pass through unchanged. The block must itself leave nothing half-written where a reader would
+    take it for complete (megahf writes under temporary names), which is what makes `intact` true."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as error:
+        what = _WRITE_FAILURES.get(error.errno)
+        if what is None:
+            raise
+        where = error.filename if error.filename else path
+        fix = fix or "free some space or choose another location, then run the command again"
+        explained = OutputWriteError(
+            f"cannot write {os.fspath(where)}: {what} ({error.strerror or os.strerror(error.errno)}); {intact}; {fix}"
+        )
+        explained.errno, explained.filename = error.errno, where
+        raise explained from error
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions the command line reports as one line: `MegahfError`, and the errors of megahf's modules that
+    keep their own class (looked up only when their module is loaded: an error cannot come from a module that
+    was never imported, and importing it here would import torch)."""
+    types: list[type[BaseException]] = [MegahfError]
+    for module, name in (("megahf.training.checkpoint", "CheckpointError"),):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, MegahfError):
+            types.append(cls)
+    return tuple(types)
+
+
+__all__ = ["MegahfError", "OutputWriteError", "explain_write_errors", "user_error_types"]
