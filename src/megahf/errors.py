@@ -5,6 +5,11 @@ derives from `MegahfError`; its message names the thing, the value and the fix, 
 one line (`megahf VERB: error: MESSAGE`, exit status 2) instead of a traceback. Each subclass also keeps the
 builtin base it had before (`ValueError`, `OSError`, ...), so existing `except` clauses still catch it.
 
+megahf's user-facing errors: `RecipeError` (megahf.recipe), `IndexedDatasetError` and `IndexedDatasetNotFoundError`
+(megahf.data.indexed_dataset), `GPTDatasetError`, `BertDatasetError`, `PreprocessError` (megahf.data), and here
+`OutputWriteError` and `UnsupportedModelError`. `CheckpointError` (megahf.training.checkpoint) is a `RuntimeError`
+of its own; `user_error_types` adds it to what the command line reports as one line.
+
 This module imports nothing but the standard library (`megahf --help` reads it).
 """
 
@@ -26,6 +31,10 @@ class OutputWriteError(MegahfError, OSError):
     the previous outputs are intact."""
 
 
+class UnsupportedModelError(MegahfError, ValueError):
+    """An Auto class asked for a model megahf does not have for a megahf config (e.g. a causal LM from BERT)."""
+
+
 #: errno -> what it means for the user
 _WRITE_FAILURES = {
     errno.ENOSPC: "the disk is full",
@@ -39,7 +48,7 @@ _WRITE_FAILURES = {
 @contextlib.contextmanager
 def explain_write_errors(path: str | os.PathLike, intact: str, fix: str = "") -> Iterator[None]:
     """Turn an `OSError` of a full disk or an unwritable folder raised in the block into an `OutputWriteError`
-    naming `path`, what happened, `intact` (what the user still has: "the previous final/ is intact") and `fix`.
+    naming `path` (the output as the user knows it, not the temporary name that failed), what happened, `intact` (what the user still has: "the previous final/ is intact") and `fix`.
     Other errors pass through unchanged. The block must itself leave nothing half-written where a reader would
     take it for complete (megahf writes under temporary names), which is what makes `intact` true."""
     try:
@@ -50,13 +59,17 @@ def explain_write_errors(path: str | os.PathLike, intact: str, fix: str = "") ->
         what = _WRITE_FAILURES.get(error.errno)
         if what is None:
             raise
-        where = error.filename if error.filename else path
         fix = fix or "free some space or choose another location, then run the command again"
         explained = OutputWriteError(
-            f"cannot write {os.fspath(where)}: {what} ({error.strerror or os.strerror(error.errno)}); {intact}; {fix}"
+            f"cannot write {os.fspath(path)}: {what} ({error.strerror or os.strerror(error.errno)}); {intact}; {fix}"
         )
-        explained.errno, explained.filename = error.errno, where
+        explained.errno, explained.filename = error.errno, os.fspath(path)
         raise explained from error
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a message's own line breaks become spaces)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -71,4 +84,5 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-__all__ = ["MegahfError", "OutputWriteError", "explain_write_errors", "user_error_types"]
+__all__ = ["MegahfError", "OutputWriteError", "UnsupportedModelError", "explain_write_errors", "one_line",
+           "user_error_types"]
