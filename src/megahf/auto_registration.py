@@ -81,7 +81,7 @@ def _refuse_same_name_models(config_class, transformers_model_type: str, registe
     modeling_auto = importlib.import_module("transformers.models.auto.modeling_auto")
     for names_attr, names in vars(modeling_auto).items():
         mapping = getattr(modeling_auto, names_attr.removesuffix("_NAMES"), None)
-        if not (names_attr.endswith("_MAPPING_NAMES") and isinstance(names, dict)
+        if not (names_attr.startswith("MODEL_") and names_attr.endswith("_MAPPING_NAMES") and isinstance(names, dict)
                 and transformers_model_type in names and hasattr(mapping, "register")):
             continue
         if id(mapping) in registered:

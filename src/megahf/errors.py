@@ -28,40 +28,45 @@ class MegahfError(Exception):
 
 class OutputWriteError(MegahfError, OSError):
     """An output could not be written (disk full, folder not writable); the message names the path and says that
-    the previous outputs are intact."""
+    the previous outputs are intact. `errno` and `filename` are those of the failure, as on any `OSError`."""
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno N] strerror: filename"
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 class UnsupportedModelError(MegahfError, ValueError):
     """An Auto class asked for a model megahf does not have for a megahf config (e.g. a causal LM from BERT)."""
 
 
-#: errno -> what it means for the user
+#: errno -> (what it means for the user, what fixes it)
 _WRITE_FAILURES = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exhausted",
-    errno.EACCES: "the folder is not writable (permission denied)",
-    errno.EPERM: "the folder is not writable (operation not permitted)",
-    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: ("the disk is full", "free some space"),
+    errno.EDQUOT: ("the disk quota is exhausted", "free some space"),
+    errno.EACCES: ("the folder is not writable (permission denied)", "make the folder writable"),
+    errno.EPERM: ("the folder is not writable (operation not permitted)", "make the folder writable"),
+    errno.EROFS: ("the file system is read-only", "remount it read-write"),
 }
 
 
 @contextlib.contextmanager
-def explain_write_errors(path: str | os.PathLike, intact: str, fix: str = "") -> Iterator[None]:
+def explain_write_errors(path: str | os.PathLike, intact: str, elsewhere: str = "choose another location"
+                         ) -> Iterator[None]:
     """Turn an `OSError` of a full disk or an unwritable folder raised in the block into an `OutputWriteError`
-    naming `path` (the output as the user knows it, not the temporary name that failed), what happened, `intact` (what the user still has: "the previous final/ is intact") and `fix`.
-    Other errors pass through unchanged. The block must itself leave nothing half-written where a reader would
-    take it for complete (megahf writes under temporary names), which is what makes `intact` true."""
+    naming `path` (the output as the user knows it, not the temporary name that failed), what happened, `intact`
+    (what the user still has: "the previous final/ is intact") and the fix (`elsewhere`: the option that moves the
+    output). Other errors pass through unchanged. The block must itself leave nothing half-written where a reader
+    would take it for complete (megahf writes under temporary names), which is what makes `intact` true."""
     try:
         yield
     except OutputWriteError:
         raise
     except OSError as error:
-        what = _WRITE_FAILURES.get(error.errno)
-        if what is None:
+        if error.errno not in _WRITE_FAILURES:
             raise
-        fix = fix or "free some space or choose another location, then run the command again"
+        what, remedy = _WRITE_FAILURES[error.errno]
         explained = OutputWriteError(
-            f"cannot write {os.fspath(path)}: {what} ({error.strerror or os.strerror(error.errno)}); {intact}; {fix}"
+            f"cannot write {os.fspath(path)}: {what} ({error.strerror or os.strerror(error.errno)}); {intact}; "
+            f"{remedy} or {elsewhere}, then run again"
         )
         explained.errno, explained.filename = error.errno, os.fspath(path)
         raise explained from error

@@ -562,7 +562,7 @@ def preprocess_corpus(
     with explain_write_errors(  # a full disk or an unwritable folder: one clear error, after the cleanup below
         outputs,
         intact=f"nothing was published and the temporary files are removed: any previous {outputs} are intact",
-        fix="free some space, or give an --output-prefix in a writable folder, then run again",
+        elsewhere="give an --output-prefix on another disk or folder",
     ):
         made_dirs = _make_output_folder(output_prefix)
         try:

@@ -27,7 +27,7 @@ def save_final(model, tokenizer, output_dir: Path) -> Path:
     intact = f"the previous {final} is intact" if final.exists() else f"no {final} was written"
     # A full disk or an unwritable folder: one clear error naming final/, and no half-written folder left behind.
     with explain_write_errors(final, intact=f"{intact} (the partial copy is removed)",
-                              fix="free some space or make output_dir writable, then run again"):
+                              elsewhere="choose another output_dir"):
         try:
             model.save_pretrained(partial, is_main_process=is_rank_zero())
             if is_rank_zero():
