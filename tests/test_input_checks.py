@@ -18,7 +18,20 @@ from megahf.errors import MegahfError, OutputWriteError, explain_write_errors
 from megahf.recipe import PretrainRecipe, RecipeError, parse_recipe
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def locked_folder(path: Path) -> Path:
+    """A folder made read-only with chmod 0o500; the test is skipped where that does not stop writes (root, or a
+    process with CAP_DAC_OVERRIDE), with the reason."""
+    path.mkdir()
+    path.chmod(0o500)
+    try:
+        (path / "probe").write_text("")
+    except PermissionError:
+        return path
+    (path / "probe").unlink()
+    path.chmod(0o700)
+    pytest.skip("chmod 0o500 does not stop this process from writing (root); the simulated test covers the error")
 WORDS = "the king and queen of the castle speak to the lords in the hall while night falls".split()
 
 
@@ -95,11 +108,8 @@ def test_output_dir_naming_a_file_is_refused_at_the_recipe_check(tmp_path, capsy
     assert a_file.read_text() == "not a folder\n"
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root writes into a chmod 0o500 folder anyway")
 def test_output_dir_in_a_read_only_folder_is_refused_at_the_recipe_check(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+    locked = locked_folder(tmp_path / "locked")
     try:
         with pytest.raises(RecipeError, match=r"output_dir='.*locked/run' cannot be written: .*locked is not "
                                               r"writable"):
@@ -248,11 +258,8 @@ def test_preprocess_into_an_unwritable_folder_simulated(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()  # the folder it created is removed again
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root writes into a chmod 0o500 folder anyway; the simulated test covers it")
 def test_preprocess_into_a_read_only_folder(tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+    locked = locked_folder(tmp_path / "locked")
     try:
         assert main(_preprocess_args(write_corpus(tmp_path / "a.jsonl", 5, 1), locked / "p")) == 2
         line = one_error_line(capsys.readouterr().err, "preprocess")
@@ -296,6 +303,23 @@ def test_final_write_on_a_full_disk_keeps_the_previous_final(tmp_path, code, wor
     assert after == before and files_under(tmp_path) == ["final", *sorted(f"final/{n}" for n in
                                                                       ("config.json", "model.safetensors",
                                                                        "tokenizer.json"))]
+
+
+def test_final_write_into_a_read_only_output_dir(tmp_path):
+    from megahf.training.outputs import save_final
+
+    out = tmp_path / "out"
+    final = save_final(_Model(None), _Tokenizer(), locked_folder(out).parent / "staging")  # a previous final/
+    out.chmod(0o700)
+    final.rename(out / "final")
+    out.chmod(0o500)
+    try:
+        with pytest.raises(OutputWriteError, match=r"cannot write .*out/final: the folder is not writable.*the "
+                                                   r"previous .*out/final is intact"):
+            save_final(_Model(None), _Tokenizer(), out)
+        assert files_under(out) == ["final", "final/config.json", "final/model.safetensors", "final/tokenizer.json"]
+    finally:
+        out.chmod(0o700)
 
 
 def test_final_write_on_a_full_disk_leaves_no_final(tmp_path):
