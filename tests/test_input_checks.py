@@ -322,6 +322,31 @@ def test_final_write_into_a_read_only_output_dir(tmp_path):
         out.chmod(0o700)
 
 
+def test_safetensors_disk_full_while_writing_final_of_a_real_model(tmp_path, monkeypatch):
+    """safetensors reports a full disk as `SafetensorError("... (os error 28)")`, not as an OSError."""
+    import safetensors
+    import transformers.modeling_utils
+
+    import megahf
+    from megahf.assets import load_gpt2_tokenizer
+    from megahf.training.outputs import save_final
+
+    model = megahf.MegatronGPTForCausalLM(megahf.MegatronGPTConfig(num_layers=1, hidden_size=32,
+                                                                    num_attention_heads=2, vocab_size=64))
+    tokenizer = load_gpt2_tokenizer()
+    final = save_final(model, tokenizer, tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in files_under(tmp_path) if (tmp_path / n).is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    with pytest.raises(OutputWriteError, match=rf"cannot write {final}: the disk is full .*the previous {final} is "
+                                               "intact.*free some space or choose another output_dir"):
+        save_final(model, tokenizer, tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in files_under(tmp_path) if (tmp_path / n).is_file()} == before
+
+
 def test_final_write_on_a_full_disk_leaves_no_final(tmp_path):
     from megahf.training.outputs import save_final
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -38,6 +39,8 @@ class UnsupportedModelError(MegahfError, ValueError):
     """An Auto class asked for a model megahf does not have for a megahf config (e.g. a causal LM from BERT)."""
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
 #: errno -> (what it means for the user, what fixes it)
 _WRITE_FAILURES = {
     errno.ENOSPC: ("the disk is full", "free some space"),
@@ -51,7 +54,8 @@ _WRITE_FAILURES = {
 @contextlib.contextmanager
 def explain_write_errors(path: str | os.PathLike, intact: str, elsewhere: str = "choose another location"
                          ) -> Iterator[None]:
-    """Turn an `OSError` of a full disk or an unwritable folder raised in the block into an `OutputWriteError`
+    """Turn an `OSError` of a full disk or an unwritable folder raised in the block (or the error of a Rust extension
+    that wraps one, as safetensors' `SafetensorError` does) into an `OutputWriteError`
     naming `path` (the output as the user knows it, not the temporary name that failed), what happened, `intact`
     (what the user still has: "the previous final/ is intact") and the fix (`elsewhere`: the option that moves the
     output). Other errors pass through unchanged. The block must itself leave nothing half-written where a reader
@@ -60,16 +64,28 @@ def explain_write_errors(path: str | os.PathLike, intact: str, elsewhere: str = 
         yield
     except OutputWriteError:
         raise
-    except OSError as error:
-        if error.errno not in _WRITE_FAILURES:
+    except Exception as error:
+        code = _os_error_code(error)
+        if code not in _WRITE_FAILURES:
             raise
-        what, remedy = _WRITE_FAILURES[error.errno]
+        what, remedy = _WRITE_FAILURES[code]
         explained = OutputWriteError(
-            f"cannot write {os.fspath(path)}: {what} ({error.strerror or os.strerror(error.errno)}); {intact}; "
-            f"{remedy} or {elsewhere}, then run again"
+            f"cannot write {os.fspath(path)}: {what} ({os.strerror(code)}); {intact}; {remedy} or {elsewhere}, then "
+            "run again"
         )
-        explained.errno, explained.filename = error.errno, os.fspath(path)
+        explained.errno, explained.filename = code, os.fspath(path)
         raise explained from error
+
+
+def _os_error_code(error: Exception) -> int | None:
+    """The errno of an `OSError`, or of an error from a Rust extension that wraps one: safetensors raises
+    `SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")`."""
+    if isinstance(error, OSError):
+        return error.errno
+    if isinstance(error, MegahfError):
+        return None
+    found = _RUST_OS_ERROR.search(str(error))
+    return int(found.group(1)) if found else None
 
 
 def one_line(error: BaseException) -> str:
