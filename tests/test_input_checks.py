@@ -401,3 +401,30 @@ def test_every_auto_class_of_megatron_bert_resolves_megahf_config_to_megahf():
             assert mapping[TransformersMegatronBertConfig].__module__.startswith("transformers."), name
             checked += 1
     assert checked >= 9
+
+
+# ----------------------------------------------------------------------------- which errors the command line reports
+
+
+def test_checkpoint_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    import megahf.cli as cli
+    from megahf.training.checkpoint import CheckpointError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: gpt-tiny\n")
+
+    def damaged(path, overrides):
+        raise CheckpointError(f"{tmp_path}/checkpoints/step_0000002: the checksum of model_optim does not match\n"
+                              "delete it or resume from another")
+
+    monkeypatch.setattr(cli, "run_pretrain_verb", damaged)
+    assert main(["pretrain", str(recipe)]) == 2
+    line = one_error_line(capsys.readouterr().err, "pretrain")
+    assert "step_0000002: the checksum of model_optim does not match delete it" in line
+
+    def bug(path, overrides):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "run_pretrain_verb", bug)
+    with pytest.raises(KeyError):
+        main(["pretrain", str(recipe)])
