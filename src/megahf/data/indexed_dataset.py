@@ -202,7 +202,9 @@ def _check_files_exist(prefix: str, ipath: str, bpath: str) -> None:
         )
         if near:
             hint = f"; did you mean the prefix {str(near[0])[:-4]!r} (as written by `megahf preprocess`)?"
-    raise IndexedDatasetNotFoundError(f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}")
+    raise IndexedDatasetNotFoundError(
+        f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}"
+    )
 
 
 def _read_index_header(imap, ipath: str) -> tuple[int, int, int, bool]:
