@@ -249,11 +249,11 @@ def _writes_fail(monkeypatch, name_part: str, code: int) -> None:
 
 
 @pytest.mark.parametrize("name_part, code, cause", [
-    ("__0_0.distcp", errno.ENOSPC, r"the disk holding \S+__0_0\.distcp is full \(ENOSPC: No space left on device\)"),
-    ("scheduler.pt", errno.ENOSPC, r"the disk holding \S+scheduler\.pt is full \(ENOSPC: No space left on device\)"),
-    (ckpt.MARKER, errno.ENOSPC, r"the disk holding \S+megahf_checkpoint\.json\S* is full \(ENOSPC: No space left "
+    ("__0_0.distcp", errno.ENOSPC, r"\S+__0_0\.distcp: the disk is full \(ENOSPC: No space left on device\)"),
+    ("scheduler.pt", errno.ENOSPC, r"\S+scheduler\.pt: the disk is full \(ENOSPC: No space left on device\)"),
+    (ckpt.MARKER, errno.ENOSPC, r"\S+megahf_checkpoint\.json\S*: the disk is full \(ENOSPC: No space left "
                                 r"on device\)"),
-    ("rank_00000.json", errno.EROFS, r"\S+rank_00000\.json\S* is not writable \(EROFS: Read-only file system\)"),
+    ("rank_00000.json", errno.EROFS, r"\S+rank_00000\.json\S*: the file system is read-only \(EROFS: Read-only file system\)"),
 ])
 def test_a_failed_write_says_why_and_leaves_the_previous_checkpoints_intact(tmp_path, monkeypatch, name_part, code,
                                                                             cause):
@@ -276,7 +276,7 @@ def test_a_torch_write_error_without_errno_is_reported_with_the_free_space(tmp_p
     error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(10, 10, 0))
     assert ckpt.write_failure_cause(error, tmp_path) == (
-        f"the disk holding {tmp_path} is full (0 bytes free; RuntimeError: [enforce fail at inline_container.cc:672] "
+        f"{tmp_path}: the disk is full (0 bytes free; RuntimeError: [enforce fail at inline_container.cc:672] "
         ". unexpected pos 704 vs 598)"
     )
 
@@ -290,7 +290,7 @@ def test_megahf_pretrain_reports_a_full_disk_in_one_line(corpus, tmp_path, monke
     stderr = capsys.readouterr().err  # with the progress bar, which may be drawn again after the error
     assert stderr.count("megahf pretrain: error: ") == 1 and "Traceback" not in stderr, stderr[-3000:]
     error = stderr.split("megahf pretrain: error: ")[1].splitlines()[0]
-    assert error.startswith(f"cannot write checkpoint {out / 'checkpoints' / 'step_0000003'}: rank 0: the disk "
-                            f"holding {out / 'checkpoints' / '.step_0000003.partial' / 'scheduler.pt'} is full")
-    assert "is full (ENOSPC: No space left on device)" in error and "(there is none yet)" in error
+    assert error.startswith(f"cannot write checkpoint {out / 'checkpoints' / 'step_0000003'}: rank 0: "
+                            f"{out / 'checkpoints' / '.step_0000003.partial' / 'scheduler.pt'}: the disk is full")
+    assert "the disk is full (ENOSPC: No space left on device)" in error and "(there is none yet)" in error
     assert list((out / "checkpoints").iterdir()) == [] and not (out / "final").exists()

@@ -54,3 +54,9 @@ def test_non_finite_weights_are_never_written():
         model[1].bias[0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"not writing the final model: .*1\.bias"):
         check_finite_weights(model, "final model")
+
+
+def test_the_command_line_reports_it_in_one_line():
+    from megahf.errors import MegahfError
+
+    assert issubclass(NonFiniteError, MegahfError)  # `megahf pretrain: error: step N: ...`, exit status 2

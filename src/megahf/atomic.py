@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import explain_write_errors
+
 
 def temporary_name(path: str | os.PathLike, tag: str = "partial", per_process: bool = True) -> str:
     """A hidden name next to `path` (same folder, so renaming it is atomic), unique to this process unless
@@ -36,19 +38,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], durable: bool = False) -> None:
-    """Call `write(f)` on a binary file that becomes `path` only once `write` has returned."""
+    """Call `write(f)` on a binary file that becomes `path` only once `write` has returned. A full disk or an
+    unwritable folder raises `megahf.errors.OutputWriteError` naming `path`."""
     tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
+    intact = f"the previous {os.fspath(path)} is intact" if os.path.lexists(path) else "nothing was written"
+    with explain_write_errors(path, intact=intact):
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
     if durable:
         fsync_dir(os.path.dirname(os.fspath(path)) or ".")
 

@@ -42,7 +42,7 @@ def register_auto_classes() -> None:
             importlib.import_module("megahf.parallel")
             auto.AutoConfig.register(gpt.MegatronGPTConfig.model_type, gpt.MegatronGPTConfig, exist_ok=True)
             auto.AutoConfig.register(bert.MegatronBertConfig.model_type, bert.MegatronBertConfig, exist_ok=True)
-            for auto_name, config, model in (
+            registrations = (
                 ("AutoModel", gpt.MegatronGPTConfig, gpt.MegatronGPTModel),
                 ("AutoModelForCausalLM", gpt.MegatronGPTConfig, gpt.MegatronGPTForCausalLM),
                 ("AutoModel", bert.MegatronBertConfig, bert.MegatronBertModel),
@@ -54,13 +54,62 @@ def register_auto_classes() -> None:
                 ("AutoModelForQuestionAnswering", bert.MegatronBertConfig, bert.MegatronBertForQuestionAnswering),
                 ("AutoModelForTokenClassification", bert.MegatronBertConfig,
                  bert.MegatronBertForTokenClassification),
-            ):
+            )
+            for auto_name, config, model in registrations:
                 getattr(auto, auto_name).register(config, model, exist_ok=True)
+            bert_mappings = {id(getattr(auto, name)._model_mapping)
+                             for name, config, _ in registrations if config is bert.MegatronBertConfig}
+            _refuse_same_name_models(bert.MegatronBertConfig, "megatron-bert", bert_mappings)
             _state["done"] = True
         finally:
             _state["registering"] = False
         if _FINDER in sys.meta_path:
             sys.meta_path.remove(_FINDER)
+
+
+def _refuse_same_name_models(config_class, transformers_model_type: str, registered: set[int]) -> None:
+    """Make every Auto class that megahf does not register for `config_class` refuse it with a clear error.
+
+    transformers' Auto mappings look a config class up by its *name* when it is not registered with them, and
+    megahf's `MegatronBertConfig` has the name of transformers' own (model type "megatron-bert", a different
+    checkpoint layout). So `AutoModelForCausalLM.from_pretrained(<megahf BERT folder>)` would build transformers'
+    `MegatronBertForCausalLM` from megahf's config and fail deep inside (`no attribute 'is_decoder'`). Registering,
+    for each such Auto class, a stand-in that raises turns that into an `UnsupportedModelError` (a `ValueError`,
+    as transformers raises for an unknown config) saying what to use instead.
+    (Renaming megahf's config class would remove the collision but break every `from megahf import
+    MegatronBertConfig`.)"""
+    modeling_auto = importlib.import_module("transformers.models.auto.modeling_auto")
+    for names_attr, names in vars(modeling_auto).items():
+        mapping = getattr(modeling_auto, names_attr.removesuffix("_NAMES"), None)
+        if not (names_attr.startswith("MODEL_") and names_attr.endswith("_MAPPING_NAMES") and isinstance(names, dict)
+                and transformers_model_type in names and hasattr(mapping, "register")):
+            continue
+        if id(mapping) in registered:
+            continue  # megahf's own model is registered here
+        mapping.register(config_class, _unsupported_model(config_class, names[transformers_model_type]),
+                         exist_ok=True)
+
+
+def _unsupported_model(config_class, transformers_class_name: str) -> type:
+    """A stand-in registered where megahf has no model for `config_class`: loading or building it raises."""
+    task = transformers_class_name.partition("For")[2] or transformers_class_name
+
+    def refuse(cls, *args, **kwargs):
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"megahf's {config_class.__name__} (model_type {config_class.model_type!r}) has no {task} model: "
+            f"megahf's BERT is an encoder. transformers' {transformers_class_name} only shares the config's class "
+            "name; it reads transformers' 'megatron-bert' checkpoints, not megahf's. Load a megahf BERT folder "
+            "with AutoModel, AutoModelForPreTraining (masked LM + sentence order), AutoModelForMaskedLM or a task "
+            "head (AutoModelForSequenceClassification, ...TokenClassification, ...QuestionAnswering, "
+            "...MultipleChoice), after `import megahf`; for text generation train a MegatronGPT model"
+        )
+
+    return type(f"Unsupported{transformers_class_name}", (), {
+        "__module__": __name__, "__doc__": _unsupported_model.__doc__, "config_class": config_class,
+        "from_pretrained": classmethod(refuse), "from_config": classmethod(refuse), "_from_config": classmethod(refuse),
+    })
 
 
 class _ImportEndLoader(importlib.abc.Loader):

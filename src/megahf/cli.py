@@ -4,8 +4,11 @@
     megahf preprocess --input corpus.jsonl --tokenizer gpt2 --output-prefix data/my --append-eod
 
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
-status 2, before anything is computed or written. Parsing and `--help` import neither torch nor transformers: what
-a verb runs is imported when it runs (`run_verb`).
+status 2, before anything is computed or written. So is every other megahf error a verb meets later (a damaged
+dataset file or checkpoint, a NaN loss, a full disk: `megahf.errors.MegahfError`): one line,
+`megahf VERB: error: MESSAGE`, exit status 2 (argparse's), no traceback. Anything else is a bug and keeps its
+traceback. Parsing and `--help` import neither torch nor transformers: what a verb runs is imported when it runs
+(`run_verb`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import sys
 
 from . import __version__
 from .data import preprocess_arguments
-from .recipe import PretrainRecipe, RecipeError, recipe_help
+from .errors import MegahfError, one_line
+from .recipe import PretrainRecipe, recipe_help
 
 PRETRAIN_EPILOG = """\
 Every recipe key can be overridden after the recipe path, as --key value or --key=value; model fields go through
@@ -72,25 +76,18 @@ def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
-def _one_line_errors() -> tuple[type, ...]:
-    """The errors that say what to fix: a bad recipe, and a checkpoint that cannot be written or read. The latter
-    only if its module was loaded (else none was raised; importing it would import torch)."""
-    checkpoint = sys.modules.get("megahf.training.checkpoint")
-    return (RecipeError,) + ((checkpoint.CheckpointError,) if checkpoint else ())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb == "preprocess":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return run_verb("megahf.data.preprocess", "run", args)
+    if args.verb == "preprocess" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.verb == "pretrain":
             return run_pretrain_verb(args.recipe, rest)
-    except _one_line_errors() as error:  # evaluated once an exception is raised
-        print(f"megahf {args.verb}: error: {error}", file=sys.stderr)
+        if args.verb == "preprocess":
+            return run_verb("megahf.data.preprocess", "run", args)
+    except MegahfError as error:
+        print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
         return 2
     parser.error(f"unknown verb {args.verb!r}")  # unreachable: argparse checks the verb
     return 2

@@ -307,3 +307,112 @@ def test_bin_size_does_not_match_index(good, change, word):
 
 def test_megatron_magic_is_what_we_write(good):
     assert good.with_suffix(".idx").read_bytes()[:9] == INDEX_MAGIC == M._INDEX_HEADER
+
+
+# ----------------------------------------------------------------------------- every pointer and document index
+def index_arrays_of(data):
+    """(sequence count, document-index count, byte offsets of the lengths, the pointers, the document indices)."""
+    n, d = struct.unpack_from("<QQ", bytes(data), 18)
+    return n, d, 34, 34 + 4 * n, 34 + 12 * n
+
+
+def index_arrays(idx):
+    return index_arrays_of(idx.read_bytes())
+
+
+def shift_pointers(data, first, last, by):
+    """Add `by` bytes to sequence pointers [first, last) of an index held in `data`."""
+    n, _ = struct.unpack_from("<QQ", data, 18)
+    pointers = np.frombuffer(bytes(data), dtype="<i8", count=n, offset=34 + 4 * n).copy()
+    pointers[first:last] += by
+    data[34 + 4 * n : 34 + 12 * n] = pointers.astype("<i8").tobytes()
+    return data
+
+
+def test_pointers_corrupted_in_the_middle_fail_at_open(tmp_path):
+    """The issue's case: +2 on pointers[1..n-2] of a `megahf preprocess` output used to read 58 of 60 sequences
+    shifted by one token."""
+    from megahf.data.preprocess import preprocess_corpus
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(f'{{"text": "document number {i} of the corpus"}}\n' for i in range(60)))
+    prefix = preprocess_corpus(str(corpus), str(tmp_path / "p"), tokenizer="gpt2", append_eod=True).prefixes["text"]
+    idx = tmp_path / "p_text_document.idx"
+    n = index_arrays(idx)[0]
+    assert n == 60
+    rewrite(idx, lambda d: shift_pointers(d, 1, n - 1, 2))
+    with pytest.raises(IndexedDatasetError) as e:
+        IndexedDataset(prefix)
+    message = str(e.value)
+    assert "p_text_document.idx" in message and "58 of 60 sequence pointers" in message
+    assert "sequence 1" in message and "megahf preprocess" in message
+
+
+def test_pointer_past_the_end_of_the_bin_fails_at_open(good):
+    n = index_arrays(good.with_suffix(".idx"))[0]
+    rewrite(good.with_suffix(".idx"), lambda d: shift_pointers(d, n - 1, n, 10**9))
+    with pytest.raises(IndexedDatasetError, match=rf"sequence {n - 1}, which points at byte \d+, past the end"):
+        IndexedDataset(good)
+
+
+def test_every_pointer_is_checked_whatever_the_chunk(good, monkeypatch):
+    """The check runs over bounded chunks: a bad pointer in a later chunk is found, a good index still opens."""
+    import megahf.data.indexed_dataset as indexed
+
+    monkeypatch.setattr(indexed, "_CHECK_CHUNK", 3)
+    expected = [s.copy() for s in IndexedDataset(good)]
+    n = index_arrays(good.with_suffix(".idx"))[0]
+    assert n > 10
+    rewrite(good.with_suffix(".idx"), lambda d: shift_pointers(d, n - 2, n - 1, 2))
+    with pytest.raises(IndexedDatasetError, match=rf"1 of {n} sequence pointers .* sequence {n - 2},"):
+        IndexedDataset(good)
+    rewrite(good.with_suffix(".idx"), lambda d: shift_pointers(d, n - 2, n - 1, -2))
+    assert [s.tolist() for s in IndexedDataset(good)] == [s.tolist() for s in expected]
+
+
+def test_negative_length_fails_at_open(good):
+    def negative(d):
+        d[34 + 4 : 34 + 8] = struct.pack("<i", -3)
+        return d
+
+    rewrite(good.with_suffix(".idx"), negative)
+    with pytest.raises(IndexedDatasetError, match="sequence 1 has length -3") as e:
+        IndexedDataset(good)
+    assert "good.idx" in str(e.value)
+
+
+@pytest.mark.parametrize("where,value,pattern", [
+    (2, 0, "document index 2 is 0, smaller than the one before it"),
+    (-1, 5, "document indices run from 0 to 5"),
+    (0, 1, "document indices run from 1"),
+], ids=["decreasing", "last", "first"])
+def test_bad_document_indices_fail_at_open(good, where, value, pattern):
+    def set_doc(d):
+        n, count, _, _, docs_at = index_arrays_of(d)
+        i = where % count
+        d[docs_at + 8 * i : docs_at + 8 * i + 8] = struct.pack("<q", value)
+        return d
+
+    rewrite(good.with_suffix(".idx"), set_doc)
+    with pytest.raises(IndexedDatasetError, match=pattern) as e:
+        IndexedDataset(good)
+    assert "good.idx" in str(e.value)
+
+
+def test_idx_and_bin_of_different_datasets_fail_at_open(tmp_path, good):
+    other = tmp_path / "other"
+    write_megahf(other, random_docs(8), np.uint16)
+    assert good.with_suffix(".bin").stat().st_size != other.with_suffix(".bin").stat().st_size
+    os.replace(other.with_suffix(".bin"), good.with_suffix(".bin"))
+    with pytest.raises(IndexedDatasetError, match="different datasets") as e:
+        IndexedDataset(good)
+    assert "good.bin" in str(e.value) and "good.idx" in str(e.value)
+
+
+def test_errors_are_megahf_errors_and_keep_their_builtin_bases(tmp_path):
+    from megahf.errors import MegahfError
+
+    assert issubclass(IndexedDatasetError, MegahfError) and issubclass(IndexedDatasetError, ValueError)
+    with pytest.raises(MegahfError) as e:
+        IndexedDataset(tmp_path / "nothing")
+    assert isinstance(e.value, FileNotFoundError)

@@ -98,6 +98,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..errors import MegahfError
 from .index_cache import load_or_build
 from .gpt_dataset import (
     SPLIT_NAMES,
@@ -127,7 +128,7 @@ IGNORE_INDEX = -100
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
-class BertDatasetError(ValueError):
+class BertDatasetError(MegahfError, ValueError):
     """A BERT dataset that cannot be built as asked; the message says why and what to change."""
 
 

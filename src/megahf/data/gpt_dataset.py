@@ -81,6 +81,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..errors import MegahfError
 from .index_cache import description_key, load_or_build
 from .sample_index import build_sample_index
 
@@ -106,7 +107,7 @@ CACHE_FORMAT = 1
 LAST_EPOCH_THRESHOLD = 0.80
 
 
-class GPTDatasetError(ValueError):
+class GPTDatasetError(MegahfError, ValueError):
     """A GPT dataset that cannot be built as asked; the message says why and what to change."""
 
 

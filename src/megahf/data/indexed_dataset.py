@@ -25,10 +25,16 @@ split into sentences); documents group consecutive sequences.
 
 Differences from Megatron-Core's reader, all on the side of safety:
 
-* every inconsistency (missing file, wrong magic, version, dtype code, an `.idx` whose size does
-  not add up, a `.bin` whose size does not match the index) raises
-  `IndexedDatasetError` naming the file and the problem, instead of an `assert` or a
-  silent wrong read;
+* both files are checked when the dataset is opened, before any sample is read: magic, version
+  and dtype code; an `.idx` whose size is exactly what its header announces; every sequence
+  length `>= 0`; every sequence pointer equal to the running sum of the lengths before it (which
+  is how Megatron-Core writes them, so a damaged pointer anywhere, or one past the end of the
+  `.bin`, is caught); document indices that start at 0, never decrease and end at the sequence
+  count; and a `.bin` of exactly `sum(lengths) x dtype size` bytes (which also catches an `.idx`
+  and a `.bin` from different datasets). The checks are vectorised, in bounded chunks: opening
+  stays cheap on large indexes. Every inconsistency raises `IndexedDatasetError` naming the
+  file and the problem (a missing file `IndexedDatasetNotFoundError`, also a
+  `FileNotFoundError`), instead of an `assert` or a silent wrong read;
 * arrays returned by `ds[i]` / `ds.get` keep the memory map alive through their `.base`:
   they stay valid after the dataset object is garbage-collected (Megatron-Core closes the map in
   `__del__` and a surviving view then segfaults);
@@ -52,6 +58,7 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 
 from ..atomic import temporary_name
+from ..errors import MegahfError
 
 __all__ = [
     "DTYPE_CODES",
@@ -60,6 +67,7 @@ __all__ = [
     "IndexedDataset",
     "IndexedDatasetBuilder",
     "IndexedDatasetError",
+    "IndexedDatasetNotFoundError",
     "best_dtype",
     "bin_path",
     "dtype_code",
@@ -87,12 +95,18 @@ _CODE_OF_DTYPE = {dt: code for code, dt in DTYPE_CODES.items()}
 _HEADER_SIZE = 34
 _INT32_MAX = np.iinfo(np.int32).max
 _LITTLE = np.little_endian
+# Index entries checked per step at open: vectorised, with temporaries of a few tens of MB whatever the index size.
+_CHECK_CHUNK = 1 << 22
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(MegahfError, ValueError):
     """A `.bin`/`.idx` pair that cannot be read or written as asked; the message names the file."""
+
+
+class IndexedDatasetNotFoundError(IndexedDatasetError, FileNotFoundError):
+    """`{prefix}.idx` or `{prefix}.bin` does not exist; the message names what is missing and the likely prefix."""
 
 
 def idx_path(path_prefix: PathLike) -> str:
@@ -173,7 +187,8 @@ def _open_map(path: str) -> Union[mmap.mmap, bytes]:
 
 
 def _check_files_exist(prefix: str, ipath: str, bpath: str) -> None:
-    """Raise FileNotFoundError naming what is missing, with the prefix the user probably meant."""
+    """Raise IndexedDatasetNotFoundError (a FileNotFoundError) naming what is missing, with the prefix the user
+    probably meant."""
     missing = [p for p in (ipath, bpath) if not os.path.isfile(p)]
     if not missing:
         return
@@ -187,7 +202,9 @@ def _check_files_exist(prefix: str, ipath: str, bpath: str) -> None:
         )
         if near:
             hint = f"; did you mean the prefix {str(near[0])[:-4]!r} (as written by `megahf preprocess`)?"
-    raise FileNotFoundError(f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}")
+    raise IndexedDatasetNotFoundError(
+        f"indexed dataset {prefix!r}: missing {' and '.join(repr(p) for p in missing)}{hint}"
+    )
 
 
 def _read_index_header(imap, ipath: str) -> tuple[int, int, int, bool]:
@@ -233,6 +250,61 @@ def _read_index_header(imap, ipath: str) -> tuple[int, int, int, bool]:
     return code, n, d, has_modes
 
 
+def _check_document_indices(docs: np.ndarray, n: int, ipath: str) -> None:
+    """Raise unless the document indices start at 0, never decrease and end at the sequence count `n` (so every
+    document is a range of existing sequences; equal neighbours are empty documents, which Megatron allows)."""
+    if docs[0] != 0 or docs[-1] != n:
+        raise IndexedDatasetError(
+            f"{ipath}: corrupt index: document indices run from {int(docs[0])} to {int(docs[-1])}, expected 0 to "
+            f"the sequence count {n}; the .idx is damaged: write the dataset again (megahf preprocess)"
+        )
+    for s in range(0, docs.shape[0] - 1, _CHECK_CHUNK):
+        chunk = docs[s : s + _CHECK_CHUNK + 1]
+        down = np.flatnonzero(chunk[1:] < chunk[:-1])
+        if down.size:
+            j = s + int(down[0]) + 1
+            raise IndexedDatasetError(
+                f"{ipath}: corrupt index: document index {j} is {int(docs[j])}, smaller than the one before it "
+                f"({int(docs[j - 1])}); document indices must not decrease (0 ... {n}); the .idx is damaged: write "
+                "the dataset again (megahf preprocess)"
+            )
+
+
+def _check_pointers(lengths: np.ndarray, pointers: np.ndarray, itemsize: int, ipath: str, bin_size: int) -> int:
+    """The number of bytes the index describes, after checking every length (`>= 0`) and every pointer: sequence
+    `i` must start at `itemsize * sum(lengths[:i])`, as Megatron-Core writes it. Vectorised over chunks."""
+    n = lengths.shape[0]
+    offset = 0  # bytes before the current chunk
+    first_bad, bad_count = -1, 0
+    for s in range(0, n, _CHECK_CHUNK):
+        lens = lengths[s : s + _CHECK_CHUNK].astype(np.int64)
+        if int(lens.min()) < 0:
+            i = s + int(np.flatnonzero(lens < 0)[0])
+            raise IndexedDatasetError(
+                f"{ipath}: corrupt index: sequence {i} has length {int(lengths[i])}; lengths must be 0 or more; the "
+                ".idx is damaged: write the dataset again (megahf preprocess)"
+            )
+        lens *= itemsize
+        starts = np.cumsum(lens)
+        starts -= lens
+        starts += offset
+        bad = np.flatnonzero(pointers[s : s + _CHECK_CHUNK] != starts)
+        if bad.size:
+            if first_bad < 0:
+                first_bad, expected = s + int(bad[0]), int(starts[bad[0]])
+            bad_count += int(bad.size)
+        offset += int(lens.sum())
+    if first_bad >= 0:
+        pointer = int(pointers[first_bad])
+        past = f", past the end of the {bin_size}-byte .bin" if pointer >= bin_size and pointer > 0 else ""
+        raise IndexedDatasetError(
+            f"{ipath}: corrupt index: {bad_count} of {n} sequence pointers do not follow from the sequence "
+            f"lengths; the first is sequence {first_bad}, which points at byte {pointer}{past} but must start at "
+            f"byte {expected}; the .idx is damaged: write the dataset again (megahf preprocess)"
+        )
+    return offset
+
+
 class IndexedDataset:
     """Read a Megatron `{prefix}.bin` / `{prefix}.idx` pair through memory maps.
 
@@ -275,33 +347,19 @@ class IndexedDataset:
         self.sequence_modes = (
             np.frombuffer(imap, dtype=np.int8, count=n, offset=offset) if has_modes else None
         )
-        if self.document_indices[0] != 0 or self.document_indices[-1] != n:
-            raise IndexedDatasetError(
-                f"{ipath}: corrupt index: document indices run from {int(self.document_indices[0])} "
-                f"to {int(self.document_indices[-1])}, expected 0 to the sequence count {n}"
-            )
+        _check_document_indices(self.document_indices, n, ipath)
 
     def _map_tokens(self, bmap, ipath: str, bpath: str) -> np.ndarray:
-        """The `.bin` as one token array, after checking that the pointers are the running sum of the lengths and
-        that the file holds exactly the bytes they describe."""
-        n = len(self.sequence_lengths)
+        """The `.bin` as one token array, after checking that every pointer is the running sum of the lengths
+        before it and that the file holds exactly the bytes they describe."""
         itemsize = self.dtype.itemsize
-        if n:
-            first_ptr = int(self.sequence_pointers[0])
-            last_end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize
-            total = int(self.sequence_lengths.sum(dtype=np.int64)) * itemsize
-            if first_ptr != 0 or last_end != total or int(self.sequence_lengths.min()) < 0:
-                raise IndexedDatasetError(
-                    f"{ipath}: corrupt index: the sequence pointers do not match the sequence lengths "
-                    f"(first pointer {first_ptr}, end of last sequence {last_end}, {total} bytes in all)"
-                )
-        else:
-            total = 0
+        total = _check_pointers(self.sequence_lengths, self.sequence_pointers, itemsize, ipath, len(bmap))
         if len(bmap) != total:
             raise IndexedDatasetError(
                 f"{bpath}: data file is {len(bmap)} bytes but {ipath} describes {total} bytes "
                 f"({int(total // itemsize)} tokens of {self.dtype}); the .bin is "
-                f"{'truncated' if len(bmap) < total else 'longer than its index'} or belongs to another index"
+                f"{'truncated' if len(bmap) < total else 'longer than its index'}, or the two files come from "
+                "different datasets; write both again (megahf preprocess), or pair each .idx with its own .bin"
             )
         # Every array handed out is a view of this one; numpy keeps the mmap alive via .base.
         return np.frombuffer(bmap, dtype=self.dtype.newbyteorder("<"), count=total // itemsize)

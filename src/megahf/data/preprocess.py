@@ -73,7 +73,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ..assets import embedded_tokenizer_path
-from .indexed_dataset import IndexedDatasetBuilder, IndexedDatasetError, best_dtype
+from ..errors import MegahfError, explain_write_errors, one_line
+from .indexed_dataset import IndexedDatasetBuilder, best_dtype
 from .preprocess_arguments import DTYPE_CHOICES, add_arguments
 
 __all__ = [
@@ -101,7 +102,7 @@ _CHUNK_BYTES_POOL = 256 * 1024
 _DEFAULT_CHUNK_ROWS = 1024
 
 
-class PreprocessError(ValueError):
+class PreprocessError(MegahfError, ValueError):
     """Bad input to `megahf preprocess`; the message names the file, the key and the fix."""
 
 
@@ -551,31 +552,37 @@ def preprocess_corpus(
     eod = _eod_id(tok, tokenizer) if append_eod else None
     settings = _Settings(keys, source.description, append_eod, eod, split_sentences, dt.name)
     prefixes = {k: output_prefix_for(output_prefix, k, split_sentences) for k in keys}
-    made_dirs = _make_output_folder(output_prefix)
     result = PreprocessResult(prefixes=prefixes, records=0, dtype=dt.name, workers=workers)
     for k in keys:
         result.documents[k] = result.sequences[k] = result.tokens[k] = result.skipped_empty[k] = 0
 
     builders: Dict[str, IndexedDatasetBuilder] = {}
     encoder = _ChunkEncoder(settings, tok, workers)
-    try:
-        for k in keys:
-            builders[k] = IndexedDatasetBuilder(prefixes[k] + ".bin", dtype=dt)
-        if chunk_bytes is None:
-            chunk_bytes = _CHUNK_BYTES_IN_PROCESS if workers == 1 else _CHUNK_BYTES_POOL
-        encoded = encoder.encode(source.chunks(keys, chunk_bytes, chunk_rows))
-        with tqdm(total=source.progress_total, unit=source.progress_unit, unit_scale=True, desc="preprocess",
-                  disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
-            _add_encoded(encoded, encoder, builders, result, bar, log_interval)
-        _publish(builders, prefixes, result, source.description)
-    except BaseException:
-        encoder.abort()
-        for b in builders.values():
-            b.abort()
-        _remove_folders(made_dirs)
-        raise
-    finally:
-        encoder.close()
+    outputs = " and ".join(f"{p}.bin/.idx" for p in prefixes.values())
+    with explain_write_errors(  # a full disk or an unwritable folder: one clear error, after the cleanup below
+        outputs,
+        intact=f"nothing was published and the temporary files are removed: any previous {outputs} are intact",
+        elsewhere="give an --output-prefix on another disk or folder",
+    ):
+        made_dirs = _make_output_folder(output_prefix)
+        try:
+            for k in keys:
+                builders[k] = IndexedDatasetBuilder(prefixes[k] + ".bin", dtype=dt)
+            if chunk_bytes is None:
+                chunk_bytes = _CHUNK_BYTES_IN_PROCESS if workers == 1 else _CHUNK_BYTES_POOL
+            encoded = encoder.encode(source.chunks(keys, chunk_bytes, chunk_rows))
+            with tqdm(total=source.progress_total, unit=source.progress_unit, unit_scale=True, desc="preprocess",
+                      disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
+                _add_encoded(encoded, encoder, builders, result, bar, log_interval)
+            _publish(builders, prefixes, result, source.description)
+        except BaseException:
+            encoder.abort()
+            for b in builders.values():
+                b.abort()
+            _remove_folders(made_dirs)
+            raise
+        finally:
+            encoder.close()
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -719,8 +726,8 @@ def run(args: argparse.Namespace) -> int:
             log_interval=args.log_interval,
             progress=False if getattr(args, "no_progress", False) else None,
         )
-    except (PreprocessError, IndexedDatasetError, FileNotFoundError) as e:
-        print(f"megahf preprocess: error: {e}", file=sys.stderr)
+    except (MegahfError, FileNotFoundError) as e:
+        print(f"megahf preprocess: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0

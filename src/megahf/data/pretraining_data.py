@@ -76,7 +76,9 @@ def collate_samples(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Megatron samples of seq_length + 1 tokens: the model reads the first seq_length and predicts the last
     seq_length (`shift_labels`); `labels` (the inputs, as transformers has them) let Trainer count the tokens."""
     tokens = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, :-1].clone(), "shift_labels": tokens[:, 1:]}
+    # contiguous: transformers' causal-LM loss flattens shift_labels with .view
+    return {"input_ids": tokens[:, :-1], "labels": tokens[:, :-1].clone(),
+            "shift_labels": tokens[:, 1:].contiguous()}
 
 
 __all__ = ["build_datasets", "build_gpt_indexed_data", "collate_samples", "sample_counts"]

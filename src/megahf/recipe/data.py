@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ..data.blended_dataset import parse_blend
-from .errors import RecipeError, need, need_at_least
+from .errors import RecipeError, need, need_at_least, need_finite
 from .help import arg
 
 EMBEDDED_TOKENIZER = "gpt2-embedded"
@@ -51,6 +51,7 @@ class DataRecipe:
         return parse_blend(self.data_path.split())[0] if self.data_path.strip() else []
 
     def validate(self) -> None:
+        need_finite(self)
         need_at_least(self, 1, "seq_length")
         need_at_least(self, 0, "num_workers")
         need(self, 0.0 < self.mask_prob < 1.0, "mask_prob", "it must lie strictly between 0 and 1, e.g. 0.15")

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..atomic import atomic_write_text
 from .errors import RecipeError, did_you_mean
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
@@ -100,9 +101,8 @@ def parse_overrides(tokens: list[str]) -> list[tuple[str, str | bool]]:
 
 
 def save_recipe(recipe, path: str | os.PathLike) -> None:
-    """Write the recipe as the flat YAML file it can be loaded from again."""
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+    """Write the recipe as the flat YAML file it can be loaded from again (atomically: complete or absent)."""
+    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def recipe_help(recipe_class: type) -> str:

@@ -3,11 +3,10 @@ the sample at the end, outputs, checkpoints and resume."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
-from .errors import need, need_at_least
+from .errors import RecipeError, need, need_at_least, need_finite
 from .help import arg
 
 REPORT_TO = ("none", "tensorboard", "all")
@@ -43,14 +42,40 @@ class RunRecipe:
         return [r.strip() for r in self.report_to.split(",")]
 
     def validate(self) -> None:
+        need_finite(self)
         need_at_least(self, 1, "log_interval", "eval_iters", "keep_last")
         need_at_least(self, 0, "eval_interval", "sample_tokens", "sample_top_k", "seed", "save_interval")
-        need(self, math.isfinite(self.peak_tflops) and self.peak_tflops >= 0, "peak_tflops",
+        need(self, self.peak_tflops >= 0, "peak_tflops",
              "it must be 0 (auto) or the device's peak in TFLOP/s, e.g. 989 for an H100's bf16")
         need(self, self.resume in RESUME_MODES or os.path.isdir(self.resume), "resume",
              "use 'auto', 'none' or an existing checkpoint folder (output_dir/checkpoints/step_NNNNNNN)")
         need(self, self.output_dir != "", "output_dir", "name a folder, e.g. runs/gpt-tiny")
+        check_output_dir(self.output_dir)
         need(self, all(r in REPORT_TO for r in self.trackers), "report_to", f"use one of {', '.join(REPORT_TO)}")
 
 
-__all__ = ["REPORT_TO", "RESUME_MODES", "RunRecipe"]
+def check_output_dir(output_dir: str) -> None:
+    """Refuse, before anything is computed, an output_dir that names a file, lies under a file, or would be created
+    in (or is) a folder this process cannot write to: the run would otherwise fail only when it saves."""
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RecipeError(
+            f"recipe key output_dir={output_dir!r} names an existing file, not a folder; name a folder (it is created "
+            "if missing), e.g. runs/gpt-tiny, or move the file away"
+        )
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RecipeError(
+            f"recipe key output_dir={output_dir!r} cannot be created: {existing} is a file, not a folder; name a "
+            "folder whose parents are folders, e.g. runs/gpt-tiny"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(
+            f"recipe key output_dir={output_dir!r} cannot be written: {existing} is not writable by this user; "
+            "choose a folder you can write to, e.g. runs/gpt-tiny, or change its permissions"
+        )
+
+
+__all__ = ["REPORT_TO", "RESUME_MODES", "RunRecipe", "check_output_dir"]

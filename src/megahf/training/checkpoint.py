@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..atomic import atomic_write_json, fsync_dir, fsync_file, publish_folder
+from ..errors import WRITE_FAILURES, MegahfError
 from ..parallel.ranks import barrier, is_distributed, rank
 from .safe_checkpoint_reader import SafeFileSystemReader, UnsafePickleError, check_dcp_folder, load_weights_only
 
@@ -59,7 +60,7 @@ _HASH_CHUNK = 8 << 20
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MegahfError, RuntimeError):
     """A checkpoint cannot be used (incomplete, damaged, or written for another batch layout)."""
 
 
@@ -188,25 +189,18 @@ def _gather(value):
     return values
 
 
-_DISK_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
-_NOT_WRITABLE = {errno.EACCES: "EACCES", errno.EPERM: "EPERM", errno.EROFS: "EROFS"}
-
-
 def write_failure_cause(error: BaseException, folder: Path) -> str:
     """Why writing into `folder` failed, in words: the disk is full, the folder is not writable, or the error. torch
     turns a failed write into "unexpected pos N vs M" and DCP wraps it again: the OSError is found inside."""
     os_error = _find_exception(error, OSError)
     if os_error is not None and os_error.errno is not None:
-        where = os_error.filename or folder
-        if os_error.errno in _DISK_FULL:
-            return f"the disk holding {where} is full ({_DISK_FULL[os_error.errno]}: {os_error.strerror})"
-        if os_error.errno in _NOT_WRITABLE:
-            return f"{where} is not writable ({_NOT_WRITABLE[os_error.errno]}: {os_error.strerror})"
-        return f"{where}: {os_error.strerror} ({errno.errorcode.get(os_error.errno, os_error.errno)})"
+        where, code = os_error.filename or folder, os_error.errno
+        what = WRITE_FAILURES[code][0] if code in WRITE_FAILURES else "the write failed"
+        return f"{where}: {what} ({errno.errorcode.get(code, code)}: {os.strerror(code)})"
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
         if free < 1 << 20:  # the error did not say, the disk does
-            return f"the disk holding {folder} is full ({free} bytes free; {_first_line(error)})"
+            return f"{folder}: {WRITE_FAILURES[errno.ENOSPC][0]} ({free} bytes free; {_first_line(error)})"
     return _first_line(error)
 
 

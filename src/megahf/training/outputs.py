@@ -10,6 +10,7 @@ import matplotlib
 from matplotlib import pyplot as plt
 
 from ..atomic import atomic_write, publish_folder, temporary_name
+from ..errors import explain_write_errors
 from ..parallel.ranks import barrier, is_rank_zero
 
 matplotlib.use("Agg")  # files only, never a window
@@ -23,10 +24,19 @@ def save_final(model, tokenizer, output_dir: Path) -> Path:
     if is_rank_zero():
         shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while saving
     barrier()
-    model.save_pretrained(partial, is_main_process=is_rank_zero())
-    if is_rank_zero():
-        tokenizer.save_pretrained(partial)
-        publish_folder(partial, final)
+    intact = f"the previous {final} is intact" if final.exists() else f"no {final} was written"
+    # A full disk or an unwritable folder: one clear error naming final/, and no half-written folder left behind.
+    with explain_write_errors(final, intact=f"{intact} (the partial copy is removed)",
+                              elsewhere="choose another output_dir"):
+        try:
+            model.save_pretrained(partial, is_main_process=is_rank_zero())
+            if is_rank_zero():
+                tokenizer.save_pretrained(partial)
+                publish_folder(partial, final)
+        except BaseException:
+            if is_rank_zero():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
     return final
 
 

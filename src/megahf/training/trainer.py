@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
+from ..errors import MegahfError
 from ..parallel import clip_grad_norm_
 from ..parallel.layout import ParallelLayout
 from ..recipe import PretrainRecipe
@@ -21,7 +22,7 @@ from .log import say
 from .setup import build_layout
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(MegahfError, RuntimeError):
     """A loss or a weight is NaN or infinite: the run stops, and nothing non-finite is written."""
 
 
