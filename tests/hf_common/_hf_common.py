@@ -92,6 +92,23 @@ class InTreeNames:
         super().tearDownClass()
 
 
+class MegatronTensorParallelRules:
+    """Mixin for a test class with `TensorParallelTesterMixin`: what megahf's models change in its set-up."""
+
+    def _get_tp_config(self, tie_word_embeddings=None):
+        # test_tp_backward compares a TP and a single-process model in train mode: their dropout masks cannot match
+        # (each rank draws its own for its shard), so the TP tests run without dropout, as the in-tree models that
+        # transformers runs them for (Qwen2/3: no dropout) do.
+        config = super()._get_tp_config(tie_word_embeddings=tie_word_embeddings)
+        config.attention_dropout = config.hidden_dropout = 0.0
+        return config
+
+    def _skip_if_tp_distributed_not_enabled(self):
+        # transformers runs its distributed TP tests only for an allowlist of in-tree model types (CI time); megahf's
+        # models are what this suite is for, so they run here.
+        pass
+
+
 def distributed_entry(rank: int, world_size: int, port: int, module: str, name: str, args: tuple) -> None:
     """One rank of the shims' `run_distributed`: torchrun's environment, a gloo group, then `module.name(rank, *args)`.
     It lives here, not in the shim, so that a spawned process can import it before the tests package exists."""

@@ -15,7 +15,7 @@ import unittest
 
 import torch
 
-from _hf_common import load
+from _hf_common import MegatronTensorParallelRules, load
 
 from megahf.models.bert import (
     MegatronBertConfig,
@@ -166,7 +166,8 @@ class MegatronBertModelTester:
         self.parent.assertEqual(result.logits.shape, (self.batch_size, self.num_choices))
 
 
-class MegatronBertModelTest(ModelTesterMixin, TrainingTesterMixin, TensorParallelTesterMixin, unittest.TestCase):
+class MegatronBertModelTest(MegatronTensorParallelRules, ModelTesterMixin, TrainingTesterMixin, TensorParallelTesterMixin,
+                             unittest.TestCase):
     all_model_classes = (
         MegatronBertModel,
         MegatronBertForMaskedLM,
@@ -228,19 +229,6 @@ class MegatronBertModelTest(ModelTesterMixin, TrainingTesterMixin, TensorParalle
     # vocabulary-parallel head is the masked LM, which has the same output.
     def _get_tp_model_class(self):
         return MegatronBertForMaskedLM
-
-    def _get_tp_config(self, tie_word_embeddings=None):
-        # test_tp_backward compares a TP and a single-process model in train mode: their dropout masks cannot match
-        # (each rank draws its own for its shard), so the TP tests run without dropout, as the in-tree models that
-        # transformers runs them for (Qwen2/3: no dropout) do.
-        config = super()._get_tp_config(tie_word_embeddings=tie_word_embeddings)
-        config.attention_dropout = config.hidden_dropout = 0.0
-        return config
-
-    def _skip_if_tp_distributed_not_enabled(self):
-        # transformers runs its distributed TP tests only for an allowlist of in-tree model types (CI time); megahf's
-        # BERT is what this suite is for, so they run here.
-        pass
 
     @unittest.skip(reason="BERT is an encoder: it has no generate() to run under tensor parallelism")
     def test_tp_generation(self):

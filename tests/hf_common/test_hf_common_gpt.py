@@ -12,7 +12,7 @@ import unittest
 
 import torch
 
-from _hf_common import InTreeNames, load
+from _hf_common import InTreeNames, MegatronTensorParallelRules, load
 
 from megahf.models.gpt import MegatronGPTConfig, MegatronGPTForCausalLM, MegatronGPTModel
 
@@ -100,8 +100,8 @@ class MegatronGPTModelTester:
                                    f"logits (over config.vocab_size={self.vocab_size}):\n{m}")
 
 
-class _MegatronGPTCommonTest(InTreeNames, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin,
-                             TensorParallelTesterMixin):
+class _MegatronGPTCommonTest(InTreeNames, MegatronTensorParallelRules, ModelTesterMixin, GenerationTesterMixin,
+                             TrainingTesterMixin, TensorParallelTesterMixin):
     all_model_classes = (MegatronGPTModel, MegatronGPTForCausalLM)
     auto_mapping_names = {
         "MODEL_MAPPING_NAMES": {"megatron_gpt": "MegatronGPTModel"},
@@ -126,19 +126,6 @@ class _MegatronGPTCommonTest(InTreeNames, ModelTesterMixin, GenerationTesterMixi
 
     def test_causal_lm(self):
         self.model_tester.create_and_check_causal_lm(*self.model_tester.prepare_config_and_inputs())
-
-    def _get_tp_config(self, tie_word_embeddings=None):
-        # test_tp_backward compares a TP and a single-process model in train mode: their dropout masks cannot match
-        # (each rank draws its own for its shard), so the TP tests run without dropout, as the in-tree models that
-        # transformers runs them for (Qwen2/3: no dropout) do.
-        config = super()._get_tp_config(tie_word_embeddings=tie_word_embeddings)
-        config.attention_dropout = config.hidden_dropout = 0.0
-        return config
-
-    def _skip_if_tp_distributed_not_enabled(self):
-        # transformers runs its distributed TP tests only for an allowlist of in-tree model types (CI time); megahf's
-        # GPT is what this suite is for, so they run here.
-        pass
 
 
 class MegatronGPT2StyleModelTest(_MegatronGPTCommonTest, unittest.TestCase):
