@@ -138,6 +138,7 @@ def test_cli_lambada_end_to_end(saved_model, tmp_path, capsys, data):
     report = json.loads(out_json.read_text())
     assert {"accuracy", "correct", "total", "strict", "model", "data", "seq_length", "micro_batch_size"} <= set(report)
     assert report["total"] == 8 and report["strict"] is True and report["seq_length"] == 64
+    assert report["tokenizer"] == "the shipped gpt2 tokenizer"
     assert report["accuracy"] == report["correct"] / 8
     assert "megahf evaluate lambada" in out and "accuracy" in out
 
@@ -199,3 +200,18 @@ def test_cli_lambada_bad_input_is_one_line(saved_model, tmp_path, capsys, monkey
     assert lines[-1].startswith("megahf evaluate: error: "), err
     assert re.search(expected, lines[-1]), lines[-1]
     assert "Traceback" not in err and out == ""
+
+
+def test_tokenizer_is_the_override_else_the_folders_else_the_familys(saved_model, tmp_path, gpt2):
+    from megahf.tasks.common import EvaluationError, load_tokenizer
+
+    config = json.loads((saved_model / "config.json").read_text())
+    assert load_tokenizer(saved_model, config)[1] == "the shipped gpt2 tokenizer"
+    assert load_tokenizer(saved_model, config, "gpt2")[1] == "--tokenizer gpt2"
+    own = tmp_path / "with_tokenizer"
+    own.mkdir()
+    (own / "config.json").write_text(json.dumps(config))
+    gpt2.save_pretrained(own)
+    assert load_tokenizer(own, config)[1] == f"the tokenizer of {own}"
+    with pytest.raises(EvaluationError, match="has 50257 tokens but the model's vocab_size is 1000"):
+        load_tokenizer(saved_model, {**config, "vocab_size": 1000})

@@ -69,7 +69,8 @@ def resolve_seq_length(model: str | os.PathLike, config: dict[str, Any], seq_len
 
 def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: str | None = None):
     """`--tokenizer` (a shipped name such as `gpt2`, or a folder) if given; else the model folder's own tokenizer;
-    else the shipped tokenizer of the model's family. Its vocabulary must fit the model's."""
+    else the shipped tokenizer of the model's family. Its vocabulary must fit the model's. Returns the tokenizer and
+    where it came from, in words."""
     from transformers import AutoTokenizer
 
     if tokenizer is not None:
@@ -91,7 +92,7 @@ def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: 
     if vocab_size and len(loaded) > vocab_size:
         raise EvaluationError(f"{where} has {len(loaded)} tokens but the model's vocab_size is {vocab_size}; pass "
                               "the tokenizer the model was trained with (--tokenizer)")
-    return loaded
+    return loaded, where
 
 
 def load_model(model: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -42,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if args.micro_batch_size < 1:
         raise EvaluationError(f"--micro-batch-size {args.micro_batch_size}: must be at least 1")
     _check_output(args.output_json)
-    tokenizer = load_tokenizer(args.model, config, args.tokenizer)
+    tokenizer, tokenizer_source = load_tokenizer(args.model, config, args.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     progress = not args.no_progress
-    settings: dict[str, Any] = {"task": args.task, "model": str(args.model), "tokenizer": args.tokenizer,
+    settings: dict[str, Any] = {"task": args.task, "model": str(args.model), "tokenizer": tokenizer_source,
                                 "seq_length": seq_length, "micro_batch_size": args.micro_batch_size}
 
     if args.task == "lambada":
