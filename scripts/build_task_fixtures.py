@@ -44,7 +44,8 @@ WIKITEXT_ROWS = [
     "",
     " = = History = = \n",
     "",
-    " Settlers arrived in N . The founders ' records say \" the winters were long \" , and the summers 23 \u00b0 C ! \n",
+    " Settlers arrived in N . The founders ' records say \" the winters were long \" , and the summers 23 \u00b0 C "
+    "! \n",
     " = = = Economy = = = \n",
     " Farming , fishing and tourism : the three trades of the players ' league [ citation needed ] . \n",
     "",

@@ -100,7 +100,8 @@ def add_evaluate_parser(verbs) -> None:
         "lambada": "a .jsonl file with a 'text' field per line, or a folder laid out like the Hub dataset "
                    "EleutherAI/lambada_openai (split test); default: that Hub dataset (needs the network)",
         "wikitext": "a raw text file (e.g. wiki.test.raw), or a folder laid out like the Hub dataset "
-                    "Salesforce/wikitext wikitext-103-raw-v1 (split test); default: that Hub dataset (needs the network)",
+                    "Salesforce/wikitext wikitext-103-raw-v1 (split test); default: that Hub dataset (needs the "
+                    "network)",
     }
     for name, task in (("lambada", lambada), ("wikitext", wikitext)):
         task.add_argument("--model", required=True, metavar="DIR",

@@ -1,4 +1,5 @@
-"""Helpers of the evaluation tests (tests/tasks): the fixtures folder, a tiny MegatronGPT, a model whose argmax is known."""
+"""Helpers of the evaluation tests (tests/tasks): the fixtures folder, a tiny MegatronGPT, a model whose argmax is
+known."""
 
 from __future__ import annotations
 

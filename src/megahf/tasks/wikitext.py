@@ -78,7 +78,8 @@ def load_text(data: str | os.PathLike | None) -> str:
         try:
             text = Path(data).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise EvaluationError(f"--data {data}: cannot read it as UTF-8 text ({error}); pass {LOCAL_HINT}") from error
+            raise EvaluationError(f"--data {data}: cannot read it as UTF-8 text ({error}); pass {LOCAL_HINT}"
+                                  ) from error
     else:
         rows = load_hub_rows(None if data is None else str(data), HUB_NAME, HUB_CONFIG, SPLIT, "WikiText", LOCAL_HINT)
         text = "".join(row or "" for row in rows)
