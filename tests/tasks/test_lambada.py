@@ -104,6 +104,16 @@ def test_hub_folder_and_jsonl_fixtures_hold_the_same_passages():
     assert len(from_folder) == 8
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_passage_without_context_is_refused(gpt2, strict):
+    examples = lambada.featurize(["Quillfeather"], gpt2, strict)  # several tokens, but no context before the word
+    if not strict:
+        lambada.check_lengths(examples, seq_length=16)  # non-strict: the word's first tokens are the context
+        examples = lambada.featurize(["dog"], gpt2, strict)
+    with pytest.raises(lambada.EvaluationError, match="passage 1 has no context"):
+        lambada.check_lengths(examples, seq_length=16)
+
+
 def test_passage_longer_than_seq_length_is_refused(gpt2):
     examples = lambada.featurize(["one two three four five six"], gpt2)
     lambada.check_lengths(examples, seq_length=5)

@@ -89,9 +89,9 @@ def featurize(texts: list[str], tokenizer, strict: bool = False) -> list[Lambada
 def check_lengths(examples: list[LambadaExample], seq_length: int) -> None:
     """Every passage must fit one forward (seq_length + 1 tokens, as Megatron's samples)."""
     for number, example in enumerate(examples, start=1):
-        if len(example.tokens) < 2:
-            raise EvaluationError(f"passage {number} has {len(example.tokens)} token(s); LAMBADA needs at least a "
-                                  "context token before the label: remove it")
+        if len(example.tokens) - example.num_labels < 1:
+            raise EvaluationError(f"passage {number} has no context before its label token(s) (a single word?); "
+                                  "LAMBADA needs at least one context token: remove the passage")
         if len(example.tokens) > seq_length + 1:
             raise EvaluationError(f"passage {number} has {len(example.tokens)} tokens, more than --seq-length "
                                   f"{seq_length} + 1; pass a larger --seq-length (up to the model's "
