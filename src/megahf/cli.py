@@ -85,7 +85,7 @@ def add_evaluate_parser(verbs) -> None:
         "token of the last whitespace-separated word (tokenized apart from its context). A passage counts only if "
         "the argmax is right at every label position.",
     )
-    lambada.add_argument("--strict", action="store_true",
+    lambada.add_argument("--strict", action="store_true", default=None,
                          help="score the whole last word (Megatron's --strict-lambada)")
     wikitext = tasks.add_parser(
         "wikitext",
@@ -94,7 +94,7 @@ def add_evaluate_parser(verbs) -> None:
         "seq-length tokens sliding by --overlapping-eval; prints the loss, perplexity and the perplexity adjusted to "
         "WikiText's own token count.",
     )
-    wikitext.add_argument("--overlapping-eval", type=int, default=32, metavar="N",
+    wikitext.add_argument("--overlapping-eval", type=int, default=None, metavar="N",
                           help="tokens scored per window after the first (default 32)")
     data_help = {
         "lambada": "a .jsonl file with a 'text' field per line, or a folder laid out like the Hub dataset "
@@ -104,12 +104,15 @@ def add_evaluate_parser(verbs) -> None:
                     "network)",
     }
     for name, task in (("lambada", lambada), ("wikitext", wikitext)):
-        task.add_argument("--model", required=True, metavar="DIR",
+        task.add_argument("--recipe", default=None, metavar="YAML",
+                          help=f"read the settings from a recipe (e.g. recipes/{name}/gpt.yaml: keys are these flags "
+                               "with underscores); flags given here win")
+        task.add_argument("--model", default=None, metavar="DIR",
                           help="saved model folder (config.json and weights), e.g. a pretrain run's final/")
         task.add_argument("--data", default=None, metavar="PATH", help=data_help[name])
         task.add_argument("--seq-length", type=int, default=None, metavar="N",
                           help="tokens per forward (default: the model's max_position_embeddings)")
-        task.add_argument("--micro-batch-size", type=int, default=8, metavar="B",
+        task.add_argument("--micro-batch-size", type=int, default=None, metavar="B",
                           help="sequences per forward (default 8)")
         task.add_argument("--tokenizer", default=None, metavar="T",
                           help="a shipped tokenizer (gpt2) or a folder (default: the model folder's own, else the "

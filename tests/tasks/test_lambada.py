@@ -225,3 +225,37 @@ def test_tokenizer_is_the_override_else_the_folders_else_the_familys(saved_model
     assert load_tokenizer(own, config)[1] == f"the tokenizer of {own}"
     with pytest.raises(EvaluationError, match="has 50257 tokens but the model's vocab_size is 1000"):
         load_tokenizer(saved_model, {**config, "vocab_size": 1000})
+
+
+# ---- recipes: recipes/lambada/gpt.yaml, keys = the flags with underscores, flags win ----
+
+REPO = FIXTURES.parents[3]
+
+
+@pytest.mark.parametrize("task", ["lambada", "wikitext"])
+def test_shipped_recipes_parse_to_megatrons_settings(task):
+    from megahf.recipe.evaluate import evaluation_settings
+
+    settings = evaluation_settings(task, str(REPO / "recipes" / task / "gpt.yaml"), {})
+    assert settings.model == "runs/gpt-tiny/final" and settings.seq_length is None and settings.data is None
+    assert settings.micro_batch_size == 8
+    assert (settings.strict is False) if task == "lambada" else (settings.overlapping_eval == 32)
+
+
+def test_cli_recipe_keys_then_flags(saved_model, tmp_path, capsys):
+    recipe = tmp_path / "lambada.yaml"
+    out_json = tmp_path / "out.json"
+    recipe.write_text(f"model: {saved_model}\ndata: {FIXTURES / 'lambada_openai.jsonl'}\nstrict: true\n"
+                      f"micro_batch_size: 2\nseq_length: 32\noutput_json: {out_json}\n")
+    status, out, err = run_cli(["evaluate", "lambada", "--recipe", str(recipe), "--seq-length", "48",
+                                "--no-progress"], capsys)
+    assert status == 0, err
+    report = json.loads(out_json.read_text())
+    assert report["strict"] is True and report["micro_batch_size"] == 2  # from the recipe
+    assert report["seq_length"] == 48  # the flag wins
+    recipe.write_text("modle: x\n")
+    status, out, err = run_cli(["evaluate", "lambada", "--recipe", str(recipe)], capsys)
+    assert status == 2 and err.strip().splitlines()[-1].startswith("megahf evaluate: error: unknown recipe key "
+                                                                   "'modle'") and "did you mean 'model'" in err
+    status, out, err = run_cli(["evaluate", "lambada", "--data", "x.jsonl"], capsys)
+    assert status == 2 and "no model to evaluate: pass --model DIR" in err

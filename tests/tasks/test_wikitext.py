@@ -178,7 +178,9 @@ def test_cli_wikitext_end_to_end(saved_model, tmp_path, capsys, gpt2, tiny_model
     ("missing data", "--data .*missing.raw: no such file or folder"),
     ("empty data", "the text is empty"),
     ("seq-length too long", "--seq-length 100 is larger than the model's max_position_embeddings=64"),
-    ("bad overlap", "--overlapping-eval 0: must be between 1 and --seq-length 64"),
+    ("bad overlap", r"overlapping_eval=0 \(--overlapping-eval\): must be at least 1"),
+    ("overlap past seq-length", "--overlapping-eval 65: must be between 1 and --seq-length 64"),
+    ("bad batch", r"micro_batch_size=0 \(--micro-batch-size\): must be at least 1"),
     ("no config", "the folder has no config.json"),
 ])
 def test_cli_wikitext_bad_input_is_one_line(saved_model, tmp_path, capsys, case, expected):
@@ -192,6 +194,10 @@ def test_cli_wikitext_bad_input_is_one_line(saved_model, tmp_path, capsys, case,
         extra = ["--seq-length", "100"]
     elif case == "bad overlap":
         extra = ["--overlapping-eval", "0"]
+    elif case == "overlap past seq-length":
+        extra = ["--overlapping-eval", "65"]
+    elif case == "bad batch":
+        extra = ["--micro-batch-size", "0"]
     elif case == "no config":
         model = str(tmp_path)
     status, out, err = run_cli(["evaluate", "wikitext", "--model", model, "--data", str(data), *extra,

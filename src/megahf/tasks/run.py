@@ -15,6 +15,7 @@ import torch
 
 from ..atomic import atomic_write_json
 from ..errors import explain_write_errors
+from ..recipe.evaluate import evaluation_settings
 from . import lambada, wikitext
 from .common import (EvaluationError, check_causal_lm, check_model_folder, load_model, load_tokenizer,
                      resolve_seq_length)
@@ -36,11 +37,18 @@ def _device(requested: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`megahf evaluate TASK` with the parsed command line (`--recipe` keys filled in where a flag is not given)."""
+    keys = ["model", "data", "seq_length", "micro_batch_size", "tokenizer", "output_json", "device",
+            "strict" if args.task == "lambada" else "overlapping_eval"]
+    settings_ = evaluation_settings(args.task, args.recipe, {key: getattr(args, key) for key in keys})
+    resolved = argparse.Namespace(**{**vars(args), **vars(settings_)})
+    return evaluate(resolved)
+
+
+def evaluate(args: argparse.Namespace) -> int:
     config = check_model_folder(args.model)
     check_causal_lm(args.model, config, "LAMBADA" if args.task == "lambada" else "WikiText perplexity")
     seq_length = resolve_seq_length(args.model, config, args.seq_length)
-    if args.micro_batch_size < 1:
-        raise EvaluationError(f"--micro-batch-size {args.micro_batch_size}: must be at least 1")
     _check_output(args.output_json)
     tokenizer, tokenizer_source = load_tokenizer(args.model, config, args.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
