@@ -2,6 +2,8 @@
 
     megahf pretrain recipes/gpt/tiny.yaml [--key value ...]
     megahf preprocess --input corpus.jsonl --tokenizer gpt2 --output-prefix data/my --append-eod
+    megahf evaluate lambada --model runs/gpt/final --data lambada_test.jsonl [--strict]
+    megahf evaluate wikitext --model runs/gpt/final --data wiki.test.raw [--overlapping-eval 32]
 
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
 status 2, before anything is computed or written. So is every other megahf error a verb meets later (a damaged
@@ -62,7 +64,62 @@ def build_parser() -> argparse.ArgumentParser:
             "Megatron-Core's indexed dataset format, {prefix}_{key}_{document|sentence}.bin/.idx.",
         )
     )
+    add_evaluate_parser(verbs)
     return parser
+
+
+def add_evaluate_parser(verbs) -> None:
+    """`megahf evaluate lambada|wikitext`: Megatron's zero-shot evaluations of a saved causal LM."""
+    evaluate = verbs.add_parser(
+        "evaluate",
+        help="zero-shot evaluation of a saved GPT: LAMBADA accuracy, WikiText-103 perplexity",
+        description="Zero-shot evaluations of a saved causal LM (a model folder, e.g. a pretrain run's final/), "
+        "computed as Megatron-LM's tasks/zeroshot_gpt does. Prints one table; --output-json writes the same figures.",
+    )
+    tasks = evaluate.add_subparsers(dest="task", metavar="TASK")
+    tasks.required = True
+    lambada = tasks.add_parser(
+        "lambada",
+        help="LAMBADA last-word accuracy",
+        description="LAMBADA accuracy: non-strict scores the last BPE token of each passage; --strict scores every "
+        "token of the last whitespace-separated word (tokenized apart from its context). A passage counts only if "
+        "the argmax is right at every label position.",
+    )
+    lambada.add_argument("--strict", action="store_true", default=None,
+                         help="score the whole last word (Megatron's --strict-lambada)")
+    wikitext = tasks.add_parser(
+        "wikitext",
+        help="WikiText-103 perplexity (sliding window, adjusted perplexity)",
+        description="WikiText-103 perplexity: the raw text is detokenized and BPE-tokenized, scored with windows of "
+        "seq-length tokens sliding by --overlapping-eval; prints the loss, perplexity and the perplexity adjusted to "
+        "WikiText's own token count.",
+    )
+    wikitext.add_argument("--overlapping-eval", type=int, default=None, metavar="N",
+                          help="tokens scored per window after the first (default 32)")
+    data_help = {
+        "lambada": "a .jsonl file with a 'text' field per line, or a folder laid out like the Hub dataset "
+                   "EleutherAI/lambada_openai (split test); default: that Hub dataset (needs the network)",
+        "wikitext": "a raw text file (e.g. wiki.test.raw), or a folder laid out like the Hub dataset "
+                    "Salesforce/wikitext wikitext-103-raw-v1 (split test); default: that Hub dataset (needs the "
+                    "network)",
+    }
+    for name, task in (("lambada", lambada), ("wikitext", wikitext)):
+        task.add_argument("--recipe", default=None, metavar="YAML",
+                          help=f"read the settings from a recipe (e.g. recipes/{name}/gpt.yaml: keys are these flags "
+                               "with underscores); flags given here win")
+        task.add_argument("--model", default=None, metavar="DIR",
+                          help="saved model folder (config.json and weights), e.g. a pretrain run's final/")
+        task.add_argument("--data", default=None, metavar="PATH", help=data_help[name])
+        task.add_argument("--seq-length", type=int, default=None, metavar="N",
+                          help="tokens per forward (default: the model's max_position_embeddings)")
+        task.add_argument("--micro-batch-size", type=int, default=None, metavar="B",
+                          help="sequences per forward (default 8)")
+        task.add_argument("--tokenizer", default=None, metavar="T",
+                          help="a shipped tokenizer (gpt2) or a folder (default: the model folder's own, else the "
+                               "shipped one of the model's family)")
+        task.add_argument("--output-json", default=None, metavar="FILE", help="also write the figures as JSON")
+        task.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        task.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_verb(module: str, function: str, *args) -> int:
@@ -79,13 +136,15 @@ def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb == "preprocess" and rest:
+    if args.verb in ("preprocess", "evaluate") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.verb == "pretrain":
             return run_pretrain_verb(args.recipe, rest)
         if args.verb == "preprocess":
             return run_verb("megahf.data.preprocess", "run", args)
+        if args.verb == "evaluate":
+            return run_verb("megahf.tasks.run", "run", args)
     except MegahfError as error:
         print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
         return 2

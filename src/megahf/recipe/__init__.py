@@ -6,6 +6,7 @@
     optimizer.py  OptimizerRecipe  AdamW, warmup and decay, clipping, train_steps
     run.py        RunRecipe        seed, evaluation, logging, sample, outputs, checkpoints and resume
     verbs.py      PretrainRecipe   the sections `megahf pretrain` reads
+    evaluate.py   LambadaRecipe, WikiTextRecipe   the one flat section each of `megahf evaluate lambada|wikitext`
     parsing.py    flat keys and `--key value` overrides -> sections, with the checks of each
 
 Nothing here imports torch or transformers (`megahf <verb> --help` reads it); building a config or a layout from a

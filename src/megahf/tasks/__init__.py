@@ -1,0 +1,16 @@
+"""Megatron's evaluations as functions with explicit inputs (DESIGN: a function, a CLI verb, a recipe).
+
+* `megahf.tasks.lambada`: LAMBADA zero-shot accuracy (`load_texts`, `featurize`, `score`, `evaluate`), as
+  Megatron-LM's tasks/zeroshot_gpt computes it, strict or not.
+* `megahf.tasks.wikitext`: WikiText-103 zero-shot perplexity (`load_text`, `detokenize`, `featurize`, `windows`,
+  `score`, `evaluate`), the sliding window and the adjusted perplexity as Megatron computes them.
+* `megahf.tasks.common`: what both share (`EvaluationError`, model and tokenizer loading, right-padded batches).
+* `megahf.tasks.run`: `megahf evaluate lambada|wikitext` (checks everything, then computes, prints a table, writes
+  `--output-json`).
+
+Importing this package is cheap; its modules import torch when they are imported.
+"""
+
+TASKS = ("lambada", "wikitext")
+
+__all__ = ["TASKS"]

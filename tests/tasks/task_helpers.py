@@ -1,0 +1,40 @@
+"""Helpers of the evaluation tests (tests/tasks): the fixtures folder, a tiny MegatronGPT, a model whose argmax is
+known."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
+from megahf.assets import ASSETS_DIR
+
+FIXTURES = ASSETS_DIR / "fixtures"
+VOCAB = 50257
+
+
+def tiny_gpt(seed: int = 0, max_positions: int = 64) -> MegatronGPTForCausalLM:
+    torch.manual_seed(seed)
+    config = MegatronGPTConfig.from_preset("gpt-tiny", hidden_size=32, num_layers=2, num_attention_heads=2,
+                                           hidden_dropout=0.0, attention_dropout=0.0, vocab_size=VOCAB,
+                                           max_position_embeddings=max_positions)
+    return MegatronGPTForCausalLM(config).eval()
+
+
+class BigramOracle(nn.Module):
+    """A stand-in causal LM whose argmax is known: at every position it predicts `table[current token]` (token 0 for
+    a token not in the table), with logit 1 there and 0 elsewhere. It ignores padding by construction, so it also
+    shows which positions an evaluation reads."""
+
+    def __init__(self, table: dict[int, int], vocab_size: int = VOCAB):
+        super().__init__()
+        self.table = table
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
+        predicted = torch.tensor([[self.table.get(int(t), 0) for t in row] for row in input_ids])
+        logits.scatter_(-1, predicted.unsqueeze(-1), 1.0)
+        return SimpleNamespace(logits=logits)
