@@ -85,8 +85,9 @@ def add_evaluate_parser(verbs) -> None:
         "token of the last whitespace-separated word (tokenized apart from its context). A passage counts only if "
         "the argmax is right at every label position.",
     )
-    lambada.add_argument("--strict", action="store_true", default=None,
-                         help="score the whole last word (Megatron's --strict-lambada)")
+    lambada.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                         help="score the whole last word (Megatron's --strict-lambada); --no-strict overrides a "
+                              "recipe's strict: true")
     wikitext = tasks.add_parser(
         "wikitext",
         help="WikiText-103 perplexity (sliding window, adjusted perplexity)",

@@ -253,6 +253,10 @@ def test_cli_recipe_keys_then_flags(saved_model, tmp_path, capsys):
     report = json.loads(out_json.read_text())
     assert report["strict"] is True and report["micro_batch_size"] == 2  # from the recipe
     assert report["seq_length"] == 48  # the flag wins
+    status, out, err = run_cli(["evaluate", "lambada", "--recipe", str(recipe), "--no-strict", "--no-progress"],
+                               capsys)
+    assert status == 0, err
+    assert json.loads(out_json.read_text())["strict"] is False  # a boolean flag wins both ways
     recipe.write_text("modle: x\n")
     status, out, err = run_cli(["evaluate", "lambada", "--recipe", str(recipe)], capsys)
     assert status == 2 and err.strip().splitlines()[-1].startswith("megahf evaluate: error: unknown recipe key "
