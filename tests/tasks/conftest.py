@@ -14,3 +14,11 @@ def gpt2():
 @pytest.fixture(scope="module")
 def tiny_model():
     return tiny_gpt()
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tiny_model):
+    """The tiny model saved as a folder without a tokenizer (the shipped GPT-2 one is then used)."""
+    folder = tmp_path_factory.mktemp("gpt") / "final"
+    tiny_model.save_pretrained(folder)
+    return folder

@@ -23,6 +23,15 @@ def tiny_gpt(seed: int = 0, max_positions: int = 64) -> MegatronGPTForCausalLM:
     return MegatronGPTForCausalLM(config).eval()
 
 
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`megahf ARGV` in this process: exit status, stdout, stderr."""
+    from megahf.cli import main
+
+    status = main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 class BigramOracle(nn.Module):
     """A stand-in causal LM whose argmax is known: at every position it predicts `table[current token]` (token 0 for
     a token not in the table), with logit 1 there and 0 elsewhere. It ignores padding by construction, so it also

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from task_helpers import FIXTURES, BigramOracle
+from task_helpers import FIXTURES, BigramOracle, run_cli
 from megahf.tasks import lambada
 from megahf.tasks.common import right_padded, vocab_logits
 
@@ -122,21 +122,6 @@ def test_passage_longer_than_seq_length_is_refused(gpt2):
 
 
 # ---- the CLI, end to end on a tiny model saved to tmp ----
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory, tiny_model):
-    folder = tmp_path_factory.mktemp("gpt") / "final"
-    tiny_model.save_pretrained(folder)  # no tokenizer: the shipped GPT-2 one is used
-    return folder
-
-
-def run_cli(argv, capsys):
-    from megahf.cli import main
-
-    status = main(argv)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
 
 @pytest.mark.parametrize("data", ["lambada_openai.jsonl", "lambada_openai"])
 def test_cli_lambada_end_to_end(saved_model, tmp_path, capsys, data):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from task_helpers import FIXTURES
+from task_helpers import FIXTURES, run_cli
 
 from megahf.tasks import wikitext
 
@@ -139,21 +139,6 @@ def test_hub_folder_and_raw_file_fixtures_hold_the_same_text():
 
 
 # ---- the CLI, end to end on a tiny model saved to tmp ----
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory, tiny_model):
-    folder = tmp_path_factory.mktemp("gpt") / "final"
-    tiny_model.save_pretrained(folder)
-    return folder
-
-
-def run_cli(argv, capsys):
-    from megahf.cli import main
-
-    status = main(argv)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
 
 @pytest.mark.parametrize("data", ["wiki.test.raw", "wikitext"])
 def test_cli_wikitext_end_to_end(saved_model, tmp_path, capsys, gpt2, tiny_model, data):

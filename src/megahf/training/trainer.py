@@ -118,8 +118,8 @@ def check_finite_loss(loss: torch.Tensor, step: int) -> None:
 
 def check_finite_weights(model: torch.nn.Module, what: str) -> None:
     """Refuse to write `what` from weights that are not all finite (checked on every rank's shards)."""
-    local = (p.to_local() if isinstance(p, DTensor) else p for _, p in model.named_parameters())
-    bad_names = [name for (name, _), t in zip(model.named_parameters(), local) if not torch.isfinite(t.detach()).all()]
+    bad_names = [name for name, p in model.named_parameters()
+                 if not torch.isfinite((p.to_local() if isinstance(p, DTensor) else p).detach()).all()]
     bad = torch.tensor([int(bool(bad_names))], dtype=torch.int32, device=next(model.parameters()).device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
