@@ -11,7 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..assets import embedded_tokenizer_path
 from ..errors import MegahfError
@@ -71,8 +74,6 @@ def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: 
     """`--tokenizer` (a shipped name such as `gpt2`, or a folder) if given; else the model folder's own tokenizer;
     else the shipped tokenizer of the model's family. Its vocabulary must fit the model's. Returns the tokenizer and
     where it came from, in words."""
-    from transformers import AutoTokenizer
-
     if tokenizer is not None:
         source = embedded_tokenizer_path(tokenizer) or tokenizer
         if not Path(source).is_dir():
@@ -96,10 +97,7 @@ def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: 
 
 
 def load_model(model: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The model folder as an `AutoModelForCausalLM` (megahf's models registered), in eval mode on `device`."""
-    import megahf  # noqa: F401  (registers megahf's configs and models with the Auto classes)
-    from transformers import AutoModelForCausalLM
-
+    """The model folder as an `AutoModelForCausalLM` (megahf registers its models with it), in eval mode on `device`."""
     loaded = AutoModelForCausalLM.from_pretrained(model)
     return loaded.to(device).eval()
 
@@ -108,8 +106,6 @@ def load_hub_rows(data: str | None, hub_name: str, config_name: str | None, spli
                   local_hint: str) -> list[str]:
     """The `text` column of `split` of a local folder laid out like the Hub dataset `hub_name` (or, with no `data`,
     of the Hub dataset itself, which needs the network or the local cache)."""
-    import datasets
-
     source = data if data is not None else hub_name
     try:
         if data is not None and config_name and not (Path(data) / config_name).is_dir():
@@ -169,6 +165,4 @@ def vocab_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
 
 def progress_bar(total: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False)
