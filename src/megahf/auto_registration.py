@@ -22,6 +22,8 @@ import importlib.abc
 import sys
 import threading
 
+from .errors import UnsupportedModelError
+
 _TRIGGER = "transformers.models.auto.configuration_auto"
 _WATCHED = ("transformers.", "megahf.")
 _lock = threading.RLock()
@@ -95,8 +97,6 @@ def _unsupported_model(config_class, transformers_class_name: str) -> type:
     task = transformers_class_name.partition("For")[2] or transformers_class_name
 
     def refuse(cls, *args, **kwargs):
-        from .errors import UnsupportedModelError
-
         raise UnsupportedModelError(
             f"megahf's {config_class.__name__} (model_type {config_class.model_type!r}) has no {task} model: "
             f"megahf's BERT is an encoder. transformers' {transformers_class_name} only shares the config's class "

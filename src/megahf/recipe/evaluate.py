@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .errors import RecipeError
 from .help import arg
+from .parsing import parse_recipe
 
 
 @dataclass
@@ -67,15 +68,9 @@ class WikiTextRecipe:
 
 EVALUATE_RECIPES = {"lambada": LambadaRecipe, "wikitext": WikiTextRecipe}
 
-__all__ = ["EVALUATE_RECIPES", "EvaluationSection", "evaluation_settings", "LambadaRecipe", "LambadaSection", "WikiTextRecipe",
-           "WikiTextSection"]
-
-
 def evaluation_settings(task: str, recipe_path: str | None, given: dict) -> EvaluationSection:
     """The settings of `megahf evaluate TASK`: the section's defaults, then the recipe file's keys (if any), then the
     flags given on the command line (`given`: flag name with underscores -> value, None where not given)."""
-    from .parsing import parse_recipe
-
     recipe_class = EVALUATE_RECIPES[task]
     section = (parse_recipe(recipe_class, recipe_path) if recipe_path is not None else recipe_class()).evaluation
     for key, value in given.items():
@@ -85,3 +80,7 @@ def evaluation_settings(task: str, recipe_path: str | None, given: dict) -> Eval
     if section.model is None:
         raise RecipeError("no model to evaluate: pass --model DIR (or set model: in the recipe)")
     return section
+
+
+__all__ = ["EVALUATE_RECIPES", "EvaluationSection", "LambadaRecipe", "LambadaSection", "WikiTextRecipe",
+           "WikiTextSection", "evaluation_settings"]
