@@ -56,6 +56,8 @@ LR, WEIGHT_DECAY = 1e-3, 0.01
 CASES = {
     "gpt-tiny": ("gpt-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
     "llama-tiny": ("llama-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
+    # Megatron-LM's loss, whose softmax also covers the padded vocabulary rows (on the shards under TP)
+    "gpt-padded-softmax": ("gpt-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
     "bert-pretraining": ("bert-tiny", "MegatronBertForPreTraining", "AutoModelForPreTraining", "prediction_logits"),
     "bert-mlm": ("bert-tiny", "MegatronBertForMaskedLM", "AutoModelForMaskedLM", "logits"),
     "bert-classification": ("bert-tiny", "MegatronBertForSequenceClassification",
@@ -68,13 +70,16 @@ CASES = {
 
 # The BERT heads run at TP=2 and TP=2 x FSDP2=2 (TP=4 adds nothing the GPT cases do not already cover).
 CASE_LAYOUTS = {case: ("tp2", "tp2xfsdp2") for case in CASES if case.startswith("bert")}
+CASE_LAYOUTS["gpt-padded-softmax"] = ("tp2",)
+CASE_OVERRIDES = {"gpt-padded-softmax": {"padded_vocab_softmax": True}}
 
 
 def make_config(case: str):
     preset = CASES[case][0]
     config_class = MegatronBertConfig if preset.startswith("bert") else MegatronGPTConfig
     return config_class.from_preset(
-        preset, num_layers=2, hidden_dropout=0.0, attention_dropout=0.0, **OVERRIDES.get(preset, {})
+        preset, num_layers=2, hidden_dropout=0.0, attention_dropout=0.0, **OVERRIDES.get(preset, {}),
+        **CASE_OVERRIDES.get(case, {}),
     )
 
 
@@ -100,7 +105,7 @@ def make_batch(case: str, config, seed: int) -> dict[str, torch.Tensor]:
     for row, length in enumerate(LENGTHS):
         attention_mask[row, :length] = 1
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    if case in ("gpt-tiny", "llama-tiny"):
+    if not case.startswith("bert"):
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "labels": input_ids.masked_fill(attention_mask == 0, -100)}
     token_type_ids = torch.zeros_like(input_ids)
