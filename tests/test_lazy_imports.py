@@ -80,3 +80,19 @@ def test_registration_whatever_is_imported_first(first):
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+def test_import_megahf_silences_bitsandbytes_kernels_warning():
+    """transformers' Trainer imports peft, which imports bitsandbytes, whose CPU backend warns at import that the Hub
+    package `kernels` is missing (only on CPUs with AVX512-BF16). megahf silences that one logger; the control run
+    without megahf shows the check can fail where the warning exists."""
+    def stderr_of(code: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    assert "kernels-community" not in stderr_of("import megahf, bitsandbytes")
+    control = stderr_of("import bitsandbytes.backends.cpu.ops as ops; import bitsandbytes; "
+                        "print(ops.has_avx512bf16(), file=__import__('sys').stderr)")
+    if control.rstrip().endswith("True"):
+        assert "kernels-community" in control

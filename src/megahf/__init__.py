@@ -8,6 +8,7 @@ tools start without torch.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from .auto_registration import register_when_auto_classes_load
 
@@ -25,6 +26,11 @@ _LAZY_NAMES = {
 }
 
 register_when_auto_classes_load()
+
+# bitsandbytes (imported by peft, which transformers' Trainer imports whenever it is installed) warns at import, on CPUs
+# with AVX512-BF16, that its optional `kernels` package is missing: a Hub download that megahf's 4-bit path does not
+# need. Remove once bitsandbytes logs it at debug level.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def __getattr__(name: str):
