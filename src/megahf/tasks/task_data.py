@@ -87,12 +87,16 @@ def _load_folder(task: FinetuneTask, folder: Path, wanted: Sequence[str]) -> dat
         raise TaskDataError(f"dataset {folder}: no split {missing[0]!r} for task {task.name} (no file "
                             f"{config_dir / (missing[0] + '-*.parquet')}; splits found: {', '.join(present) or 'none'}"
                             f"); the task needs {', '.join(wanted)}; add the split's parquet file")
-    try:
-        return datasets.load_dataset("parquet", data_files=files)
-    except Exception as error:  # a damaged or non-parquet file, or splits whose schemas disagree
-        raise TaskDataError(f"dataset {folder}: cannot read the parquet files of {task.hub_config}/ "
-                            f"({type(error).__name__}: {error}); pass intact files laid out like {task.hub_name}"
-                            ) from error
+    loaded = datasets.DatasetDict()
+    for split, paths in files.items():  # one split at a time: each is checked against the task on its own
+        try:
+            loaded[split] = datasets.load_dataset("parquet", data_files={split: paths}, split=split)
+        except Exception as error:  # a damaged or non-parquet file, or shards whose schemas disagree
+            cause = error.__cause__ or error
+            raise TaskDataError(f"dataset {folder}: cannot read split {split!r} ({', '.join(paths)}: "
+                                f"{type(cause).__name__}: {cause}); pass intact parquet files laid out like "
+                                f"{task.hub_name}") from error
+    return loaded
 
 
 def check_split(task: FinetuneTask, split: datasets.Dataset, name: str, source: str) -> None:
