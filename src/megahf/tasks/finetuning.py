@@ -16,7 +16,7 @@
 | mrpc | nyu-mll/glue (mrpc) | sequence classification | not_equivalent, equivalent | f1, accuracy |
 | qqp | nyu-mll/glue (qqp) | sequence classification | not_duplicate, duplicate | f1, accuracy |
 | stsb | nyu-mll/glue (stsb) | regression (num_labels 1) | a score from 0 to 5 | pearson, spearmanr |
-| mnli | nyu-mll/glue (mnli) | sequence classification | entailment, neutral, contradiction | accuracy (matched, mismatched) |
+| mnli | nyu-mll/glue (mnli) | sequence classification | entailment, neutral, contradiction | accuracy (m, mm) |
 | qnli | nyu-mll/glue (qnli) | sequence classification | entailment, not_entailment | accuracy |
 | rte | nyu-mll/glue (rte) | sequence classification | entailment, not_entailment | accuracy |
 | wnli | nyu-mll/glue (wnli) | sequence classification | not_entailment, entailment | accuracy |
