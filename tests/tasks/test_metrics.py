@@ -92,6 +92,7 @@ def test_each_task_reports_its_metrics_under_results_names():
         task = TASKS[name]
         if task.is_regression:
             result = task.compute_metrics(SCORES_PREDICTIONS, SCORES_REFERENCES)
+            assert task.compute_metrics(SCORES_PREDICTIONS[:, None], SCORES_REFERENCES) == result  # head's [N, 1]
             assert result["pearson"] == pytest.approx(pearsonr(SCORES_REFERENCES, SCORES_PREDICTIONS).statistic,
                                                       abs=TOLERANCE)
         else:

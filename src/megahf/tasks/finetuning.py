@@ -155,11 +155,13 @@ class FinetuneTask:
 
     def compute_metrics(self, predictions: np.ndarray, references: np.ndarray,
                         split: datasets.Dataset | None = None) -> dict[str, float]:
-        """The task's metrics (`self.metrics`) of `predictions` (class ids; float scores for stsb) against
-        `references`, computed by the evaluate modules of `megahf.metrics`. RACE with `split` (whose `example_id`
-        tells each row's level, see `race.race_level`) also gives `accuracy_middle` and `accuracy_high` (only for
-        the levels present) and the counts `num_examples`, `num_middle`, `num_high`."""
+        """The task's metrics (`self.metrics`) of `predictions` (class ids; float scores for stsb, [N] or [N, 1])
+        against `references`, computed by the evaluate modules of `megahf.metrics`. RACE with `split` (whose
+        `example_id` tells each row's level, see `race.race_level`) also gives `accuracy_middle` and `accuracy_high`
+        (only for the levels present) and the counts `num_examples`, `num_middle`, `num_high`."""
         predictions, references = np.asarray(predictions), np.asarray(references)
+        if self.is_regression and predictions.ndim == 2 and predictions.shape[1] == 1:
+            predictions = predictions[:, 0]  # the regression head's [N, 1] logits are the scores
         if predictions.ndim != 1 or predictions.shape != references.shape:
             raise TaskDataError(f"task {self.name}: predictions of shape {predictions.shape} for references of shape "
                                 f"{references.shape}; pass one prediction per example (argmax class ids, or scores "
@@ -210,6 +212,8 @@ class FinetuneTask:
         position in the split (RACE's `example_id` names an article, shared by its questions), prediction = the
         answer letter."""
         predictions = np.asarray(predictions)
+        if self.is_regression and predictions.ndim == 2 and predictions.shape[1] == 1:
+            predictions = predictions[:, 0]
         if predictions.ndim != 1 or len(predictions) != len(split):
             raise TaskDataError(f"task {self.name}: {predictions.shape} predictions for a split of {len(split)} rows; "
                                 "pass one prediction per row (argmax class ids, or scores for stsb)")

@@ -113,7 +113,7 @@ def check_split(task: FinetuneTask, split: datasets.Dataset, name: str, source: 
         _check_strings(table.column(column), source, name, column)
     unlabeled_ok = name in task.test_splits
     if task.head == "multiple_choice":
-        _check_race(task, split, table, name, source, unlabeled_ok)
+        _check_race(task, split, name, source, unlabeled_ok)
     elif task.is_regression:
         _check_scores(split, name, source, unlabeled_ok)
     else:
@@ -161,8 +161,7 @@ def _check_scores(split: datasets.Dataset, name: str, source: str, unlabeled_ok:
                                 f"from 0 to 5{hint}; fix or remove the row")
 
 
-def _check_race(task: FinetuneTask, split: datasets.Dataset, table: pa.Table, name: str, source: str,
-                unlabeled_ok: bool) -> None:
+def _check_race(task: FinetuneTask, split: datasets.Dataset, name: str, source: str, unlabeled_ok: bool) -> None:
     for row, (answer, options) in enumerate(zip(split["answer"], split["options"])):
         if not isinstance(options, list) or len(options) != len(RACE_LETTERS) or \
                 not all(isinstance(o, str) for o in options):
