@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 
@@ -35,6 +36,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_over_ranks(value: float) -> float:
+    """The sum of every rank's `value` (in float64), on every rank."""
+    if not is_distributed():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def broadcast_from_rank_zero(value: Any) -> Any:
     """Rank 0's `value` on every rank (a picklable object)."""
     if not is_distributed():
@@ -45,4 +55,4 @@ def broadcast_from_rank_zero(value: Any) -> Any:
 
 
 __all__ = ["barrier", "broadcast_from_rank_zero", "is_distributed", "is_local_rank_zero", "is_rank_zero",
-           "local_world_size", "rank"]
+           "local_world_size", "rank", "sum_over_ranks"]

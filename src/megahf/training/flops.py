@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
+
+from ..parallel.ranks import barrier, is_distributed, local_world_size, sum_over_ranks
 
 # Dense bf16 peak of one GPU in TFLOP/s (vendor data sheets, without sparsity), matched on the device name.
 GPU_PEAK_TFLOPS = {
@@ -53,17 +56,26 @@ def gpu_peak_tflops(name: str) -> float | None:
     return None
 
 
-def measure_cpu_matmul_tflops(size: int = 1024, repeats: int = 20, threads: int | None = None) -> float:
-    """This machine's fp32 matmul rate in TFLOP/s: the best of `repeats` timed size x size matmuls on `threads`
-    threads (default: every core), after warm-up (a cold start measures ~25% low; the whole takes about 0.5 s)."""
+def measure_cpu_matmul_tflops(size: int = 1024, repeats: int = 20, threads: int | None = None,
+                              sync: Callable[[], None] | None = None) -> float:
+    """This process's fp32 matmul rate in TFLOP/s: the best of `repeats` timed size x size matmuls on `threads`
+    threads (default: every core), after warm-up (a cold start measures ~25% low; the whole takes about 0.5 s).
+
+    `sync` (e.g. a barrier) runs before each matmul: the processes of a launch that share a machine then time their
+    matmuls at the same moments, so that each measures what it can do while the others compute too (without it,
+    the best of a process's repeats can fall where another process is between matmuls, and a process's timing
+    depends on what the others do meanwhile)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    sync = sync or (lambda: None)
     try:
         a, b = torch.randn(size, size, generator=torch.Generator().manual_seed(0)), torch.randn(size, size)
         for _ in range(3):
+            sync()
             torch.mm(a, b)
         best = float("inf")
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             torch.mm(a, b)
             best = min(best, time.perf_counter() - start)
@@ -73,7 +85,8 @@ def measure_cpu_matmul_tflops(size: int = 1024, repeats: int = 20, threads: int 
 
 
 def peak_tflops_per_device(recipe_value: float = 0.0) -> tuple[float, str]:
-    """(peak TFLOP/s of one device, where the number comes from). On CPU the 'device' is the whole machine."""
+    """(peak TFLOP/s of one device, where the number comes from). On CPU the 'device' is the whole machine, measured
+    by this process alone (a launch of several processes measures with all of them: `launch_peak_tflops`)."""
     if recipe_value > 0:
         return recipe_value, "recipe peak_tflops"
     if torch.cuda.is_available():
@@ -85,5 +98,24 @@ def peak_tflops_per_device(recipe_value: float = 0.0) -> tuple[float, str]:
     return measure_cpu_matmul_tflops(), f"fp32 matmul measured on {os.cpu_count()} cores"
 
 
-__all__ = ["GPU_PEAK_TFLOPS", "gpu_peak_tflops", "matmul_parameters", "measure_cpu_matmul_tflops",
+def launch_peak_tflops(recipe_value: float = 0.0) -> tuple[float, str, int]:
+    """(peak TFLOP/s of one device, its source, devices) for MFU of a launch of any number of processes.
+
+    GPU, or a peak given in the recipe: that figure per device, every process a device. CPU: a device is a machine,
+    and its peak is measured by every process of the launch at once, each with the threads it trains with, summed
+    over the processes of the machine (the fp32 rate the run's processes can reach together). One process measures
+    with every core, as it trains. Collective: every rank calls it."""
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    if recipe_value > 0 or torch.cuda.is_available():
+        tflops, source = peak_tflops_per_device(recipe_value)
+        return tflops, source, world
+    machines = max(1, world // local_world_size())
+    threads = torch.get_num_threads() if world > 1 else (os.cpu_count() or 1)
+    total = sum_over_ranks(measure_cpu_matmul_tflops(threads=threads, sync=barrier))
+    source = (f"fp32 matmul measured on {os.cpu_count()} cores" if world == 1 else
+              f"fp32 matmul measured by {world // machines} processes at once, {threads} thread(s) each")
+    return total / machines, source, machines
+
+
+__all__ = ["GPU_PEAK_TFLOPS", "gpu_peak_tflops", "launch_peak_tflops", "matmul_parameters", "measure_cpu_matmul_tflops",
            "peak_tflops_per_device", "training_flops_per_token"]

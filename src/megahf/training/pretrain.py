@@ -27,12 +27,12 @@ from ..atomic import atomic_write_json
 from ..data.pretraining_data import build_datasets
 from ..data.train_valid import TrainValidDatasets
 from ..parallel.layout import ParallelLayout
-from ..parallel.ranks import barrier, is_rank_zero, local_world_size
+from ..parallel.ranks import barrier, is_rank_zero
 from ..recipe import PretrainRecipe, RecipeError, save_recipe
 from . import checkpoint as ckpt
 from .callbacks import CheckpointCallback, MegatronLogCallback
 from .families import family_of
-from .flops import peak_tflops_per_device, training_flops_per_token
+from .flops import launch_peak_tflops, training_flops_per_token
 from .log import say
 from .outputs import plot_losses, save_final
 from .processes import prepare_processes
@@ -70,7 +70,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     data = build_datasets(recipe, tokenizer, layout, model.config)
     say(f"data: {data.describe()}")
     n_params = describe_model(recipe, model, layout)
-    peak = measure_peak(recipe, layout)
+    peak = measure_peak(recipe)
     progress = throughput_callback(recipe, layout, model.config, peak)
     trainer = build_trainer(recipe, layout, model, tokenizer, data, args, progress, callbacks)
     say_training_plan(recipe, layout, args, len(data.train), progress, peak)
@@ -111,13 +111,10 @@ class Peak:
         return self.tflops_per_device * self.devices
 
 
-def measure_peak(recipe: PretrainRecipe, layout: ParallelLayout) -> Peak:
-    """On CPU rank 0 measures the matmul peak while the other ranks wait (idle) at the barrier."""
-    barrier()
-    tflops, source = peak_tflops_per_device(recipe.run.peak_tflops) if is_rank_zero() else (float("nan"), "")
-    barrier()
-    devices = layout.world_size if torch.cuda.is_available() else max(1, layout.world_size // local_world_size())
-    return Peak(tflops, source, devices)
+def measure_peak(recipe: PretrainRecipe) -> Peak:
+    """The peak of the launch (`flops.launch_peak_tflops`): on CPU every process measures at once, with its own
+    threads, so that no rank's figure depends on what the others do while it measures."""
+    return Peak(*launch_peak_tflops(recipe.run.peak_tflops))
 
 
 def throughput_callback(recipe: PretrainRecipe, layout: ParallelLayout, config, peak: Peak) -> MegatronLogCallback:
