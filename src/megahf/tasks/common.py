@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .. import parallel  # noqa: F401  (attaches megahf's distribution hooks to its model classes)
 from ..assets import embedded_tokenizer_path
 from ..errors import MegahfError
 
@@ -96,8 +97,12 @@ def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: 
     return loaded, where
 
 
-def load_model(model: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The model folder as an `AutoModelForCausalLM` (megahf registers its models with it), in eval mode on `device`."""
+def load_model(model: str | os.PathLike, device: str | torch.device = "cpu", distributed_config=None):
+    """The model folder as an `AutoModelForCausalLM` (megahf registers its models with it), in eval mode on `device`;
+    with a `distributed_config` (tensor parallel), sharded by transformers onto this rank's device as training
+    loads it (`megahf.parallel`: the vocabulary-parallel output layer, whose logits come back whole)."""
+    if distributed_config is not None:
+        return AutoModelForCausalLM.from_pretrained(model, distributed_config=distributed_config).eval()
     loaded = AutoModelForCausalLM.from_pretrained(model)
     return loaded.to(device).eval()
 
