@@ -167,11 +167,15 @@ def window_nlls(model, window_list: list[Window], micro_batch_size: int = 8, pad
         for begin in range(0, len(window_list), micro_batch_size):
             batch = window_list[begin: begin + micro_batch_size]
             input_ids, attention_mask = right_padded([w.tokens[:-1] for w in batch], pad_id)
-            logits = vocab_logits(model, input_ids, attention_mask).cpu()
+            # after the first window only the last `overlap` targets count: the output layer runs from the first
+            # scored position of the batch on
+            first = min(w.scored.index(True) for w in batch)
+            logits = vocab_logits(model, input_ids, attention_mask, keep=input_ids.shape[1] - first).cpu()
             for row, window in enumerate(batch):
                 n = len(window.tokens) - 1
-                nll = F.cross_entropy(logits[row, :n], torch.tensor(window.tokens[1:]), reduction="none")
-                mask = torch.tensor(window.scored)
+                nll = F.cross_entropy(logits[row, : n - first], torch.tensor(window.tokens[first + 1:]),
+                                      reduction="none")
+                mask = torch.tensor(window.scored[first:])
                 out.append((float(nll[mask].double().sum()), int(mask.sum())))
             bar.update(1)
     return out
