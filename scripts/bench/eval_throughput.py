@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     say(f"LAMBADA: {len(passages)} passages, {min(passage_tokens)}-{max(passage_tokens)} tokens "
         f"(mean {statistics.mean(passage_tokens):.0f}), strict; WikiText: {num_tokens} tokens, windows of "
         f"{args.seq_length} sliding by {overlap}; micro batch {args.micro_batch_size}; {args.rounds} rounds")
-    say(f"load average before: {os.getloadavg()[0]:.2f} (other jobs shared this machine while it ran)")
+    load = os.getloadavg()[0]
+    say(f"load average before: {load:.2f}" + (" (other jobs shared this machine while it ran)" if load >= 1 else ""))
 
     with tempfile.TemporaryDirectory() as tmp:
         passages_file, text_file = Path(tmp) / "lambada.jsonl", Path(tmp) / "wikitext.jsonl"
