@@ -5,6 +5,8 @@
 * `megahf.tasks.wikitext`: WikiText-103 zero-shot perplexity (`load_text`, `detokenize`, `featurize`, `windows`,
   `score`, `evaluate`), the sliding window and the adjusted perplexity as Megatron computes them.
 * `megahf.tasks.common`: what both share (`EvaluationError`, model and tokenizer loading, right-padded batches).
+* `megahf.tasks.distributed`: the same under torchrun / accelerate launch (`--tensor-parallel-size` ranks per
+  replica, the examples split over the replicas, the results reduced in example order).
 * `megahf.tasks.run`: `megahf evaluate lambada|wikitext` (checks everything, then computes, prints a table, writes
   `--output-json`).
 
