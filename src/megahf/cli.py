@@ -120,6 +120,9 @@ def add_evaluate_parser(verbs) -> None:
                                "shipped one of the model's family)")
         task.add_argument("--output-json", default=None, metavar="FILE", help="also write the figures as JSON")
         task.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        task.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                          help="under torchrun / accelerate launch: ranks holding one model replica (default 1); "
+                               "the rest of the processes are data parallel, each scoring a slice of the examples")
         task.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -47,3 +47,27 @@ class BigramOracle(nn.Module):
         predicted = torch.tensor([[self.table.get(int(t), 0) for t in row] for row in input_ids])
         logits.scatter_(-1, predicted.unsqueeze(-1), 1.0)
         return SimpleNamespace(logits=logits)
+
+
+
+def fitted_gpt(texts: list[str], tokenizer, steps: int = 15, seed: int = 0) -> MegatronGPTForCausalLM:
+    """A tiny GPT trained a few full-batch AdamW steps to predict the last word of every other passage of `texts`
+    (the loss only on the tokens of " " + that word), so that it gets some LAMBADA passages right and others wrong:
+    a random model gets them all wrong, which would make comparisons vacuous."""
+    from megahf.tasks.common import right_padded
+    from megahf.tasks.lambada import featurize
+
+    model = tiny_gpt(seed).train()
+    examples = featurize(texts[::2], tokenizer, strict=True)
+    input_ids, attention_mask = right_padded([e.tokens for e in examples], 0)
+    labels = torch.full_like(input_ids, -100)
+    for row, example in enumerate(examples):
+        end = len(example.tokens)
+        labels[row, end - example.num_labels: end] = input_ids[row, end - example.num_labels: end]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()

@@ -90,6 +90,9 @@ def test_batched_equals_one_at_a_time(gpt2, tiny_model, strict):
         for row, ids in enumerate(inputs):
             alone = vocab_logits(tiny_model, *right_padded([ids]))
             torch.testing.assert_close(batched[row, : len(ids)], alone[0], atol=1e-5, rtol=1e-5)
+        # keep=k runs the output layer on the last k positions only (logits_to_keep): the same logits there
+        kept = vocab_logits(tiny_model, input_ids, attention_mask, keep=5)
+        torch.testing.assert_close(kept, batched[:, -5:], atol=1e-5, rtol=1e-5)
     # and so do the verdicts, with a model whose verdicts are not all False
     oracle = BigramOracle({e.tokens[-2]: e.tokens[-1] for e in examples[::2]})
     one = lambada.correct_flags(oracle, examples, micro_batch_size=1)

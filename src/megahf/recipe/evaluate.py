@@ -23,11 +23,17 @@ class EvaluationSection:
     tokenizer: str | None = arg("A shipped tokenizer (gpt2) or a folder; null: the model folder's own, else the "
                                 "shipped one of its family.", default=None)
     output_json: str | None = arg("Also write the figures to this JSON file.", default=None)
-    device: str | None = arg("torch device; null: cuda if available, else cpu.", default=None)
+    device: str | None = arg("torch device; null: cuda if available, else cpu (under a launcher: this rank's GPU).",
+                             default=None)
+    tensor_parallel_size: int = arg("Ranks holding one model replica (tensor parallel); the rest of the launched "
+                                    "processes are data parallel.", default=1)
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
             raise RecipeError(f"micro_batch_size={self.micro_batch_size} (--micro-batch-size): must be at least 1")
+        if self.tensor_parallel_size < 1:
+            raise RecipeError(f"tensor_parallel_size={self.tensor_parallel_size} (--tensor-parallel-size): must be "
+                              "at least 1")
         if self.seq_length is not None and self.seq_length < 1:
             raise RecipeError(f"seq_length={self.seq_length} (--seq-length): must be at least 1 (or null for the "
                               "model's maximum)")

@@ -8,6 +8,8 @@
 * `megahf.tasks.finetuning`: the fine-tuning tasks (GLUE's nine, RACE) as `FinetuneTask`s (`TASKS`, `get_task`):
   loading and checking their data (`task_data`), Megatron's featurization (`glue`, `race`), batches, metrics (the
   evaluate modules of `megahf.metrics`) and prediction files; errors are `TaskDataError`.
+* `megahf.tasks.distributed`: the same under torchrun / accelerate launch (`--tensor-parallel-size` ranks per
+  replica, the examples split over the replicas, the results reduced in example order).
 * `megahf.tasks.run`: `megahf evaluate lambada|wikitext` (checks everything, then computes, prints a table, writes
   `--output-json`).
 

@@ -6,6 +6,7 @@ line) naming the thing and the fix, before any model computes anything.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .. import parallel  # noqa: F401  (attaches megahf's distribution hooks to its model classes)
 from ..assets import embedded_tokenizer_path
 from ..errors import MegahfError
 
@@ -96,8 +98,12 @@ def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: 
     return loaded, where
 
 
-def load_model(model: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The model folder as an `AutoModelForCausalLM` (megahf registers its models with it), in eval mode on `device`."""
+def load_model(model: str | os.PathLike, device: str | torch.device = "cpu", distributed_config=None):
+    """The model folder as an `AutoModelForCausalLM` (megahf registers its models with it), in eval mode on `device`;
+    with a `distributed_config` (tensor parallel), sharded by transformers onto this rank's device as training
+    loads it (`megahf.parallel`: the vocabulary-parallel output layer, whose logits come back whole)."""
+    if distributed_config is not None:
+        return AutoModelForCausalLM.from_pretrained(model, distributed_config=distributed_config).eval()
     loaded = AutoModelForCausalLM.from_pretrained(model)
     return loaded.to(device).eval()
 
@@ -154,14 +160,27 @@ def right_padded(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
-def vocab_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The model's logits over its real vocabulary (megahf's models already stop at `vocab_size`), in float32."""
+def vocab_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """The model's logits over its real vocabulary (megahf's models already stop at `vocab_size`), in float32; with
+    `keep` > 0 only those of the last `keep` positions. A model that takes `logits_to_keep` (transformers' causal
+    LMs, megahf's) then runs its output layer on those positions alone: at a 50k vocabulary that layer is most of a
+    small model's work, and an evaluation scores only a few positions of each sequence."""
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else input_ids.device
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if keep and _takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits
+        if keep:
+            logits = logits[:, -keep:]
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size:
         logits = logits[..., :vocab_size]
     return logits.float()
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def progress_bar(total: int, description: str, enabled: bool):

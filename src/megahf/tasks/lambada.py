@@ -101,18 +101,24 @@ def check_lengths(examples: list[LambadaExample], seq_length: int) -> None:
 @torch.no_grad()
 def correct_flags(model, examples: list[LambadaExample], micro_batch_size: int = 8, pad_id: int = 0,
                   progress: bool = False) -> list[bool]:
-    """For each passage: is the argmax right at every label position (teacher forcing)? Batches of
-    `micro_batch_size` passages, right-padded with an attention mask."""
-    flags: list[bool] = []
+    """For each passage (in the order given): is the argmax right at every label position (teacher forcing)?
+    Batches of `micro_batch_size` passages of similar lengths (longest first, so little is padding), right-padded
+    with an attention mask; the output layer runs only from the first label position of the batch on."""
+    flags: list[bool] = [False] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].tokens))
     with progress_bar((len(examples) + micro_batch_size - 1) // micro_batch_size, "LAMBADA", progress) as bar:
-        for start in range(0, len(examples), micro_batch_size):
-            batch = examples[start: start + micro_batch_size]
-            input_ids, attention_mask = right_padded([e.tokens[:-1] for e in batch], pad_id)
-            predicted = vocab_logits(model, input_ids, attention_mask).argmax(dim=-1).cpu()
-            for row, example in enumerate(batch):
-                inputs = len(example.tokens) - 1  # position p predicts token p + 1
+        for start in range(0, len(order), micro_batch_size):
+            batch = order[start: start + micro_batch_size]
+            input_ids, attention_mask = right_padded([examples[i].tokens[:-1] for i in batch], pad_id)
+            width = input_ids.shape[1]
+            # position p predicts token p + 1: the labels of a passage of n tokens are read at n-1-labels .. n-2
+            first = min(len(examples[i].tokens) - 1 - examples[i].num_labels for i in batch)
+            predicted = vocab_logits(model, input_ids, attention_mask, keep=width - first).argmax(dim=-1).cpu()
+            for row, i in enumerate(batch):
+                example = examples[i]
+                end = len(example.tokens) - 1 - first  # in the kept positions, which start at `first`
                 labels = torch.tensor(example.tokens[-example.num_labels:])
-                flags.append(bool(torch.equal(predicted[row, inputs - example.num_labels: inputs], labels)))
+                flags[i] = bool(torch.equal(predicted[row, end - example.num_labels: end], labels))
             bar.update(1)
     return flags
 

@@ -158,24 +158,43 @@ class WikiTextResult:
 
 
 @torch.no_grad()
-def summed_nll(model, window_list: list[Window], micro_batch_size: int = 8, pad_id: int = 0,
-               progress: bool = False) -> tuple[float, int]:
-    """The summed next-token NLL over every scored target of the windows, and how many targets were scored.
-    Batches of `micro_batch_size` windows, right-padded with an attention mask."""
-    total, count = 0.0, 0
+def window_nlls(model, window_list: list[Window], micro_batch_size: int = 8, pad_id: int = 0,
+                progress: bool = False) -> list[tuple[float, int]]:
+    """For each window: the float64 sum of the NLL of its scored targets, and how many it scored. Batches of
+    `micro_batch_size` windows, right-padded with an attention mask."""
+    out: list[tuple[float, int]] = []
     with progress_bar((len(window_list) + micro_batch_size - 1) // micro_batch_size, "WikiText", progress) as bar:
         for begin in range(0, len(window_list), micro_batch_size):
             batch = window_list[begin: begin + micro_batch_size]
             input_ids, attention_mask = right_padded([w.tokens[:-1] for w in batch], pad_id)
-            logits = vocab_logits(model, input_ids, attention_mask).cpu()
+            # after the first window only the last `overlap` targets count: the output layer runs from the first
+            # scored position of the batch on
+            first = min(w.scored.index(True) for w in batch)
+            logits = vocab_logits(model, input_ids, attention_mask, keep=input_ids.shape[1] - first).cpu()
             for row, window in enumerate(batch):
                 n = len(window.tokens) - 1
-                nll = F.cross_entropy(logits[row, :n], torch.tensor(window.tokens[1:]), reduction="none")
-                mask = torch.tensor(window.scored)
-                total += float(nll[mask].double().sum())
-                count += int(mask.sum())
+                nll = F.cross_entropy(logits[row, : n - first], torch.tensor(window.tokens[first + 1:]),
+                                      reduction="none")
+                mask = torch.tensor(window.scored[first:])
+                out.append((float(nll[mask].double().sum()), int(mask.sum())))
             bar.update(1)
+    return out
+
+
+def add_up(per_window: list[tuple[float, int]]) -> tuple[float, int]:
+    """The summed NLL (in window order, in float64: the same sum whichever process scored which window) and the
+    number of scored targets."""
+    total, count = 0.0, 0
+    for nll, scored in per_window:
+        total += nll
+        count += scored
     return total, count
+
+
+def summed_nll(model, window_list: list[Window], micro_batch_size: int = 8, pad_id: int = 0,
+               progress: bool = False) -> tuple[float, int]:
+    """The summed next-token NLL over every scored target of the windows, and how many targets were scored."""
+    return add_up(window_nlls(model, window_list, micro_batch_size, pad_id, progress))
 
 
 def score(model, features: WikiTextFeatures, seq_length: int, overlap: int = 32, micro_batch_size: int = 8,
