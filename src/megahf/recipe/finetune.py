@@ -87,8 +87,9 @@ class TaskRecipe:
             )
         if self.model not in BERT_PRESETS and not os.path.isdir(self.model) and not looks_like_hub_id(self.model):
             raise RecipeError(
-                f"recipe key model={self.model!r}: no such folder; give a pretrained model folder (e.g. the final/ "
-                f"of a `megahf pretrain` BERT run), a Hub id (owner/name) or a preset ({', '.join(BERT_PRESETS)})"
+                f"recipe key model={self.model!r}: no such folder; pass --model (or edit model: in the recipe) with a "
+                "pretrained model folder (e.g. the final/ of a `megahf pretrain` BERT run), a Hub id (owner/name) or "
+                f"a preset ({', '.join(BERT_PRESETS)})"
             )
         if self.tokenizer is not None and self.tokenizer.startswith((".", "/")) and not os.path.isdir(self.tokenizer):
             raise RecipeError(f"recipe key tokenizer={self.tokenizer!r}: no such folder; give a tokenizer folder, "
