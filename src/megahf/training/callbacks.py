@@ -109,7 +109,7 @@ class MegatronLogCallback(ProgressCallback):
             if self.perplexity:
                 parts.append(f"valid ppl {math.exp(min(logs['eval_loss'], 50.0)):,.2f}")
             # Task metrics (fine-tuning: eval_{split}_{metric}), Trainer's own timings left out.
-            parts.extend(f"{key.removeprefix('eval_')} {value:.4f}" for key, value in logs.items()
+            parts.extend(f"{key.removeprefix('eval_').replace('_', ' ')} {value:.4f}" for key, value in logs.items()
                          if key.startswith("eval_") and key != "eval_loss" and not key.endswith(_TRAINER_EVAL_KEYS)
                          and isinstance(value, (int, float)))
         else:

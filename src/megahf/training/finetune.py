@@ -240,10 +240,15 @@ def plan_steps(recipe: FinetuneRecipe, layout: ParallelLayout, train_rows: int) 
     train_rows // global batch steps (its loader drops the last partial batch), and warms up over
     warmup_fraction of them."""
     optim = recipe.optim
-    steps = optim.train_steps or recipe.task.epochs * max(1, train_rows // layout.global_batch_size)
+    per_epoch = max(1, train_rows // layout.global_batch_size)
+    steps = optim.train_steps or recipe.task.epochs * per_epoch
     warmup = optim.warmup_steps or int(optim.warmup_fraction * steps)
     if warmup >= steps:
         raise RecipeError(f"recipe key warmup_steps={warmup} is not smaller than train_steps={steps}; lower it")
+    how = (f"train_steps={steps} as given ({steps / per_epoch:.2f} epochs)" if optim.train_steps else
+           f"{steps} steps = {recipe.task.epochs} epochs x {per_epoch} ({train_rows:,} rows // global batch "
+           f"{layout.global_batch_size})")
+    say(f"training {how}, warmup {warmup} steps")
     optim = dataclasses.replace(optim, train_steps=steps, warmup_steps=warmup, warmup_fraction=0.0)
     return dataclasses.replace(recipe, optim=optim)
 
@@ -387,10 +392,9 @@ def describe(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSource, mo
         f"{'; test ' + ', '.join(f'{s} {len(f):,}' for s, (_, f) in data.tests.items()) if data.tests else ''}; "
         f"max_seq_length {recipe.task.max_seq_length}")
     optim = recipe.optim
-    say(f"{peft}: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained (this rank's share); "
-        f"{optim.optim}; {optim.train_steps} steps ({recipe.task.epochs if not recipe.optim.train_steps else '-'} "
-        f"epochs asked), lr {optim.learning_rate:g} {optim.lr_schedule} -> {optim.min_learning_rate:g}, warmup "
-        f"{optim.warmup_steps}; {layout.describe()}")
+    say(f"{peft}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trained (this rank's share); "
+        f"{optim.optim}, lr {optim.learning_rate:g} {optim.lr_schedule} -> {optim.min_learning_rate:g}; "
+        f"{layout.describe()}")
 
 
 # ---------------------------------------------------------------------- training and evaluation
@@ -424,7 +428,7 @@ class FinetuneTrainer(MegatronTrainer):
         for split, (rows, features) in self.data.evals.items():
             logits = predict_logits(self, features)
             references = np.asarray(features["labels"])
-            metrics = {k: float(v) for k, v in self.task.compute_metrics(
+            metrics = {k: v if isinstance(v, int) else float(v) for k, v in self.task.compute_metrics(
                 predictions_of(self.task, logits), references, split=rows).items()}
             results[split] = {**metrics, "loss": dev_loss(self.task, logits, references)}
         self.dev_results[self.state.global_step] = {s: {k: v for k, v in m.items() if k != "loss"}
@@ -546,7 +550,7 @@ def results_markdown(results: dict[str, Any]) -> str:
              "| split | metric | value |", "|---|---|---|"]
     for split in results["eval_splits"]:
         for metric, value in results[split].items():
-            shown = f"{value:.4f}" if isinstance(value, float) and not float(value).is_integer() else f"{value:g}"
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             lines.append(f"| {split} | {metric} | {shown} |")
     return "\n".join(lines) + "\n"
 

@@ -136,33 +136,33 @@ def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = N
                              activation_checkpointing=recipe.model.activation_checkpointing)
 
 
-def trainer_arguments(optim, parallel, run, layout: ParallelLayout, *, num_workers: int = 0,
+def trainer_arguments(optimizer, parallel, run, layout: ParallelLayout, *, num_workers: int = 0,
                       activation_checkpointing: bool = False, **changes) -> TrainingArguments:
     """`TrainingArguments` from the recipe sections every training verb shares (an `OptimizerRecipe`, a
     `ParallelRecipe`, a run section with seed, intervals, output_dir and trackers); `changes` replace single
     arguments (e.g. `optim="adamw_bnb_8bit"` for fine-tuning)."""
     on_gpu = torch.cuda.is_available()
     schedule = {
-        "cosine": ("cosine_with_min_lr", {"min_lr": optim.min_learning_rate}),
+        "cosine": ("cosine_with_min_lr", {"min_lr": optimizer.min_learning_rate}),
         "linear": ("linear", {}),  # replaced by MegatronTrainer.create_scheduler (decay to min_lr)
         "constant": ("constant_with_warmup", {}),
-    }[optim.lr_schedule]
+    }[optimizer.lr_schedule]
     arguments = dict(
         output_dir=run.output_dir,
-        max_steps=optim.train_steps,
+        max_steps=optimizer.train_steps,
         per_device_train_batch_size=parallel.micro_batch_size,
         per_device_eval_batch_size=parallel.micro_batch_size,
         gradient_accumulation_steps=layout.gradient_accumulation_steps,
-        learning_rate=optim.learning_rate,
+        learning_rate=optimizer.learning_rate,
         lr_scheduler_type=schedule[0],
         lr_scheduler_kwargs=schedule[1],
-        warmup_steps=optim.warmup_steps,
-        weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1,
-        adam_beta2=optim.adam_beta2,
-        adam_epsilon=optim.adam_eps,
+        warmup_steps=optimizer.warmup_steps,
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.adam_beta1,
+        adam_beta2=optimizer.adam_beta2,
+        adam_epsilon=optimizer.adam_eps,
         optim="adamw_torch_fused",  # one fused kernel per step (CPU and GPU); several times faster than the loop
-        max_grad_norm=optim.clip_grad,  # 0 turns clipping off
+        max_grad_norm=optimizer.clip_grad,  # 0 turns clipping off
         logging_strategy="steps",
         logging_steps=run.log_interval,
         logging_first_step=True,
