@@ -127,7 +127,9 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     describe(recipe, task, source, model, layout, data)
     trainer = build_trainer(recipe, task, model, tokenizer, data, args, callbacks)
     trainer.train()
-    dev = trainer.dev_results.get(trainer.state.global_step) or trainer.evaluate_dev()
+    if trainer.state.global_step not in trainer.dev_results:
+        trainer.evaluate()  # the end-of-run scores (logged like the periodic ones), unless the last step just had them
+    dev = trainer.dev_results[trainer.state.global_step]
     predictions = predict_test_splits(trainer, task, data, Path(recipe.run.output_dir))
     results = collect_results(recipe, task, layout, trainer, dev, predictions, dataset_path, len(data.train))
     output_dir = write_outputs(recipe, task, trainer, model, tokenizer, results, start)
