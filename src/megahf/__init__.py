@@ -8,6 +8,7 @@ tools start without torch.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from .auto_registration import register_when_auto_classes_load
 
@@ -25,6 +26,11 @@ _LAZY_NAMES = {
 }
 
 register_when_auto_classes_load()
+
+# bitsandbytes 0.50 warns on import, on CPUs with AVX512-BF16, that the optional `kernels` package is missing, then uses
+# its own kernel; transformers' Trainer imports it through peft, so every verb printed that line (and an error was no
+# longer one line). Its warnings at ERROR and above still show; remove once bitsandbytes stops warning.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def __getattr__(name: str):
