@@ -88,13 +88,14 @@ def test_results_files_follow_the_documented_schema(sst2):
     results = json.loads((out / "results.json").read_text())
     assert results == sst2.results
     for key in ("task", "dataset", "dataset_config", "dataset_path", "smoke", "split", "main_metric", "metrics",
-                "eval_splits", "predictions", "model", "peft", "optim", "steps", "epochs", "train_rows",
+                "eval_splits", "dev_loss", "predictions", "model", "peft", "optim", "steps", "epochs", "train_rows",
                 "global_batch_size", "learning_rate", "max_seq_length", "seed", "layout"):
         assert key in results, key
     assert (results["task"], results["dataset"], results["dataset_config"], results["split"]) == (
         "sst2", "nyu-mll/glue", "sst2", "validation")
     assert results["smoke"] is True and results["steps"] == 24 and results["peft"] == "none"
     assert results["metrics"] == results["validation"] and set(results["metrics"]) == {"accuracy"}
+    assert results["dev_loss"] == {"validation": pytest.approx(dev_losses(sst2)[-1])}
     table = (out / "results.md").read_text()
     assert "FIXTURE" in table and f"| validation | accuracy | {results['metrics']['accuracy']:.4f} |" in table
     # one prediction per test row, in the GLUE submission format

@@ -35,6 +35,7 @@ results.json (read by the model card's model-index; keep these names):
       "eval_splits": ["validation_matched", "validation_mismatched"],
       "validation_matched": {"accuracy": 0.84},      # one mapping per dev split, metric name -> value
       "validation_mismatched": {"accuracy": 0.85},
+      "dev_loss": {"validation_matched": 0.45, "validation_mismatched": 0.43},   # the training loss on each
       "predictions": {"test_matched": "predictions/MNLI-m.tsv", ...},   # relative to output_dir
       "model": "runs/bert-336m/final",       # the recipe's model (folder, Hub id or preset)
       "peft": "none", "optim": "adamw", "steps": 30680, "epochs": 10, "train_rows": 392702,
@@ -409,6 +410,7 @@ class FinetuneTrainer(MegatronTrainer):
         self.task = task
         self.data = data
         self.dev_results: dict[int, dict[str, dict[str, float]]] = {}  # step -> split -> metric -> value
+        self.dev_losses: dict[int, dict[str, float]] = {}  # step -> split -> the training loss on it
         super().__init__(*args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -435,6 +437,7 @@ class FinetuneTrainer(MegatronTrainer):
             results[split] = {**metrics, "loss": dev_loss(self.task, logits, references)}
         self.dev_results[self.state.global_step] = {s: {k: v for k, v in m.items() if k != "loss"}
                                                     for s, m in results.items()}
+        self.dev_losses[self.state.global_step] = {s: m["loss"] for s, m in results.items()}
         return {s: dict(m) for s, m in results.items()}
 
 
@@ -528,6 +531,7 @@ def collect_results(recipe: FinetuneRecipe, task: FinetuneTask, layout: Parallel
         "metrics": dict(dev[main]),
         "eval_splits": list(task.eval_splits),
         **{split: dict(dev[split]) for split in task.eval_splits},
+        "dev_loss": dict(trainer.dev_losses[trainer.state.global_step]),
         "predictions": predictions,
         "model": recipe.task.model,
         "peft": recipe.peft.peft,
