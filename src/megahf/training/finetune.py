@@ -50,7 +50,6 @@ import math
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,10 +158,8 @@ def resolve_model(recipe: FinetuneRecipe, task: FinetuneTask) -> ModelSource:
     """Read the model's config (no weights) and refuse a model that cannot do the task."""
     name = recipe.task.model
     if name in BERT_PRESETS:
-        warnings.warn(f"model={name!r} is a preset: fine-tuning starts from RANDOM weights, not a pretrained BERT; "
-                      "give a pretrained folder (e.g. a `megahf pretrain` run's final/) for meaningful results",
-                      stacklevel=2)
-        say(f"WARNING: model={name!r} is a preset: the encoder starts from random weights")
+        say(f"WARNING: model={name!r} is a preset: fine-tuning starts from RANDOM weights, not a pretrained BERT; give "
+            "a pretrained folder (e.g. a `megahf pretrain` run's final/) for meaningful results")
         return ModelSource(name, MegatronBertConfig.from_preset(name), pretrained=False, has_tokenizer=False)
     try:
         config = AutoConfig.from_pretrained(name)
