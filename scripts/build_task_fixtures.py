@@ -14,7 +14,7 @@ exercised offline:
   the Hub's columns, ClassLabel labels (stsb: float32 scores), splits train (64 rows), validation (32; mnli
   validation_matched and validation_mismatched) and test (16, labels -1; mnli test_matched and test_mismatched);
 * `race/`: laid out like ehovy/race, configs high and middle (train 32 rows, validation 16, test 8; two questions per
-  article, example_id "high3.txt"/"middle3.txt" as in the real data) and all (the two joined).
+  article, example_id "high1000.txt"/"middle1100.txt" as in the real data) and all (the two joined).
 
 The GLUE and RACE rows are generated from templates with a fixed seed, and made SEPARABLE by a lexical cue so that a
 tiny BERT fine-tuned for a few dozen steps gets clearly above chance: each class has its own cue words (sst2
@@ -195,9 +195,9 @@ RACE_README_BODY = """---
 
 NOT the RACE data: a few articles generated from templates by `scripts/build_task_fixtures.py` for megahf's tests
 and `megahf finetune --smoke`, in the Hub dataset's schema (`example_id`, `article`, `answer` (A-D), `question`,
-`options` (4 strings); configs all, high, middle; `example_id` "high3.txt"/"middle3.txt" as in the real data). The
-right option is a word of the article, the wrong ones come from words no article uses. Numbers computed on it mean
-nothing.
+`options` (4 strings); configs all, high, middle; `example_id` "high1000.txt"/"middle1100.txt" as in the real
+data). The right option is a word of the article, the wrong ones come from words no article uses. Numbers computed
+on it mean nothing.
 """
 
 FRUITS = ["apple", "orange", "banana", "lemon", "cherry", "peach", "grape", "pear"]

@@ -8,7 +8,8 @@ builtin base it had before (`ValueError`, `OSError`, ...), so existing `except` 
 megahf's user-facing errors: `RecipeError` (megahf.recipe), `IndexedDatasetError` and `IndexedDatasetNotFoundError`
 (megahf.data.indexed_dataset), `GPTDatasetError`, `BertDatasetError`, `PreprocessError` (megahf.data),
 `CheckpointError` (megahf.training.checkpoint), `NonFiniteError` (megahf.training.trainer: a NaN loss),
-`EvaluationError` (megahf.tasks.common), and here `OutputWriteError` and `UnsupportedModelError`.
+`EvaluationError` (megahf.tasks.common), `TaskDataError` (megahf.tasks.task_data), `UnknownMetricError`
+(megahf.metrics), and here `OutputWriteError` and `UnsupportedModelError`.
 
 This module imports nothing but the standard library (`megahf --help` reads it).
 """

@@ -8,9 +8,10 @@
 * `corpus/shakespeare.jsonl`: four plays, one JSON object per scene with the keys
   `text`, `source` and `id` (see `corpus/NOTICE.md`; rebuilt by
   `scripts/build_corpus.py`).
-* `fixtures/`: tiny hand-written stand-ins for LAMBADA (`lambada_openai/`, `lambada_openai.jsonl`) and WikiText-103
-  (`wikitext/`, `wiki.test.raw`) in the exact Hub schemas, for tests and offline trials; NOT the real data sets
-  (see `fixtures/README.md`; rebuilt by `scripts/build_task_fixtures.py`).
+* `fixtures/`: tiny hand-made stand-ins for LAMBADA (`lambada_openai/`, `lambada_openai.jsonl`), WikiText-103
+  (`wikitext/`, `wiki.test.raw`), GLUE (`glue/`, like nyu-mll/glue) and RACE (`race/`, like ehovy/race) in the exact
+  Hub schemas, for tests, `megahf finetune --smoke` and offline trials; NOT the real data sets (see
+  `fixtures/README.md`; rebuilt by `scripts/build_task_fixtures.py`).
 
 Nothing here needs the network or the Hugging Face Hub.
 """

@@ -5,6 +5,9 @@
 * `megahf.tasks.wikitext`: WikiText-103 zero-shot perplexity (`load_text`, `detokenize`, `featurize`, `windows`,
   `score`, `evaluate`), the sliding window and the adjusted perplexity as Megatron computes them.
 * `megahf.tasks.common`: what both share (`EvaluationError`, model and tokenizer loading, right-padded batches).
+* `megahf.tasks.finetuning`: the fine-tuning tasks (GLUE's nine, RACE) as `FinetuneTask`s (`TASKS`, `get_task`):
+  loading and checking their data (`task_data`), Megatron's featurization (`glue`, `race`), batches, metrics (the
+  evaluate modules of `megahf.metrics`) and prediction files; errors are `TaskDataError`.
 * `megahf.tasks.run`: `megahf evaluate lambada|wikitext` (checks everything, then computes, prints a table, writes
   `--output-json`).
 

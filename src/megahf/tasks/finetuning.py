@@ -16,7 +16,7 @@
 | mrpc | nyu-mll/glue (mrpc) | sequence classification | not_equivalent, equivalent | f1, accuracy |
 | qqp | nyu-mll/glue (qqp) | sequence classification | not_duplicate, duplicate | f1, accuracy |
 | stsb | nyu-mll/glue (stsb) | regression (num_labels 1) | a score from 0 to 5 | pearson, spearmanr |
-| mnli | nyu-mll/glue (mnli) | sequence classification | entailment, neutral, contradiction | accuracy (matched, mismatched) |
+| mnli | nyu-mll/glue (mnli) | sequence classification | entailment, neutral, contradiction | accuracy (m, mm) |
 | qnli | nyu-mll/glue (qnli) | sequence classification | entailment, not_entailment | accuracy |
 | rte | nyu-mll/glue (rte) | sequence classification | entailment, not_entailment | accuracy |
 | wnli | nyu-mll/glue (wnli) | sequence classification | not_entailment, entailment | accuracy |
@@ -155,11 +155,13 @@ class FinetuneTask:
 
     def compute_metrics(self, predictions: np.ndarray, references: np.ndarray,
                         split: datasets.Dataset | None = None) -> dict[str, float]:
-        """The task's metrics (`self.metrics`) of `predictions` (class ids; float scores for stsb) against
-        `references`, computed by the evaluate modules of `megahf.metrics`. RACE with `split` (whose `example_id`
-        tells each row's level, see `race.race_level`) also gives `accuracy_middle` and `accuracy_high` (only for
-        the levels present) and the counts `num_examples`, `num_middle`, `num_high`."""
+        """The task's metrics (`self.metrics`) of `predictions` (class ids; float scores for stsb, [N] or [N, 1])
+        against `references`, computed by the evaluate modules of `megahf.metrics`. RACE with `split` (whose
+        `example_id` tells each row's level, see `race.race_level`) also gives `accuracy_middle` and `accuracy_high`
+        (only for the levels present) and the counts `num_examples`, `num_middle`, `num_high`."""
         predictions, references = np.asarray(predictions), np.asarray(references)
+        if self.is_regression and predictions.ndim == 2 and predictions.shape[1] == 1:
+            predictions = predictions[:, 0]  # the regression head's [N, 1] logits are the scores
         if predictions.ndim != 1 or predictions.shape != references.shape:
             raise TaskDataError(f"task {self.name}: predictions of shape {predictions.shape} for references of shape "
                                 f"{references.shape}; pass one prediction per example (argmax class ids, or scores "
@@ -210,6 +212,8 @@ class FinetuneTask:
         position in the split (RACE's `example_id` names an article, shared by its questions), prediction = the
         answer letter."""
         predictions = np.asarray(predictions)
+        if self.is_regression and predictions.ndim == 2 and predictions.shape[1] == 1:
+            predictions = predictions[:, 0]
         if predictions.ndim != 1 or len(predictions) != len(split):
             raise TaskDataError(f"task {self.name}: {predictions.shape} predictions for a split of {len(split)} rows; "
                                 "pass one prediction per row (argmax class ids, or scores for stsb)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-#: Megatron's question+option cap for RACE lives in race.py; GLUE has no per-text cap.
 _SPACES = re.compile(r"\s+")
 
 

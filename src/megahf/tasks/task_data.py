@@ -87,12 +87,16 @@ def _load_folder(task: FinetuneTask, folder: Path, wanted: Sequence[str]) -> dat
         raise TaskDataError(f"dataset {folder}: no split {missing[0]!r} for task {task.name} (no file "
                             f"{config_dir / (missing[0] + '-*.parquet')}; splits found: {', '.join(present) or 'none'}"
                             f"); the task needs {', '.join(wanted)}; add the split's parquet file")
-    try:
-        return datasets.load_dataset("parquet", data_files=files)
-    except Exception as error:  # a damaged or non-parquet file, or splits whose schemas disagree
-        raise TaskDataError(f"dataset {folder}: cannot read the parquet files of {task.hub_config}/ "
-                            f"({type(error).__name__}: {error}); pass intact files laid out like {task.hub_name}"
-                            ) from error
+    loaded = datasets.DatasetDict()
+    for split, paths in files.items():  # one split at a time: each is checked against the task on its own
+        try:
+            loaded[split] = datasets.load_dataset("parquet", data_files={split: paths}, split=split)
+        except Exception as error:  # a damaged or non-parquet file, or shards whose schemas disagree
+            cause = error.__cause__ or error
+            raise TaskDataError(f"dataset {folder}: cannot read split {split!r} ({', '.join(paths)}: "
+                                f"{type(cause).__name__}: {cause}); pass intact parquet files laid out like "
+                                f"{task.hub_name}") from error
+    return loaded
 
 
 def check_split(task: FinetuneTask, split: datasets.Dataset, name: str, source: str) -> None:
@@ -109,7 +113,7 @@ def check_split(task: FinetuneTask, split: datasets.Dataset, name: str, source: 
         _check_strings(table.column(column), source, name, column)
     unlabeled_ok = name in task.test_splits
     if task.head == "multiple_choice":
-        _check_race(task, split, table, name, source, unlabeled_ok)
+        _check_race(task, split, name, source, unlabeled_ok)
     elif task.is_regression:
         _check_scores(split, name, source, unlabeled_ok)
     else:
@@ -157,8 +161,7 @@ def _check_scores(split: datasets.Dataset, name: str, source: str, unlabeled_ok:
                                 f"from 0 to 5{hint}; fix or remove the row")
 
 
-def _check_race(task: FinetuneTask, split: datasets.Dataset, table: pa.Table, name: str, source: str,
-                unlabeled_ok: bool) -> None:
+def _check_race(task: FinetuneTask, split: datasets.Dataset, name: str, source: str, unlabeled_ok: bool) -> None:
     for row, (answer, options) in enumerate(zip(split["answer"], split["options"])):
         if not isinstance(options, list) or len(options) != len(RACE_LETTERS) or \
                 not all(isinstance(o, str) for o in options):
