@@ -46,7 +46,6 @@ results.json (read by the model card's model-index; keep these names):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import time
@@ -57,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification, \
     AutoTokenizer, TrainerCallback, set_seed
@@ -126,10 +126,7 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     model = apply_peft(recipe, task, model)
     describe(recipe, task, source, model, layout, data)
     trainer = build_trainer(recipe, task, model, tokenizer, data, args, callbacks)
-    trainer.train()
-    if trainer.state.global_step not in trainer.dev_results:
-        trainer.evaluate()  # the end-of-run scores (logged like the periodic ones), unless the last step just had them
-    dev = trainer.dev_results[trainer.state.global_step]
+    dev = train_and_evaluate(trainer)
     predictions = predict_test_splits(trainer, task, data, Path(recipe.run.output_dir))
     results = collect_results(recipe, task, layout, trainer, dev, predictions, dataset_path, len(data.train))
     output_dir = write_outputs(recipe, task, trainer, model, tokenizer, results, start)
@@ -362,11 +359,10 @@ def apply_peft(recipe: FinetuneRecipe, task: FinetuneTask, model):
     method = recipe.peft.peft
     if method == "none":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     _, _, head = HEADS[task.head]
     names = recipe.peft.target_names
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__]
+    # nn.Linear, or bitsandbytes' Linear4bit under QLoRA
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     pattern = lora_target_pattern(names)
     for name in names:
         one = lora_target_pattern([name])
@@ -388,8 +384,9 @@ def describe(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSource, mo
     total = sum(p.numel() for p in model.parameters())
     peft = {"none": "full fine-tuning", "lora": f"LoRA r={recipe.peft.lora_rank}",
             "qlora": f"QLoRA (4-bit nf4 base) r={recipe.peft.lora_rank}"}[recipe.peft.peft]
-    say(f"{task.name}: {len(data.train):,} train rows, dev {', '.join(f'{s} {len(f):,}' for s, (_, f) in data.evals.items())}"
-        f"{'; test ' + ', '.join(f'{s} {len(f):,}' for s, (_, f) in data.tests.items()) if data.tests else ''}; "
+    dev = ", ".join(f"{split} {len(features):,}" for split, (_, features) in data.evals.items())
+    test = ", ".join(f"{split} {len(features):,}" for split, (_, features) in data.tests.items())
+    say(f"{task.name}: {len(data.train):,} train rows, dev {dev}{'; test ' + test if test else ''}; "
         f"max_seq_length {recipe.task.max_seq_length}")
     optim = recipe.optim
     say(f"{peft}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trained (this rank's share); "
@@ -493,6 +490,15 @@ def build_trainer(recipe: FinetuneRecipe, task: FinetuneTask, model, tokenizer, 
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer
+
+
+def train_and_evaluate(trainer: FinetuneTrainer) -> dict[str, dict[str, float]]:
+    """Train, then score the dev split(s) at the end (logged like the periodic evaluations, unless the last step just
+    had one); split -> metric -> value."""
+    trainer.train()
+    if trainer.state.global_step not in trainer.dev_results:
+        trainer.evaluate()
+    return trainer.dev_results[trainer.state.global_step]
 
 
 def predict_test_splits(trainer: FinetuneTrainer, task: FinetuneTask, data: TaskData,
