@@ -124,7 +124,7 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     data = featurize(task, raw, tokenizer, recipe, args)
     model = build_task_model(recipe, task, source, tokenizer, layout)
     model = apply_peft(recipe, task, model)
-    describe(recipe, task, source, model, layout, data)
+    describe(recipe, task, model, layout, data)
     trainer = build_trainer(recipe, task, model, tokenizer, data, args, callbacks)
     dev = train_and_evaluate(trainer)
     predictions = predict_test_splits(trainer, task, data, Path(recipe.run.output_dir))
@@ -175,7 +175,9 @@ def resolve_model(recipe: FinetuneRecipe, task: FinetuneTask) -> ModelSource:
             f"encoder with a {task.head.replace('_', '-')} head (MegatronBert, model_type 'megatron_bert'); give a "
             "`megahf pretrain` BERT run's final/ or a converted BERT folder"
         )
-    has_tokenizer = os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES)
+    # a folder's own tokenizer if it holds one; a Hub repo's always (the shipped one would silently mismatch it)
+    has_tokenizer = (any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES) if os.path.isdir(name)
+                     else True)
     return ModelSource(name, config, pretrained=True, has_tokenizer=has_tokenizer)
 
 
@@ -342,7 +344,7 @@ def qlora_loading(task: FinetuneTask, head: str) -> dict[str, Any]:
         raise RecipeError(f"recipe key peft='qlora' needs bitsandbytes ({error}); install megahf[tasks] or use "
                           "peft: lora") from None
     compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"  # this process's GPU
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[head])
     return {"quantization_config": config, "device_map": {"": device}}
@@ -378,8 +380,7 @@ def apply_peft(recipe: FinetuneRecipe, task: FinetuneTask, model):
     return get_peft_model(model, config)
 
 
-def describe(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSource, model, layout: ParallelLayout,
-             data: TaskData) -> None:
+def describe(recipe: FinetuneRecipe, task: FinetuneTask, model, layout: ParallelLayout, data: TaskData) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     peft = {"none": "full fine-tuning", "lora": f"LoRA r={recipe.peft.lora_rank}",
