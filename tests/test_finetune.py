@@ -119,6 +119,17 @@ def test_final_model_reloads_with_the_auto_class(sst2):
         torch.testing.assert_close(model(**batch).logits, sst2.model(**batch).logits)
 
 
+def test_a_fine_tuned_model_continues_on_a_task_with_other_classes(sst2, tmp_path):
+    """Megatron's habit (RTE from an MNLI model): the 2-class head of the SST-2 run is replaced by a new 3-class one,
+    the encoder is the fine-tuned one."""
+    run = finetune(GLUE / "mnli.yaml", sst2.output_dir / "final", tmp_path / "mnli", train_steps=3, eval_interval=0)
+    assert run.model.classification_head.out_features == 3
+    assert set(run.results["eval_splits"]) == {"validation_matched", "validation_mismatched"}
+    assert run.results["split"] == "validation_matched"
+    assert run.results["metrics"] == run.results["validation_matched"]
+    assert sorted(run.results["predictions"].values()) == ["predictions/MNLI-m.tsv", "predictions/MNLI-mm.tsv"]
+
+
 def test_race_multiple_choice_learns_and_reports_levels(base, tmp_path):
     run = finetune(RACE, base, tmp_path / "race", max_seq_length=128)
     metrics = run.results["metrics"]
@@ -225,7 +236,9 @@ def test_cli_end_to_end_on_stsb(base, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) == {"pearson", "spearmanr"} and results["task"] == "stsb"
     assert all(-1.0 <= v <= 1.0 for v in results["metrics"].values())
-    assert "[megahf] done in" in done.stdout and "pretraining head dropped" in done.stdout
+    assert "[megahf] done in" in done.stdout
+    assert ("its other heads dropped (binary_head, lm_head, output_layer); task head classification_head newly "
+            "initialised (1 output)") in done.stdout
     lines = (out / "predictions" / "STS-B.tsv").read_text().splitlines()
     float(lines[1].split("\t")[1])  # scores, not class ids
 

@@ -309,7 +309,10 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
     else:
         quantization = qlora_loading(task, head) if recipe.peft.peft == "qlora" else {}
         try:
-            model, info = auto_class.from_pretrained(source.name, output_loading_info=True, **labels, **quantization)
+            # A head of another size (a model fine-tuned on MNLI, continued on RTE) is re-initialised, not refused;
+            # any other tensor of the wrong size is refused below.
+            model, info = auto_class.from_pretrained(source.name, output_loading_info=True,
+                                                     ignore_mismatched_sizes=True, **labels, **quantization)
         except (RuntimeError, ValueError, ImportError) as error:
             if quantization:
                 raise RecipeError(f"recipe key peft='qlora': bitsandbytes cannot load a 4-bit model here "
@@ -318,17 +321,19 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
         if not isinstance(model, model_class):
             raise RecipeError(f"recipe key model={source.name!r} loaded as {type(model).__name__}, not "
                               f"{model_class.__name__}")
-        new = sorted(k for k in info["missing_keys"])
+        new = sorted({*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))})
         stray = [k for k in new if not k.startswith(head)]
         if stray:
             raise RecipeError(
-                f"recipe key model={source.name!r}: its weights lack {len(stray)} encoder tensors (e.g. {stray[0]}); "
-                "give a complete pretrained BERT folder"
+                f"recipe key model={source.name!r}: {len(stray)} encoder tensors are missing from its weights or of "
+                f"another shape (e.g. {stray[0]}); give a complete pretrained BERT folder"
             )
         dropped = sorted({k.split(".")[0] for k in info["unexpected_keys"]})
-        say(f"model: {source.name}: pretrained encoder loaded; pretraining head dropped ({', '.join(dropped) or '-'}"
-            f"), task head {head} newly initialised ({task.num_labels if task.head != 'multiple_choice' else 1} "
-            f"output{'s' if task.head != 'multiple_choice' and task.num_labels > 1 else ''})")
+        outputs = 1 if task.head == "multiple_choice" else task.num_labels
+        fate = (f"newly initialised ({outputs} output{'s' if outputs > 1 else ''})" if new else
+                "loaded from the folder (continuing its fine-tuning)")
+        heads = f"its other heads dropped ({', '.join(dropped)})" if dropped else "no other head in the folder"
+        say(f"model: {source.name}: pretrained encoder loaded, {heads}; task head {head} {fate}")
     if layout.sharded:
         model = distribute_model(model, layout.distributed_config())
     return model
