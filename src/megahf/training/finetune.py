@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification, \
     AutoTokenizer, TrainerCallback, set_seed
 from transformers.trainer_callback import ProgressCallback
+from transformers.utils import logging as hf_logging
 
 from ..assets import embedded_tokenizer_path
 from ..atomic import atomic_write_json, atomic_write_text
@@ -311,8 +312,13 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
         try:
             # A head of another size (a model fine-tuned on MNLI, continued on RTE) is re-initialised, not refused;
             # any other tensor of the wrong size is refused below.
-            model, info = auto_class.from_pretrained(source.name, output_loading_info=True,
-                                                     ignore_mismatched_sizes=True, **labels, **quantization)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # its table of unused and new weights: the one line below says it
+            try:
+                model, info = auto_class.from_pretrained(source.name, output_loading_info=True,
+                                                         ignore_mismatched_sizes=True, **labels, **quantization)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         except (RuntimeError, ValueError, ImportError) as error:
             if quantization:
                 raise RecipeError(f"recipe key peft='qlora': bitsandbytes cannot load a 4-bit model here "
@@ -583,7 +589,8 @@ def write_outputs(recipe: FinetuneRecipe, task: FinetuneTask, trainer: FinetuneT
     if is_rank_zero():
         plot_losses(trainer.state.log_history, output_dir / "loss.png",
                     f"{task.name}: {results['steps']} steps, {results['split']} {task.main_metric} "
-                    f"{main.get(task.main_metric, float('nan')):.3f}")
+                    f"{main.get(task.main_metric, float('nan')):.3f}",
+                    ylabel="mean squared error" if task.is_regression else "cross entropy (nats/example)")
         save_recipe(recipe, output_dir / "recipe.yaml")
         atomic_write_json(output_dir / "results.json", results, indent=2)
         atomic_write_text(output_dir / "results.md", results_markdown(results))
