@@ -1,4 +1,4 @@
-"""`megahf finetune` under torchrun (gloo, 2 processes: data parallel and tensor parallel) gives the dev metrics and
+"""`megahf finetune` under torchrun (gloo, 2 processes: DDP, FSDP2, tensor parallel) gives the dev metrics and
 the fine-tuned weights of one process at the same global batch (one process: micro-batch 4 x accumulation 2).
 
 The model is a tiny BERT saved as a pretraining run's final/ is, with dropout off (each rank would draw its own masks);
@@ -17,7 +17,8 @@ import torch
 from _launch import REPO_ROOT, final_weights, launch, torchrun_command
 
 RECIPE = REPO_ROOT / "recipes" / "glue" / "sst2.yaml"
-LAYOUTS = {"single": (1, {}), "ddp2": (2, {}), "tp2": (2, {"tensor_parallel_size": 2})}
+LAYOUTS = {"single": (1, {}), "ddp2": (2, {}), "fsdp2": (2, {"fsdp_size": 2}),
+           "tp2": (2, {"tensor_parallel_size": 2})}
 # As for pretraining (test_training_layouts.py): the loss relative, the weights max |difference| relative to the
 # largest weight of the model; a wrong layout is off by 1e-2 and more.
 TOLERANCE = 1e-5
@@ -62,7 +63,7 @@ def layout_run(base, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("layout", ["ddp2", "tp2"])
+@pytest.mark.parametrize("layout", ["ddp2", "fsdp2", "tp2"])
 def test_finetune_layout_equals_one_process(layout, layout_run):
     out, reference = layout_run(layout), layout_run("single")
     got = json.loads((out / "results.json").read_text())
