@@ -105,7 +105,8 @@ class FinetuneOptimRecipe(OptimizerRecipe):
                            default=0)
     learning_rate: float = arg("Peak learning rate after warmup.", default=2e-5)
     min_learning_rate: float = arg("Floor the schedule decays to (Megatron's fine-tuning: 0).", default=0.0)
-    warmup_steps: int = arg("Linear warmup steps; 0: warmup_fraction of train_steps.", default=0)
+    warmup_steps: int = arg("Linear warmup steps (wins over warmup_fraction); 0: warmup_fraction of train_steps.",
+                            default=0)
     lr_schedule: str = arg("Decay after warmup: cosine, linear or constant.", default="linear")
     adam_beta2: float = arg("AdamW beta2.", default=0.999)
     warmup_fraction: float = arg("Warmup as a fraction of train_steps when warmup_steps is 0 (Megatron's "
@@ -119,8 +120,6 @@ class FinetuneOptimRecipe(OptimizerRecipe):
         OptimizerRecipe.validate(dataclasses.replace(self, train_steps=probe_steps))
         need_at_least(self, 0, "train_steps")
         need(self, 0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", "it must lie in [0, 1), e.g. 0.065")
-        need(self, not (self.warmup_steps and self.warmup_fraction), "warmup_fraction",
-             f"set either warmup_steps={self.warmup_steps} or warmup_fraction, not both (set the other to 0)")
         need(self, self.optim in OPTIMIZERS, "optim", f"use one of {', '.join(OPTIMIZERS)}")
 
 

@@ -55,11 +55,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification, \
-    AutoTokenizer, TrainerCallback, set_seed
+from transformers import (AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification, AutoTokenizer,
+                          TrainerCallback, set_seed)
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
