@@ -1,6 +1,7 @@
 """`megahf <verb>` (also `python -m megahf <verb>`).
 
     megahf pretrain recipes/gpt/tiny.yaml [--key value ...]
+    megahf finetune recipes/glue/mnli.yaml --model runs/bert-336m/final [--peft lora] [--key value ...]
     megahf preprocess --input corpus.jsonl --tokenizer gpt2 --output-prefix data/my --append-eod
     megahf evaluate lambada --model runs/gpt/final --data lambada_test.jsonl [--strict]
     megahf evaluate wikitext --model runs/gpt/final --data wiki.test.raw [--overlapping-eval 32]
@@ -22,7 +23,7 @@ import sys
 from . import __version__
 from .data import preprocess_arguments
 from .errors import MegahfError, one_line
-from .recipe import PretrainRecipe, recipe_help
+from .recipe import FinetuneRecipe, PretrainRecipe, recipe_help
 
 PRETRAIN_EPILOG = """\
 Every recipe key can be overridden after the recipe path, as --key value or --key=value; model fields go through
@@ -33,6 +34,19 @@ boolean key to true. Examples:
   megahf pretrain recipes/gpt/llama-tiny.yaml --model_overrides.num_layers 2 --lr_schedule linear
 
 Recipe keys, by section (the defaults of megahf.recipe's dataclasses; a recipe file sets its own):
+"""
+
+
+FINETUNE_EPILOG = """\
+Every recipe key can be overridden after the recipe path, as --key value or --key=value (--key null for a key that
+takes null); a bare --flag sets a boolean key to true. Examples:
+
+  megahf finetune recipes/glue/mnli.yaml --model runs/bert-336m/final
+  megahf finetune recipes/race/race.yaml --model runs/bert-336m/final --peft lora --lora_rank 16
+  megahf finetune recipes/glue/sst2.yaml --model bert-tiny --smoke --output_dir runs/smoke   (the shipped fixture)
+  torchrun --nproc_per_node 8 -m megahf finetune recipes/glue/qqp.yaml --model M --tensor_parallel_size 2
+
+Recipe keys, by section (the defaults of megahf.recipe.finetune's dataclasses; a recipe file sets its own):
 """
 
 
@@ -55,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         usage="megahf pretrain [-h] RECIPE [--key value ...]",
     )
     pretrain.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/gpt/tiny.yaml")
+
+    finetune = verbs.add_parser(
+        "finetune",
+        help="fine-tune a pretrained BERT on a GLUE task or RACE (full, LoRA, QLoRA; 8-bit AdamW)",
+        description="Fine-tune a pretrained MegatronBert on a GLUE task or RACE as a YAML recipe says, as "
+        "Megatron-LM's tasks/ did: dev metrics every eval_interval and at the end, test-split prediction files, and "
+        "OUTPUT_DIR/{final/, results.json, results.md, predictions/, loss.png, recipe.yaml}.",
+        epilog=FINETUNE_EPILOG + recipe_help(FinetuneRecipe),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="megahf finetune [-h] RECIPE [--key value ...]",
+    )
+    finetune.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/glue/mnli.yaml")
 
     preprocess_arguments.add_arguments(
         verbs.add_parser(
@@ -137,6 +163,12 @@ def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def run_finetune_verb(recipe_path: str, overrides: list[str]) -> int:
+    recipe = run_verb("megahf.training.finetune", "load_finetune_recipe", recipe_path, overrides)
+    run_verb("megahf.training.finetune", "finetune", recipe)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -145,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "pretrain":
             return run_pretrain_verb(args.recipe, rest)
+        if args.verb == "finetune":
+            return run_finetune_verb(args.recipe, rest)
         if args.verb == "preprocess":
             return run_verb("megahf.data.preprocess", "run", args)
         if args.verb == "evaluate":
