@@ -58,6 +58,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     Extra `callbacks` are added to the Trainer's."""
     start = time.perf_counter()
     check_recipe(recipe)
+    check_hub_push(recipe)  # a push that cannot happen is refused before hours of training
     layout = build_layout(recipe)  # the world size must fit before anything is computed
     prepare_processes(layout)
     set_seed(recipe.run.seed)
@@ -79,6 +80,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     metrics = collect_metrics(recipe, layout, trainer, progress, train_metrics, validation, n_params, peak,
                               resume_from)
     output_dir = write_outputs(recipe, trainer, model, tokenizer, metrics, start)
+    push_to_hub(recipe, output_dir)
     return PretrainResult(model=model, tokenizer=tokenizer, trainer=trainer, metrics=metrics, output_dir=output_dir)
 
 
@@ -258,6 +260,29 @@ def write_outputs(recipe: PretrainRecipe, trainer: MegatronTrainer, model, token
         f"{metrics['final_train_loss']:.3f}, valid {family.ppl_label} {valid_ppl:,.2f}, "
         f"{metrics['tokens_per_second'] or 0:,.0f} tokens/s{mfu}")
     return output_dir
+
+
+def check_hub_push(recipe) -> None:
+    """With `push_to_hub: true`, refuse a missing token or offline mode now rather than after training."""
+    if recipe.hub.push_to_hub and is_rank_zero():
+        from ..hub.push import check_can_push
+
+        check_can_push()
+
+
+def push_to_hub(recipe, output_dir: Path) -> None:
+    """`push_to_hub: true`: publish output_dir as `megahf push` does, from rank 0, once final/ and the figures are
+    written. A failed push raises after everything local is saved (push again with `megahf push`)."""
+    if not recipe.hub.push_to_hub or not is_rank_zero():
+        return
+    from ..hub import HubError, push_folder
+
+    try:
+        push_folder(output_dir, recipe.hub.hub_model_id, private=recipe.hub.hub_private,
+                    revision=recipe.hub.hub_revision or None, say=say)
+    except HubError as error:
+        raise HubError(f"{error} (the run's outputs are saved in {output_dir}: push them with `megahf push "
+                       f"{output_dir} --repo-id {recipe.hub.hub_model_id}`)") from None
 
 
 def pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
