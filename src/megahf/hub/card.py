@@ -166,7 +166,9 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -213,7 +215,7 @@ def training_section(source: PublishSource) -> str:
     if not (m or r or recipe):
         return ""
     corpus = recipe.get("corpus")
-    data = ("the Shakespeare plays shipped with megahf (public domain, a few MB of text)" if corpus == "embedded"
+    data = ("the four Shakespeare plays shipped with megahf (public domain, under 1 MB of text)" if corpus == "embedded"
             else corpus or recipe.get("data_path"))
     rows = [("training data", data), ("tokenizer", recipe.get("tokenizer")),
             ("sequence length", recipe.get("seq_length"))]
@@ -251,7 +253,7 @@ def results_section(results: list[Result]) -> str:
     lines = ["## Results", "", "| task | dataset | split | metric | value | file |", "|---|---|---|---|---|---|"]
     for r in results:
         mark = " (shipped fixture, NOT the real data)" if r.smoke else ""
-        lines.append(f"| {r.task_name} | {r.dataset_name}{mark} | {r.split} | {r.metric_name} | {r.value:.4g} | "
+        lines.append(f"| {r.task_name} | {r.dataset_name}{mark} | {r.split} | {r.metric_name} | {_fmt(r.value)} | "
                      f"{r.source} |")
     if any(r.smoke for r in results):
         lines += ["", "Rows marked *shipped fixture* were computed on megahf's tiny test fixtures: they check that "
@@ -335,7 +337,7 @@ def limitations_section(source: PublishSource) -> str:
     small = isinstance(tokens, (int, float)) and tokens < SMALL_RUN_TOKENS
     lines = ["## Intended use, limitations and bias", ""]
     if recipe.get("corpus") == "embedded":
-        lines.append("This model was trained on a few Shakespeare plays only. It can produce text that looks like "
+        lines.append("This model was trained on four Shakespeare plays only. It can produce text that looks like "
                      "Early Modern English verse and prose; it cannot state facts, answer questions, follow "
                      "instructions, write modern English reliably, or reason. It is a demonstration and a test "
                      "artifact of the training code, not a language model for any application.")
