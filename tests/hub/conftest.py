@@ -33,6 +33,7 @@ def online(monkeypatch, hub):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # HfApi() without endpoint= (the pretrain hook) uses it
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("MEGAHF_HUB_RETRY_DELAY", "0.01")
     return hub

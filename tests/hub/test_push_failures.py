@@ -4,6 +4,7 @@ token (which the stand-in's 500 answers echo back) never appears in what megahf 
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import pytest
@@ -127,3 +128,34 @@ def test_no_token_or_offline_is_refused_up_front(online, models, monkeypatch, tm
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubError, match=r"HF_HUB_OFFLINE is set"):
         _push(models["bert_dir"], "alice/anon", online, [])
+
+
+def test_the_command_line_push(hub, models, tmp_path):
+    """`megahf push` as a user runs it: HF_ENDPOINT and HF_TOKEN from the environment; errors are one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    env = {**subprocess_env(hub, tmp_path / "home"), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    src = Path(__file__).resolve().parents[2] / "src"
+    env["PYTHONPATH"] = f"{src}{os.pathsep}{env['PYTHONPATH']}"
+    command = [sys.executable, "-m", "megahf", "push", str(models["bert_dir"]), "--repo-id", "alice/cli",
+               "--revision", "b1", "--commit-message", "first push", "--private"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "config.json" in hub.files("alice/cli", "b1") and hub.repos["alice/cli"].private
+    assert hub.commits[-1]["message"] == "first push" and hub.commits[-1]["revision"] == "b1"
+    hub.fail("POST", r"/api/models/alice/cli/commit/", status=500, times=4)
+    (tmp_path / "changed").mkdir()
+    shutil.copytree(models["bert_dir"], tmp_path / "changed" / "m")
+    (tmp_path / "changed" / "m" / "special_tokens_map.json").write_text("{}")
+    failed = subprocess.run([*command[:4], str(tmp_path / "changed" / "m"), *command[5:]], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("megahf push: error: pushing") and "after 4 tries" in last
+    for output in (done.stdout, done.stderr, failed.stdout, failed.stderr):
+        assert FAKE_TOKEN not in output
