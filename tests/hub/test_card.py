@@ -157,7 +157,7 @@ def test_recipe_keys_are_checked(key, value, error, tmp_path):
 
 def test_the_pretrain_hook_pushes_the_run(online, models, tmp_path):
     from megahf.recipe import PretrainRecipe, parse_recipe
-    from megahf.training.pretrain import check_hub_push, push_to_hub
+    from megahf.training.publish import check_hub_push, push_to_hub
 
     recipe = parse_recipe(PretrainRecipe, None, ["--push_to_hub", "--hub_model_id", "alice/from-recipe",
                                                  "--hub_revision", "step-3"])
@@ -170,3 +170,10 @@ def test_the_pretrain_hook_pushes_the_run(online, models, tmp_path):
     requests = len(online.requests)
     push_to_hub(not_pushed, models["gpt_run"])
     assert len(online.requests) == requests
+
+
+def test_the_card_lists_the_shards_a_push_would_write(models, tmp_path):
+    text = _card(models["gpt_run"], tmp_path, "--max-shard-size", "2MB").read_text()
+    assert "- `model.safetensors.index.json`" in text and "- `model-00001-of-" in text
+    assert "- `model.safetensors`" not in text
+    assert not list(tmp_path.glob("*.safetensors"))  # listed, not written

@@ -24,8 +24,6 @@ def add_hub_parsers(verbs) -> None:
     push.add_argument("--revision", default=None, metavar="BRANCH",
                       help="push to this branch (created from main if missing); default main")
     push.add_argument("--commit-message", default=None, metavar="TEXT", help="default: 'megahf push FOLDER-NAME'")
-    push.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
-                      help=f"re-shard safetensors files larger than this (default {DEFAULT_MAX_SHARD_SIZE})")
     card = verbs.add_parser(
         "card", help="render the model card `megahf push` would upload, for review",
         description="Render FOLDER's model card (README.md) from whatever files it has, without pushing anything.")
@@ -34,6 +32,8 @@ def add_hub_parsers(verbs) -> None:
     card.add_argument("--repo-id", default=None, metavar="USER/NAME", help="the repo the usage snippet loads")
     card.add_argument("--revision", default=None, metavar="BRANCH", help="the branch the usage snippet loads")
     for parser in (push, card):
+        parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                            help=f"re-shard safetensors files larger than this (default {DEFAULT_MAX_SHARD_SIZE})")
         parser.add_argument("--license", default="apache-2.0", help="the card's license (default apache-2.0)")
         parser.add_argument("--base-model", default=None, metavar="USER/NAME",
                             help="the Hub id of the model this one was fine-tuned or converted from, or of an "
@@ -54,6 +54,7 @@ def run_card(args: argparse.Namespace) -> int:
     from ..errors import explain_write_errors
     from .folder import read_folder
     from .push import check_repo_id
+    from .shards import parse_size
     from .stage import StageOptions, staged
 
     for value, flag in ((args.repo_id, "--repo-id"), (args.base_model, "--base-model")):
@@ -61,7 +62,8 @@ def run_card(args: argparse.Namespace) -> int:
             check_repo_id(value, flag)
     source = read_folder(args.folder)
     options = StageOptions(repo_id=args.repo_id, revision=args.revision, license=args.license,
-                           base_model=args.base_model)
+                           base_model=args.base_model, max_shard_bytes=parse_size(args.max_shard_size),
+                           write_weights=False)
     with staged(source, options) as stage:
         card = stage.card
     if args.output is None:

@@ -54,41 +54,48 @@ def needs_resharding(files: list[Path], max_bytes: int) -> bool:
     return any(path.stat().st_size > max_bytes for path in files)
 
 
-def reshard(files: list[Path], out_dir: Path, max_bytes: int, prefix: str = "model") -> list[str]:
-    """Rewrite the tensors of `files` into `prefix-0000i-of-0000n.safetensors` shards of at most `max_bytes` each
-    (a tensor larger than that gets a shard of its own) and `prefix.safetensors.index.json`; return the names
-    written. Reads one tensor at a time (torch is imported here only)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    sizes = {}
-    for path in files:
-        for name, info in read_header(path).items():
-            if name != "__metadata__":
-                sizes[name] = (path, math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 4))
+def plan_shards(files: list[Path], max_bytes: int, prefix: str = "model") -> dict[str, list[str]]:
+    """Shard file name -> the tensors it will hold, in the files' order: at most `max_bytes` of tensor data per
+    shard (a tensor larger than that gets a shard of its own). From the headers alone."""
     groups: list[list[str]] = [[]]
     used = 0
-    for name, (_, size) in sizes.items():
+    for name, (_, size) in _tensor_sizes(files).items():
         if groups[-1] and used + size > max_bytes:
             groups.append([])
             used = 0
         groups[-1].append(name)
         used += size
     n = len(groups)
-    names, weight_map = [], {}
-    for i, group in enumerate(groups, start=1):
-        shard = f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
+    return {f"{prefix}-{i:05d}-of-{n:05d}.safetensors": group for i, group in enumerate(groups, start=1)}
+
+
+def reshard(files: list[Path], out_dir: Path, max_bytes: int, prefix: str = "model") -> list[str]:
+    """Rewrite the tensors of `files` as the shards of `plan_shards` plus `prefix.safetensors.index.json`, as
+    `save_pretrained(max_shard_size=...)` lays them out; return the names written. Holds one shard in memory at a
+    time (torch is imported here only)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sizes = _tensor_sizes(files)
+    weight_map = {}
+    for shard, group in plan_shards(files, max_bytes, prefix).items():
         tensors = {}
         for name in group:
             with safe_open(str(sizes[name][0]), framework="pt") as f:
                 tensors[name] = f.get_tensor(name)
         save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, shard))
-        names.append(shard)
     index = {"metadata": {"total_size": sum(size for _, size in sizes.values())}, "weight_map": weight_map}
     index_name = f"{prefix}.safetensors.index.json"
     (out_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return [*names, index_name]
+    return [*dict.fromkeys(weight_map.values()), index_name]
 
 
-__all__ = ["count_parameters", "needs_resharding", "parse_size", "read_header", "reshard", "tensor_shapes"]
+def _tensor_sizes(files: list[Path]) -> dict[str, tuple[Path, int]]:
+    """Tensor name -> (its file, its bytes)."""
+    return {name: (path, math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 4))
+            for path in files for name, info in read_header(path).items() if name != "__metadata__"}
+
+
+__all__ = ["count_parameters", "needs_resharding", "parse_size", "plan_shards", "read_header", "reshard",
+           "tensor_shapes"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from .card import CardOptions, render_card
 from .folder import PublishSource, model_files
 from .remote_code import auto_map, write_remote_code
-from .shards import count_parameters, needs_resharding, reshard
+from .shards import count_parameters, needs_resharding, plan_shards, reshard
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -30,6 +30,7 @@ class StageOptions:
     license: str = "apache-2.0"
     base_model: str | None = None
     max_shard_bytes: int = 5 * 10**9
+    write_weights: bool = True  # False (megahf card): list the shards a push would write, write none
 
 
 @dataclass
@@ -61,8 +62,11 @@ def stage_into(source: PublishSource, options: StageOptions, tmp: Path) -> Stage
         if reshaped and (path in weights or path in weight_index):
             continue
         files[name] = path
-    if reshaped:
-        for name in reshard(sorted(weights), tmp, options.max_shard_bytes):
+    if reshaped and options.write_weights:
+        for name in reshard(weights, tmp, options.max_shard_bytes):
+            files[name] = tmp / name
+    elif reshaped:  # the card lists the names only
+        for name in [*plan_shards(weights, options.max_shard_bytes), "model.safetensors.index.json"]:
             files[name] = tmp / name
     if family is not None:
         for name in write_remote_code(family, tmp):

@@ -8,7 +8,8 @@ biases and norm weights, linear warmup then cosine (or linear) decay to `min_lea
 gradient-norm clipping, evaluation every `eval_interval` steps. At the end: validation loss and perplexity, a sample
 (GPT: generated text; BERT: the words predicted at [MASK]), the model and tokenizer saved to `output_dir/final`
 (loadable with `AutoModelForCausalLM` / `AutoModelForPreTraining.from_pretrained` after `import megahf`), the loss
-curves in `output_dir/loss.png` and the numbers in `output_dir/metrics.json`. `run_pretrain` reads as the list of
+curves in `output_dir/loss.png` and the numbers in `output_dir/metrics.json`; with `push_to_hub: true`, all of
+it published to the Hub with a model card (`megahf.hub`, as `megahf push` does). `run_pretrain` reads as the list of
 its steps; each step is a function below it.
 """
 
@@ -36,6 +37,7 @@ from .flops import launch_peak_tflops, training_flops_per_token
 from .log import say
 from .outputs import plot_losses, save_final
 from .processes import prepare_processes
+from .publish import check_hub_push, push_to_hub
 from .resume import checkpoint_metadata, find_resume_checkpoint
 from .setup import build_layout, build_model, check_recipe, load_tokenizer
 from .trainer import MegatronTrainer, check_finite_weights, training_arguments
@@ -260,29 +262,6 @@ def write_outputs(recipe: PretrainRecipe, trainer: MegatronTrainer, model, token
         f"{metrics['final_train_loss']:.3f}, valid {family.ppl_label} {valid_ppl:,.2f}, "
         f"{metrics['tokens_per_second'] or 0:,.0f} tokens/s{mfu}")
     return output_dir
-
-
-def check_hub_push(recipe) -> None:
-    """With `push_to_hub: true`, refuse a missing token or offline mode now rather than after training."""
-    if recipe.hub.push_to_hub and is_rank_zero():
-        from ..hub.push import check_can_push
-
-        check_can_push()
-
-
-def push_to_hub(recipe, output_dir: Path) -> None:
-    """`push_to_hub: true`: publish output_dir as `megahf push` does, from rank 0, once final/ and the figures are
-    written. A failed push raises after everything local is saved (push again with `megahf push`)."""
-    if not recipe.hub.push_to_hub or not is_rank_zero():
-        return
-    from ..hub import HubError, push_folder
-
-    try:
-        push_folder(output_dir, recipe.hub.hub_model_id, private=recipe.hub.hub_private,
-                    revision=recipe.hub.hub_revision or None, say=say)
-    except HubError as error:
-        raise HubError(f"{error} (the run's outputs are saved in {output_dir}: push them with `megahf push "
-                       f"{output_dir} --repo-id {recipe.hub.hub_model_id}`)") from None
 
 
 def pretrain(recipe: PretrainRecipe) -> dict[str, Any]:
