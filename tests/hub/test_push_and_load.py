@@ -99,7 +99,8 @@ def pushed(models, hub, tmp_path_factory):
     work.mkdir()
     (work / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([sys.executable, str(LOADER), str(work / "jobs.json"), str(work)], cwd=work,
-                          env=subprocess_env(hub, work / "hf-home"), capture_output=True, text=True, timeout=240)
+                          env=subprocess_env(hub, work / "hf-home"), capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]
     return {"results": results, "second": second, "logs": logs, "loader": done,
             "report": json.loads((work / "report.json").read_text()),
@@ -172,6 +173,9 @@ def test_what_is_uploaded(pushed, hub):
 
 def test_the_card_usage_snippets_run_as_written(pushed):
     report = pushed["report"]
+    output = pushed["loader"].stdout + pushed["loader"].stderr
+    assert "Do you wish to run the custom code" not in output  # no prompt (input() writes it to stdout)
+    assert "to instantiate a model of type ``" not in output  # ... and no fallback config after a refused prompt
     assert report["gpt_snippet.ran"] and report["bert_snippet.ran"] and report["lora_snippet.ran"]
 
 

@@ -279,6 +279,7 @@ def usage_section(source: PublishSource, options: CardOptions) -> str:
     repo = options.repo_id or "USER/NAME"
     revision = f', revision="{options.revision}"' if options.revision and options.revision != "main" else ""
     auto, pipeline = load_class(source)
+    # AutoTokenizer reads config.json too, and asks before running the code auto_map names: trust it there as well
     remote = ", trust_remote_code=True" if source.family is not None else ""
     if source.is_adapter:
         base = base_model(source, options) or source.adapter_config.get("base_model_name_or_path") or "BASE"
@@ -294,7 +295,7 @@ def usage_section(source: PublishSource, options: CardOptions) -> str:
                 "and name it with `--base-model USER/BASE`, so that this snippet loads it.")
         return f"## Usage\n\nWith `pip install transformers peft torch`:\n\n```python\n{code}```{note}"
     code = (f"from transformers import {auto}, AutoTokenizer\n\n"
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision})\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision}{remote})\n'
             f'model = {auto}.from_pretrained("{repo}"{revision}{remote})\n' + _example(pipeline, "model", "tokenizer"))
     return f"## Usage\n\nWith `pip install transformers torch` (megahf is not needed):\n\n```python\n{code}```"
 
