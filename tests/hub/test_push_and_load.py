@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BERT_INPUT, FAKE_TOKEN, GPT_INPUT, _train, subprocess_env, write_gpt_run
+from hub_helpers import BERT_INPUT, FAKE_TOKEN, GPT_INPUT, _train, subprocess_env, write_gpt_run
 
 LOADER = Path(__file__).with_name("_load_without_megahf.py")
 

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from conftest import FAKE_TOKEN, snapshot
+from hub_helpers import FAKE_TOKEN, snapshot
 
 
 def _push(folder, repo_id, hub, logs, **kwargs):
@@ -137,7 +137,7 @@ def test_the_command_line_push(hub, models, tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import subprocess_env
+    from hub_helpers import subprocess_env
 
     env = {**subprocess_env(hub, tmp_path / "home"), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     src = Path(__file__).resolve().parents[2] / "src"

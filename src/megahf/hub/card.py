@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .folder import PublishSource, is_hub_id
 from .model_index import Result, all_results, model_index
-from .remote_code import FAMILIES
 
 # the class a folder was saved as -> (Auto class to load it with, pipeline tag)
 ARCHITECTURES = {
