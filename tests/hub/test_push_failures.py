@@ -159,3 +159,15 @@ def test_the_command_line_push(hub, models, tmp_path):
     assert last.startswith("megahf push: error: pushing") and "after 4 tries" in last
     for output in (done.stdout, done.stderr, failed.stdout, failed.stderr):
         assert FAKE_TOKEN not in output
+
+
+def test_a_server_that_stalls_mid_upload_times_out_and_is_retried(online, models, monkeypatch):
+    hub, logs = online, []
+    monkeypatch.setenv("MEGAHF_HUB_TIMEOUT", "0.5")
+    hub.fail("POST", r"/api/models/alice/stalled/commit/", status=500, delay_s=3.0, times=1)  # answers too late
+    result = _push(models["bert_dir"], "alice/stalled", hub, logs)
+    assert result.tries == 2 and result.commit is not None
+    assert any("retrying" in line and "Timeout" in line for line in logs), logs
+    from huggingface_hub.utils import _http
+
+    assert _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory  # the timeout was for the push only

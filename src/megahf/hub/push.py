@@ -3,7 +3,8 @@ on `main` or on a branch (created from main if missing).
 
 Transient failures (a 5xx or 429 answer, a refused or dropped connection, a timeout) are retried with exponential
 back-off, `tries` times in all (the delays start at `MEGAHF_HUB_RETRY_DELAY` seconds, default 2, and double), then
-end in one `HubError`. A commit is all or nothing on the Hub, so a failed push leaves the repo as it was; FOLDER is
+end in one `HubError`. A connection on which nothing moves for `MEGAHF_HUB_TIMEOUT` seconds (default 60) counts as a
+timeout (huggingface_hub itself waits forever on an upload). A commit is all or nothing on the Hub, so a failed push leaves the repo as it was; FOLDER is
 never written. Files whose content the repo already has at that revision are not uploaded again (the Hub's preupload
 answer tells huggingface_hub so), and a push that changes nothing makes no commit. The token (HF_TOKEN or
 `hf auth login`) is sent to the Hub only: it is removed from every message megahf prints or raises.
@@ -11,9 +12,10 @@ answer tells huggingface_hub so), and a push that changes nothing makes no commi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +76,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
     message = commit_message or f"megahf push {Path(folder).name}"
     options = StageOptions(repo_id=repo_id, revision=branch, license=license, base_model=base_model,
                            max_shard_bytes=max_bytes)
-    with staged(source, options) as stage:
+    with staged(source, options) as stage, _stall_timeout(float(os.environ.get("MEGAHF_HUB_TIMEOUT", "60"))):
         say(f"pushing {len(stage.files)} files from {folder} to {repo_id}@{branch} ({api.endpoint})")
         for attempt in range(1, tries + 1):
             try:
@@ -124,6 +126,30 @@ def _push_once(api, repo_id: str, branch: str, private: bool, message: str, stag
     commit = info.oid if info.oid != before else None
     return PushResult(repo_id, branch, commit, str(repo_url), uploaded if commit else [], unchanged,
                       stale if commit else [], 0)
+
+
+@contextlib.contextmanager
+def _stall_timeout(seconds: float) -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client a per-operation timeout (connect, and each read or write: a slow
+    but moving upload is never cut) for the duration of a push. huggingface_hub 2.4 builds its client with
+    `timeout=None`, so a server that stops answering mid-upload would hang the push forever; remove this once it has a
+    default upload timeout."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = _http._GLOBAL_CLIENT_FACTORY
+
+    def factory():
+        client = previous()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
 
 
 def _transient(error: BaseException) -> bool:
