@@ -62,6 +62,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 say: Callable[[str], None] = print) -> PushResult:
     """Publish `folder` (a run's output_dir, a model folder or a peft adapter folder) to `repo_id`."""
     check_repo_id(repo_id)
+    if tries < 1:
+        raise HubError(f"tries={tries}: a push needs at least 1 try")
     if base_model is not None:
         check_repo_id(base_model, "--base-model")
     max_bytes = parse_size(max_shard_size)
@@ -120,8 +122,10 @@ def _push_once(api, repo_id: str, branch: str, private: bool, message: str, stag
                  stage.files.items()]
     operations = [*additions, *[CommitOperationDelete(path_in_repo=f) for f in stale]]
     info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=branch)
+    # create_commit compares each file's hash with the one preupload reported (huggingface_hub 2.4 keeps both on the
+    # operation) and leaves out the equal ones; read which, for the report
     unchanged = [op.path_in_repo for op in additions
-                 if op._remote_oid is not None and op._remote_oid == op._local_oid]
+                 if getattr(op, "_remote_oid", None) is not None and op._remote_oid == op._local_oid]
     uploaded = [op.path_in_repo for op in additions if op.path_in_repo not in set(unchanged)]
     commit = info.oid if info.oid != before else None
     return PushResult(repo_id, branch, commit, str(repo_url), uploaded if commit else [], unchanged,
