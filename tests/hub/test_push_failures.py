@@ -163,11 +163,20 @@ def test_the_command_line_push(hub, models, tmp_path):
 
 def test_a_server_that_stalls_mid_upload_times_out_and_is_retried(online, models, monkeypatch):
     hub, logs = online, []
-    monkeypatch.setenv("MEGAHF_HUB_TIMEOUT", "0.5")
-    hub.fail("POST", r"/api/models/alice/stalled/commit/", status=500, delay_s=3.0, times=1)  # answers too late
+    # 2 s: far above what a request to the stand-in takes even on a loaded machine, far below the 8 s stall
+    monkeypatch.setenv("MEGAHF_HUB_TIMEOUT", "2")
+    hub.fail("POST", r"/api/models/alice/stalled/commit/", status=500, delay_s=8.0, times=1)  # answers too late
     result = _push(models["bert_dir"], "alice/stalled", hub, logs)
-    assert result.tries == 2 and result.commit is not None
+    assert result.tries >= 2 and result.commit is not None
     assert any("retrying" in line and "Timeout" in line for line in logs), logs
     from huggingface_hub.utils import _http
 
     assert _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory  # the timeout was for the push only
+
+
+def test_a_bad_delay_setting_is_refused(online, models, monkeypatch):
+    from megahf.hub import HubError
+
+    monkeypatch.setenv("MEGAHF_HUB_TIMEOUT", "soon")
+    with pytest.raises(HubError, match=r"MEGAHF_HUB_TIMEOUT='soon' is not a number of seconds"):
+        _push(models["bert_dir"], "alice/never", online, [])

@@ -74,11 +74,12 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
     token = get_token()
     api = HfApi(endpoint=endpoint, token=token)
     branch = revision or "main"
-    delay = float(os.environ.get("MEGAHF_HUB_RETRY_DELAY", "2")) if retry_delay_s is None else retry_delay_s
+    delay = _env_seconds("MEGAHF_HUB_RETRY_DELAY", 2.0) if retry_delay_s is None else retry_delay_s
+    stall = _env_seconds("MEGAHF_HUB_TIMEOUT", 60.0)
     message = commit_message or f"megahf push {Path(folder).name}"
     options = StageOptions(repo_id=repo_id, revision=branch, license=license, base_model=base_model,
                            max_shard_bytes=max_bytes)
-    with staged(source, options) as stage, _stall_timeout(float(os.environ.get("MEGAHF_HUB_TIMEOUT", "60"))):
+    with staged(source, options) as stage, _stall_timeout(stall):
         say(f"pushing {len(stage.files)} files from {folder} to {repo_id}@{branch} ({api.endpoint})")
         for attempt in range(1, tries + 1):
             try:
@@ -86,6 +87,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 result.tries = attempt
                 break
             except Exception as error:  # noqa: BLE001 - sorted into transient (retried) and final below
+                if not _transient(error) and not _hub_answer(error):
+                    raise  # not the Hub's doing: a bug, with its traceback
                 text = _redact(_one_line(error), token)
                 if not _transient(error):
                     raise HubError(f"pushing {folder} to {repo_id}@{branch} failed: {text}; nothing local was "
@@ -163,6 +166,26 @@ def _transient(error: BaseException) -> bool:
     if isinstance(error, HfHubHTTPError):
         return error.response is not None and error.response.status_code in RETRY_STATUSES
     return isinstance(error, (httpx2.TransportError, TimeoutError, ConnectionError))
+
+
+def _hub_answer(error: BaseException) -> bool:
+    """An error answer of the Hub (401, 403, 404, 409, 422, ...), reported as such, not retried."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(error, HfHubHTTPError)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise HubError(f"{name}={text!r} is not a number of seconds; set e.g. {name}={default:g} or unset it")
+    return value
 
 
 def _one_line(error: BaseException) -> str:
