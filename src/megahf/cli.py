@@ -5,6 +5,8 @@
     megahf preprocess --input corpus.jsonl --tokenizer gpt2 --output-prefix data/my --append-eod
     megahf evaluate lambada --model runs/gpt/final --data lambada_test.jsonl [--strict]
     megahf evaluate wikitext --model runs/gpt/final --data wiki.test.raw [--overlapping-eval 32]
+    megahf push runs/gpt-tiny --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
+    megahf card runs/gpt-tiny [--output README.md]
 
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
 status 2, before anything is computed or written. So is every other megahf error a verb meets later (a damaged
@@ -23,6 +25,7 @@ import sys
 from . import __version__
 from .data import preprocess_arguments
 from .errors import MegahfError, one_line
+from .hub.cli import add_hub_parsers
 from .recipe import FinetuneRecipe, PretrainRecipe, recipe_help
 
 PRETRAIN_EPILOG = """\
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_evaluate_parser(verbs)
+    add_hub_parsers(verbs)
     return parser
 
 
@@ -172,7 +176,7 @@ def run_finetune_verb(recipe_path: str, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb in ("preprocess", "evaluate") and rest:
+    if args.verb in ("preprocess", "evaluate", "push", "card") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.verb == "pretrain":
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_verb("megahf.data.preprocess", "run", args)
         if args.verb == "evaluate":
             return run_verb("megahf.tasks.run", "run", args)
+        if args.verb == "push":
+            return run_verb("megahf.hub.cli", "run_push", args)
+        if args.verb == "card":
+            return run_verb("megahf.hub.cli", "run_card", args)
     except MegahfError as error:
         print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
         return 2
