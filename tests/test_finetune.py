@@ -221,6 +221,10 @@ def test_bad_input_is_refused_before_anything_is_computed(base, gpt_folder, tmp_
     for recipe, extra, message in cases:
         with pytest.raises(RecipeError, match=message):
             finetune(recipe, base, out, **{k: str(v) for k, v in extra.items()})
+    from megahf.hub import HubError  # a push that cannot happen (the tests run offline) stops before training
+
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
+        finetune(GLUE / "sst2.yaml", base, out, push_to_hub="true", hub_model_id="alice/sst2")
     assert not out.exists()  # nothing was written
     with pytest.raises(RecipeError, match=r"model='runs/bert-336m/final': no such folder; pass --model"):
         load_finetune_recipe(GLUE / "mnli.yaml")

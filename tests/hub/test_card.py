@@ -142,17 +142,20 @@ def test_card_errors_are_one_line(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("verb", ["PretrainRecipe", "FinetuneRecipe"])
 @pytest.mark.parametrize("key,value,error", [
     ("push_to_hub", True, "hub_model_id=''"),
     ("hub_model_id", "not-a-repo", "USER/NAME"),
 ])
-def test_recipe_keys_are_checked(key, value, error, tmp_path):
-    from megahf.recipe import PretrainRecipe, RecipeError, parse_recipe
+def test_recipe_keys_are_checked(verb, key, value, error, tmp_path):
+    import megahf.recipe
+    from megahf.recipe import RecipeError, parse_recipe
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"{key}: {json.dumps(value)}\n")
+    needed = "model: bert-tiny\n" if verb == "FinetuneRecipe" else ""  # the one key a finetune recipe must have
+    recipe.write_text(f"{needed}{key}: {json.dumps(value)}\n")
     with pytest.raises(RecipeError, match=error):
-        parse_recipe(PretrainRecipe, recipe)
+        parse_recipe(getattr(megahf.recipe, verb), recipe)
 
 
 def test_the_pretrain_hook_pushes_the_run(online, models, tmp_path):

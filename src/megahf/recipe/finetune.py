@@ -21,6 +21,7 @@ from typing import Any
 from ..models.presets import PRESETS
 from .errors import RecipeError, did_you_mean, need, need_at_least, need_finite
 from .help import arg
+from .hub import HubRecipe
 from .optimizer import OptimizerRecipe
 from .parallel import ParallelRecipe
 from .run import REPORT_TO, check_output_dir
@@ -179,6 +180,7 @@ class FinetuneRecipe:
     optim: FinetuneOptimRecipe = field(default_factory=FinetuneOptimRecipe)
     peft: PeftRecipe = field(default_factory=PeftRecipe)
     run: FinetuneRunRecipe = field(default_factory=FinetuneRunRecipe)
+    hub: HubRecipe = field(default_factory=HubRecipe)
 
     def validate(self) -> None:
         for section in self.sections():

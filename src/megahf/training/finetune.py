@@ -77,6 +77,7 @@ from .callbacks import MegatronLogCallback
 from .log import say
 from .outputs import plot_losses, save_final
 from .processes import prepare_processes
+from .publish import check_hub_push, push_to_hub
 from .setup import build_layout
 from .trainer import MegatronTrainer, check_finite_weights, trainer_arguments
 
@@ -114,6 +115,7 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     source = resolve_model(recipe, task)
     layout = build_layout(recipe)
     check_layout(recipe, source, layout)
+    check_hub_push(recipe)  # a push that cannot happen is refused before any training
     prepare_processes(layout)
     set_seed(recipe.run.seed)
     tokenizer = load_tokenizer(recipe, source)
@@ -131,6 +133,7 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     predictions = predict_test_splits(trainer, task, data, Path(recipe.run.output_dir))
     results = collect_results(recipe, task, layout, trainer, dev, predictions, dataset_path, len(data.train))
     output_dir = write_outputs(recipe, task, trainer, model, tokenizer, results, start)
+    push_to_hub(recipe, output_dir)
     return FinetuneResult(model=model, tokenizer=tokenizer, trainer=trainer, results=results, output_dir=output_dir)
 
 
