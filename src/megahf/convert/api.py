@@ -86,6 +86,8 @@ def _check_target(fmt: str, loaded: LoadedCheckpoint, tp: int, pp: int) -> None:
     if fmt == "megatron":
         from .megatron_legacy import check_layout
         check_layout(config, tp, pp)
+        if not gpt and config.layernorm_order != "pre":
+            raise ConversionError("a post-LayerNorm BERT cannot be written as megatron: Megatron's BERT is pre-LN")
         if not gpt and loaded.model_class != "MegatronBertForPreTraining":
             raise ConversionError(f"a {loaded.model_class} cannot be written as megatron: Megatron's BERT checkpoints "
                                   "hold the pretraining model (MegatronBertForPreTraining)")

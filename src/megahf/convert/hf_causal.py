@@ -25,6 +25,10 @@ from .common import ConversionError, LoadedCheckpoint, TensorRef, check_shapes, 
 from .safetensors_stream import read_safetensors, write_safetensors
 
 VOCAB_KEY = "megahf_vocab_size"
+# transformers' activation_function -> megahf's activation (gelu_new, gelu_pytorch_tanh and gelu_fast are the same
+# tanh approximation, written three ways)
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_fast": "gelu_tanh"}
 
 
 # ------------------------------------------------------------------------------------------------ QKV layouts
@@ -87,13 +91,10 @@ def read_hf_gpt2(path: str | os.PathLike, overrides: dict | None = None) -> Load
 
     hf, tensors = _read_folder(path, "gpt2")
     prefix = "transformer." if "transformer.wte.weight" in tensors else ""
-    notes = []
     act = hf.get("activation_function", "gelu_new")
-    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        notes.append(f"activation_function={act!r} (tanh-approximated GeLU) becomes megahf's exact GeLU, as "
-                     "Megatron computes it: logits differ slightly (see max_abs_logit_diff)")
-    elif act != "gelu":
-        raise ConversionError(f"{path}: activation_function={act!r}: megahf's GPT-2 MLP is GeLU")
+    if act not in GPT2_ACTIVATIONS:
+        raise ConversionError(f"{path}: activation_function={act!r}: megahf's GPT-2 MLP is GeLU, exact or "
+                              f"tanh-approximated ({', '.join(GPT2_ACTIVATIONS)})")
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
         raise ConversionError(f"{path}: GPT-2 attention scaling other than 1/sqrt(head size) is not supported")
     rows = tensors[prefix + "wte.weight"].shape[0]
@@ -101,7 +102,8 @@ def read_hf_gpt2(path: str | os.PathLike, overrides: dict | None = None) -> Load
     fields = dict(vocab_size=_vocab_of(hf, rows), hidden_size=hidden, num_layers=hf["n_layer"],
                   num_attention_heads=heads, ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
                   max_position_embeddings=hf["n_positions"], layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-                  activation="gelu", normalization="LayerNorm", position_embedding_type="learned_absolute",
+                  activation=GPT2_ACTIVATIONS[act], normalization="LayerNorm",
+                  position_embedding_type="learned_absolute",
                   add_bias_linear=True, tie_word_embeddings=hf.get("tie_word_embeddings", True),
                   hidden_dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
                   init_method_std=hf.get("initializer_range", 0.02),
@@ -142,7 +144,7 @@ def read_hf_gpt2(path: str | os.PathLike, overrides: dict | None = None) -> Load
         head = tensors["lm_head.weight"]
         out["output_layer.weight"] = _ref((padded, hidden), head.dtype, lambda: _pad_rows(head.load(), padded))
     _check_all_used(path, tensors, out, ignore=(".attn.bias", ".attn.masked_bias", "lm_head.weight"))
-    loaded = LoadedCheckpoint(config, "MegatronGPTForCausalLM", out, notes=notes)
+    loaded = LoadedCheckpoint(config, "MegatronGPTForCausalLM", out)
     check_shapes(loaded, str(path))
     return loaded
 
@@ -174,12 +176,13 @@ def write_hf_gpt2(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = Tru
     _require(c, [(c.model_type == "megatron_gpt", "it is not a GPT"),
                  (c.position_embedding_type == "learned_absolute", "GPT-2 has learned positions, not RoPE"),
                  (c.normalization == "LayerNorm", "GPT-2 uses LayerNorm"),
-                 (c.activation == "gelu", "GPT-2's MLP is GeLU, not SwiGLU"),
+                 (c.activation in ("gelu", "gelu_tanh"), "GPT-2's MLP is GeLU, not SwiGLU"),
                  (c.add_bias_linear, "GPT-2's linear layers have biases"),
                  (c.num_query_groups == c.num_attention_heads, "GPT-2 has no grouped-query attention")], "hf-gpt2")
     hf = transformers.GPT2Config(
         vocab_size=c.padded_vocab_size, n_positions=c.max_position_embeddings, n_embd=c.hidden_size,
-        n_layer=c.num_layers, n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size, activation_function="gelu",
+        n_layer=c.num_layers, n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size,
+        activation_function="gelu" if c.activation == "gelu" else "gelu_new",
         layer_norm_epsilon=c.layernorm_epsilon, resid_pdrop=c.hidden_dropout, embd_pdrop=c.hidden_dropout,
         attn_pdrop=c.attention_dropout, initializer_range=c.init_method_std, tie_word_embeddings=c.tie_word_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, **{VOCAB_KEY: c.vocab_size})

@@ -159,9 +159,9 @@ def config_from_args(args, family: str, shapes: dict[str, tuple], layers: int, o
             refuse("rotary_percent", arg(args, "rotary_percent"), "megahf rotates the whole head (1.0)")
         if arg(args, "rotary_interleaved", False):
             refuse("rotary_interleaved", True, "megahf's RoPE rotates halves (Megatron-Core's default)")
-    for key in ("openai_gelu", "squared_relu", "onnx_safe"):
+    for key in ("squared_relu", "onnx_safe"):
         if arg(args, key):
-            refuse(key, True, "megahf's MLP is exact GeLU or SwiGLU")
+            refuse(key, True, "megahf's MLP is GeLU (exact or --openai-gelu's tanh approximation) or SwiGLU")
     add_bias = arg(args, "add_bias_linear", True)
     if arg(args, "add_qkv_bias", False) and not add_bias:
         refuse("add_qkv_bias", True, "a QKV bias without the other biases is not supported")
@@ -170,7 +170,7 @@ def config_from_args(args, family: str, shapes: dict[str, tuple], layers: int, o
         num_query_groups=groups, position_embedding_type=position,
         rotary_base=arg(args, "rotary_base", 10000),
         normalization=arg(args, "normalization", "LayerNorm"),
-        activation="swiglu" if arg(args, "swiglu") else "gelu",
+        activation="swiglu" if arg(args, "swiglu") else "gelu_tanh" if arg(args, "openai_gelu") else "gelu",
         add_bias_linear=add_bias,
         tie_word_embeddings=not arg(args, "untie_embeddings_and_output_weights", False),
     )
@@ -383,7 +383,8 @@ def megatron_args(config, tp: int, pp: int, padded: int) -> argparse.Namespace:
             use_rotary_position_embeddings=config.position_embedding_type == "rope",
             add_position_embedding=config.position_embedding_type == "learned_absolute",
             rotary_base=config.rotary_base, rotary_percent=1.0, rotary_interleaved=False,
-            swiglu=config.activation == "swiglu", add_bias_linear=config.add_bias_linear,
+            swiglu=config.activation == "swiglu", openai_gelu=config.activation == "gelu_tanh",
+            add_bias_linear=config.add_bias_linear,
             add_qkv_bias=config.add_bias_linear,
         )
     else:
