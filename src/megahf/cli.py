@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONVERT_FORMATS = ("megatron", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert")  # megahf.convert.FORMATS
+CONVERT_FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert")  # megahf.convert.FORMATS
 
 
 def add_convert_parser(verbs) -> None:
@@ -83,7 +83,8 @@ def add_convert_parser(verbs) -> None:
         "written as DST/conversion.json: the logits of a fixed probe batch from the source against the converted "
         "checkpoint's, and the bitwise result of converting DST back. Exit status 0 when proven, 1 when not.",
         epilog="Formats: megatron (Megatron-LM legacy torch checkpoint: iter_XXXXXXX/ or release/ with "
-        "mp_rank_XX[_YYY]/model_optim_rng.pt, any TP x PP), megahf (a megahf model folder, or a training checkpoint "
+        "mp_rank_XX[_YYY]/model_optim_rng.pt, any TP x PP), megatron-dist (Megatron-Core's torch_dist: a PyTorch "
+        "distributed checkpoint with metadata.json and common.pt), megahf (a megahf model folder, or a training checkpoint "
         "checkpoints/step_N/ as a source), hf-gpt2 (GPT2LMHeadModel), hf-llama (LlamaForCausalLM), hf-bert (BertFor*), "
         "hf-megatron-bert (MegatronBertFor*); transformers folders are read from safetensors only.",
     )
@@ -93,7 +94,9 @@ def add_convert_parser(verbs) -> None:
                          help="target format (same choices)")
     convert.add_argument("src", metavar="SRC", help="the checkpoint to convert (a folder)")
     convert.add_argument("dst", metavar="DST", help="the new folder to write (must not exist)")
-    convert.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size of a megatron target")
+    convert.add_argument("--tp", type=int, default=1, metavar="N",
+                         help="tensor-parallel size of a megatron target (megatron-dist: the TP whose vocabulary "
+                              "padding it gets)")
     convert.add_argument("--pp", type=int, default=1, metavar="M", help="pipeline-parallel size of a megatron target")
     convert.add_argument("--megatron-names", choices=("core", "te", "legacy"), default="core",
                          help="parameter names of a megatron target: Megatron-Core local spec (default), Transformer "

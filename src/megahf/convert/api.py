@@ -28,7 +28,7 @@ from ..atomic import atomic_write_json, publish_folder, temporary_name
 from ..errors import explain_write_errors
 from .common import ConversionError, LoadedCheckpoint, build_model
 
-FORMATS = ("megatron", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert")
+FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert")
 PROOF_FILE = "conversion.json"
 PROBE_SEED, PROBE_BATCH, PROBE_LENGTH = 0, 2, 16
 
@@ -40,6 +40,9 @@ def read_checkpoint(fmt: str, path: str | os.PathLike, overrides: dict | None = 
     if fmt == "megatron":
         from .megatron_legacy import read_megatron
         return read_megatron(path, overrides, trust_pickle=trust_pickle)
+    if fmt == "megatron-dist":
+        from .megatron_dist import read_megatron_dist
+        return read_megatron_dist(path, overrides, trust_pickle=trust_pickle)
     if fmt == "megahf":
         from .megahf_format import read_megahf
         return read_megahf(path, overrides)
@@ -59,6 +62,9 @@ def write_checkpoint(fmt: str, loaded: LoadedCheckpoint, dst: Path, tp: int = 1,
     if fmt == "megatron":
         from .megatron_legacy import write_megatron
         write_megatron(loaded, dst, tp=tp, pp=pp, names=megatron_names, show_progress=show_progress)
+    elif fmt == "megatron-dist":
+        from .megatron_dist import write_megatron_dist
+        write_megatron_dist(loaded, dst, tp=tp, show_progress=show_progress)
     elif fmt == "megahf":
         from .megahf_format import write_megahf
         write_megahf(loaded, dst, show_progress=show_progress)
@@ -83,16 +89,19 @@ def _check_target(fmt: str, loaded: LoadedCheckpoint, tp: int, pp: int) -> None:
     """Refuse what the target cannot hold before anything is written (the writers check again)."""
     config = loaded.config
     gpt = config.model_type == "megatron_gpt"
-    if fmt == "megatron":
+    if fmt in ("megatron", "megatron-dist"):
         from .megatron_legacy import check_layout
         check_layout(config, tp, pp)
+        if fmt == "megatron-dist" and pp != 1:
+            raise ConversionError(f"--pp {pp}: a torch_dist checkpoint stores whole tensors, loadable at any TP x PP; "
+                                  "only --tp (which sets the vocabulary padding) applies")
         if not gpt and config.layernorm_order != "pre":
-            raise ConversionError("a post-LayerNorm BERT cannot be written as megatron: Megatron's BERT is pre-LN")
+            raise ConversionError(f"a post-LayerNorm BERT cannot be written as {fmt}: Megatron's BERT is pre-LN")
         if not gpt and loaded.model_class != "MegatronBertForPreTraining":
             raise ConversionError(f"a {loaded.model_class} cannot be written as megatron: Megatron's BERT checkpoints "
                                   "hold the pretraining model (MegatronBertForPreTraining)")
     elif (tp, pp) != (1, 1):
-        raise ConversionError(f"--tp {tp} --pp {pp}: only the megatron format is split; {fmt} holds whole tensors")
+        raise ConversionError(f"--tp {tp} --pp {pp}: only the megatron formats are split; {fmt} holds whole tensors")
     if fmt in ("hf-gpt2", "hf-llama") and not gpt:
         raise ConversionError(f"a BERT cannot be written as {fmt}: use hf-megatron-bert, hf-bert, megahf or megatron")
     if fmt in ("hf-bert", "hf-megatron-bert") and gpt:
@@ -186,7 +195,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, from_format: str, to
             "command": command or _python_call(src, dst, from_format, to_format, tp, pp, model_overrides),
             "source": {"format": from_format, "path": str(src), "layout": loaded.layout},
             "target": {"format": to_format, "path": str(dst),
-                       "layout": {"tp": tp, "pp": pp, "names": megatron_names} if to_format == "megatron" else {}},
+                       "layout": {"tp": tp, "pp": pp, "names": megatron_names} if to_format == "megatron"
+                       else {"tp": tp} if to_format == "megatron-dist" else {}},
             "model": {"class": loaded.model_class, "model_type": loaded.config.model_type,
                       "vocab_size": loaded.config.vocab_size, "padded_vocab_size": loaded.config.padded_vocab_size},
             "tensors": len(loaded.tensors),
@@ -236,6 +246,8 @@ def _round_trip(from_format, loaded, to_format, written: Path, folder: Path, sho
     target = read_checkpoint(to_format, written)
     layout = loaded.layout
     tp, pp = (layout.get("tp") or 1, layout.get("pp") or 1) if from_format == "megatron" else (1, 1)
+    if from_format == "megatron-dist":
+        tp = layout.get("tp") or 1
     names = layout.get("names", "core") if from_format == "megatron" else "core"
     if from_format == "megahf" and loaded.layout.get("training_step") is not None:
         back_format = "megahf"  # a training checkpoint comes back as a model folder: the weights are what counts

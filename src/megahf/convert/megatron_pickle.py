@@ -102,8 +102,12 @@ def load_megatron_file(path: str | os.PathLike, trust_pickle: bool = False, mmap
     """The object pickled in a Megatron checkpoint file, tensors memory-mapped (read only when used)."""
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    # only what is not registered yet: leaving the context removes its globals, also ones another library
+    # (megatron.core registers argparse.Namespace on import) had added for itself
+    registered = torch.serialization.get_safe_globals()
+    allowed = [entry for entry in _allowed_globals() if entry not in registered]
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError:
         raise

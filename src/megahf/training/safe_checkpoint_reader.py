@@ -38,6 +38,11 @@ _METADATA_GLOBALS = frozenset({
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),
     ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),  # StorageMeta.checkpoint_id, as DCP saw it
+    # Megatron-Core's torch_dist metadata also caches the save plans (planner_data): DCP's plain data classes
+    ("torch.distributed.checkpoint.planner", "SavePlan"),
+    ("torch.distributed.checkpoint.planner", "WriteItem"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch.distributed.checkpoint.planner", "TensorWriteData"),
 })
 
 
