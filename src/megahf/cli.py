@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONVERT_FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert")  # megahf.convert.FORMATS
+CONVERT_FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert",
+                   "nanotron")  # megahf.convert.FORMATS
 
 
 def add_convert_parser(verbs) -> None:
@@ -86,7 +87,8 @@ def add_convert_parser(verbs) -> None:
         "mp_rank_XX[_YYY]/model_optim_rng.pt, any TP x PP), megatron-dist (Megatron-Core's torch_dist: a PyTorch "
         "distributed checkpoint with metadata.json and common.pt), megahf (a megahf model folder, or a training checkpoint "
         "checkpoints/step_N/ as a source), hf-gpt2 (GPT2LMHeadModel), hf-llama (LlamaForCausalLM), hf-bert (BertFor*), "
-        "hf-megatron-bert (MegatronBertFor*); transformers folders are read from safetensors only.",
+        "hf-megatron-bert (MegatronBertFor*), nanotron (its Llama: model_config.json and "
+        "model/**/*.safetensors, one file per tensor and shard); transformers folders are read from safetensors only.",
     )
     convert.add_argument("--from", dest="from_format", required=True, choices=CONVERT_FORMATS, metavar="FORMAT",
                          help=f"source format: {', '.join(CONVERT_FORMATS)}")

@@ -28,7 +28,7 @@ from ..atomic import atomic_write_json, publish_folder, temporary_name
 from ..errors import explain_write_errors
 from .common import ConversionError, LoadedCheckpoint, build_model
 
-FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert")
+FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert", "nanotron")
 PROOF_FILE = "conversion.json"
 PROBE_SEED, PROBE_BATCH, PROBE_LENGTH = 0, 2, 16
 
@@ -52,6 +52,9 @@ def read_checkpoint(fmt: str, path: str | os.PathLike, overrides: dict | None = 
     if fmt == "hf-llama":
         from .hf_causal import read_hf_llama
         return read_hf_llama(path, overrides)
+    if fmt == "nanotron":
+        from .nanotron import read_nanotron
+        return read_nanotron(path, overrides)
     from .hf_bert_folder import read_hf_bert
     return read_hf_bert(path, fmt, overrides)
 
@@ -74,6 +77,9 @@ def write_checkpoint(fmt: str, loaded: LoadedCheckpoint, dst: Path, tp: int = 1,
     elif fmt == "hf-llama":
         from .hf_causal import write_hf_llama
         write_hf_llama(loaded, dst, show_progress=show_progress)
+    elif fmt == "nanotron":
+        from .nanotron import write_nanotron
+        write_nanotron(loaded, dst, show_progress=show_progress)
     else:
         from .hf_bert_folder import write_hf_bert
         write_hf_bert(loaded, dst, fmt, show_progress=show_progress)
@@ -102,7 +108,7 @@ def _check_target(fmt: str, loaded: LoadedCheckpoint, tp: int, pp: int) -> None:
                                   "hold the pretraining model (MegatronBertForPreTraining)")
     elif (tp, pp) != (1, 1):
         raise ConversionError(f"--tp {tp} --pp {pp}: only the megatron formats are split; {fmt} holds whole tensors")
-    if fmt in ("hf-gpt2", "hf-llama") and not gpt:
+    if fmt in ("hf-gpt2", "hf-llama", "nanotron") and not gpt:
         raise ConversionError(f"a BERT cannot be written as {fmt}: use hf-megatron-bert, hf-bert, megahf or megatron")
     if fmt in ("hf-bert", "hf-megatron-bert") and gpt:
         raise ConversionError(f"a GPT cannot be written as {fmt}: use hf-gpt2, hf-llama, megahf or megatron")
