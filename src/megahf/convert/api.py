@@ -220,8 +220,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, from_format: str, to
                              "proof": round(time.perf_counter() - converted_at, 3)}
         report["ok"] = bool(proof and report["round_trip"]["bitwise_equal"] and report["probe"]["within_tolerance"])
         atomic_write_json(partial / PROOF_FILE, report, indent=2)
-        publish_folder(partial, dst, replace=False)
-        if partial.exists():
+        if not publish_folder(partial, dst, replace=False):
             raise ConversionError(f"{dst} appeared while converting (another process?); this conversion was dropped")
     finally:
         shutil.rmtree(partial, ignore_errors=True)
