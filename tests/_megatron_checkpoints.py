@@ -142,7 +142,8 @@ def split(state: dict, tp: int, pp: int, swiglu: bool, tied: bool) -> dict[tuple
 def to_legacy(shard: dict, heads_per_rank: int, version: float) -> dict:
     """A Megatron-Core shard in legacy names, nested as megatron/legacy/model saves it, QKV in `version`'s order."""
     layer_names = {"input_layernorm": "input_layernorm", "self_attention.linear_qkv": "self_attention.query_key_value",
-                   "self_attention.linear_proj": "self_attention.dense", "pre_mlp_layernorm": "post_attention_layernorm",
+                   "self_attention.linear_proj": "self_attention.dense",
+                   "pre_mlp_layernorm": "post_attention_layernorm",
                    "mlp.linear_fc1": "mlp.dense_h_to_4h", "mlp.linear_fc2": "mlp.dense_4h_to_h"}
     encoder, embedding, out = {}, {}, {}
     for key, tensor in shard.items():

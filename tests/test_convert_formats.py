@@ -60,7 +60,8 @@ def test_transformers_causal_lm_to_megahf_gives_its_logits_and_round_trips(tmp_p
         torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, **TOL)
     # back to transformers: the same tensors bit for bit (megahf's 24 zero padding rows kept, vocab noted)
     convert(tmp_path / "megahf", tmp_path / "back", "megahf", fmt, show_progress=False)
-    original, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    original = load_file(tmp_path / "src" / "model.safetensors")
+    back = load_file(tmp_path / "back" / "model.safetensors")
     assert back.keys() == original.keys()
     for key, tensor in original.items():
         assert torch.equal(back[key][: tensor.shape[0]], tensor), key
@@ -98,7 +99,8 @@ def test_transformers_bert_folder_to_megahf_and_megatron_and_back(tmp_path, fmt,
             ours = build_model(loaded)(input_ids=ids).prediction_logits
             torch.testing.assert_close(ours, theirs(input_ids=ids).prediction_logits[..., :1024], **TOL)
     else:
-        with pytest.raises(ConversionError, match="post-LayerNorm; hf-megatron-bert holds pre-LN models: write it as hf-bert"):
+        with pytest.raises(ConversionError, match="post-LayerNorm; hf-megatron-bert holds pre-LN models: write it as "
+                                                  "hf-bert"):
             convert(tmp_path / "megahf", tmp_path / "megatron", "megahf", "hf-megatron-bert", show_progress=False)
 
 

@@ -133,12 +133,12 @@ def test_megahf_to_megatron_tp2_writes_megatrons_split_and_round_trips_bit_exact
     torch.testing.assert_close(mc.gpt_logits(fresh, IDS)[..., :VOCAB], mc.gpt_logits(model, IDS)[..., :VOCAB], **TOL)
 
 
-def test_tp4_checkpoint_converts_and_reloads_at_tp2_and_tp1(models, tmp_path):
-    model = models["gpt2"]
-    shards = mc.split(mc.core_state(mc.gpt_model("gpt2", PADDED[4])), 4, 1, swiglu=False, tied=True)
+def test_tp4_checkpoint_converts_and_reloads_at_tp2_and_tp1(megatron_core, tmp_path):
+    model = mc.gpt_model("gpt2", PADDED[4])
+    shards = mc.split(mc.core_state(model), 4, 1, swiglu=False, tied=True)
     root = mc.save(shards, tmp_path / "tp4", mc.gpt_args("gpt2", VOCAB, PADDED[4], 4, 1))
-    del model
     expected, _ = megahf_logits(root)
+    torch.testing.assert_close(expected, mc.gpt_logits(model, IDS)[..., :VOCAB], **TOL)
     convert(root, tmp_path / "hf", "megatron", "megahf", show_progress=False)
     for tp in (2, 1):
         report = convert(tmp_path / "hf", tmp_path / f"tp{tp}", "megahf", "megatron", tp=tp, show_progress=False)
@@ -209,3 +209,26 @@ def test_bad_checkpoints_are_clear_errors_before_anything_is_written(models, tmp
     out.mkdir()
     with pytest.raises(ConversionError, match="already exists"):
         convert(root, out, "megatron", "megahf", show_progress=False)
+
+
+@pytest.mark.parametrize("names", ["legacy", "te"])
+def test_megahf_to_megatron_under_legacy_and_transformer_engine_names(models, tmp_path, names):
+    root = write_core_checkpoint(tmp_path, models["gpt2"], "gpt2", 1, 1)
+    convert(root, tmp_path / "hf", "megatron", "megahf", show_progress=False)
+    report = convert(tmp_path / "hf", tmp_path / names, "megahf", "megatron", tp=2, pp=2, megatron_names=names,
+                     show_progress=False)
+    assert report["ok"] and report["round_trip"]["bitwise_equal"]
+    first, last = (load_shard(tmp_path / names / "release" / f"mp_rank_00_{p:03d}" / "model_optim_rng.pt")["model"]
+                   for p in (0, 1))
+    if names == "legacy":  # nested as megatron/legacy/model saves it; the tied head copy on the last stage
+        assert set(first) == {"language_model"} and "layers.0.self_attention.query_key_value.weight" in \
+            first["language_model"]["encoder"]
+        assert "word_embeddings_for_head" in last
+    else:
+        assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in first
+        assert "decoder.layers.0.input_layernorm.weight" not in first
+    loaded = read_checkpoint("megatron", tmp_path / names)
+    assert loaded.layout["names"] == names
+    with torch.no_grad():
+        torch.testing.assert_close(build_model(loaded)(input_ids=IDS).logits,
+                                   mc.gpt_logits(models["gpt2"], IDS)[..., :VOCAB], **TOL)

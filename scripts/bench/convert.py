@@ -10,8 +10,8 @@ the page cache (posix_fadvise DONTNEED) and read them sequentially in 16 MiB blo
 (3) evict again and convert in a fresh process (`megahf.convert.convert(..., proof=False)`), timed, its memory sampled
 every 20 ms: peak anonymous memory (what the process owns: the tensors it builds), also less the baseline of the
 imported libraries (torch, transformers), and peak resident memory (also the memory-mapped checkpoint pages it
-touched, which the kernel can drop at will). The memory goal is judged on the growth over the baseline. Goals (issue #10): peak memory under
-1.5 x the largest shard, throughput (checkpoint bytes / seconds) at least half the disk's read speed.
+touched, which the kernel can drop at will). Goals (issue #10): peak memory under 1.5 x the largest shard (judged
+on the growth over the baseline), throughput (checkpoint bytes / seconds) at least half the disk's read speed.
 Prints a table and one `JSON {...}` line.
 """
 
@@ -154,22 +154,24 @@ def main() -> int:
         "peak_anon_over_largest_shard": child["peak_anon"] / largest,
         "converting_anon_over_largest_shard": (child["peak_anon"] - child["baseline_anon"]) / largest,
         "peak_rss_over_largest_shard": child["peak_rss"] / largest,
-        "goal_memory_met": child["peak_anon"] - child["baseline_anon"] < 1.5 * largest, "goal_throughput_met": throughput >= 0.5 * disk,
+        "goal_memory_met": child["peak_anon"] - child["baseline_anon"] < 1.5 * largest,
+        "goal_throughput_met": throughput >= 0.5 * disk,
         "proof_ok": child["ok"] if args.proof else None,
         "load_average_before": load_before, "load_average_after": load_after, "cpus": os.cpu_count(),
     }
     mib = 2 ** 20
-    print(f"checkpoint: {args.preset}" + (f" ({args.num_layers} layers)" if args.num_layers else "")
-          + f", TP={args.tp}, {args.dtype}: {total / mib:.0f} MiB in {len(shards)} shards (largest {largest / mib:.0f} MiB)")
+    layers = f" ({args.num_layers} layers)" if args.num_layers else ""
+    print(f"checkpoint: {args.preset}{layers}, TP={args.tp}, {args.dtype}: {total / mib:.0f} MiB in {len(shards)} "
+          f"shards (largest {largest / mib:.0f} MiB)")
     print(f"disk sequential read (cold): {disk / mib:.0f} MiB/s")
     print(f"convert megatron -> megahf: {convert_seconds:.1f} s = {throughput / mib:.0f} MiB/s "
           f"({throughput / disk:.2f} x disk; goal >= 0.5: {'met' if result['goal_throughput_met'] else 'NOT met'})")
-    grown = child["peak_anon"] - child["baseline_anon"]
-    print(f"peak memory of converting: anonymous +{grown / mib:.0f} MiB over the {child['baseline_anon'] / mib:.0f} MiB "
-          f"of the imported libraries = {result['converting_anon_over_largest_shard']:.2f} x largest shard (goal < 1.5: "
-          f"{'met' if result['goal_memory_met'] else 'NOT met'}); whole process: anonymous "
-          f"{child['peak_anon'] / mib:.0f} MiB, resident incl. mapped checkpoint pages {child['peak_rss'] / mib:.0f} MiB "
-          f"= {result['peak_rss_over_largest_shard']:.2f} x")
+    grown, base = child["peak_anon"] - child["baseline_anon"], child["baseline_anon"]
+    memory_goal = "met" if result["goal_memory_met"] else "NOT met"
+    print(f"peak memory of converting: anonymous +{grown / mib:.0f} MiB over the {base / mib:.0f} MiB of the imported "
+          f"libraries = {result['converting_anon_over_largest_shard']:.2f} x largest shard (goal < 1.5: {memory_goal})")
+    print(f"whole process: anonymous {child['peak_anon'] / mib:.0f} MiB, resident incl. mapped checkpoint pages "
+          f"{child['peak_rss'] / mib:.0f} MiB = {result['peak_rss_over_largest_shard']:.2f} x largest shard")
     if args.proof:
         print(f"proof (probe logits + round trip): {result['proof_seconds']:.1f} s, ok={child['ok']}")
     print(f"load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs"

@@ -85,7 +85,8 @@ def add_convert_parser(verbs) -> None:
         "checkpoint's, and the bitwise result of converting DST back. Exit status 0 when proven, 1 when not.",
         epilog="Formats: megatron (Megatron-LM legacy torch checkpoint: iter_XXXXXXX/ or release/ with "
         "mp_rank_XX[_YYY]/model_optim_rng.pt, any TP x PP), megatron-dist (Megatron-Core's torch_dist: a PyTorch "
-        "distributed checkpoint with metadata.json and common.pt), megahf (a megahf model folder, or a training checkpoint "
+        "distributed checkpoint with metadata.json and common.pt), megahf (a megahf model folder, or a training "
+        "checkpoint "
         "checkpoints/step_N/ as a source), hf-gpt2 (GPT2LMHeadModel), hf-llama (LlamaForCausalLM), hf-bert (BertFor*), "
         "hf-megatron-bert (MegatronBertFor*), nanotron (its Llama: model_config.json and "
         "model/**/*.safetensors, one file per tensor and shard); transformers folders are read from safetensors only.",

@@ -57,18 +57,15 @@ class LoadedCheckpoint:
         return sum(ref.nbytes() for ref in self.tensors.values())
 
 
-def megahf_family(model_class: str) -> str:
-    return "gpt" if model_class.startswith("MegatronGPT") else "bert"
-
-
-def build_model(loaded: LoadedCheckpoint, materialize: bool = True):
-    """The megahf model holding the checkpoint's tensors (every tensor read: for the proof, not for converting)."""
+def build_model(loaded: LoadedCheckpoint):
+    """The megahf model holding the checkpoint's tensors (every tensor read: for the proof, not for converting).
+    Built on the meta device (no random init of a model about to be overwritten), then given the tensors."""
     import megahf
 
     model_class = getattr(megahf, loaded.model_class)
     with torch.device("meta"):
         model = model_class(loaded.config)
-    state = {name: ref.load() for name, ref in loaded.items()} if materialize else {}
+    state = {name: ref.load() for name, ref in loaded.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"output_layer.weight"} if loaded.config.tie_word_embeddings else set()
     missing = [key for key in missing if key not in tied]
@@ -76,13 +73,12 @@ def build_model(loaded: LoadedCheckpoint, materialize: bool = True):
         raise ConversionError(f"the converted tensors do not fit {loaded.model_class}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     model.tie_weights()
-    for name, buffer in model.named_buffers():  # non-persistent buffers (RoPE frequencies) were left on meta
-        if buffer.is_meta:
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            module._buffers[name.rsplit(".", 1)[1]] = torch.empty(buffer.shape, dtype=buffer.dtype)
-    for module in model.modules():
-        if hasattr(module, "compute_inv_freq") and hasattr(module, "inv_freq"):
+    for module in model.modules():  # the one non-persistent buffer, RoPE's frequencies, is computed, not loaded
+        if hasattr(module, "compute_inv_freq"):
             module.inv_freq = module.compute_inv_freq(module.rotary_base, loaded.config.head_dim)
+    leftover = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if leftover:
+        raise ConversionError(f"{loaded.model_class}: no value for {leftover[:5]} (a converter bug)")
     return model.eval()
 
 
@@ -116,5 +112,4 @@ def progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="tensor", disable=not enabled, leave=False)
 
 
-__all__ = ["ConversionError", "LoadedCheckpoint", "TensorRef", "build_model", "check_shapes", "megahf_family",
-           "progress"]
+__all__ = ["ConversionError", "LoadedCheckpoint", "TensorRef", "build_model", "check_shapes", "progress"]

@@ -152,8 +152,6 @@ def read_hf_gpt2(path: str | os.PathLike, overrides: dict | None = None) -> Load
 def _check_all_used(path, tensors: dict, out: dict, ignore: tuple = ()) -> None:
     """Unknown keys in a transformers folder are errors, not silently dropped weights."""
     used = {id(ref) for ref in out.values()}
-    count = len(tensors)
-    del count
     known_suffixes = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "c_attn.weight", "c_attn.bias",
                       "c_proj.weight", "c_proj.bias", "c_fc.weight", "c_fc.bias", "wte.weight", "wpe.weight",
                       "ln_f.weight", "ln_f.bias")

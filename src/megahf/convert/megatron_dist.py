@@ -6,7 +6,7 @@ strategies/torch.py, strategies/common.py; checked by saving real Megatron-Core 
 
     CHECKPOINT/latest_checkpointed_iteration.txt
     CHECKPOINT/iter_0001000/ (or release/)
-        metadata.json      {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", ...}
+        metadata.json      {"sharded_backend": "torch_dist", "sharded_backend_version": 1, ...}
         common.pt          the non-tensor state (args, checkpoint_version, iteration, ...), a torch pickle
         .metadata          torch.distributed.checkpoint (DCP) metadata: every tensor's global shape and chunks
         __R_N.distcp       the chunks each rank wrote

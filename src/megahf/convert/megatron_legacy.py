@@ -325,10 +325,14 @@ def _merged_ref(slot: list, rule: str, index: int | None = None, rows: int | Non
             return torch.cat(parts, dim=1)
         if rule == "gate_up":
             return torch.cat([part.chunk(2, dim=0)[index] for part in parts], dim=0)
-        merged = torch.cat(parts, dim=0)
-        if rows is not None:
-            merged = _resize_rows(merged, rows)
-        return merged
+        if rows is not None:  # cut the padding rows before concatenating: one allocation, not two
+            kept, left = [], rows
+            for part in parts:
+                kept.append(part[:left])
+                left -= kept[-1].shape[0]
+            merged = torch.cat(kept, dim=0)
+            return _resize_rows(merged, rows) if left > 0 else merged
+        return torch.cat(parts, dim=0)
 
     return TensorRef(tuple(shape), first.dtype, load)
 
@@ -352,7 +356,8 @@ def check_layout(config, tp: int, pp: int) -> None:
     """Refuse, before anything is read or written, a TP x PP that does not divide the model."""
     if not isinstance(tp, int) or tp < 1 or not isinstance(pp, int) or pp < 1:
         raise ConversionError(f"--tp {tp} --pp {pp}: both must be positive integers")
-    checks = [("num_attention_heads", config.num_attention_heads, tp), ("num_query_groups", config.num_query_groups, tp),
+    checks = [("num_attention_heads", config.num_attention_heads, tp),
+              ("num_query_groups", config.num_query_groups, tp),
               ("ffn_hidden_size", config.ffn_hidden_size, tp), ("num_layers", config.num_layers, pp)]
     for key, value, size in checks:
         if value % size:

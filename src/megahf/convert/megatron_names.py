@@ -195,7 +195,8 @@ def unflatten(flat: dict) -> dict:
     nested: dict = {}
     for key, value in flat.items():
         if key.startswith("language_model.encoder."):
-            nested.setdefault("language_model", {}).setdefault("encoder", {})[key[len("language_model.encoder."):]] = value
+            encoder = nested.setdefault("language_model", {}).setdefault("encoder", {})
+            encoder[key[len("language_model.encoder."):]] = value
             continue
         parts = key.split(".")
         if parts[0] == "language_model" and parts[1] in ("embedding", "pooler", "output_layer"):
