@@ -146,3 +146,14 @@ def test_cli_convert_prints_and_writes_the_proof(tmp_path, capsys):
                    "--no-progress", "--model-overrides", "vocab_size=900"])
     err = capsys.readouterr().err
     assert status == 2 and "cannot be written as hf-gpt2: GPT-2 has learned positions" in err
+
+
+def test_bf16_checkpoint_keeps_its_dtype_and_is_proven_in_float32(tmp_path):
+    config = megahf.MegatronGPTConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                                      vocab_size=1000, max_position_embeddings=32, activation="swiglu",
+                                      normalization="RMSNorm", position_embedding_type="rope", add_bias_linear=False)
+    torch.manual_seed(0)
+    megahf.MegatronGPTForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "llama", "megahf", "hf-llama", show_progress=False)
+    assert report["ok"] and report["probe"]["max_abs_logit_diff"] <= report["probe"]["tolerance"]
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "llama" / "model.safetensors").values())

@@ -7,11 +7,12 @@ model folder, against the checkpoint's size and the disk's sequential read speed
 
 Steps: (1) write the checkpoint with megahf's Megatron writer, one pipeline stage in memory; (2) evict its files from
 the page cache (posix_fadvise DONTNEED) and read them sequentially in 16 MiB blocks: the disk's read speed, cold;
-(3) evict again and convert in a fresh process (`megahf.convert.convert(..., proof=False)`), timed, its memory sampled
-every 20 ms: peak anonymous memory (what the process owns: the tensors it builds), also less the baseline of the
-imported libraries (torch, transformers), and peak resident memory (also the memory-mapped checkpoint pages it
-touched, which the kernel can drop at will). Goals (issue #10): peak memory under 1.5 x the largest shard (judged
-on the growth over the baseline), throughput (checkpoint bytes / seconds) at least half the disk's read speed.
+then write as many bytes (the conversion writes about as much as it reads); (3) evict again and convert in a fresh
+process (`megahf.convert.convert(..., proof=False)`), timed, its memory sampled every 20 ms: peak anonymous memory
+(what the process owns: the tensors it builds), also less the baseline of the imported libraries (torch,
+transformers), and peak resident memory (also the memory-mapped checkpoint pages it touched, which the kernel can
+drop at will). Goals (issue #10): peak memory under 1.5 x the largest shard (judged on the growth over the
+baseline), throughput (checkpoint bytes / seconds) at least half the disk's read speed.
 Prints a table and one `JSON {...}` line.
 """
 
@@ -82,6 +83,21 @@ def read_speed(paths: list[Path]) -> float:
     return total / (time.perf_counter() - start)
 
 
+def write_speed(folder: Path, total: int) -> float:
+    """Bytes per second of a sequential write of `total` bytes into `folder` (random bytes, reaching the page cache;
+    not fsynced, as the conversion does not fsync either), the file removed afterwards."""
+    block = os.urandom(BLOCK)
+    path = folder / "write-speed.tmp"
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        written = 0
+        while written < total:
+            written += f.write(block[: min(BLOCK, total - written)])
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return total / seconds
+
+
 def make_checkpoint(folder: Path, preset: str, tp: int, dtype: str, num_layers: int | None) -> None:
     import torch
 
@@ -128,6 +144,7 @@ def main() -> int:
     shards = sorted(source.rglob("model_optim_rng.pt"))
     sizes = [p.stat().st_size for p in shards]
     disk = read_speed(shards)
+    disk_write = write_speed(work, sum(sizes))
     evict(shards)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src") + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
@@ -145,10 +162,11 @@ def main() -> int:
         "preset": args.preset, "num_layers": args.num_layers, "tp": args.tp, "dtype": args.dtype,
         "checkpoint_bytes": total, "largest_shard_bytes": largest, "shards": len(shards),
         "write_checkpoint_seconds": round(write_seconds, 2),
-        "disk_read_bytes_per_s": disk, "convert_seconds": convert_seconds,
+        "disk_read_bytes_per_s": disk, "disk_write_bytes_per_s": disk_write, "convert_seconds": convert_seconds,
         "proof_seconds": child["report_seconds"]["proof"] if args.proof else None,
         "process_seconds": round(child["seconds"], 3),
         "throughput_bytes_per_s": throughput, "throughput_over_disk": throughput / disk,
+        "throughput_over_disk_write": throughput / disk_write,
         "peak_anon_bytes": child["peak_anon"], "peak_rss_bytes": child["peak_rss"],
         "baseline_anon_bytes": child["baseline_anon"],
         "peak_anon_over_largest_shard": child["peak_anon"] / largest,
@@ -163,7 +181,8 @@ def main() -> int:
     layers = f" ({args.num_layers} layers)" if args.num_layers else ""
     print(f"checkpoint: {args.preset}{layers}, TP={args.tp}, {args.dtype}: {total / mib:.0f} MiB in {len(shards)} "
           f"shards (largest {largest / mib:.0f} MiB)")
-    print(f"disk sequential read (cold): {disk / mib:.0f} MiB/s")
+    print(f"disk sequential read (cold): {disk / mib:.0f} MiB/s; sequential write (not fsynced): "
+          f"{disk_write / mib:.0f} MiB/s")
     print(f"convert megatron -> megahf: {convert_seconds:.1f} s = {throughput / mib:.0f} MiB/s "
           f"({throughput / disk:.2f} x disk; goal >= 0.5: {'met' if result['goal_throughput_met'] else 'NOT met'})")
     grown, base = child["peak_anon"] - child["baseline_anon"], child["baseline_anon"]

@@ -138,17 +138,18 @@ def _first_logits(output, vocab_size: int) -> torch.Tensor:
 @torch.no_grad()
 def run_probe(fmt: str, path: Path | None, loaded: LoadedCheckpoint) -> tuple[torch.Tensor, str]:
     """Logits of the probe batch from the checkpoint, run as itself where it can run here: transformers formats by
-    transformers from the folder, Megatron and megahf formats by megahf's model from the tensors."""
+    transformers from the folder, Megatron, nanotron and megahf formats by megahf's model from the tensors. In float32
+    whatever the stored dtype (bf16 weights are exact in float32), so that the tolerance is float32's."""
     batch = probe_batch(loaded.config)
     if fmt in ("hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert"):
         import transformers
 
         config = json.loads((path / "config.json").read_text())
         model_class = getattr(transformers, config["architectures"][0])
-        model = model_class.from_pretrained(path, use_safetensors=True).eval()
+        model = model_class.from_pretrained(path, use_safetensors=True, dtype=torch.float32).eval()
         runner = f"transformers {model_class.__name__}"
     else:
-        model = build_model(loaded)
+        model = build_model(loaded).float()
         runner = f"megahf {loaded.model_class}"
     try:
         return _first_logits(model(**batch), loaded.config.vocab_size).float(), runner
