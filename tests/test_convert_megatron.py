@@ -39,7 +39,10 @@ def megahf_logits(path, fmt="megatron", **overrides):
 
 
 def load_shard(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    # allow the Namespace only for this load, and only if megatron.core has not registered it for the process
+    # (leaving the context would unregister it under megatron.core's own loads)
+    extra = [] if argparse.Namespace in torch.serialization.get_safe_globals() else [argparse.Namespace]
+    with torch.serialization.safe_globals(extra):
         return torch.load(path, weights_only=True)
 
 
