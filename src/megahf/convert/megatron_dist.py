@@ -59,6 +59,21 @@ _SKIPPED = re.compile(r"(optimizer\.|rng_state|rerun_state|.*_extra_state).*")
 _LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
+def _reader(folder: Path):
+    """megahf's safe DCP reader, its metadata allow-list extended by what Megatron-Core's metadata also holds: the
+    cached save plans (`planner_data`), made of DCP's own plain data classes."""
+    from ..training.safe_checkpoint_reader import _METADATA_GLOBALS, MetadataUnpickler, SafeFileSystemReader
+
+    class MegatronMetadataUnpickler(MetadataUnpickler):
+        allowed = _METADATA_GLOBALS | {("torch.distributed.checkpoint.planner", name)
+                                       for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")}
+
+    class MegatronDistReader(SafeFileSystemReader):
+        unpickler = MegatronMetadataUnpickler
+
+    return MegatronDistReader(folder)
+
+
 def is_dist_checkpoint(folder: Path) -> bool:
     return (folder / BACKEND_FILE).is_file()
 
@@ -85,7 +100,7 @@ def read_megatron_dist(path: str | os.PathLike, overrides: dict | None = None,
                        trust_pickle: bool = False) -> LoadedCheckpoint:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ..training.safe_checkpoint_reader import SafeFileSystemReader, UnsafePickleError
+    from ..training.safe_checkpoint_reader import UnsafePickleError
 
     folder = dist_folder(path)
     backend = json.loads((folder / BACKEND_FILE).read_text())
@@ -96,7 +111,7 @@ def read_megatron_dist(path: str | os.PathLike, overrides: dict | None = None,
         else {}
     args = common.get("args") if isinstance(common, dict) else None
     try:
-        metadata = SafeFileSystemReader(folder).read_metadata()
+        metadata = _reader(folder).read_metadata()
     except UnsafePickleError as error:
         raise ConversionError(f"{folder}: {error}") from None
 
@@ -174,9 +189,8 @@ class _StackedReader:
             from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
             from ..training.checkpoint import _quiet_single_process
-            from ..training.safe_checkpoint_reader import SafeFileSystemReader
 
-            reader = SafeFileSystemReader(self.folder)
+            reader = _reader(self.folder)
             meta = reader.read_metadata().state_dict_metadata[key]
             assert isinstance(meta, TensorStorageMetadata)
             self.tensor = None  # drop the previous one before reading the next
