@@ -18,8 +18,10 @@ here independently of megahf's converter, from Megatron's documented rules:
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HIDDEN, HEADS, LAYERS, SEQ = 64, 4, 4, 12
@@ -188,9 +190,11 @@ def save(shards: dict, root: Path, args, version: float = 3.0, iteration: int | 
     for (t, p), model in shards.items():
         shard_dir = folder / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
         shard_dir.mkdir(parents=True)
+        rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                "torch_rng_state": torch.get_rng_state()}]
         torch.save({"model": model, "args": args, "checkpoint_version": version, "iteration": iteration or 0,
-                    "optimizer": {"state": {}}, "rng_state": [{"random_rng_state": (3, (1, 2), None)}]},
-                   shard_dir / "model_optim_rng.pt")
+                    "optimizer": {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}},
+                    "rng_state": rng}, shard_dir / "model_optim_rng.pt")
     (root / "latest_checkpointed_iteration.txt").write_text("release" if iteration is None else str(iteration))
     return root
 

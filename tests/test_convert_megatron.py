@@ -235,3 +235,25 @@ def test_megahf_to_megatron_under_legacy_and_transformer_engine_names(models, tm
     with torch.no_grad():
         torch.testing.assert_close(build_model(loaded)(input_ids=IDS).logits,
                                    mc.gpt_logits(models["gpt2"], IDS)[..., :VOCAB], **TOL)
+
+
+def test_megatron_checkpoint_reads_without_megatron_imported(models, tmp_path):
+    """The args hold Megatron enums and the RNG state numpy arrays: a fresh interpreter that never imports megatron
+    (so none of megatron.core's registered safe globals) reads it through megahf's allow-list and stand-ins."""
+    import subprocess
+    import sys
+
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    args = mc.gpt_args("gpt2", VOCAB, PADDED[2], 1, 1)
+    args.model_type, args.attention_backend = ModelType.encoder_or_decoder, AttnBackend.auto
+    shards = mc.split(mc.core_state(models["gpt2"]), 1, 1, swiglu=False, tied=True)
+    root = mc.save(shards, tmp_path / "enums", args)
+    code = ("import sys; from megahf.convert import read_checkpoint; "
+            f"loaded = read_checkpoint('megatron', {str(root)!r}); "
+            "assert not any(m.startswith('megatron') for m in sys.modules), 'megatron was imported'; "
+            "print(loaded.config.num_layers, loaded.layout['iteration'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(mc.LAYERS), "1000"]

@@ -106,7 +106,8 @@ def add_convert_parser(verbs) -> None:
                               "Engine's fused-norm names, or the legacy language_model.* names")
     convert.add_argument("--model-overrides", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
                          help="config fields that replace what the source stores, e.g. vocab_size=50257 (a Megatron "
-                              "checkpoint stores only the padded vocabulary) or '{num_attention_heads: 16}'")
+                              "checkpoint stores only the padded vocabulary) or '{num_attention_heads: 16}'; give it "
+                              "after SRC DST (it takes every value that follows)")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="load Megatron pickles that reference classes outside megahf's allow-list (this can run "
                               "code from the file: only for checkpoints whose origin you trust)")
