@@ -228,11 +228,9 @@ def read_megatron(path: str | os.PathLike, overrides: dict | None = None, trust_
         for t in range(tp_size):
             for key, tensor in states[(t, p)].items():
                 if not torch.is_tensor(tensor):
-                    if tensor is None or not key.endswith("_extra_state"):
-                        if tensor is not None:
-                            raise ConversionError(f"{shards[(t, p)]}: {key} is a {type(tensor).__name__}, not a "
-                                                  "tensor")
-                    continue
+                    if tensor is None or key.endswith("_extra_state"):
+                        continue  # Transformer Engine's / Megatron-Core's extra state: nothing megahf needs
+                    raise ConversionError(f"{shards[(t, p)]}: {key} is a {type(tensor).__name__}, not a tensor")
                 try:
                     core = to_core_name(key, family)
                 except ConversionError as error:
@@ -259,6 +257,10 @@ def read_megatron(path: str | os.PathLike, overrides: dict | None = None, trust_
     if config.num_layers != offset:
         raise ConversionError(f"the config has num_layers={config.num_layers} but the shards hold {offset} layers")
     swiglu = getattr(config, "activation", "gelu") == "swiglu"
+    for key in ("num_attention_heads", "num_query_groups"):
+        if getattr(config, key) % tp_size:
+            raise ConversionError(f"{key}={getattr(config, key)} is not divisible by the checkpoint's TP={tp_size}: "
+                                  "the config does not fit these shards; fix it with --model-overrides")
     heads_per_rank = config.num_attention_heads // tp_size
     if version < 2.0 and config.num_query_groups != config.num_attention_heads:
         raise ConversionError(f"checkpoint_version {version} predates grouped-query attention")
