@@ -79,7 +79,9 @@ def shard_files(folder: Path) -> dict[tuple[int, int], Path]:
             raise ConversionError(f"missing shard: {file} does not exist (an incomplete copy of the checkpoint?)")
         shards[(tp, pp)] = file
     if not shards:
-        raise ConversionError(f"{folder}: no mp_rank_* shards")
+        hint = " (it holds metadata.json: a torch_dist checkpoint, use --from megatron-dist)" \
+            if (folder / "metadata.json").is_file() else ""
+        raise ConversionError(f"{folder}: no mp_rank_* shards{hint}")
     tp_size = max(t for t, _ in shards) + 1
     pp_size = max(p for _, p in shards) + 1
     for t in range(tp_size):
