@@ -253,6 +253,8 @@ def write_megatron_dist(loaded: LoadedCheckpoint, dst: Path, tp: int = 1, show_p
     for module in _LINEARS:
         for layer in range(config.num_layers):
             tensors[f"{body}.layers.{module}._extra_state/shard_{layer}_{config.num_layers}"] = [None]
+    if not gpt:  # BertModel asks for its output layer's too; GPTModel drops that key (gpt_model.py sharded_state_dict)
+        tensors["output_layer._extra_state/shard_0_1"] = [None]
     with _quiet_single_process():
         dcp.save(tensors, checkpoint_id=str(folder), planner=DefaultSavePlanner(flatten_state_dict=False))
     bar.close()
