@@ -102,6 +102,16 @@ def test_megatron_core_bert_checkpoint_gives_megatron_cores_logits(megatron_core
     assert loaded.model_class == "MegatronBertForPreTraining"
     torch.testing.assert_close(out.prediction_logits, their_lm[..., :VOCAB], **TOL)
     torch.testing.assert_close(out.seq_relationship_logits, their_order, **TOL)
+    # megahf -> megatron at TP=1: Megatron-Core's BertModel loads it with a strict load_state_dict, same outputs
+    convert(root, tmp_path / "megahf", "megatron", "megahf", show_progress=False)
+    assert convert(tmp_path / "megahf", tmp_path / "tp1", "megahf", "megatron", show_progress=False)["ok"]
+    fresh = mc.bert_model(1152)
+    fresh.load_state_dict(load_shard(tmp_path / "tp1" / "release" / "mp_rank_00" / "model_optim_rng.pt")["model"],
+                          strict=True)
+    with torch.no_grad():
+        lm, order = fresh(ids, mask, tokentype_ids=types)
+    torch.testing.assert_close(lm[..., :VOCAB], their_lm[..., :VOCAB], **TOL)
+    torch.testing.assert_close(order, their_order, **TOL)
 
 
 def test_megahf_to_megatron_tp2_writes_megatrons_split_and_round_trips_bit_exact(models, tmp_path):
