@@ -7,6 +7,7 @@
     megahf evaluate wikitext --model runs/gpt/final --data wiki.test.raw [--overlapping-eval 32]
     megahf push runs/gpt-tiny --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
     megahf card runs/gpt-tiny [--output README.md]
+    megahf convert --from megatron --to megahf ckpts/gpt gpt-hf [--model-overrides vocab_size=50257]
 
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
 status 2, before anything is computed or written. So is every other megahf error a verb meets later (a damaged
@@ -95,7 +96,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_evaluate_parser(verbs)
     add_hub_parsers(verbs)
+    add_convert_parser(verbs)
     return parser
+
+
+CONVERT_FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert",
+                   "nanotron")  # megahf.convert.FORMATS
+
+
+def add_convert_parser(verbs) -> None:
+    """`megahf convert`: checkpoints between Megatron-LM, megahf and transformers, each conversion proven."""
+    convert = verbs.add_parser(
+        "convert",
+        help="convert a checkpoint between Megatron-LM, megahf and transformers formats, with its proof",
+        description="Convert SRC (a checkpoint in format --from) into the new folder DST (format --to), tensor by "
+        "tensor into a temporary folder renamed when complete. Every conversion ends with its proof, printed and "
+        "written as DST/conversion.json: the logits of a fixed probe batch from the source against the converted "
+        "checkpoint's, and the bitwise result of converting DST back. Exit status 0 when proven, 1 when not.",
+        epilog="Formats: megatron (Megatron-LM legacy torch checkpoint: iter_XXXXXXX/ or release/ with "
+        "mp_rank_XX[_YYY]/model_optim_rng.pt, any TP x PP), megatron-dist (Megatron-Core's torch_dist: a PyTorch "
+        "distributed checkpoint with metadata.json and common.pt), megahf (a megahf model folder, or a training "
+        "checkpoint "
+        "checkpoints/step_N/ as a source), hf-gpt2 (GPT2LMHeadModel), hf-llama (LlamaForCausalLM), hf-bert (BertFor*), "
+        "hf-megatron-bert (MegatronBertFor*), nanotron (its Llama: model_config.json and "
+        "model/**/*.safetensors, one file per tensor and shard); transformers folders are read from safetensors only.",
+    )
+    convert.add_argument("--from", dest="from_format", required=True, choices=CONVERT_FORMATS, metavar="FORMAT",
+                         help=f"source format: {', '.join(CONVERT_FORMATS)}")
+    convert.add_argument("--to", dest="to_format", required=True, choices=CONVERT_FORMATS, metavar="FORMAT",
+                         help="target format (same choices)")
+    convert.add_argument("src", metavar="SRC", help="the checkpoint to convert (a folder)")
+    convert.add_argument("dst", metavar="DST", help="the new folder to write (must not exist)")
+    convert.add_argument("--tp", type=int, default=1, metavar="N",
+                         help="tensor-parallel size of a megatron target (megatron-dist: the TP whose vocabulary "
+                              "padding it gets)")
+    convert.add_argument("--pp", type=int, default=1, metavar="M", help="pipeline-parallel size of a megatron target")
+    convert.add_argument("--megatron-names", choices=("core", "te", "legacy"), default="core",
+                         help="parameter names of a megatron target: Megatron-Core local spec (default), Transformer "
+                              "Engine's fused-norm names, or the legacy language_model.* names")
+    convert.add_argument("--model-overrides", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+                         help="config fields that replace what the source stores, e.g. vocab_size=50257 (a Megatron "
+                              "checkpoint stores only the padded vocabulary) or '{num_attention_heads: 16}'; give it "
+                              "after SRC DST (it takes every value that follows)")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="load Megatron pickles that reference classes outside megahf's allow-list (this can run "
+                              "code from the file: only for checkpoints whose origin you trust)")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_evaluate_parser(verbs) -> None:
@@ -176,7 +222,7 @@ def run_finetune_verb(recipe_path: str, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb in ("preprocess", "evaluate", "push", "card") and rest:
+    if args.verb in ("preprocess", "evaluate", "push", "card", "convert") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.verb == "pretrain":
@@ -191,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_verb("megahf.hub.cli", "run_push", args)
         if args.verb == "card":
             return run_verb("megahf.hub.cli", "run_card", args)
+        if args.verb == "convert":
+            return run_verb("megahf.convert.api", "run", args)
     except MegahfError as error:
         print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig
 from ..config_checks import MegatronConfigMixin
 from ..presets import lookup_preset
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 
@@ -32,7 +32,8 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         rotary_base (`int`): RoPE base (theta).
         normalization (`str`): `"LayerNorm"` or `"RMSNorm"`.
         layernorm_epsilon (`float`): epsilon of every norm.
-        activation (`str`): `"gelu"` (GPT-2 MLP) or `"swiglu"` (gated, Llama-style).
+        activation (`str`): `"gelu"` (GPT-2 MLP, exact GeLU as Megatron computes it), `"gelu_tanh"` (its tanh
+            approximation: Megatron's `--openai-gelu`, OpenAI GPT-2's `gelu_new`) or `"swiglu"` (gated, Llama-style).
         add_bias_linear (`bool`): biases on every linear layer (GPT-2 style) or none (Llama style).
         tie_word_embeddings (`bool`): share the input embedding and the output layer.
         attention_dropout (`float`): dropout on the attention probabilities.
