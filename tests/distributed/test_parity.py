@@ -20,6 +20,10 @@ BERT_CASES = ("bert-pretraining", "bert-mlm", "bert-classification", "bert-multi
               "bert-token-classification")
 LAYOUTS = {"tp2": 2, "tp4": 4, "tp2xfsdp2": 4}  # layout -> processes
 BERT_LAYOUTS = ("tp2", "tp2xfsdp2")
+# The chunked training loss (loss_chunk_size) on the vocabulary shards: tied and untied output layer. With it the
+# forward returns no logits, so "labelled_logits" is replaced by the worker's check that the output layer never ran.
+CHUNKED_CASES = ("gpt-chunked-loss", "llama-chunked-loss")
+CHUNKED_LAYOUTS = ("tp2", "tp2xfsdp2")
 TOLERANCE = 1e-5  # relative: max |distributed - single process| / max |single process|
 # What the worker compares (the worst over ranks, parameters and tensors of each).
 COMPARED = (
@@ -56,7 +60,8 @@ def layout_report(torchrun, tmp_path_factory):
             workdir = tmp_path_factory.mktemp(f"parity-{nproc}procs")
             launches[nproc] = torchrun(
                 nproc,
-                ["--layouts", ",".join(layouts), "--cases", ",".join(GPT_CASES + ("gpt-padded-softmax",) + BERT_CASES),
+                ["--layouts", ",".join(layouts),
+                 "--cases", ",".join(GPT_CASES + ("gpt-padded-softmax",) + BERT_CASES + CHUNKED_CASES),
                  "--workdir", str(workdir)],
                 workdir / "result.json",
             )
@@ -70,7 +75,8 @@ def layout_report(torchrun, tmp_path_factory):
     "case, layout",
     [(case, layout) for case in GPT_CASES for layout in LAYOUTS]
     + [("gpt-padded-softmax", layout) for layout in PADDED_SOFTMAX_LAYOUTS]
-    + [(case, layout) for case in BERT_CASES for layout in BERT_LAYOUTS],
+    + [(case, layout) for case in BERT_CASES for layout in BERT_LAYOUTS]
+    + [(case, layout) for case in CHUNKED_CASES for layout in CHUNKED_LAYOUTS],
 )
 def test_parity(case, layout, layout_report):
     result = layout_report(layout)[case]
