@@ -180,3 +180,21 @@ def test_the_logits_never_exist_whole(variant):
     # the weight (1024 x 32) and its gradient are now the largest tensors; a chunk's logits are 8 x 1024
     assert largest < logits_numel and saved_largest < logits_numel, results
     assert largest <= 1024 * 32, results
+
+
+# ---- the recipe key
+
+
+def test_recipe_key_sets_the_config_and_bad_values_fail_early():
+    from megahf.recipe import RecipeError
+    from megahf.training import load_recipe
+    from megahf.training.setup import build_config
+
+    assert build_config(load_recipe(None, []).model).loss_chunk_size == 1024  # on by default for training
+    assert build_config(load_recipe(None, ["--loss_chunk_size", "0"]).model).loss_chunk_size == 0
+    bert = load_recipe(None, ["--model", "bert-tiny", "--tokenizer", "bert-uncased-embedded"])
+    assert not hasattr(build_config(bert.model), "loss_chunk_size")  # BERT's masked-LM loss: not chunked
+    with pytest.raises(RecipeError, match=r"loss_chunk_size=-5 is invalid"):
+        load_recipe(None, ["--loss_chunk_size", "-5"])
+    with pytest.raises(RecipeError, match=r"model_overrides.loss_chunk_size=8: .* recipe key loss_chunk_size"):
+        load_recipe(None, ["--model_overrides.loss_chunk_size", "8"])
