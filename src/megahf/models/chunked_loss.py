@@ -78,19 +78,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = probs.to(hidden.dtype)
                 if need_hidden:
                     grad_hidden[begin:end] = grad_logits @ real
-                if need_weight:
+                if need_weight and grad_weight.dtype == h.dtype:  # accumulate in place: no [R, H] temporary
+                    grad_weight[:columns].addmm_(grad_logits.T, h)
+                elif need_weight:
                     grad_weight[:columns] += (grad_logits.T @ h).float()
+                del grad_logits  # before the next chunk's logits exist: one chunk's buffer at a time
             del logits, probs
         if need_hidden:
             collectives.sum_(grad_hidden)  # every vocabulary shard contributes to each hidden state's gradient
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        # Kept on ctx rather than saved: backward scales them in place (a weight-sized copy less at the peak) and
+        # hands them over, so a second backward through the same graph is refused.
+        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return losses.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
-        grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
+        if ctx.grads is None:
+            raise RuntimeError("The chunked loss's gradients were already used: it supports one backward pass "
+                               "(retain_graph=True is not supported; set loss_chunk_size=0 for that).")
+        grads, ctx.grads = ctx.grads, None
+        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
