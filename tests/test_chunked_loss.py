@@ -198,3 +198,22 @@ def test_recipe_key_sets_the_config_and_bad_values_fail_early():
         load_recipe(None, ["--loss_chunk_size", "-5"])
     with pytest.raises(RecipeError, match=r"model_overrides.loss_chunk_size=8: .* recipe key loss_chunk_size"):
         load_recipe(None, ["--model_overrides.loss_chunk_size", "8"])
+
+
+def test_an_output_layer_with_a_forward_of_its_own_takes_the_plain_path():
+    """A LoRA-wrapped or quantized output layer computes more than `hidden @ weight.T`: the chunk loop, which reads
+    the weight alone, must not stand in for it."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    model = tiny("llama", 5).train()
+    layer = Scaled(32, model.config.padded_vocab_size, bias=False)
+    layer.weight = model.output_layer.weight
+    model.output_layer = layer
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is not None  # the plain path ran
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    assert rel_err(out.loss, expected) <= TOLERANCE

@@ -131,6 +131,14 @@ def reduce_like_transformers(total: torch.Tensor, target: torch.Tensor, num_item
     return total / num_items_in_batch
 
 
+def can_chunk(output_layer: nn.Module) -> bool:
+    """Whether `output_layer` computes exactly `hidden @ weight.T`, which the chunk loop reads its weight for: a
+    bias-free `nn.Linear` (FSDP2's and tensor parallelism's wrapping keep its forward). A layer with a forward of
+    its own (a LoRA wrapper, a quantized linear) or a bias takes the plain path."""
+    forward = getattr(type(output_layer), "forward", None)
+    return forward is nn.Linear.forward and getattr(output_layer, "bias", None) is None
+
+
 def check_targets(target: torch.Tensor, classes: int, ignore_index: int = IGNORE_INDEX) -> None:
     """Refuse a label outside the softmax's classes, as `cross_entropy` does (the loop would score it as an
     impossible class without a word)."""
@@ -168,5 +176,5 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, output_layer: nn.Module,
     return reduce_like_transformers(total, target.to(total.device), num_items_in_batch, ignore_index)
 
 
-__all__ = ["Collectives", "check_targets", "chunked_causal_lm_loss", "linear_cross_entropy_sum", "reduce_like_transformers",
+__all__ = ["Collectives", "can_chunk", "check_targets", "chunked_causal_lm_loss", "linear_cross_entropy_sum", "reduce_like_transformers",
            "shifted_targets"]

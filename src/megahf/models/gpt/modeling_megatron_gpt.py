@@ -24,7 +24,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..chunked_loss import chunked_causal_lm_loss
+from ..chunked_loss import can_chunk, chunked_causal_lm_loss
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
 from ..padded_vocab import PaddedVocabMixin, causal_lm_loss
 from .configuration_megatron_gpt import MegatronGPTConfig
@@ -235,7 +235,8 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
 
         With `config.loss_chunk_size > 0`, a forward in training mode with labels returns the loss and
         `logits=None`: the output layer and the cross entropy run chunk by chunk over the tokens and the logits are
-        never held whole (`chunked_loss.py`). In eval mode, or without labels, the logits are returned as always."""
+        never held whole (`chunked_loss.py`). In eval mode, or without labels, or when the output layer is not a
+        plain bias-free `nn.Linear` (LoRA, quantized), the logits are returned as always."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -247,7 +248,7 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         has_labels = labels is not None or kwargs.get("shift_labels") is not None
-        if has_labels and self.training and self.config.loss_chunk_size:
+        if has_labels and self.training and self.config.loss_chunk_size and can_chunk(self.output_layer):
             loss = self.chunked_loss_function(hidden_states, self.output_layer, labels,
                                               vocab_size=self.config.vocab_size,
                                               padded_vocab_softmax=self.config.padded_vocab_softmax,
