@@ -13,26 +13,37 @@ masks. With dropout 0 a compiled run gives the eager run's losses (tested to 1e-
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def compile_layers(model: nn.Module) -> int:
-    """Replace the `forward` of every transformer layer of `model` by its torch.compile'd version; the number of
-    layers compiled. Call it after the model is sharded (tensor parallelism, FSDP2) and before training."""
+    """Make every transformer layer of `model` run its torch.compile'd forward in training mode; the number of
+    layers. Call it after the model is sharded (tensor parallelism, FSDP2) and before training."""
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.forward = _training_only(layer, torch.compile(layer.forward), layer.forward)
+        # A method bound to the layer (not a closure over it): a deepcopy of the model binds it to the copy.
+        layer.forward = types.MethodType(_compiled_forward, layer)
     return len(layers)
 
 
-def _training_only(layer: nn.Module, compiled, eager):
-    def forward(*args, **kwargs):
-        return (compiled if layer.training else eager)(*args, **kwargs)
-
-    forward.compiled = compiled  # for tests and introspection
-    return forward
+_COMPILED: dict = {}  # a layer class's forward -> its compiled version, shared by every layer of that class
 
 
-__all__ = ["compile_layers"]
+def _compiled_forward(self, *args, **kwargs):
+    forward = type(self).forward  # FSDP2 subclasses the layer's class; the forward is the model's own
+    if not self.training:
+        return forward(self, *args, **kwargs)
+    if forward not in _COMPILED:
+        _COMPILED[forward] = torch.compile(forward)
+    return _COMPILED[forward](self, *args, **kwargs)
+
+
+def is_compiled(layer: nn.Module) -> bool:
+    return getattr(layer.forward, "__func__", None) is _compiled_forward
+
+
+__all__ = ["compile_layers", "is_compiled"]
