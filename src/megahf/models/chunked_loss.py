@@ -143,6 +143,9 @@ def check_targets(target: torch.Tensor, classes: int, ignore_index: int = IGNORE
     """Refuse a label outside the softmax's classes, as `cross_entropy` does (the loop would score it as an
     impossible class without a word)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if target.device.type != "cpu":  # checked on the device, without waiting for it (as cross_entropy does)
+        torch._assert_async(~bad.any(), f"a label is out of range for a loss over {classes} classes")
+        return
     if bad.any():
         raise IndexError(f"label {target[bad][0].item()} is out of range for a loss over {classes} classes "
                          f"(ignore_index={ignore_index}).")
