@@ -26,6 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 import transformers
 from transformers.distributed import DistributedConfig
@@ -38,6 +39,7 @@ LAYOUTS = {
     "tp2": {"tp_size": 2},
     "tp4": {"tp_size": 4},
     "tp2xfsdp2": {"tp_size": 2, "fsdp_size": 2},
+    "fsdp2": {"tp_size": 1, "fsdp_size": 2},  # chunked-loss cases only: an untied head as an FSDP2 unit of its own
 }
 # Small enough for four processes on two cores; the vocabularies stay GPT-2's (50257, padded to 50304) and BERT's
 # (30522, padded to 30592), so the padded columns are exercised.
@@ -58,6 +60,10 @@ CASES = {
     "llama-tiny": ("llama-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
     # Megatron-LM's loss, whose softmax also covers the padded vocabulary rows (on the shards under TP)
     "gpt-padded-softmax": ("gpt-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
+    # The chunked training loss (loss_chunk_size): tied head (GPT-2 style, in FSDP2's root unit) and untied (Llama
+    # style, an FSDP2 unit of its own); 12 tokens per chunk do not divide the batch's 32.
+    "gpt-chunked-loss": ("gpt-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
+    "llama-chunked-loss": ("llama-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
     "bert-pretraining": ("bert-tiny", "MegatronBertForPreTraining", "AutoModelForPreTraining", "prediction_logits"),
     "bert-mlm": ("bert-tiny", "MegatronBertForMaskedLM", "AutoModelForMaskedLM", "logits"),
     "bert-classification": ("bert-tiny", "MegatronBertForSequenceClassification",
@@ -71,7 +77,10 @@ CASES = {
 # The BERT heads run at TP=2 and TP=2 x FSDP2=2 (TP=4 adds nothing the GPT cases do not already cover).
 CASE_LAYOUTS = {case: ("tp2", "tp2xfsdp2") for case in CASES if case.startswith("bert")}
 CASE_LAYOUTS["gpt-padded-softmax"] = ("tp2",)
-CASE_OVERRIDES = {"gpt-padded-softmax": {"padded_vocab_softmax": True}}
+CASE_LAYOUTS["gpt-tiny"] = CASE_LAYOUTS["llama-tiny"] = ("tp2", "tp4", "tp2xfsdp2")
+CASE_LAYOUTS["gpt-chunked-loss"] = CASE_LAYOUTS["llama-chunked-loss"] = ("tp2", "tp2xfsdp2", "fsdp2")
+CASE_OVERRIDES = {"gpt-padded-softmax": {"padded_vocab_softmax": True},
+                  "gpt-chunked-loss": {"loss_chunk_size": 12}, "llama-chunked-loss": {"loss_chunk_size": 12}}
 
 
 def make_config(case: str):
@@ -198,6 +207,13 @@ def run_case(case: str, layout: str, seed: int, workdir: str) -> dict:
     out = model(**batch)
     if hook is not None:
         hook.remove()
+    if config.to_dict().get("loss_chunk_size"):
+        # the chunked loss never runs the output layer, and returns no logits when training with labels; an untied
+        # head under FSDP2 is a unit of its own, which the loss must gather itself
+        result["head_is_fsdp_unit"] = isinstance(model.get_output_embeddings(), FSDPModule)
+        if seen or out.logits is not None or ref_out.logits is not None:
+            raise AssertionError(f"with loss_chunk_size the output layer ran {len(seen)} times and returned logits")
+    elif hook is not None:
         if tp_size > 1 and not (isinstance(seen[0], DTensor) and seen[0].placements[0] == Shard(seen[0].ndim - 1)):
             raise AssertionError(f"under TP the output layer must return vocabulary shards, got {type(seen[0])}")
         logits = out[vocab_output]

@@ -23,6 +23,8 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "fsdp2": (2, {"fsdp_size": 2}),
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
+    # compile: true (each layer torch.compile'd, FSDP2's hooks around it eager); the first compile takes ~30 s
+    "fsdp2-compile": (2, {"fsdp_size": 2, "compile": True}),
 }
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.
 BERT = {"model": "bert-tiny", "tokenizer": "bert-uncased-embedded", "split": "80,20,0", "eval_iters": 1,

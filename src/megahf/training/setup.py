@@ -22,6 +22,7 @@ from ..parallel.layout import LayoutError, ParallelLayout, resolve_layout
 from ..recipe import ModelRecipe, PretrainRecipe, RecipeError, parse_recipe
 from ..recipe.data import EMBEDDED_BERT_TOKENIZER, EMBEDDED_TOKENIZER, GPT2_TOKENIZER_NAMES
 from ..recipe.errors import did_you_mean
+from .compile import compile_layers
 from .families import family_of
 
 
@@ -48,8 +49,14 @@ def build_config(model: ModelRecipe):
                 f"{did_you_mean(key, known, prefix='model_overrides.')} (model_overrides takes "
                 f"{config_class.__name__} fields)"
             )
+    if "loss_chunk_size" in model.model_overrides:
+        raise RecipeError(
+            f"model_overrides.loss_chunk_size={model.model_overrides['loss_chunk_size']!r}: the chunked loss is "
+            "set by the recipe key loss_chunk_size; move it there"
+        )
+    runtime = {"loss_chunk_size": model.loss_chunk_size} if config_class is MegatronGPTConfig else {}
     try:
-        return config_class.from_preset(model.model, **model.model_overrides)
+        return config_class.from_preset(model.model, **model.model_overrides, **runtime)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"model={model.model!r} with model_overrides={model.model_overrides}: {error}") from None
 
@@ -151,6 +158,8 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
         model.generation_config.bos_token_id = config.bos_token_id
     if layout is not None and layout.sharded:
         model = distribute_model(model, layout.distributed_config())
+    if recipe.model.compile:
+        compile_layers(model)
     return model
 
 

@@ -46,6 +46,9 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         padded_vocab_softmax (`bool`): take the language-model loss's softmax over the padded vocabulary, padded
             rows included, as Megatron-LM trains. By default (`False`) the loss is the cross entropy of the returned
             logits, which stop at `vocab_size`, so that scores computed from the logits agree with the loss.
+        loss_chunk_size (`int`): in training mode with labels, compute the output layer and the loss this many
+            tokens at a time, never holding the whole `[tokens, vocabulary]` logits, and return `logits=None`
+            (the loss is the same). `0` (default): the plain output layer and loss.
     """
 
     model_type = "megatron_gpt"
@@ -89,6 +92,7 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     padded_vocab_softmax: bool = False
+    loss_chunk_size: int = 0
     use_cache: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
@@ -111,6 +115,9 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
             self.fail("normalization", f"use one of {NORMALIZATIONS}.")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             self.fail("position_embedding_type", f"use one of {POSITION_EMBEDDINGS}.")
+        if not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or \
+                self.loss_chunk_size < 0:
+            self.fail("loss_chunk_size", "it must be a number of tokens >= 0 (0: the plain loss).")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             self.fail("hidden_size",
                       f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
