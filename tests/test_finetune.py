@@ -22,9 +22,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import megahf
-from megahf.assets import load_bert_tokenizer
+from finetune_helpers import save_tiny_pretrained_bert
 from megahf.cli import main as cli_main
-from megahf.models.bert import MegatronBertConfig, MegatronBertForPreTraining
+from megahf.models.bert import MegatronBertForPreTraining
 from megahf.models.gpt import MegatronGPTConfig, MegatronGPTForCausalLM
 from megahf.recipe import RecipeError
 from megahf.training.finetune import load_finetune_recipe, run_finetune
@@ -43,15 +43,7 @@ def above_chance(chance: float, rows: int) -> float:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pretrained") / "final"
-    tokenizer = load_bert_tokenizer()
-    config = MegatronBertConfig.from_preset("bert-tiny", num_layers=2, hidden_size=64, vocab_size=len(tokenizer),
-                                            pad_token_id=tokenizer.pad_token_id, max_position_embeddings=128,
-                                            hidden_dropout=0.0, attention_dropout=0.0, init_method_std=64 ** -0.5)
-    torch.manual_seed(0)
-    MegatronBertForPreTraining(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_pretrained_bert(tmp_path_factory.mktemp("pretrained") / "final")
 
 
 def keys(base: Path, out: Path, **extra) -> list[str]:

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from _launch import REPO_ROOT, final_weights, launch, torchrun_command
+from finetune_helpers import save_tiny_pretrained_bert
 
 RECIPE = REPO_ROOT / "recipes" / "glue" / "sst2.yaml"
 LAYOUTS = {"single": (1, {}), "ddp2": (2, {}), "fsdp2": (2, {"fsdp_size": 2}),
@@ -27,18 +27,7 @@ STEPS, LR, HEADS, HEAD_DIM = 8, 3e-3, 4, 16
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    from megahf.assets import load_bert_tokenizer
-    from megahf.models.bert import MegatronBertConfig, MegatronBertForPreTraining
-
-    folder = tmp_path_factory.mktemp("pretrained") / "final"
-    tokenizer = load_bert_tokenizer()
-    config = MegatronBertConfig.from_preset("bert-tiny", num_layers=2, hidden_size=64, vocab_size=len(tokenizer),
-                                            pad_token_id=tokenizer.pad_token_id, max_position_embeddings=128,
-                                            hidden_dropout=0.0, attention_dropout=0.0, init_method_std=64 ** -0.5)
-    torch.manual_seed(0)
-    MegatronBertForPreTraining(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_pretrained_bert(tmp_path_factory.mktemp("pretrained") / "final")
 
 
 @pytest.fixture(scope="module")
