@@ -1,6 +1,6 @@
-"""Tensor parallelism and TP x FSDP2 against one process, on gloo under torchrun.
+"""Tensor parallelism, TP x FSDP2 and sequence parallelism against one process, on gloo under torchrun.
 
-One torchrun per process count (2: tp2; 4: tp4 and tp2xfsdp2) runs every case (GPT presets, BERT heads); each (case, layout) test reads
+One torchrun per process count (2: tp2, tp2-sp; 4: tp4, tp2xfsdp2, tp2xfsdp2-sp) runs every case (GPT presets, BERT heads); each (case, layout) test reads
 its part of the result. The worker (`_worker.py`) documents what is compared.
 """
 
@@ -18,8 +18,10 @@ from megahf.parallel import clip_grad_norm_
 GPT_CASES = ("gpt-tiny", "llama-tiny")
 BERT_CASES = ("bert-pretraining", "bert-mlm", "bert-classification", "bert-multiple-choice", "bert-qa",
               "bert-token-classification")
-LAYOUTS = {"tp2": 2, "tp4": 4, "tp2xfsdp2": 4}  # layout -> processes
+LAYOUTS = {"tp2": 2, "tp4": 4, "tp2xfsdp2": 4, "tp2-sp": 2, "tp2xfsdp2-sp": 4}  # layout -> processes
 BERT_LAYOUTS = ("tp2", "tp2xfsdp2")
+# Sequence parallelism (the worker also checks that the norms saw a shard of the sequence).
+BERT_SP_CASES = (("bert-pretraining", "tp2-sp"), ("bert-pretraining", "tp2xfsdp2-sp"), ("bert-qa", "tp2-sp"))
 TOLERANCE = 1e-5  # relative: max |distributed - single process| / max |single process|
 # What the worker compares (the worst over ranks, parameters and tensors of each).
 COMPARED = (
@@ -70,7 +72,8 @@ def layout_report(torchrun, tmp_path_factory):
     "case, layout",
     [(case, layout) for case in GPT_CASES for layout in LAYOUTS]
     + [("gpt-padded-softmax", layout) for layout in PADDED_SOFTMAX_LAYOUTS]
-    + [(case, layout) for case in BERT_CASES for layout in BERT_LAYOUTS],
+    + [(case, layout) for case in BERT_CASES for layout in BERT_LAYOUTS]
+    + list(BERT_SP_CASES),
 )
 def test_parity(case, layout, layout_report):
     result = layout_report(layout)[case]
