@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models.presets import PRESETS
-from .errors import RecipeError, did_you_mean
+from .errors import RecipeError, did_you_mean, need
 from .help import arg
 
+RECOMPUTE_MODES = ("none", "selective", "full")
 PRESET_NAMES = tuple(name for family in PRESETS.values() for name in family)
 
 
@@ -21,10 +22,16 @@ class ModelRecipe:
         "MegatronGPTConfig / MegatronBertConfig fields that replace the preset's, e.g. {num_layers: 2}.",
         default_factory=dict,
     )
-    activation_checkpointing: bool = arg("Recompute activations in the backward pass to save memory.",
-                                         default=False)
+    recompute: str = arg("Activations recomputed in the backward pass instead of kept (Korthikanti et al. 2022): "
+                         "none; selective (the attention core: scores, softmax, dropout, weighted values; a few "
+                         "percent of compute for most of the attention's memory); full (every layer: only its "
+                         "input is kept).", default="none")
 
     def validate(self) -> None:
+        need(self, self.recompute in RECOMPUTE_MODES, "recompute", f"use one of {', '.join(RECOMPUTE_MODES)}")
+        if "recompute_granularity" in self.model_overrides:
+            raise RecipeError("model_overrides.recompute_granularity is set by the recipe key recompute "
+                              "(none | selective | full); remove it from model_overrides")
         # The override fields are checked against the config class where the config is built (megahf.training.setup).
         if self.model not in PRESET_NAMES:
             raise RecipeError(
@@ -33,4 +40,4 @@ class ModelRecipe:
             )
 
 
-__all__ = ["PRESET_NAMES", "ModelRecipe"]
+__all__ = ["PRESET_NAMES", "RECOMPUTE_MODES", "ModelRecipe"]

@@ -167,7 +167,7 @@ def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = N
         dataloader_pin_memory=on_gpu,
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=recipe.model.activation_checkpointing,
+        activation_checkpointing=False,  # recompute: full is enabled on the model (setup.build_model)
         disable_tqdm=False,
     )
 
