@@ -66,6 +66,24 @@ def formula(s: int, b: int, h: int, a: int, t: int, sp: bool, recompute: str) ->
     return s * b * h * per
 
 
+def implementation_formula(s: int, b: int, h: int, a: int, t: int, sp: bool, recompute: str,
+                           attention: str) -> float | None:
+    """The same count for this implementation, term by term from its operations (bf16 on CPU), where it keeps more
+    than the paper assumes: a dropout mask is kept as a 2-byte bf16 tensor, not 1 byte (+1 sbh per hidden dropout,
+    +1 a s^2 b for the attention's); transformers' eager attention keeps the softmax output in fp32 (+2 a s^2 b);
+    q is a view that keeps the whole 6-byte QKV output alive, and the two batched matmuls keep copies of k^T and v
+    (+4 sbh). Outside the TP regions: two norm inputs (4), two masks (4), the qkv and fc1 inputs (4) = 12; inside:
+    q/k/v (10), the proj input (2), gelu's input (8), fc2's input (8) = 28; the attention core 8 a s / h (eager).
+    None for sdpa's core, which the CPU kernels keep in their own way."""
+    if recompute == "full":
+        return s * b * h * 2.0 / (t if sp else 1)
+    if recompute == "none" and attention != "eager":
+        return None
+    core = 0 if recompute == "selective" else 8 * a * s / h
+    per = (12 + 28 + core) / t if sp else 12 + (28 + core) / t
+    return s * b * h * per
+
+
 # ---------------------------------------------------------------------- counting
 
 
@@ -190,18 +208,25 @@ def measure(args, attention: str, recompute: str, tp: int, sp: bool) -> dict:
         layers_module.checkpoint, modeling_utils.checkpoint = originals
 
 
-def step_times(args, recompute: str) -> list[float]:
-    model = build_model(args, "eager", recompute, 1, False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def step_times(args) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of a training step per recompute mode (TP=1, eager), the modes taking turns (none,
+    selective, full, none, ...) after one warm-up step each, so that the machine's drifts hit every mode alike. CPU
+    time (this process's) is what other processes on the machine disturb least."""
     input_ids = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    times = []
-    for i in range(args.reps + 1):  # one warm-up step
-        start = time.perf_counter()
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if i:
-            times.append(time.perf_counter() - start)
+    runs = {}
+    for recompute in RECOMPUTES:
+        model = build_model(args, "eager", recompute, 1, False)
+        runs[recompute] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    times = {recompute: {"wall": [], "cpu": []} for recompute in RECOMPUTES}
+    for i in range(args.reps + 1):
+        for recompute, (model, optimizer) in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if i:  # the first round warms up
+                times[recompute]["wall"].append(time.perf_counter() - wall)
+                times[recompute]["cpu"].append(time.process_time() - cpu)
     return times
 
 
@@ -242,22 +267,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def report(args, results: dict, times: dict) -> str:
+def report(args, results: dict, times: dict, load: tuple[float, ...]) -> str:
     s, b, h, a = args.seq, args.batch, args.hidden, args.heads
     lines = [f"MegatronGPT (GPT-2 shape) hidden {h}, {a} heads, {args.layers} layers, seq {s}, micro-batch {b}, "
              f"bf16, dropout 0.1; torch {torch.__version__}; sbh = {s * b * h:,} elements",
              "", "Activation bytes saved for backward per layer and rank (measured) vs the paper's formula:",
-             f"{'layout':8} {'attention':9} {'recompute':9} {'measured':>12} {'formula':>12} {'meas/form':>9} "
-             f"{'/ sbh':>7} {'vs tp1 same mode':>16}"]
+             f"{'layout':8} {'attention':9} {'recompute':9} {'measured':>12} {'paper':>12} {'meas/paper':>10} "
+             f"{'as built':>12} {'meas/built':>10} {'/ sbh':>7} {'vs tp1':>7}"]
     for key, value in results.items():
         layout, attention, recompute = key.split("/")
         t, sp = LAYOUTS[layout]
         expected = formula(s, b, h, a, t, sp, recompute)
         base = results[f"tp1/{attention}/{recompute}"]["per_layer"]
-        value["formula"] = expected
+        built = implementation_formula(s, b, h, a, t, sp, recompute, attention)
+        value["formula"], value["implementation_formula"] = expected, built
+        built_text = (f"{built:>12,.0f} {value['per_layer'] / built:>10.3f}" if built else f"{'-':>12} {'-':>10}")
         lines.append(f"{layout:8} {attention:9} {recompute:9} {value['per_layer']:>12,.0f} {expected:>12,.0f} "
-                     f"{value['per_layer'] / expected:>9.3f} {value['per_layer'] / (s * b * h):>7.2f} "
-                     f"{value['per_layer'] / base:>16.3f}")
+                     f"{value['per_layer'] / expected:>10.3f} {built_text} {value['per_layer'] / (s * b * h):>7.2f} "
+                     f"{value['per_layer'] / base:>7.3f}")
     lines += ["", "Goals:"]
     pgo = {k: v["params"] + v["grads"] + v["optimizer"] for k, v in results.items()}
     ratio = pgo["tp2/eager/none"] / pgo["tp1/eager/none"]
@@ -268,12 +295,15 @@ def report(args, results: dict, times: dict) -> str:
                  f"formula {formula(s, b, h, a, 2, True, 'selective') / formula(s, b, h, a, 2, False, 'none'):.3f})")
     sdpa = results["tp2+sp/sdpa/selective"]["per_layer"] / results["tp2/sdpa/none"]["per_layer"]
     lines.append(f"  the same with sdpa attention: {sdpa:.3f}")
-    lines += ["", f"Step time (TP=1, eager, forward + backward + AdamW, median of {args.reps}; timing on a shared "
-              "machine):"]
-    base = statistics.median(times["none"])
-    for recompute, values in times.items():
-        lines.append(f"  recompute {recompute:9} {statistics.median(values):7.3f} s  x{statistics.median(values) / base:.3f}"
-                     f" of none  (steps: {', '.join(f'{v:.3f}' for v in values)})")
+    lines += ["", f"Step time (TP=1, eager, forward + backward + AdamW; medians of {args.reps} rounds, the modes "
+              f"taking turns; {torch.get_num_threads()} thread(s); load average before {load[0]:.2f}, after "
+              f"{os.getloadavg()[0]:.2f}):"]
+    for clock in ("wall", "cpu"):
+        base = statistics.median(times["none"][clock])
+        for recompute, values in times.items():
+            median = statistics.median(values[clock])
+            lines.append(f"  {clock:4} recompute {recompute:9} {median:7.3f} s  x{median / base:.3f} of none  "
+                         f"(steps: {', '.join(f'{v:.3f}' for v in values[clock])})")
     return "\n".join(lines)
 
 
@@ -291,6 +321,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
+    load = os.getloadavg()
     print("TP=1 ...", file=sys.stderr, flush=True)
     results = run_layouts(args, 1, 0)
     print("TP=2 (2 processes, gloo) ...", file=sys.stderr, flush=True)
@@ -301,9 +332,9 @@ def main() -> None:
     results.update(json.loads(partial.read_text()))
     partial.unlink()
     print("step times ...", file=sys.stderr, flush=True)
-    times = {recompute: step_times(args, recompute) for recompute in RECOMPUTES}
+    times = step_times(args)
 
-    text = report(args, results, times)
+    text = report(args, results, times, load)
     print(text)
     from megahf.atomic import atomic_write_json, atomic_write_text
 
