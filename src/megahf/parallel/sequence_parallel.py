@@ -15,6 +15,12 @@ group in the backward pass. The embedding output is cut into shards at its dropo
 final norm's shards and the vocabulary-parallel loss takes its logits as under TP; a model without an output layer
 (BERT, whose pooler reads [CLS], and every body on its own) gathers the sequence after its last norm.
 
+Why not transformers' `sequence_parallel` style with `colwise` taking `Shard(1)` input: there the column-parallel
+linear keeps the gathered whole sequence for its backward pass (the paper's saving on those inputs is lost), the
+norm parameters become DTensors whose partial gradients the optimizer and clipping would have to reconcile, and the
+plain-TP fallback for eval mode is missing. So each style here is a subclass of transformers' own (sharding its
+parameters the same way) whose training-mode forward is a small autograd function on local tensors.
+
 The styles below are registered with transformers' style registry; `sequence_parallel_plan(model)` maps the model's
 TP plan onto them. Sequence parallelism applies in training mode; in eval mode (validation, generation) every style
 falls back to its plain-TP form, so decoding one token at a time works. Dropout in the sequence shards draws from
@@ -337,7 +343,10 @@ def sequence_parallel_plan(model) -> dict[str, str]:
     plan[f"{prefix}embedding.embedding_dropout"] = SP_SCATTER_DROPOUT
     plan[f"{layers}.*.hidden_dropout"] = SP_DROPOUT
     plan.update({f"{layers}.*.{norm}": SP_NORM for norm in ("input_layernorm", "pre_mlp_layernorm")})
-    has_output_layer = "output_layer" in model.tp_plan and stack == "decoder"
+    # A chunked training loss (`loss_chunk_size`, where the model has it) reads the output layer's weight itself, not
+    # through its forward: the sequence is gathered after the final norm for it, as for a body on its own.
+    chunked = getattr(model.config, "loss_chunk_size", 0) and hasattr(model, "chunked_loss_function")
+    has_output_layer = "output_layer" in model.tp_plan and stack == "decoder" and not chunked
     plan[f"{prefix}{stack}.final_layernorm"] = SP_NORM if has_output_layer else SP_NORM_GATHER
     if has_output_layer:
         plan["output_layer"] = SP_VOCAB_PARALLEL_OUTPUT
