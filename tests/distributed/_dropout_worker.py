@@ -8,7 +8,9 @@ visible in the returned weights), one training forward and backward per setting:
   differ (each rank's own stream).
 * tp2-sp: the hidden dropout acts on sequence shards: its masks must differ between the ranks.
 * tp2-sp with recompute selective and full: every gradient equals the run without recomputation (the recomputed
-  dropout draws the masks of the first forward pass, the model-parallel stream included).
+  dropout draws the masks of the first forward pass, the model-parallel stream included); without the tracker put
+  back for the recomputation they differ (the check can fail);
+* a 15-token sequence under sequence parallelism at TP=2 is refused with the fix.
 
 Rank 0 writes the findings as JSON to --out.
 """
@@ -112,6 +114,13 @@ def main() -> None:
     other = step(build(sp=True, recompute="full-without-rng-context"), batch)
     report["tp2-sp"]["recompute_full_without_rng_context_grads"] = max(
         (other[n] - g).abs().max().item() / scale for n, g in grads.items())
+    # A sequence the TP ranks cannot split is refused with the fix, on every rank alike (no rank left waiting).
+    odd = input_ids[:, :-1]
+    try:
+        model(input_ids=odd, labels=odd)
+        report["odd_sequence_error"] = None
+    except ValueError as error:
+        report["odd_sequence_error"] = str(error)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

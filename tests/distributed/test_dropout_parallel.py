@@ -39,3 +39,9 @@ def test_recomputation_replays_the_dropout_masks(report):
     assert sp["recompute_selective_grads"] == 0.0 and sp["recompute_full_grads"] == 0.0, sp
     # Without the tracker put back for the recomputation the masks change and the gradients are off by their size.
     assert sp["recompute_full_without_rng_context_grads"] > 1e-2
+
+
+def test_sequence_not_divisible_by_tp_is_refused(report):
+    assert report["odd_sequence_error"] is not None, "a 15-token sequence ran under sequence parallelism at TP=2"
+    assert "sequence length 15 is not divisible by tensor_parallel_size=2" in report["odd_sequence_error"]
+    assert "multiple of 2" in report["odd_sequence_error"]
