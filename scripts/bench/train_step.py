@@ -30,6 +30,15 @@ Usage (from the repository root):
     python scripts/bench/train_step.py --pair gpt --attn eager --threads 2 --json out.json
     python scripts/bench/train_step.py --pair bert --seq 128
     python scripts/bench/train_step.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --heads 16 --seq 1024
+    python scripts/bench/train_step.py --pair gpt --loss-chunk 1024 --compile   # the variants below as well
+
+Variants (each an extra line against the same peer, vocabulary padded as megahf trains):
+
+* `--loss-chunk N`: megahf with `loss_chunk_size=N` (GPT and Llama pairs): the output layer and the loss chunk by chunk,
+  the logits never held whole (the peak memory of that loss: scripts/bench/loss_memory.py).
+* `--compile`: every transformer layer torch.compile'd (megahf's `compile: true`), megahf AND the peer, compared
+  compiled against compiled; with `--loss-chunk` the compiled megahf model uses the chunked loss too. The first
+  (warm-up) steps include the compilation.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from transformers import (
 
 from megahf import MegatronBertConfig, MegatronGPTConfig, MegatronGPTForCausalLM
 from megahf import MegatronBertForPreTraining as MegahfBertForPreTraining
+from megahf.training.compile import compile_layers
 
 PAIRS = ("gpt", "llama", "bert", "bert-post-ln")
 
@@ -100,7 +110,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", default=None, help="also write the JSON result to this path")
+    variants = p.add_argument_group("variants (extra models in the same run)")
+    variants.add_argument("--loss-chunk", type=int, default=0,
+                          help="also time megahf with loss_chunk_size=N (GPT, Llama); 0: not (default)")
+    variants.add_argument("--compile", action="store_true",
+                          help="also time megahf and the peer with every layer torch.compile'd")
     args = p.parse_args(argv)
+    if args.loss_chunk < 0:
+        p.error("--loss-chunk must be >= 0")
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
     return args
@@ -115,8 +132,8 @@ def special_tokens(args) -> dict:
     return {} if args.vocab > 50256 else {"bos_token_id": None, "eos_token_id": None}
 
 
-def megahf_gpt(args, divisible_by: int | None) -> MegatronGPTForCausalLM:
-    overrides = dict(
+def megahf_gpt(args, divisible_by: int | None, loss_chunk: int = 0) -> MegatronGPTForCausalLM:
+    overrides = dict(loss_chunk_size=loss_chunk,
         vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=args.heads,
         ffn_hidden_size=args.gpt_ffn or 4 * args.hidden, max_position_embeddings=args.seq,
         hidden_dropout=0.0, attention_dropout=0.0, activation="gelu", tie_word_embeddings=True, **special_tokens(args),
@@ -148,9 +165,9 @@ def llama_shape(args) -> dict:
     return {"ffn": ffn, "kv_heads": kv, "rope_theta": theta, "rms_eps": eps}
 
 
-def megahf_llama(args, divisible_by: int | None) -> MegatronGPTForCausalLM:
+def megahf_llama(args, divisible_by: int | None, loss_chunk: int = 0) -> MegatronGPTForCausalLM:
     s = llama_shape(args)
-    overrides = dict(
+    overrides = dict(loss_chunk_size=loss_chunk,
         vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=args.heads,
         num_query_groups=s["kv_heads"], ffn_hidden_size=s["ffn"], max_position_embeddings=args.seq,
         rotary_base=s["rope_theta"], layernorm_epsilon=s["rms_eps"], hidden_dropout=0.0, attention_dropout=0.0,
@@ -368,6 +385,20 @@ def main(argv=None) -> int:
             entries.append(make_entry(f"{pair}/megahf-padded", "megahf (vocab padded)",
                                       build_megahf(args, None), args, device, batch))
             comparisons.append((f"{pair} (padded vocab)", f"{pair}/megahf-padded", f"{pair}/peer"))
+        if args.loss_chunk and pair in ("gpt", "llama"):
+            entries.append(make_entry(f"{pair}/megahf-chunked", f"megahf (loss chunk {args.loss_chunk})",
+                                      build_megahf(args, None, args.loss_chunk), args, device, batch))
+            comparisons.append((f"{pair} (chunked loss)", f"{pair}/megahf-chunked", f"{pair}/peer"))
+        if args.compile:
+            chunk = args.loss_chunk if pair in ("gpt", "llama") else 0
+            compiled = build_megahf(args, None, chunk) if chunk else build_megahf(args, None)
+            compile_layers(compiled)
+            peer = build_peer(args)
+            compile_layers(peer)
+            entries.append(make_entry(f"{pair}/megahf-compiled", "megahf (compiled" + (", chunked)" if chunk else ")"),
+                                      compiled, args, device, batch))
+            entries.append(make_entry(f"{pair}/peer-compiled", f"{peer_name} (compiled)", peer, args, device, batch))
+            comparisons.append((f"{pair} (both compiled)", f"{pair}/megahf-compiled", f"{pair}/peer-compiled"))
         if pair == "bert" and args.attn == "sdpa":
             # what a user gets: megahf's default sdpa against MegatronBert's only (eager) attention
             entries.append(make_entry("bert/megahf-sdpa", "megahf (sdpa, padded)",
@@ -465,7 +496,7 @@ def main(argv=None) -> int:
                   "batch": args.batch, "vocab": args.vocab, "bert_vocab": args.bert_vocab,
                   "gpt_ffn": args.gpt_ffn or 4 * args.hidden,
                   "llama": ls},
-        "same_vocab": args.same_vocab, "warmup": args.warmup, "reps": args.reps, "timed_s": timed_s,
+        "same_vocab": args.same_vocab, "loss_chunk": args.loss_chunk, "compile": args.compile, "warmup": args.warmup, "reps": args.reps, "timed_s": timed_s,
         "load_average_before": load_before, "load_average_after": load_after, "cpu_count": os.cpu_count(),
         "models": summaries,
         "comparisons": {name: c for name, c in results},

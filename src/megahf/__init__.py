@@ -27,9 +27,9 @@ _LAZY_NAMES = {
 
 register_when_auto_classes_load()
 
-# bitsandbytes (imported by peft, which transformers' Trainer imports whenever it is installed) warns at import, on CPUs
-# with AVX512-BF16, that its optional `kernels` package is missing: a Hub download that megahf's 4-bit path does not
-# need. Remove once bitsandbytes logs it at debug level.
+# bitsandbytes 0.50 warns on import, on CPUs with AVX512-BF16, that the optional `kernels` package is missing, then uses
+# its own kernel; transformers' Trainer imports it through peft, so every verb printed that line (and an error was no
+# longer one line). Its warnings at ERROR and above still show; remove once bitsandbytes stops warning.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 

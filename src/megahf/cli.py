@@ -1,9 +1,13 @@
 """`megahf <verb>` (also `python -m megahf <verb>`).
 
     megahf pretrain recipes/gpt/tiny.yaml [--key value ...]
+    megahf finetune recipes/glue/mnli.yaml --model runs/bert-336m/final [--peft lora] [--key value ...]
     megahf preprocess --input corpus.jsonl --tokenizer gpt2 --output-prefix data/my --append-eod
     megahf evaluate lambada --model runs/gpt/final --data lambada_test.jsonl [--strict]
     megahf evaluate wikitext --model runs/gpt/final --data wiki.test.raw [--overlapping-eval 32]
+    megahf push runs/gpt-tiny --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
+    megahf card runs/gpt-tiny [--output README.md]
+    megahf convert --from megatron --to megahf ckpts/gpt gpt-hf [--model-overrides vocab_size=50257]
 
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
 status 2, before anything is computed or written. So is every other megahf error a verb meets later (a damaged
@@ -22,7 +26,8 @@ import sys
 from . import __version__
 from .data import preprocess_arguments
 from .errors import MegahfError, one_line
-from .recipe import PretrainRecipe, recipe_help
+from .hub.cli import add_hub_parsers
+from .recipe import FinetuneRecipe, PretrainRecipe, recipe_help
 
 PRETRAIN_EPILOG = """\
 Every recipe key can be overridden after the recipe path, as --key value or --key=value; model fields go through
@@ -33,6 +38,19 @@ boolean key to true. Examples:
   megahf pretrain recipes/gpt/llama-tiny.yaml --model_overrides.num_layers 2 --lr_schedule linear
 
 Recipe keys, by section (the defaults of megahf.recipe's dataclasses; a recipe file sets its own):
+"""
+
+
+FINETUNE_EPILOG = """\
+Every recipe key can be overridden after the recipe path, as --key value or --key=value (--key null for a key that
+takes null); a bare --flag sets a boolean key to true. Examples:
+
+  megahf finetune recipes/glue/mnli.yaml --model runs/bert-336m/final
+  megahf finetune recipes/race/race.yaml --model runs/bert-336m/final --peft lora --lora_rank 16
+  megahf finetune recipes/glue/sst2.yaml --model bert-tiny --smoke --output_dir runs/smoke   (the shipped fixture)
+  torchrun --nproc_per_node 8 -m megahf finetune recipes/glue/qqp.yaml --model M --tensor_parallel_size 2
+
+Recipe keys, by section (the defaults of megahf.recipe.finetune's dataclasses; a recipe file sets its own):
 """
 
 
@@ -56,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pretrain.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/gpt/tiny.yaml")
 
+    finetune = verbs.add_parser(
+        "finetune",
+        help="fine-tune a pretrained BERT on a GLUE task or RACE (full, LoRA, QLoRA; 8-bit AdamW)",
+        description="Fine-tune a pretrained MegatronBert on a GLUE task or RACE as a YAML recipe says, as "
+        "Megatron-LM's tasks/ did: dev metrics every eval_interval and at the end, test-split prediction files, and "
+        "OUTPUT_DIR/{final/, results.json, results.md, predictions/, loss.png, recipe.yaml}.",
+        epilog=FINETUNE_EPILOG + recipe_help(FinetuneRecipe),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="megahf finetune [-h] RECIPE [--key value ...]",
+    )
+    finetune.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/glue/mnli.yaml")
+
     preprocess_arguments.add_arguments(
         verbs.add_parser(
             "preprocess",
@@ -65,7 +95,53 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_evaluate_parser(verbs)
+    add_hub_parsers(verbs)
+    add_convert_parser(verbs)
     return parser
+
+
+CONVERT_FORMATS = ("megatron", "megatron-dist", "megahf", "hf-gpt2", "hf-llama", "hf-bert", "hf-megatron-bert",
+                   "nanotron")  # megahf.convert.FORMATS
+
+
+def add_convert_parser(verbs) -> None:
+    """`megahf convert`: checkpoints between Megatron-LM, megahf and transformers, each conversion proven."""
+    convert = verbs.add_parser(
+        "convert",
+        help="convert a checkpoint between Megatron-LM, megahf and transformers formats, with its proof",
+        description="Convert SRC (a checkpoint in format --from) into the new folder DST (format --to), tensor by "
+        "tensor into a temporary folder renamed when complete. Every conversion ends with its proof, printed and "
+        "written as DST/conversion.json: the logits of a fixed probe batch from the source against the converted "
+        "checkpoint's, and the bitwise result of converting DST back. Exit status 0 when proven, 1 when not.",
+        epilog="Formats: megatron (Megatron-LM legacy torch checkpoint: iter_XXXXXXX/ or release/ with "
+        "mp_rank_XX[_YYY]/model_optim_rng.pt, any TP x PP), megatron-dist (Megatron-Core's torch_dist: a PyTorch "
+        "distributed checkpoint with metadata.json and common.pt), megahf (a megahf model folder, or a training "
+        "checkpoint "
+        "checkpoints/step_N/ as a source), hf-gpt2 (GPT2LMHeadModel), hf-llama (LlamaForCausalLM), hf-bert (BertFor*), "
+        "hf-megatron-bert (MegatronBertFor*), nanotron (its Llama: model_config.json and "
+        "model/**/*.safetensors, one file per tensor and shard); transformers folders are read from safetensors only.",
+    )
+    convert.add_argument("--from", dest="from_format", required=True, choices=CONVERT_FORMATS, metavar="FORMAT",
+                         help=f"source format: {', '.join(CONVERT_FORMATS)}")
+    convert.add_argument("--to", dest="to_format", required=True, choices=CONVERT_FORMATS, metavar="FORMAT",
+                         help="target format (same choices)")
+    convert.add_argument("src", metavar="SRC", help="the checkpoint to convert (a folder)")
+    convert.add_argument("dst", metavar="DST", help="the new folder to write (must not exist)")
+    convert.add_argument("--tp", type=int, default=1, metavar="N",
+                         help="tensor-parallel size of a megatron target (megatron-dist: the TP whose vocabulary "
+                              "padding it gets)")
+    convert.add_argument("--pp", type=int, default=1, metavar="M", help="pipeline-parallel size of a megatron target")
+    convert.add_argument("--megatron-names", choices=("core", "te", "legacy"), default="core",
+                         help="parameter names of a megatron target: Megatron-Core local spec (default), Transformer "
+                              "Engine's fused-norm names, or the legacy language_model.* names")
+    convert.add_argument("--model-overrides", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+                         help="config fields that replace what the source stores, e.g. vocab_size=50257 (a Megatron "
+                              "checkpoint stores only the padded vocabulary) or '{num_attention_heads: 16}'; give it "
+                              "after SRC DST (it takes every value that follows)")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="load Megatron pickles that reference classes outside megahf's allow-list (this can run "
+                              "code from the file: only for checkpoints whose origin you trust)")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_evaluate_parser(verbs) -> None:
@@ -137,18 +213,32 @@ def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def run_finetune_verb(recipe_path: str, overrides: list[str]) -> int:
+    recipe = run_verb("megahf.training.finetune", "load_finetune_recipe", recipe_path, overrides)
+    run_verb("megahf.training.finetune", "finetune", recipe)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb in ("preprocess", "evaluate") and rest:
+    if args.verb in ("preprocess", "evaluate", "push", "card", "convert") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.verb == "pretrain":
             return run_pretrain_verb(args.recipe, rest)
+        if args.verb == "finetune":
+            return run_finetune_verb(args.recipe, rest)
         if args.verb == "preprocess":
             return run_verb("megahf.data.preprocess", "run", args)
         if args.verb == "evaluate":
             return run_verb("megahf.tasks.run", "run", args)
+        if args.verb == "push":
+            return run_verb("megahf.hub.cli", "run_push", args)
+        if args.verb == "card":
+            return run_verb("megahf.hub.cli", "run_card", args)
+        if args.verb == "convert":
+            return run_verb("megahf.convert.api", "run", args)
     except MegahfError as error:
         print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 import transformers
 from transformers.distributed import DistributedConfig
@@ -41,6 +42,7 @@ LAYOUTS = {
     # Megatron's sequence parallelism: norms, dropouts and the residual stream on sequence shards
     "tp2-sp": {"tp_size": 2, "enable_sequence_parallel": True},
     "tp2xfsdp2-sp": {"tp_size": 2, "fsdp_size": 2, "enable_sequence_parallel": True},
+    "fsdp2": {"tp_size": 1, "fsdp_size": 2},  # chunked-loss cases only: an untied head as an FSDP2 unit of its own
 }
 SP_LAYOUTS = ("tp2-sp", "tp2xfsdp2-sp")
 # Small enough for four processes on two cores; the vocabularies stay GPT-2's (50257, padded to 50304) and BERT's
@@ -62,6 +64,10 @@ CASES = {
     "llama-tiny": ("llama-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
     # Megatron-LM's loss, whose softmax also covers the padded vocabulary rows (on the shards under TP)
     "gpt-padded-softmax": ("gpt-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
+    # The chunked training loss (loss_chunk_size): tied head (GPT-2 style, in FSDP2's root unit) and untied (Llama
+    # style, an FSDP2 unit of its own); 12 tokens per chunk do not divide the batch's 32.
+    "gpt-chunked-loss": ("gpt-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
+    "llama-chunked-loss": ("llama-tiny", "MegatronGPTForCausalLM", "AutoModelForCausalLM", "logits"),
     "bert-pretraining": ("bert-tiny", "MegatronBertForPreTraining", "AutoModelForPreTraining", "prediction_logits"),
     "bert-mlm": ("bert-tiny", "MegatronBertForMaskedLM", "AutoModelForMaskedLM", "logits"),
     "bert-classification": ("bert-tiny", "MegatronBertForSequenceClassification",
@@ -81,7 +87,11 @@ CASE_LAYOUTS["bert-pretraining"] += SP_LAYOUTS
 CASE_LAYOUTS["bert-qa"] += ("tp2-sp",)
 for _case in ("gpt-tiny", "llama-tiny"):
     CASE_LAYOUTS[_case] = ("tp2", "tp4", "tp2xfsdp2") + SP_LAYOUTS
-CASE_OVERRIDES = {"gpt-padded-softmax": {"padded_vocab_softmax": True}}
+# The chunked loss reads the output layer's weight itself: under sequence parallelism the sequence is gathered after
+# the final norm for it (sequence_parallel.sequence_parallel_plan), checked with a tied and an untied head.
+CASE_LAYOUTS["gpt-chunked-loss"] = CASE_LAYOUTS["llama-chunked-loss"] = ("tp2", "tp2xfsdp2", "fsdp2") + SP_LAYOUTS
+CASE_OVERRIDES = {"gpt-padded-softmax": {"padded_vocab_softmax": True},
+                  "gpt-chunked-loss": {"loss_chunk_size": 12}, "llama-chunked-loss": {"loss_chunk_size": 12}}
 
 
 def make_config(case: str):
@@ -218,6 +228,13 @@ def run_case(case: str, layout: str, seed: int, workdir: str) -> dict:
         raise AssertionError(f"{layout}: the first norm saw {norm_inputs} positions, expected {expected_rows}")
     if hook is not None:
         hook.remove()
+    if config.to_dict().get("loss_chunk_size"):
+        # the chunked loss never runs the output layer, and returns no logits when training with labels; an untied
+        # head under FSDP2 is a unit of its own, which the loss must gather itself
+        result["head_is_fsdp_unit"] = isinstance(model.get_output_embeddings(), FSDPModule)
+        if seen or out.logits is not None or ref_out.logits is not None:
+            raise AssertionError(f"with loss_chunk_size the output layer ran {len(seen)} times and returned logits")
+    elif hook is not None:
         if tp_size > 1 and not (isinstance(seen[0], DTensor) and seen[0].placements[0] == Shard(seen[0].ndim - 1)):
             raise AssertionError(f"under TP the output layer must return vocabulary shards, got {type(seen[0])}")
         logits = out[vocab_output]

@@ -23,8 +23,11 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "fsdp2": (2, {"fsdp_size": 2}),
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
-    # Megatron's sequence parallelism, with the attention core recomputed (selective): the same numbers
+    # Megatron's sequence parallelism, with the attention core recomputed (selective) and the recipe's default chunked
+    # loss (loss_chunk_size 1024: the sequence gathered after the final norm): the same numbers
     "tp2-sp": (2, {"tensor_parallel_size": 2, "sequence_parallel": True, "recompute": "selective"}),
+    # compile: true (each layer torch.compile'd, FSDP2's hooks around it eager); the first compile takes ~30 s
+    "fsdp2-compile": (2, {"fsdp_size": 2, "compile": True}),
 }
 DROPOUT = {"model_overrides.hidden_dropout": 0.1, "model_overrides.attention_dropout": 0.1}
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.

@@ -82,7 +82,7 @@ class MegatronSelfAttention(nn.Module):
 
 
 class MegatronMLP(nn.Module):
-    """GeLU MLP (`linear_fc1` -> gelu -> `linear_fc2`) or SwiGLU (silu(gate) * up -> `linear_fc2`).
+    """GeLU MLP (`linear_fc1` -> gelu (exact, or its tanh approximation) -> `linear_fc2`) or SwiGLU (silu(gate) * up -> `linear_fc2`).
 
     Megatron-Core fuses SwiGLU's gate and up into one `linear_fc1` of width 2 x ffn ([gate; up]). Here they are two
     layers, `linear_fc1_gate` and `linear_fc1_up`, so that a plain column split keeps each gate channel with its up
@@ -94,6 +94,7 @@ class MegatronMLP(nn.Module):
         super().__init__()
         bias = config.add_bias_linear
         self.gated = config.activation == "swiglu"
+        self.activation = config.activation
         if self.gated:
             self.linear_fc1_gate = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
             self.linear_fc1_up = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=bias)
@@ -106,7 +107,8 @@ class MegatronMLP(nn.Module):
         if self.gated:
             hidden_states = F.silu(self.linear_fc1_gate(hidden_states)) * self.linear_fc1_up(hidden_states)
         else:
-            hidden_states = F.gelu(self.linear_fc1(hidden_states))
+            approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+            hidden_states = F.gelu(self.linear_fc1(hidden_states), approximate=approximate)
         return self.linear_fc2(hidden_states)
 
 

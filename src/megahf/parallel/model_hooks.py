@@ -6,7 +6,8 @@ base classes the two hooks transformers calls, so that `from_pretrained(..., dis
 `megahf.parallel.distribute_model` both:
 
 * refuse a tensor-parallel size that does not divide the model, before anything is sharded or loaded;
-* split the output layer along the vocabulary and compute the loss on the shards (`vocab_parallel.py`);
+* split the output layer along the vocabulary and compute the loss on the shards (`vocab_parallel.py`), the chunked
+  training loss (`loss_chunk_size`) included;
 * tie a tied output layer before FSDP2 shards it, and save it once (`distribute.py`);
 * draw the dropout of each rank's attention heads from its own RNG stream, and with
   `DistributedConfig(enable_sequence_parallel=True)` run the norms and dropouts on sequence shards
@@ -19,10 +20,12 @@ from transformers import PreTrainedModel
 
 from .distribute import maybe_distribute_tied, retie_gathered_state_dict
 from .sequence_parallel import check_sequence_parallel, model_parallel_rng_plan, sequence_parallel_plan
-from .vocab_parallel import use_vocab_parallel_output
+from .vocab_parallel import parallel_chunked_causal_lm_loss, use_vocab_parallel_output
 
 
 def _maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+    if distributed_config is not None and hasattr(model, "chunked_loss_function"):
+        model.chunked_loss_function = parallel_chunked_causal_lm_loss  # vocabulary shards, FSDP2 units
     if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
         model.config.check_tensor_parallel(distributed_config.tp_size)
         use_vocab_parallel_output(model)

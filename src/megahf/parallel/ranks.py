@@ -15,7 +15,9 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """This process's rank; before the process group exists, the launcher's RANK (0 without a launcher), so that
+    what rank 0 alone prints or writes early in a run is not done by every process."""
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
 
 
 def is_rank_zero() -> bool:

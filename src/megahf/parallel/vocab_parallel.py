@@ -23,6 +23,16 @@ from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import ColwiseParallel
 from transformers.utils import ModelOutput
 
+from torch.distributed.fsdp import FSDPModule
+
+from ..models.chunked_loss import (
+    Collectives,
+    check_targets,
+    chunked_causal_lm_loss,
+    linear_cross_entropy_sum,
+    reduce_like_transformers,
+    shifted_targets,
+)
 from ..models.padded_vocab import causal_lm_loss, masked_lm_loss
 
 IGNORE_INDEX = -100
@@ -103,10 +113,6 @@ def _mean_over_labels(per_token, labels, num_items_in_batch, ignore_index):
     return total / count
 
 
-def is_vocab_sharded(logits: torch.Tensor) -> bool:
-    return isinstance(logits, DTensor) and any(isinstance(p, Shard) for p in logits.placements)
-
-
 def vocab_parallel_causal_lm_loss(logits, labels=None, vocab_size: int = 0, padded_vocab_softmax: bool = False,
                                   shift_labels=None, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
                                   **kwargs):
@@ -128,6 +134,58 @@ def vocab_parallel_masked_lm_loss(logits, labels, vocab_size: int = 0, padded_vo
                               num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
     per_token = vocab_parallel_cross_entropy(logits, labels, None if padded_vocab_softmax else vocab_size)
     return _mean_over_labels(per_token, labels.to(per_token.device), num_items_in_batch, ignore_index)
+
+
+class _GroupCollectives(Collectives):
+    """The chunk loop's reductions over the tensor-parallel group (Megatron's all-reduces of the parallel loss)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def max_(self, tensor):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+
+    def sum_(self, tensor):
+        dist.all_reduce(tensor, group=self.group)
+
+
+def _gathered_output_layer(output_layer: nn.Module) -> nn.Module:
+    """Under FSDP2 an output layer that is an FSDP unit of its own (an untied head, `keep_full_weight`) holds only
+    its shard until its own forward runs, which the chunked loss skips: gather it now. It stays gathered for the
+    backward pass (the unit does not reshard after forward), and FSDP2's end-of-backward callback reduce-scatters
+    its gradient (that callback runs the post-backward of every unit whose forward outputs took no part in the
+    backward pass)."""
+    if isinstance(output_layer, FSDPModule):
+        output_layer.unshard()
+    return output_layer
+
+
+def parallel_chunked_causal_lm_loss(hidden_states, output_layer, labels=None, vocab_size: int = 0,
+                                    padded_vocab_softmax: bool = False, chunk_size: int = 1024, shift_labels=None,
+                                    num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, **kwargs):
+    """`models.chunked_loss.chunked_causal_lm_loss` on a distributed model: each rank runs the chunk loop on its
+    vocabulary shard of the output layer, all-reducing per chunk the max, the sum of exponentials and the target's
+    logit, and at the end the hidden states' gradient (the column-parallel layer's backward all-reduce). Only the
+    `[chunk, V / tp]` logits of one chunk exist at a time on each rank."""
+    output_layer = _gathered_output_layer(output_layer)
+    weight = output_layer.weight
+    if not (isinstance(weight, DTensor) and weight.placements[-1] == Shard(0)):
+        return chunked_causal_lm_loss(hidden_states, output_layer, labels, vocab_size, padded_vocab_softmax,
+                                      chunk_size, shift_labels, num_items_in_batch, ignore_index)
+    mesh = weight.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"Expected the output layer sharded on the vocabulary over a 1-D mesh, got {mesh}.")
+    if isinstance(hidden_states, DTensor):
+        raise ValueError("The chunked loss expects replicated plain hidden states (no sequence parallelism).")
+    target = shifted_targets(labels, shift_labels, ignore_index)
+    classes = weight.shape[0] if padded_vocab_softmax else vocab_size
+    check_targets(target, classes, ignore_index)
+    local = weight.to_local()  # differentiable: the gradient comes back as this rank's shard of a DTensor
+    start = mesh.get_local_rank() * local.shape[0]
+    columns = max(0, min(local.shape[0], classes - start))
+    total = linear_cross_entropy_sum(hidden_states, local, target, chunk_size, start=start, columns=columns,
+                                     ignore_index=ignore_index, collectives=_GroupCollectives(mesh.get_group()))
+    return reduce_like_transformers(total, target.to(total.device), num_items_in_batch, ignore_index)
 
 
 _VOCAB_PARALLEL_LOSSES = {causal_lm_loss: vocab_parallel_causal_lm_loss, masked_lm_loss: vocab_parallel_masked_lm_loss}

@@ -52,18 +52,33 @@ def recipe_keys(recipe_class: type) -> dict[str, tuple[str, dataclasses.Field, t
     return keys
 
 
+def optional_keys(recipe_class: type) -> set[str]:
+    """The flat keys whose type admits None (`str | None`): `null` in YAML, `--key null` on the command line."""
+    optional = set()
+    for section in dataclasses.fields(recipe_class):
+        hints = typing.get_type_hints(section.default_factory)
+        for name, hint in hints.items():
+            if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+                optional.add(name)
+    return optional
+
+
 def parse_recipe(recipe_class: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None):
     """Read a flat YAML recipe, apply `--key value` overrides (`--key=value`, `--model_overrides.field value`, a bare
     `--flag` for booleans), route every key to its section and run each section's checks. `path=None` starts from
-    the defaults."""
+    the defaults. A key typed `X | None` also takes `null` (YAML) or `--key null`."""
     keys = recipe_keys(recipe_class)
     kinds = {key: kind for key, (_, _, kind) in keys.items()}
+    nullable = optional_keys(recipe_class)
     where = str(path) if path is not None else "the recipe"
     checked: dict[str, Any] = {}
     for key, value in (_read_yaml(where) if path is not None else {}).items():
         _refuse_retired(key, value, f"in {where}")
         if key not in keys:
             raise RecipeError(f"unknown recipe key {key!r} in {where}{did_you_mean(str(key), keys)}")
+        if value is None and key in nullable:
+            checked[key] = None
+            continue
         checked[key] = _check_type(key, value, kinds[key], f"in {where}")
     for key, value in parse_overrides(overrides or []):
         base, _, sub = key.partition(".")
@@ -79,6 +94,8 @@ def parse_recipe(recipe_class: type, path: str | os.PathLike | None = None, over
             if kind is not dict:
                 raise RecipeError(f"--{key}: only model_overrides takes dotted sub-keys; write --{base} VALUE")
             checked[base] = {**checked.get(base, {}), sub: _parse_scalar(value)}
+        elif base in nullable and isinstance(value, str) and value.lower() in ("null", "none", "~"):
+            checked[base] = None
         else:
             checked[base] = _check_type(base, _from_command_line(value, kind), kind,
                                         f"on the command line (--{key})", command_line=True)
@@ -198,4 +215,4 @@ def _parse_scalar(value: str | bool) -> Any:
         return value
 
 
-__all__ = ["parse_overrides", "parse_recipe", "recipe_help", "recipe_keys", "save_recipe"]
+__all__ = ["optional_keys", "parse_overrides", "parse_recipe", "recipe_help", "recipe_keys", "save_recipe"]

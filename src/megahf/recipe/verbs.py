@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .data import DataRecipe
+from .hub import HubRecipe
 from .model import ModelRecipe
 from .optimizer import OptimizerRecipe
 from .parallel import ParallelRecipe
@@ -25,6 +26,7 @@ class PretrainRecipe:
     parallel: ParallelRecipe = field(default_factory=ParallelRecipe)
     optim: OptimizerRecipe = field(default_factory=OptimizerRecipe)
     run: RunRecipe = field(default_factory=RunRecipe)
+    hub: HubRecipe = field(default_factory=HubRecipe)
 
     def validate(self) -> None:
         """Each section's own checks (the checks that need the model config are `megahf.training.setup`'s)."""

@@ -9,6 +9,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 
+_TRAINER_EVAL_KEYS = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+
 class CheckpointCallback(TrainerCallback):
     """Ask Trainer to write a checkpoint (MegatronTrainer._save_checkpoint) every `interval` steps and at the
     last step, Megatron's --save-interval; Trainer's own save strategy stays off."""
@@ -105,6 +108,10 @@ class MegatronLogCallback(ProgressCallback):
             parts.append(f"valid loss {logs['eval_loss']:.4f}")
             if self.perplexity:
                 parts.append(f"valid ppl {math.exp(min(logs['eval_loss'], 50.0)):,.2f}")
+            # Task metrics (fine-tuning: eval_{split}_{metric}), Trainer's own timings left out.
+            parts.extend(f"{key.removeprefix('eval_').replace('_', ' ')} {value:.4f}" for key, value in logs.items()
+                         if key.startswith("eval_") and key != "eval_loss" and not key.endswith(_TRAINER_EVAL_KEYS)
+                         and isinstance(value, (int, float)))
         else:
             return  # the end-of-training summary: reported by pretrain() itself
         line = " | ".join([head, *parts])

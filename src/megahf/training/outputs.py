@@ -40,7 +40,8 @@ def save_final(model, tokenizer, output_dir: Path) -> Path:
     return final
 
 
-def plot_losses(log_history: list[dict], path: Path, title: str) -> None:
+def plot_losses(log_history: list[dict], path: Path, title: str,
+                ylabel: str = "cross entropy (nats/token)") -> None:
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     valid = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -49,7 +50,7 @@ def plot_losses(log_history: list[dict], path: Path, title: str) -> None:
     if valid:
         ax.plot(*zip(*valid), "o-", label="valid loss", color="tab:orange")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -8,7 +8,8 @@ biases and norm weights, linear warmup then cosine (or linear) decay to `min_lea
 gradient-norm clipping, evaluation every `eval_interval` steps. At the end: validation loss and perplexity, a sample
 (GPT: generated text; BERT: the words predicted at [MASK]), the model and tokenizer saved to `output_dir/final`
 (loadable with `AutoModelForCausalLM` / `AutoModelForPreTraining.from_pretrained` after `import megahf`), the loss
-curves in `output_dir/loss.png` and the numbers in `output_dir/metrics.json`. `run_pretrain` reads as the list of
+curves in `output_dir/loss.png` and the numbers in `output_dir/metrics.json`; with `push_to_hub: true`, all of
+it published to the Hub with a model card (`megahf.hub`, as `megahf push` does). `run_pretrain` reads as the list of
 its steps; each step is a function below it.
 """
 
@@ -36,6 +37,7 @@ from .flops import launch_peak_tflops, training_flops_per_token
 from .log import say
 from .outputs import plot_losses, save_final
 from .processes import prepare_processes
+from .publish import check_hub_push, push_to_hub
 from .resume import checkpoint_metadata, find_resume_checkpoint
 from .setup import build_layout, build_model, check_recipe, load_tokenizer
 from .trainer import MegatronTrainer, check_finite_weights, training_arguments
@@ -58,6 +60,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     Extra `callbacks` are added to the Trainer's."""
     start = time.perf_counter()
     check_recipe(recipe)
+    check_hub_push(recipe)  # a push that cannot happen is refused before hours of training
     layout = build_layout(recipe)  # the world size must fit before anything is computed
     prepare_processes(layout)
     set_seed(recipe.run.seed)
@@ -79,6 +82,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     metrics = collect_metrics(recipe, layout, trainer, progress, train_metrics, validation, n_params, peak,
                               resume_from)
     output_dir = write_outputs(recipe, trainer, model, tokenizer, metrics, start)
+    push_to_hub(recipe, output_dir)
     return PretrainResult(model=model, tokenizer=tokenizer, trainer=trainer, metrics=metrics, output_dir=output_dir)
 
 

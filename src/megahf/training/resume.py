@@ -15,7 +15,8 @@ from .setup import build_config
 
 # Config fields that change how the model runs, not what its weights are or what it computes.
 _RUNTIME_CONFIG_FIELDS = frozenset({"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype",
-                                    "use_cache", "output_attentions", "output_hidden_states", "return_dict"})
+                                    "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+                                    "loss_chunk_size"})
 
 
 def model_config_fields(recipe: PretrainRecipe) -> dict:

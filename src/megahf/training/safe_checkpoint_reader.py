@@ -50,10 +50,12 @@ def _is_torch_dtype(module: str, name: str) -> bool:
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP `.metadata`, building only the allow-listed classes."""
+    """Unpickles a DCP `.metadata`, building only the allow-listed classes (`allowed`: a subclass may add some)."""
+
+    allowed = _METADATA_GLOBALS
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS or _is_torch_dtype(module, name):
+        if (module, name) in self.allowed or _is_torch_dtype(module, name):
             return super().find_class(module, name)
         raise UnsafePickleError(f"it references {module}.{name}, which is not part of torch.distributed.checkpoint's "
                                 "metadata")
@@ -62,10 +64,10 @@ class MetadataUnpickler(pickle.Unpickler):
         raise UnsafePickleError("it holds a persistent id, which DCP metadata never does")
 
 
-def load_metadata(stream: IO[bytes], name: str) -> Metadata:
+def load_metadata(stream: IO[bytes], name: str, unpickler: type[MetadataUnpickler] = MetadataUnpickler) -> Metadata:
     """The `Metadata` pickled in `stream` (the file `name`), refused unless it is plain DCP metadata."""
     try:
-        metadata = MetadataUnpickler(stream).load()
+        metadata = unpickler(stream).load()
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{name} refused: {error}") from None
     except Exception as error:  # a damaged pickle fails in many ways (EOFError, ValueError, KeyError, ...)
@@ -123,11 +125,13 @@ class _WeightsOnlyBytes:
 class SafeFileSystemReader(FileSystemReader):
     """torch's `FileSystemReader` with its two unpickling steps made safe (see the module docstring)."""
 
+    unpickler: type[MetadataUnpickler] = MetadataUnpickler
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         # torch's read_metadata with pickle.load replaced; the rest as torch 2.13 does it.
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
-            metadata = load_metadata(stream, _display_name(path))
+            metadata = load_metadata(stream, _display_name(path), self.unpickler)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -18,11 +18,12 @@ from ..models.bert import MegatronBertConfig
 from ..models.gpt import MegatronGPTConfig
 from ..models.presets import preset_family
 from ..parallel import distribute_model
-from ..parallel.rng import checkpoint_context
 from ..parallel.layout import LayoutError, ParallelLayout, resolve_layout
+from ..parallel.rng import checkpoint_context
 from ..recipe import ModelRecipe, PretrainRecipe, RecipeError, parse_recipe
 from ..recipe.data import EMBEDDED_BERT_TOKENIZER, EMBEDDED_TOKENIZER, GPT2_TOKENIZER_NAMES
 from ..recipe.errors import did_you_mean
+from .compile import compile_layers
 from .families import family_of
 
 
@@ -49,9 +50,16 @@ def build_config(model: ModelRecipe):
                 f"{did_you_mean(key, known, prefix='model_overrides.')} (model_overrides takes "
                 f"{config_class.__name__} fields)"
             )
-    recompute = {"recompute_granularity": "selective"} if model.recompute == "selective" else {}
+    if "loss_chunk_size" in model.model_overrides:
+        raise RecipeError(
+            f"model_overrides.loss_chunk_size={model.model_overrides['loss_chunk_size']!r}: the chunked loss is "
+            "set by the recipe key loss_chunk_size; move it there"
+        )
+    runtime = {"loss_chunk_size": model.loss_chunk_size} if config_class is MegatronGPTConfig else {}
+    if model.recompute == "selective":
+        runtime["recompute_granularity"] = "selective"
     try:
-        return config_class.from_preset(model.model, **model.model_overrides, **recompute)
+        return config_class.from_preset(model.model, **model.model_overrides, **runtime)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"model={model.model!r} with model_overrides={model.model_overrides}: {error}") from None
 
@@ -170,6 +178,8 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
         # Non-reentrant, with the model-parallel RNG stream put back for the recomputation (the same dropout masks).
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
+    if recipe.model.compile:
+        compile_layers(model)
     return model
 
 

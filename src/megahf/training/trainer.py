@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 from ..errors import MegahfError
 from ..parallel import clip_grad_norm_
 from ..parallel.layout import ParallelLayout
-from ..recipe import PretrainRecipe
+from ..recipe import FinetuneRecipe, PretrainRecipe
 from . import checkpoint as ckpt
 from .callbacks import MegatronLogCallback
 from .log import say
@@ -28,9 +28,10 @@ class NonFiniteError(MegahfError, RuntimeError):
 
 class MegatronTrainer(Trainer):
     """Trainer with Megatron's choices where Trainer's defaults differ, and megahf's checkpoints (one format for
-    every layout, tensor parallel included, which Trainer's own cannot resume)."""
+    every layout, tensor parallel included, which Trainer's own cannot resume). `recipe` is a pretraining or a
+    fine-tuning recipe: it reads `recipe.optim` (the schedule) and, for checkpoints, `recipe.run.keep_last`."""
 
-    def __init__(self, *args, recipe: PretrainRecipe, checkpoint_metadata: dict | None = None,
+    def __init__(self, *args, recipe: PretrainRecipe | FinetuneRecipe, checkpoint_metadata: dict | None = None,
                  progress: MegatronLogCallback | None = None, **kwargs):
         self.recipe = recipe
         self.checkpoint_metadata = checkpoint_metadata or {}
@@ -129,48 +130,57 @@ def check_finite_weights(model: torch.nn.Module, what: str) -> None:
 
 
 def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = None) -> TrainingArguments:
+    """The `TrainingArguments` of a pretraining recipe."""
+    return trainer_arguments(recipe.optim, recipe.parallel, recipe.run, layout or build_layout(recipe, 1),
+                             num_workers=recipe.data.num_workers)
+
+
+def trainer_arguments(optimizer, parallel, run, layout: ParallelLayout, *, num_workers: int = 0,
+                      **changes) -> TrainingArguments:
+    """`TrainingArguments` from the recipe sections every training verb shares (an `OptimizerRecipe`, a
+    `ParallelRecipe`, a run section with seed, intervals, output_dir and trackers); `changes` replace single
+    arguments (e.g. `optim="adamw_bnb_8bit"` for fine-tuning)."""
     on_gpu = torch.cuda.is_available()
-    layout = layout or build_layout(recipe, 1)
     schedule = {
-        "cosine": ("cosine_with_min_lr", {"min_lr": recipe.optim.min_learning_rate}),
+        "cosine": ("cosine_with_min_lr", {"min_lr": optimizer.min_learning_rate}),
         "linear": ("linear", {}),  # replaced by MegatronTrainer.create_scheduler (decay to min_lr)
         "constant": ("constant_with_warmup", {}),
-    }[recipe.optim.lr_schedule]
-    return TrainingArguments(
-        output_dir=recipe.run.output_dir,
-        max_steps=recipe.optim.train_steps,
-        per_device_train_batch_size=recipe.parallel.micro_batch_size,
-        per_device_eval_batch_size=recipe.parallel.micro_batch_size,
+    }[optimizer.lr_schedule]
+    arguments = dict(
+        output_dir=run.output_dir,
+        max_steps=optimizer.train_steps,
+        per_device_train_batch_size=parallel.micro_batch_size,
+        per_device_eval_batch_size=parallel.micro_batch_size,
         gradient_accumulation_steps=layout.gradient_accumulation_steps,
-        learning_rate=recipe.optim.learning_rate,
+        learning_rate=optimizer.learning_rate,
         lr_scheduler_type=schedule[0],
         lr_scheduler_kwargs=schedule[1],
-        warmup_steps=recipe.optim.warmup_steps,
-        weight_decay=recipe.optim.weight_decay,
-        adam_beta1=recipe.optim.adam_beta1,
-        adam_beta2=recipe.optim.adam_beta2,
-        adam_epsilon=recipe.optim.adam_eps,
+        warmup_steps=optimizer.warmup_steps,
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.adam_beta1,
+        adam_beta2=optimizer.adam_beta2,
+        adam_epsilon=optimizer.adam_eps,
         optim="adamw_torch_fused",  # one fused kernel per step (CPU and GPU); several times faster than the loop
-        max_grad_norm=recipe.optim.clip_grad,  # 0 turns clipping off
+        max_grad_norm=optimizer.clip_grad,  # 0 turns clipping off
         logging_strategy="steps",
-        logging_steps=recipe.run.log_interval,
+        logging_steps=run.log_interval,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a non-finite loss stops the run (check_finite_loss); never hide one in logs
-        eval_strategy="steps" if recipe.run.eval_interval > 0 else "no",
-        eval_steps=recipe.run.eval_interval if recipe.run.eval_interval > 0 else None,
+        eval_strategy="steps" if run.eval_interval > 0 else "no",
+        eval_steps=run.eval_interval if run.eval_interval > 0 else None,
         prediction_loss_only=True,  # never keep b x s x vocab logits of the whole validation split
-        save_strategy="no",  # checkpoints are megahf's (CheckpointCallback); the final save is pretrain()'s
-        report_to=recipe.run.trackers,
-        seed=recipe.run.seed,
-        data_seed=recipe.run.seed,
-        dataloader_num_workers=recipe.data.num_workers,
+        save_strategy="no",  # checkpoints are megahf's (CheckpointCallback); the final save is the verb's
+        report_to=run.trackers,
+        seed=run.seed,
+        data_seed=run.seed,
+        dataloader_num_workers=num_workers,
         dataloader_pin_memory=on_gpu,
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         activation_checkpointing=False,  # recompute: full is enabled on the model (setup.build_model)
         disable_tqdm=False,
     )
+    return TrainingArguments(**{**arguments, **changes})
 
 
-
-__all__ = ["MegatronTrainer", "NonFiniteError", "check_finite_loss", "training_arguments"]
+__all__ = ["MegatronTrainer", "NonFiniteError", "check_finite_loss", "trainer_arguments", "training_arguments"]

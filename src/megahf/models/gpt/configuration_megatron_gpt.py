@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig
 from ..config_checks import MegatronConfigMixin
 from ..presets import lookup_preset
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 
@@ -32,7 +32,8 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         rotary_base (`int`): RoPE base (theta).
         normalization (`str`): `"LayerNorm"` or `"RMSNorm"`.
         layernorm_epsilon (`float`): epsilon of every norm.
-        activation (`str`): `"gelu"` (GPT-2 MLP) or `"swiglu"` (gated, Llama-style).
+        activation (`str`): `"gelu"` (GPT-2 MLP, exact GeLU as Megatron computes it), `"gelu_tanh"` (its tanh
+            approximation: Megatron's `--openai-gelu`, OpenAI GPT-2's `gelu_new`) or `"swiglu"` (gated, Llama-style).
         add_bias_linear (`bool`): biases on every linear layer (GPT-2 style) or none (Llama style).
         tie_word_embeddings (`bool`): share the input embedding and the output layer.
         attention_dropout (`float`): dropout on the attention probabilities.
@@ -49,6 +50,9 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         padded_vocab_softmax (`bool`): take the language-model loss's softmax over the padded vocabulary, padded
             rows included, as Megatron-LM trains. By default (`False`) the loss is the cross entropy of the returned
             logits, which stop at `vocab_size`, so that scores computed from the logits agree with the loss.
+        loss_chunk_size (`int`): in training mode with labels, compute the output layer and the loss this many
+            tokens at a time, never holding the whole `[tokens, vocabulary]` logits, and return `logits=None`
+            (the loss is the same). `0` (default): the plain output layer and loss.
     """
 
     model_type = "megatron_gpt"
@@ -93,6 +97,7 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
     recompute_granularity: str | None = None
     make_vocab_size_divisible_by: int = 128
     padded_vocab_softmax: bool = False
+    loss_chunk_size: int = 0
     use_cache: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
@@ -115,6 +120,9 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
             self.fail("normalization", f"use one of {NORMALIZATIONS}.")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             self.fail("position_embedding_type", f"use one of {POSITION_EMBEDDINGS}.")
+        if not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or \
+                self.loss_chunk_size < 0:
+            self.fail("loss_chunk_size", "it must be a number of tokens >= 0 (0: the plain loss).")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             self.fail("hidden_size",
                       f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")

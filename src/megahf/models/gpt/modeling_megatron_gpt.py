@@ -24,6 +24,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from ..chunked_loss import can_chunk, chunked_causal_lm_loss
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
 from ..padded_vocab import PaddedVocabMixin, causal_lm_loss
 from .configuration_megatron_gpt import MegatronGPTConfig
@@ -200,6 +201,9 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
     _pp_plan = {"output_layer": (["hidden_states"], ["logits"])}
     _fsdp_plan = {"output_layer": "keep_full_weight"}
     _loss_function = staticmethod(causal_lm_loss)  # `self.loss_function`, which megahf.parallel may replace
+    # The training loss with `config.loss_chunk_size` (output layer + cross entropy, logits never held whole); megahf.
+    # parallel replaces it under tensor parallelism and FSDP2.
+    chunked_loss_function = staticmethod(chunked_causal_lm_loss)
 
     def __init__(self, config: MegatronGPTConfig):
         super().__init__(config)
@@ -228,7 +232,12 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""`labels` are the input ids (shifted inside, -100 ignored), as in transformers; pass `shift_labels`
-        instead for labels that are already shifted (Megatron's datasets)."""
+        instead for labels that are already shifted (Megatron's datasets).
+
+        With `config.loss_chunk_size > 0`, a forward in training mode with labels returns the loss and
+        `logits=None`: the output layer and the cross entropy run chunk by chunk over the tokens and the logits are
+        never held whole (`chunked_loss.py`). In eval mode, or without labels, or when the output layer is not a
+        plain bias-free `nn.Linear` (LoRA, quantized), the logits are returned as always."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -238,9 +247,18 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        logits = self.output_layer(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        has_labels = labels is not None or kwargs.get("shift_labels") is not None
+        if has_labels and self.training and self.config.loss_chunk_size and can_chunk(self.output_layer):
+            loss = self.chunked_loss_function(hidden_states, self.output_layer, labels,
+                                              vocab_size=self.config.vocab_size,
+                                              padded_vocab_softmax=self.config.padded_vocab_softmax,
+                                              chunk_size=self.config.loss_chunk_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        logits = self.output_layer(hidden_states)
         loss = None
-        if labels is not None or kwargs.get("shift_labels") is not None:
+        if has_labels:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
                                       padded_vocab_softmax=self.config.padded_vocab_softmax, **kwargs)
         logits = logits[..., : self.config.vocab_size]

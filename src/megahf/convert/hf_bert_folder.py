@@ -1,0 +1,72 @@
+"""`hf-bert` and `hf-megatron-bert` folders (transformers' `Bert*` / `MegatronBert*` save_pretrained output) as a
+conversion format, through the in-memory converter of `hf_bert.py` (BERT checkpoints are small enough to hold)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .common import ConversionError, LoadedCheckpoint, TensorRef, build_model, check_shapes, progress
+
+FAMILY = {"hf-bert": ("bert", "Bert"), "hf-megatron-bert": ("megatron-bert", "MegatronBert")}
+
+
+def _hf_class(path: Path, fmt: str):
+    import transformers
+
+    model_type, family = FAMILY[fmt]
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if config is None:
+        raise ConversionError(f"{path}: no config.json (a transformers model folder written by save_pretrained)")
+    if config.get("model_type") != model_type:
+        raise ConversionError(f"{path}: model_type={config.get('model_type')!r}, expected {model_type!r} for {fmt}")
+    name = (config.get("architectures") or [family + "ForPreTraining"])[0]
+    if not name.startswith(family) or not hasattr(transformers, name):
+        raise ConversionError(f"{path}: architectures={config.get('architectures')}: expected a {family}* class")
+    return getattr(transformers, name)
+
+
+def read_hf_bert(path: str | os.PathLike, fmt: str, overrides: dict | None = None) -> LoadedCheckpoint:
+    from .hf_bert import HEADS, from_transformers
+
+    path = Path(path)
+    hf_class = _hf_class(path, fmt)
+    if not any(path.glob("*.safetensors")):
+        raise ConversionError(f"{path}: no .safetensors weights (pickled .bin weights are not read)")
+    hf_model = hf_class.from_pretrained(path, use_safetensors=True)
+    vocab = (overrides or {}).get("vocab_size") or getattr(hf_model.config, "megahf_vocab_size", None)
+    unknown = set(overrides or {}) - {"vocab_size"}
+    if unknown:
+        raise ConversionError(f"--model-overrides {sorted(unknown)}: only vocab_size applies to {fmt} (the rest is "
+                              "the transformers config)")
+    model = from_transformers(hf_model, vocab_size=vocab)
+    tensors = {name: TensorRef.of(tensor.detach()) for name, tensor in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("output_layer.weight", None)
+    suffix = hf_class.__name__.removeprefix(FAMILY[fmt][1])
+    loaded = LoadedCheckpoint(model.config, HEADS[suffix], tensors)
+    check_shapes(loaded, str(path))
+    return loaded
+
+
+def write_hf_bert(loaded: LoadedCheckpoint, dst: Path, fmt: str, show_progress: bool = True) -> None:
+    from .hf_bert import to_transformers
+
+    if loaded.config.model_type != "megatron_bert":
+        raise ConversionError(f"this model cannot be written as {fmt}: it is not a BERT")
+    wanted = "pre" if fmt == "hf-megatron-bert" else "post"
+    if loaded.config.layernorm_order != wanted:
+        other = "hf-megatron-bert" if wanted == "post" else "hf-bert"
+        raise ConversionError(f"this BERT is {loaded.config.layernorm_order}-LayerNorm; {fmt} holds {wanted}-LN "
+                              f"models: write it as {other}")
+    bar = progress(1, fmt, show_progress)
+    hf_model = to_transformers(build_model(loaded))
+    hf_model.config.megahf_vocab_size = loaded.config.vocab_size
+    dst.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(dst, safe_serialization=True)
+    bar.update(1)
+    bar.close()
+
+
+__all__ = ["read_hf_bert", "write_hf_bert"]

@@ -1,0 +1,183 @@
+"""The output layer and the language-model cross entropy in one, chunk by chunk over the tokens.
+
+The plain path holds the `[tokens, vocabulary]` logits several times over (the matmul's output, its float32 copy,
+the log-softmax kept for backward): at sequence 1024, batch 8 and GPT-2's 50k vocabulary that is 1.6 GB per copy in
+float32. Here the logits of at most `chunk_size` tokens exist at any time. Each chunk's gradients with respect to the
+hidden states and to the weight are computed in the same forward loop (softmax - one-hot, two matmuls), so backward
+only scales them by the incoming gradient: the same three matmuls as the plain forward + backward, and what is kept
+for backward is the size of the hidden states and of the weight, not of the logits.
+
+The loss is exactly `padded_vocab.causal_lm_loss` of `hidden @ weight.T`: softmax over the first `vocab_size` rows
+of the weight (all rows with `padded_vocab_softmax`), labels shifted inside (or `shift_labels`), -100 ignored, the
+mean over kept labels or the sum divided by `num_items_in_batch`.
+
+Pure torch, no parallelism, so that the file loads as Hub remote code. Under tensor parallelism `megahf.parallel`
+runs the same loop on each rank's vocabulary shard, passing `collectives` that all-reduce the per-token max, sum of
+exponentials and target logit (Megatron's parallel cross entropy) and the hidden states' gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class Collectives:
+    """What the chunk loop reduces across the ranks that hold the other vocabulary shards: nothing in one process."""
+
+    def max_(self, tensor: torch.Tensor) -> None:  # in place, elementwise max over the ranks
+        pass
+
+    def sum_(self, tensor: torch.Tensor) -> None:  # in place, elementwise sum over the ranks
+        pass
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens t with target[t] != ignore_index of cross_entropy(hidden[t] @ weight[:columns].T, target[t]).
+
+    `hidden` [N, H], `weight` [R, H] (this rank's rows of the output layer), `target` [N] (global vocabulary ids),
+    `start`: the global id of `weight[0]`; `columns`: how many of its rows take part in the softmax (the others are
+    padding, left out)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, start: int, columns: int, chunk_size: int, ignore_index: int,
+                collectives: Collectives):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        real = weight[:columns]
+        tokens = hidden.shape[0]
+        losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # float32 accumulator: the weight's gradient sums over every chunk (bf16 partial sums would lose bits)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for begin in range(0, tokens, chunk_size):
+            end = min(begin + chunk_size, tokens)
+            h, t = hidden[begin:end], target[begin:end]
+            logits = (h @ real.T).float()  # float32 softmax, as transformers' loss upcasts the logits
+            if columns:
+                logits_max = logits.max(dim=-1).values
+            else:  # a rank whose whole shard is padding
+                logits_max = torch.full((end - begin,), float("-inf"), device=logits.device)
+            collectives.max_(logits_max)
+            logits -= logits_max.unsqueeze(-1)
+            owned = (t >= start) & (t < start + columns)
+            local_t = (t - start).clamp(0, max(columns - 1, 0)).unsqueeze(-1)
+            target_logit = (logits.gather(-1, local_t).squeeze(-1) * owned) if columns else torch.zeros_like(
+                logits_max)
+            collectives.sum_(target_logit)
+            probs = logits.exp_()
+            sum_exp = probs.sum(dim=-1)
+            collectives.sum_(sum_exp)
+            kept = (t != ignore_index).to(torch.float32)
+            losses[begin:end] = (sum_exp.log() - target_logit) * kept
+            if need_hidden or need_weight:
+                # d loss / d logits = softmax - one-hot, zero for ignored tokens: built in place of the logits
+                probs *= (kept / sum_exp).unsqueeze(-1)
+                probs.scatter_add_(-1, local_t, -(owned * kept).unsqueeze(-1))
+                grad_logits = probs.to(hidden.dtype)
+                if need_hidden:
+                    grad_hidden[begin:end] = grad_logits @ real
+                if need_weight and grad_weight.dtype == h.dtype:  # accumulate in place: no [R, H] temporary
+                    grad_weight[:columns].addmm_(grad_logits.T, h)
+                elif need_weight:
+                    grad_weight[:columns] += (grad_logits.T @ h).float()
+                del grad_logits  # before the next chunk's logits exist: one chunk's buffer at a time
+            del logits, probs
+        if need_hidden:
+            collectives.sum_(grad_hidden)  # every vocabulary shard contributes to each hidden state's gradient
+        # Kept on ctx rather than saved: backward scales them in place (a weight-sized copy less at the peak) and
+        # hands them over, so a second backward through the same graph is refused.
+        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("The chunked loss's gradients were already used: it supports one backward pass "
+                               "(retain_graph=True is not supported; set loss_chunk_size=0 for that).")
+        grads, ctx.grads = ctx.grads, None
+        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under autocast the output layer's matmul runs in the autocast dtype: cast both inputs as autocast would (the
+    cast is differentiable, so the float32 weight gets a float32 gradient)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
+
+
+def shifted_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
+                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The next-token target of every position, flattened: `shift_labels` as given, or `labels` shifted left with
+    `ignore_index` at the end of each row (transformers' ForCausalLMLoss)."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def reduce_like_transformers(total: torch.Tensor, target: torch.Tensor, num_items_in_batch,
+                             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """transformers' reduction of the summed loss: the mean over kept labels, or the sum divided by
+    `num_items_in_batch` (Trainer passes it under gradient accumulation)."""
+    if num_items_in_batch is None:
+        return total / (target != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def can_chunk(output_layer: nn.Module) -> bool:
+    """Whether `output_layer` computes exactly `hidden @ weight.T`, which the chunk loop reads its weight for: a
+    bias-free `nn.Linear` (FSDP2's and tensor parallelism's wrapping keep its forward). A layer with a forward of
+    its own (a LoRA wrapper, a quantized linear) or a bias takes the plain path."""
+    forward = getattr(type(output_layer), "forward", None)
+    return forward is nn.Linear.forward and getattr(output_layer, "bias", None) is None
+
+
+def check_targets(target: torch.Tensor, classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """Refuse a label outside the softmax's classes, as `cross_entropy` does (the loop would score it as an
+    impossible class without a word)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if target.device.type != "cpu":  # checked on the device, without waiting for it (as cross_entropy does)
+        torch._assert_async(~bad.any(), f"a label is out of range for a loss over {classes} classes")
+        return
+    if bad.any():
+        raise IndexError(f"label {target[bad][0].item()} is out of range for a loss over {classes} classes "
+                         f"(ignore_index={ignore_index}).")
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk_size: int,
+                             start: int = 0, columns: int | None = None, ignore_index: int = IGNORE_INDEX,
+                             collectives: Collectives | None = None) -> torch.Tensor:
+    """The summed cross entropy of `hidden [N, H] @ weight[:columns].T` against `target [N]`, chunk by chunk
+    (see `_ChunkedLinearCrossEntropy`)."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"loss_chunk_size={chunk_size!r} must be a positive number of tokens (0 turns it off).")
+    hidden, weight = _autocast_inputs(hidden.reshape(-1, hidden.shape[-1]), weight)
+    columns = weight.shape[0] if columns is None else columns
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are set above; keep them in the loop
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, target.to(hidden.device), start, columns, chunk_size,
+                                                ignore_index, collectives or Collectives())
+
+
+def chunked_causal_lm_loss(hidden_states: torch.Tensor, output_layer: nn.Module, labels=None, vocab_size: int = 0,
+                           padded_vocab_softmax: bool = False, chunk_size: int = 1024, shift_labels=None,
+                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, **kwargs) -> torch.Tensor:
+    """`causal_lm_loss(output_layer(hidden_states), labels, ...)` without ever holding more than `chunk_size`
+    tokens' logits. `output_layer` is the (bias-free) linear output layer, whose weight is read directly."""
+    weight = output_layer.weight
+    target = shifted_targets(labels, shift_labels, ignore_index)
+    columns = weight.shape[0] if padded_vocab_softmax else vocab_size
+    check_targets(target, columns, ignore_index)
+    total = linear_cross_entropy_sum(hidden_states, weight, target, chunk_size, columns=columns,
+                                     ignore_index=ignore_index)
+    return reduce_like_transformers(total, target.to(total.device), num_items_in_batch, ignore_index)
+
+
+__all__ = ["Collectives", "can_chunk", "check_targets", "chunked_causal_lm_loss", "linear_cross_entropy_sum", "reduce_like_transformers",
+           "shifted_targets"]

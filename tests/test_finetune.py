@@ -1,0 +1,261 @@
+"""`megahf finetune`: a tiny pretrained BERT fine-tuned on the shipped separable fixtures (SST-2-like and RACE), fully,
+with LoRA, with bitsandbytes' 8-bit AdamW and with QLoRA; the outputs and their schema; adapters that reload; the
+errors raised before anything is computed; the CLI end to end.
+
+The "pretrained" model is a randomly initialised MegatronBertForPreTraining (hidden 64, 2 layers) saved with the shipped
+WordPiece tokenizer, as a pretraining run's final/ is; dropout off and weights drawn with std 1/sqrt(hidden) instead of
+Megatron's 0.02 (trained weights are that large: at 0.02 a random encoder's [CLS] features hardly depend on the words,
+and a frozen one, under LoRA, gives the head nothing to learn from), so that a few steps learn the fixture's cue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import megahf
+from finetune_helpers import save_tiny_pretrained_bert
+from megahf.cli import main as cli_main
+from megahf.models.bert import MegatronBertForPreTraining
+from megahf.models.gpt import MegatronGPTConfig, MegatronGPTForCausalLM
+from megahf.recipe import RecipeError
+from megahf.training.finetune import load_finetune_recipe, run_finetune
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GLUE = REPO_ROOT / "recipes" / "glue"
+RACE = REPO_ROOT / "recipes" / "race" / "race.yaml"
+
+
+def above_chance(chance: float, rows: int) -> float:
+    """An accuracy a model guessing at random (each row right with probability `chance`) exceeds with probability
+    below 1e-4: chance plus 4 binomial standard deviations of the accuracy over `rows` dev rows (e.g. SST-2's 32 rows:
+    0.5 + 4 x 0.088 = 0.85; RACE's 32 questions: 0.25 + 4 x 0.077 = 0.56)."""
+    return chance + 4 * math.sqrt(chance * (1 - chance) / rows)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_tiny_pretrained_bert(tmp_path_factory.mktemp("pretrained") / "final")
+
+
+def keys(base: Path, out: Path, **extra) -> list[str]:
+    """A short run on the shipped fixture: batch 8, lr 3e-3, 24 steps, evaluated every 12."""
+    values = {"model": base, "output_dir": out, "smoke": "true", "micro_batch_size": 8, "global_batch_size": 8,
+              "learning_rate": 3e-3, "train_steps": 24, "warmup_steps": 2, "warmup_fraction": 0, "eval_interval": 12,
+              "log_interval": 4, **extra}
+    return [token for key, value in values.items() for token in (f"--{key}", str(value))]
+
+
+def finetune(recipe: Path, base: Path, out: Path, **extra):
+    return run_finetune(load_finetune_recipe(recipe, keys(base, out, **extra)))
+
+
+def dev_losses(run) -> list[float]:
+    return [e["eval_loss"] for e in run.trainer.state.log_history if "eval_loss" in e]
+
+
+@pytest.fixture(scope="module")
+def sst2(base, tmp_path_factory):
+    return finetune(GLUE / "sst2.yaml", base, tmp_path_factory.mktemp("sst2") / "out")
+
+
+def test_full_finetuning_learns_sst2(sst2):
+    rows = len(sst2.trainer.data.evals["validation"][1])
+    assert sst2.results["metrics"]["accuracy"] >= above_chance(0.5, rows), sst2.results
+    # and it learned: the dev cross entropy fell clearly below ln 2, that of a model that cannot tell the classes apart
+    assert dev_losses(sst2)[-1] < 0.75 * math.log(2), dev_losses(sst2)
+    assert isinstance(sst2.model, megahf.MegatronBertForSequenceClassification)
+
+
+def test_results_files_follow_the_documented_schema(sst2):
+    out = sst2.output_dir
+    results = json.loads((out / "results.json").read_text())
+    assert results == sst2.results
+    for key in ("task", "dataset", "dataset_config", "dataset_path", "smoke", "split", "main_metric", "metrics",
+                "eval_splits", "dev_loss", "predictions", "model", "peft", "optim", "steps", "epochs", "train_rows",
+                "global_batch_size", "learning_rate", "max_seq_length", "seed", "layout"):
+        assert key in results, key
+    assert (results["task"], results["dataset"], results["dataset_config"], results["split"]) == (
+        "sst2", "nyu-mll/glue", "sst2", "validation")
+    assert results["smoke"] is True and results["steps"] == 24 and results["peft"] == "none"
+    assert results["metrics"] == results["validation"] and set(results["metrics"]) == {"accuracy"}
+    assert results["dev_loss"] == {"validation": pytest.approx(dev_losses(sst2)[-1])}
+    table = (out / "results.md").read_text()
+    assert "FIXTURE" in table and f"| validation | accuracy | {results['metrics']['accuracy']:.4f} |" in table
+    # one prediction per test row, in the GLUE submission format
+    assert results["predictions"] == {"test": "predictions/SST-2.tsv"}
+    lines = (out / "predictions" / "SST-2.tsv").read_text().splitlines()
+    test_rows = len(sst2.trainer.data.tests["test"][1])
+    assert lines[0] == "index\tprediction" and len(lines) == test_rows + 1
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
+    assert (out / "loss.png").stat().st_size > 0
+    # recipe.yaml is the recipe as run: it loads again, with the resolved steps
+    again = load_finetune_recipe(out / "recipe.yaml")
+    assert (again.optim.train_steps, again.optim.warmup_steps, again.task.task) == (24, 2, "sst2")
+
+
+def test_final_model_reloads_with_the_auto_class(sst2):
+    model = AutoModelForSequenceClassification.from_pretrained(sst2.output_dir / "final").eval()
+    assert model.config.num_labels == 2 and model.config.id2label[1] == "positive"
+    batch = sst2.tokenizer(["a wonderful day", "an awful day"], return_tensors="pt", padding=True)
+    sst2.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, sst2.model(**batch).logits)
+
+
+def test_a_fine_tuned_model_continues_on_a_task_with_other_classes(sst2, tmp_path):
+    """Megatron's habit (RTE from an MNLI model): the 2-class head of the SST-2 run is replaced by a new 3-class one,
+    the encoder is the fine-tuned one."""
+    run = finetune(GLUE / "mnli.yaml", sst2.output_dir / "final", tmp_path / "mnli", train_steps=3, eval_interval=0)
+    assert run.model.classification_head.out_features == 3
+    assert set(run.results["eval_splits"]) == {"validation_matched", "validation_mismatched"}
+    assert run.results["split"] == "validation_matched"
+    assert run.results["metrics"] == run.results["validation_matched"]
+    assert sorted(run.results["predictions"].values()) == ["predictions/MNLI-m.tsv", "predictions/MNLI-mm.tsv"]
+
+
+def test_race_multiple_choice_learns_and_reports_levels(base, tmp_path):
+    run = finetune(RACE, base, tmp_path / "race", max_seq_length=128)
+    metrics = run.results["metrics"]
+    assert metrics["accuracy"] >= above_chance(0.25, metrics["num_examples"]), metrics
+    assert dev_losses(run)[-1] < 0.75 * math.log(4), dev_losses(run)
+    assert {"accuracy_middle", "accuracy_high", "num_middle", "num_high"} <= set(metrics)
+    assert metrics["num_middle"] + metrics["num_high"] == metrics["num_examples"]
+    assert isinstance(run.model, megahf.MegatronBertForMultipleChoice)
+    lines = (run.output_dir / "predictions" / "race_test.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and {line.split("\t")[1] for line in lines[1:]} <= set("ABCD")
+
+
+def test_lora_learns_and_its_adapter_reloads_with_peft(base, tmp_path):
+    from peft import PeftModel
+
+    run = finetune(GLUE / "sst2.yaml", base, tmp_path / "lora", peft="lora", learning_rate=1e-2, eval_interval=0)
+    rows = len(run.trainer.data.evals["validation"][1])
+    assert run.results["metrics"]["accuracy"] >= above_chance(0.5, rows), run.results
+    trained = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "classification_head" in n for n in trained), sorted(trained)
+    assert any("linear_qkv.lora_A" in n for n in trained) and any("linear_fc1.lora_B" in n for n in trained)
+    final = run.output_dir / "final"
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base) and "classification_head" in adapter["modules_to_save"]
+    assert not (final / "model.safetensors").exists()  # the adapter only, not a copy of the base
+    reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
+                                         final).eval()
+    batch = run.tokenizer(["a wonderful day", "an awful day"], return_tensors="pt", padding=True)
+    run.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, run.model(**batch).logits)
+    # the frozen encoder is the pretrained one, untouched
+    pretrained = MegatronBertForPreTraining.from_pretrained(base).state_dict()
+    qkv = "model.encoder.layers.0.self_attention.linear_qkv.weight"
+    assert torch.equal(run.model.get_base_model().state_dict()[qkv.replace("weight", "base_layer.weight")],
+                       pretrained[qkv])
+
+
+def test_8bit_adamw_learns_and_keeps_its_state_in_8_bits(base, tmp_path):
+    run = finetune(GLUE / "sst2.yaml", base, tmp_path / "bnb", optim="adamw_bnb_8bit", eval_interval=0)
+    rows = len(run.trainer.data.evals["validation"][1])
+    assert run.results["metrics"]["accuracy"] >= above_chance(0.5, rows), run.results
+    assert run.results["optim"] == "adamw_bnb_8bit"
+    optimizer = run.trainer._torch_optimizer()
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    qkv = run.model.model.encoder.layers[0].self_attention.linear_qkv.weight
+    assert optimizer.state[qkv]["state1"].dtype == torch.uint8
+    # Megatron's groups: no weight decay on biases and norm weights
+    decays = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decays[id(qkv)] == 0.1 and decays[id(run.model.model.encoder.layers[0].self_attention.linear_qkv.bias)] == 0
+
+
+def test_qlora_trains_a_few_steps_on_a_4bit_base(base, tmp_path):
+    import bitsandbytes as bnb
+
+    run = finetune(GLUE / "sst2.yaml", base, tmp_path / "qlora", peft="qlora", train_steps=4, eval_interval=0)
+    base_model = run.model.get_base_model()
+    assert isinstance(base_model.model.encoder.layers[0].self_attention.linear_qkv.base_layer, bnb.nn.Linear4bit)
+    assert not isinstance(base_model.classification_head.modules_to_save["default"], bnb.nn.Linear4bit)
+    assert run.results["peft"] == "qlora" and (run.output_dir / "final" / "adapter_model.safetensors").is_file()
+    assert all(np.isfinite(v) for v in run.results["metrics"].values())
+
+
+@pytest.fixture(scope="module")
+def gpt_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gpt") / "final"
+    config = MegatronGPTConfig.from_preset("gpt-tiny", num_layers=1, hidden_size=32, num_attention_heads=2,
+                                           vocab_size=64)
+    MegatronGPTForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_bad_input_is_refused_before_anything_is_computed(base, gpt_folder, tmp_path):
+    out = tmp_path / "never"
+    cases = [
+        (RACE, {"model": gpt_folder}, r"is a 'megatron_gpt' model.*race needs a BERT encoder"),
+        (GLUE / "mnli.yaml", {"model": "gpt-tiny"}, r"model='gpt-tiny' is a GPT preset"),
+        (GLUE / "sst2.yaml", {"max_seq_length": 256}, r"max_seq_length=256 exceeds the model's "
+                                                      r"max_position_embeddings=128"),
+        (GLUE / "sst2.yaml", {"task": "sst3"}, r"unknown task task='sst3'; did you mean 'sst2'"),
+        (GLUE / "sst2.yaml", {"smoke": "false", "dataset": tmp_path / "nowhere"}, r"dataset=.*nowhere.*no such folder"),
+        (GLUE / "sst2.yaml", {"peft": "lora", "tensor_parallel_size": 2}, r"peft='lora' with tensor_parallel_size=2"),
+        (GLUE / "sst2.yaml", {"optim": "sgd"}, r"optim='sgd' is invalid"),
+        (GLUE / "sst2.yaml", {"tokenizer": "gpt2-embedded"}, r"tokenizer='gpt2-embedded': the tokenizer has no cls, "
+                                                             r"sep, pad token"),
+        (GLUE / "sst2.yaml", {"lora_target_modules": "query", "peft": "lora"}, r"'query' names no linear layer.*"
+                                                                                r"linear_qkv"),
+    ]
+    for recipe, extra, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            finetune(recipe, base, out, **{k: str(v) for k, v in extra.items()})
+    from megahf.hub import HubError  # a push that cannot happen (the tests run offline) stops before training
+
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
+        finetune(GLUE / "sst2.yaml", base, out, push_to_hub="true", hub_model_id="alice/sst2")
+    assert not out.exists()  # nothing was written
+    with pytest.raises(RecipeError, match=r"model='runs/bert-336m/final': no such folder; pass --model"):
+        load_finetune_recipe(GLUE / "mnli.yaml")
+
+
+def test_cli_end_to_end_on_stsb(base, tmp_path):
+    """`megahf finetune` as a user runs it, on STS-B (the regression head and its correlations)."""
+    out = tmp_path / "stsb"
+    done = subprocess.run([sys.executable, "-m", "megahf", "finetune", str(GLUE / "stsb.yaml"),
+                           *keys(base, out, train_steps=12, eval_interval=0)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"pearson", "spearmanr"} and results["task"] == "stsb"
+    assert all(-1.0 <= v <= 1.0 for v in results["metrics"].values())
+    assert "[megahf] done in" in done.stdout
+    assert ("its other heads dropped (binary_head, lm_head, output_layer); task head classification_head newly "
+            "initialised (1 output)") in done.stdout
+    lines = (out / "predictions" / "STS-B.tsv").read_text().splitlines()
+    float(lines[1].split("\t")[1])  # scores, not class ids
+
+
+def test_cli_prints_a_bad_recipe_as_one_line(capsys):
+    assert cli_main(["finetune", str(GLUE / "mnli.yaml"), "--model", "bert-tiny", "--lora_rank", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megahf finetune: error: recipe key lora_rank=0 is invalid") and "\n" not in err
+
+
+@pytest.mark.parametrize("path", sorted(GLUE.glob("*.yaml")) + [RACE], ids=lambda p: p.stem)
+def test_shipped_recipes_parse(path):
+    recipe = load_finetune_recipe(path, ["--model", "bert-tiny"])
+    assert recipe.task.task == path.stem
+    assert (recipe.optim.lr_schedule, recipe.optim.weight_decay, recipe.optim.clip_grad) == ("linear", 0.1, 1.0)
+    assert recipe.task.max_seq_length == (512 if path.stem == "race" else 128)
+
+
+def test_paper_hyper_parameters():
+    mnli = load_finetune_recipe(GLUE / "mnli.yaml", ["--model", "bert-tiny"])
+    assert (mnli.parallel.global_batch_size, mnli.optim.learning_rate, mnli.task.epochs) == (128, 1e-5, 10)
+    assert load_finetune_recipe(GLUE / "qqp.yaml", ["--model", "bert-tiny"]).task.epochs == 12
+    race = load_finetune_recipe(RACE, ["--model", "bert-tiny"])
+    assert (race.parallel.global_batch_size, race.optim.learning_rate, race.task.epochs) == (32, 2e-5, 3)
