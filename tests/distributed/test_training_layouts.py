@@ -28,6 +28,8 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "tp2-sp": (2, {"tensor_parallel_size": 2, "sequence_parallel": True, "recompute": "selective"}),
     # compile: true (each layer torch.compile'd, FSDP2's hooks around it eager); the first compile takes ~30 s
     "fsdp2-compile": (2, {"fsdp_size": 2, "compile": True}),
+    # compiled layers whose norms, dropouts and linears run the sequence-parallel styles (~50 s on two cores)
+    "tp2-sp-compile": (2, {"tensor_parallel_size": 2, "sequence_parallel": True, "compile": True}),
 }
 DROPOUT = {"model_overrides.hidden_dropout": 0.1, "model_overrides.attention_dropout": 0.1}
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.
