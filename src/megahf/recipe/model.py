@@ -30,8 +30,9 @@ class ModelRecipe:
         "GPT: in training, compute the output layer and the loss this many tokens at a time, never holding the "
         "[tokens, vocabulary] logits (the same loss and gradients; 0: the plain output layer and loss). BERT's "
         "masked-LM loss ignores it.", default=1024)
-    compile: bool = arg("torch.compile each transformer layer (the unit FSDP2 and activation checkpointing wrap): "
-                        "one process, DDP, FSDP2 and tensor parallelism.", default=False)
+    compile: bool = arg("torch.compile each transformer layer (the unit FSDP2 and recompute: full wrap): "
+                        "one process, DDP, FSDP2 and tensor parallelism (with or without sequence "
+                        "parallelism).", default=False)
 
     def validate(self) -> None:
         need(self, self.recompute in RECOMPUTE_MODES, "recompute", f"use one of {', '.join(RECOMPUTE_MODES)}")
