@@ -205,6 +205,8 @@ def test_bad_input_is_refused_before_anything_is_computed(base, gpt_folder, tmp_
         (GLUE / "sst2.yaml", {"smoke": "false", "dataset": tmp_path / "nowhere"}, r"dataset=.*nowhere.*no such folder"),
         (GLUE / "sst2.yaml", {"peft": "lora", "tensor_parallel_size": 2}, r"peft='lora' with tensor_parallel_size=2"),
         (GLUE / "sst2.yaml", {"optim": "sgd"}, r"optim='sgd' is invalid"),
+        (GLUE / "sst2.yaml", {"tensor_parallel_size": 2, "sequence_parallel": "true"},
+         r"sequence_parallel=True: megahf finetune does not split sequences"),
         (GLUE / "sst2.yaml", {"tokenizer": "gpt2-embedded"}, r"tokenizer='gpt2-embedded': the tokenizer has no cls, "
                                                              r"sep, pad token"),
         (GLUE / "sst2.yaml", {"lora_target_modules": "query", "peft": "lora"}, r"'query' names no linear layer.*"

@@ -231,8 +231,23 @@ def test_wrong_type_names_key_value_and_fix(tmp_path):
         load_recipe(path)
     with pytest.raises(RecipeError, match=r"'train_steps' on the command line .*must be an integer, got '1.5'.*--train_steps 300"):
         load_recipe(None, ["--train_steps", "1.5"])
-    with pytest.raises(RecipeError, match=r"'activation_checkpointing'.*true or false, got 'maybe'"):
-        load_recipe(None, ["--activation_checkpointing", "maybe"])
+    with pytest.raises(RecipeError, match=r"'sequence_parallel'.*true or false, got 'maybe'"):
+        load_recipe(None, ["--sequence_parallel", "maybe"])
+    # The one recompute key: the old boolean is refused with its replacement named, from a file and the command line.
+    with pytest.raises(RecipeError, match=r"activation_checkpointing=True .* was replaced: use recompute: full"):
+        load_recipe(write_yaml(tmp_path / "old.yaml", {"activation_checkpointing": True}))
+    with pytest.raises(RecipeError, match=r"activation_checkpointing=True on the command line.*recompute: full"):
+        load_recipe(None, ["--activation_checkpointing"])
+    with pytest.raises(RecipeError, match=r"recompute='some'.*none, selective, full"):
+        load_recipe(None, ["--recompute", "some"])
+    # Sequence parallelism: needs TP, a sequence the TP ranks can split, and the pre-LN order.
+    with pytest.raises(RecipeError, match=r"sequence_parallel=True.*tensor_parallel_size=1; set tensor_parallel_size"):
+        load_recipe(None, ["--sequence_parallel"])
+    with pytest.raises(RecipeError, match=r"seq_length=127 is not divisible by tensor_parallel_size=2.*e\.g\. 126"):
+        load_recipe(None, ["--sequence_parallel", "--tensor_parallel_size", "2", "--seq_length", "127"])
+    with pytest.raises(RecipeError, match=r"sequence_parallel=True needs the pre-LayerNorm order.*'post'"):
+        load_recipe(None, ["--sequence_parallel", "--tensor_parallel_size", "2", "--model", "bert-tiny",
+                           "--tokenizer", "bert-uncased-embedded", "--model_overrides.layernorm_order", "post"])
     with pytest.raises(RecipeError, match=r"--seq_length needs a value"):
         load_recipe(None, ["--seq_length"])
 
@@ -259,14 +274,14 @@ def test_command_line_overrides_the_file(tmp_path):
     path = write_yaml(tmp_path / "r.yaml", {"train_steps": 300, "warmup_steps": 2, "learning_rate": "1e-3",  # YAML 1.1 string
                                             "model_overrides": {"num_layers": 2}})
     recipe = load_recipe(path, ["--train_steps", "12", "--learning-rate=2e-3", "--model_overrides.hidden_size", "64",
-                                "--activation_checkpointing", "--sample_prompt", "Romeo.\n"])
+                                "--recompute", "selective", "--sample_prompt", "Romeo.\n"])
     assert isinstance(recipe, PretrainRecipe)
     assert recipe.optim.train_steps == 12 and recipe.optim.learning_rate == 2e-3
     assert recipe.model.model_overrides == {"num_layers": 2, "hidden_size": 64}
-    assert recipe.model.activation_checkpointing is True
+    assert recipe.model.recompute == "selective"
     assert recipe.run.sample_prompt == "Romeo.\n"
     config = build_config(recipe.model)
-    assert (config.num_layers, config.hidden_size) == (2, 64)
+    assert (config.num_layers, config.hidden_size, config.recompute_granularity) == (2, 64, "selective")
     replaced = load_recipe(path, ["--model_overrides", "{hidden_size: 64}"])
     assert replaced.model.model_overrides == {"hidden_size": 64}
 

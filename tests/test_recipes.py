@@ -39,7 +39,7 @@ def test_paper_hyper_parameters(name):
     optim = recipe.optim
     assert (optim.learning_rate, optim.min_learning_rate, optim.warmup_steps, optim.lr_schedule) == (
         1.5e-4, 1e-5, 3000, "cosine")
-    assert (optim.weight_decay, optim.clip_grad, recipe.model.activation_checkpointing) == (0.01, 1.0, True)
+    assert (optim.weight_decay, optim.clip_grad, recipe.model.recompute) == (0.01, 1.0, "full")
     config = build_config(recipe.model)
     assert (config.hidden_dropout, config.attention_dropout) == (0.1, 0.1)
     # Megatron's tensor-parallel degree of the paper's Table 1.

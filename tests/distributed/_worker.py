@@ -39,8 +39,12 @@ LAYOUTS = {
     "tp2": {"tp_size": 2},
     "tp4": {"tp_size": 4},
     "tp2xfsdp2": {"tp_size": 2, "fsdp_size": 2},
+    # Megatron's sequence parallelism: norms, dropouts and the residual stream on sequence shards
+    "tp2-sp": {"tp_size": 2, "enable_sequence_parallel": True},
+    "tp2xfsdp2-sp": {"tp_size": 2, "fsdp_size": 2, "enable_sequence_parallel": True},
     "fsdp2": {"tp_size": 1, "fsdp_size": 2},  # chunked-loss cases only: an untied head as an FSDP2 unit of its own
 }
+SP_LAYOUTS = ("tp2-sp", "tp2xfsdp2-sp")
 # Small enough for four processes on two cores; the vocabularies stay GPT-2's (50257, padded to 50304) and BERT's
 # (30522, padded to 30592), so the padded columns are exercised.
 OVERRIDES = {
@@ -77,8 +81,15 @@ CASES = {
 # The BERT heads run at TP=2 and TP=2 x FSDP2=2 (TP=4 adds nothing the GPT cases do not already cover).
 CASE_LAYOUTS = {case: ("tp2", "tp2xfsdp2") for case in CASES if case.startswith("bert")}
 CASE_LAYOUTS["gpt-padded-softmax"] = ("tp2",)
-CASE_LAYOUTS["gpt-tiny"] = CASE_LAYOUTS["llama-tiny"] = ("tp2", "tp4", "tp2xfsdp2")
-CASE_LAYOUTS["gpt-chunked-loss"] = CASE_LAYOUTS["llama-chunked-loss"] = ("tp2", "tp2xfsdp2", "fsdp2")
+# Sequence parallelism: both GPT shapes (output layer fed from shards), BERT pretraining (the body gathers the
+# sequence for the pooler and the masked-LM head) and a per-token head; the other heads read the same gathered body.
+CASE_LAYOUTS["bert-pretraining"] += SP_LAYOUTS
+CASE_LAYOUTS["bert-qa"] += ("tp2-sp",)
+for _case in ("gpt-tiny", "llama-tiny"):
+    CASE_LAYOUTS[_case] = ("tp2", "tp4", "tp2xfsdp2") + SP_LAYOUTS
+# The chunked loss reads the output layer's weight itself: under sequence parallelism the sequence is gathered after
+# the final norm for it (sequence_parallel.sequence_parallel_plan), checked with a tied and an untied head.
+CASE_LAYOUTS["gpt-chunked-loss"] = CASE_LAYOUTS["llama-chunked-loss"] = ("tp2", "tp2xfsdp2", "fsdp2") + SP_LAYOUTS
 CASE_OVERRIDES = {"gpt-padded-softmax": {"padded_vocab_softmax": True},
                   "gpt-chunked-loss": {"loss_chunk_size": 12}, "llama-chunked-loss": {"loss_chunk_size": 12}}
 
@@ -203,8 +214,18 @@ def run_case(case: str, layout: str, seed: int, workdir: str) -> dict:
     #    for it); the returned logits are the same plain [..., vocab_size] tensor as in one process.
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o)) if vocab_output else None
+    # Under sequence parallelism the norms see this rank's shard of the sequence (and plain TP the whole of it).
+    norm_inputs = []
+    first_layer = model.base_model.get_submodule("decoder" if hasattr(model.base_model, "decoder") else "encoder")
+    norm_hook = first_layer.layers[0].input_layernorm.register_forward_hook(
+        lambda m, i, o: norm_inputs.append(i[0].shape[1]))
     ref_out = reference(**batch)
     out = model(**batch)
+    norm_hook.remove()
+    seq = batch["input_ids"].shape[-1]
+    expected_rows = seq // tp_size if layout_kwargs.get("enable_sequence_parallel") else seq
+    if norm_inputs != [expected_rows]:
+        raise AssertionError(f"{layout}: the first norm saw {norm_inputs} positions, expected {expected_rows}")
     if hook is not None:
         hook.remove()
     if config.to_dict().get("loss_chunk_size"):

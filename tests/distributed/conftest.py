@@ -12,9 +12,10 @@ from _launch import TIMEOUT_S, launch, torchrun_command
 WORKER = Path(__file__).with_name("_worker.py")
 
 
-def run_torchrun(nproc: int, args: list[str], out: Path, timeout: float = TIMEOUT_S) -> dict:
-    """Run the worker on `nproc` processes; fail the test with the output's tail unless it exits 0 and writes `out`."""
-    done = launch(torchrun_command(nproc, str(WORKER), *args, "--out", str(out)),
+def run_torchrun(nproc: int, args: list[str], out: Path, timeout: float = TIMEOUT_S, worker: Path = WORKER) -> dict:
+    """Run `worker` (the parity worker by default) on `nproc` processes; fail the test with the output's tail unless
+    it exits 0 and writes `out`."""
+    done = launch(torchrun_command(nproc, str(worker), *args, "--out", str(out)),
                   f"torchrun ({nproc} procs, {' '.join(args)})", timeout)
     if not out.exists():
         pytest.fail(f"the worker exited 0 but wrote no result to {out}:\n{done.stdout[-3000:]}")

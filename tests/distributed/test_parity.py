@@ -1,7 +1,7 @@
-"""Tensor parallelism and TP x FSDP2 against one process, on gloo under torchrun.
+"""Tensor parallelism, TP x FSDP2 and sequence parallelism against one process, on gloo under torchrun.
 
-One torchrun per process count (2: tp2; 4: tp4 and tp2xfsdp2) runs every case (GPT presets, BERT heads); each (case, layout) test reads
-its part of the result. The worker (`_worker.py`) documents what is compared.
+One torchrun per process count (2: tp2, tp2-sp, fsdp2; 4: tp4, tp2xfsdp2, tp2xfsdp2-sp) runs every case (GPT presets,
+BERT heads, the chunked loss); each (case, layout) test reads its part of the result. The worker (`_worker.py`) documents what is compared.
 """
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ from megahf.parallel import clip_grad_norm_
 GPT_CASES = ("gpt-tiny", "llama-tiny")
 BERT_CASES = ("bert-pretraining", "bert-mlm", "bert-classification", "bert-multiple-choice", "bert-qa",
               "bert-token-classification")
-LAYOUTS = {"tp2": 2, "tp4": 4, "tp2xfsdp2": 4, "fsdp2": 2}  # layout -> processes (fsdp2: chunked-loss cases only)
+LAYOUTS = {"tp2": 2, "tp4": 4, "tp2xfsdp2": 4, "tp2-sp": 2, "tp2xfsdp2-sp": 4,
+           "fsdp2": 2}  # layout -> processes (fsdp2: chunked-loss cases only)
 BERT_LAYOUTS = ("tp2", "tp2xfsdp2")
+# Sequence parallelism (the worker also checks that the norms saw a shard of the sequence).
+BERT_SP_CASES = (("bert-pretraining", "tp2-sp"), ("bert-pretraining", "tp2xfsdp2-sp"), ("bert-qa", "tp2-sp"))
 # The chunked training loss (loss_chunk_size) on the vocabulary shards: tied and untied output layer. With it the
 # forward returns no logits, so "labelled_logits" is replaced by the worker's check that the output layer never ran.
+# Under sequence parallelism the loss reads the output layer's weight itself, so the sequence is gathered after the
+# final norm instead of inside the output layer: the -sp layouts check that route.
 CHUNKED_CASES = ("gpt-chunked-loss", "llama-chunked-loss")
-CHUNKED_LAYOUTS = ("tp2", "tp2xfsdp2", "fsdp2")
+CHUNKED_LAYOUTS = ("tp2", "tp2xfsdp2", "fsdp2", "tp2-sp", "tp2xfsdp2-sp")
 TOLERANCE = 1e-5  # relative: max |distributed - single process| / max |single process|
 # What the worker compares (the worst over ranks, parameters and tensors of each).
 COMPARED = (
@@ -76,6 +81,7 @@ def layout_report(torchrun, tmp_path_factory):
     [(case, layout) for case in GPT_CASES for layout in LAYOUTS if layout != "fsdp2"]
     + [("gpt-padded-softmax", layout) for layout in PADDED_SOFTMAX_LAYOUTS]
     + [(case, layout) for case in BERT_CASES for layout in BERT_LAYOUTS]
+    + list(BERT_SP_CASES)
     + [(case, layout) for case in CHUNKED_CASES for layout in CHUNKED_LAYOUTS],
 )
 def test_parity(case, layout, layout_report):

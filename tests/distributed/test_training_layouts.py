@@ -3,8 +3,8 @@ tensor-parallel run killed with SIGKILL resumes exactly when the same command is
 
 Each layout is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains the same tiny
 GPT (and, at TP=2, the same tiny BERT) for several steps at a global batch of 8 (one process: micro-batch 4 x
-accumulation 2). Dropout is off: each
-rank draws its own masks, so with dropout the runs would differ by design. Compared: the loss of every step, the
+accumulation 2). Dropout is off: the layouts draw their masks differently (per-rank streams under TP), so with
+dropout the runs would differ by design; the resume test runs with it on. Compared: the loss of every step, the
 gradient norm (clipped across meshes), and every weight of the final gathered model.
 """
 
@@ -23,9 +23,15 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "fsdp2": (2, {"fsdp_size": 2}),
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
+    # Megatron's sequence parallelism, with the attention core recomputed (selective) and the recipe's default chunked
+    # loss (loss_chunk_size 1024: the sequence gathered after the final norm): the same numbers
+    "tp2-sp": (2, {"tensor_parallel_size": 2, "sequence_parallel": True, "recompute": "selective"}),
     # compile: true (each layer torch.compile'd, FSDP2's hooks around it eager); the first compile takes ~30 s
     "fsdp2-compile": (2, {"fsdp_size": 2, "compile": True}),
+    # compiled layers whose norms, dropouts and linears run the sequence-parallel styles (~50 s on two cores)
+    "tp2-sp-compile": (2, {"tensor_parallel_size": 2, "sequence_parallel": True, "compile": True}),
 }
+DROPOUT = {"model_overrides.hidden_dropout": 0.1, "model_overrides.attention_dropout": 0.1}
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.
 BERT = {"model": "bert-tiny", "tokenizer": "bert-uncased-embedded", "split": "80,20,0", "eval_iters": 1,
         "sample_prompt": "The king [MASK] the queen."}
@@ -109,13 +115,21 @@ def test_bert_tensor_parallel_equals_one_process(layout_run):
 
 
 def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path):
-    nproc, keys = LAYOUTS["tp2"]
+    """Killed after step 3, resumed from step 2 by the same command: the same losses and weights as a run that was
+    never interrupted, with dropout on at TP=2 with sequence parallelism (the replicated activations draw from the
+    default stream, the attention heads and the sequence shards from each rank's own): the resumed run must continue
+    every RNG stream where the checkpoint left it."""
+    nproc, keys = LAYOUTS["tp2-sp"]
+    keys = {**keys, **DROPOUT}
     out = tmp_path / "out"
     killed = run_pretrain_cli(nproc, layout_args(corpus, out, keys), kill_at_step=SAVE + 1)
     assert killed.returncode != 0 and not (out / "final").exists()
     run_pretrain_cli(nproc, layout_args(corpus, out, keys))  # the same command again
     assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith("step_0000002")
-    straight = layout_run("tp2")
-    assert losses(out) == losses(straight)  # bitwise: same layout, same reductions
+    straight = tmp_path / "straight"
+    run_pretrain_cli(nproc, layout_args(corpus, straight, keys))
+    # dropout is on indeed: the run differs from the same layout without it
+    assert losses(straight)[STEPS] != losses(layout_run("tp2-sp"))[STEPS]
+    assert losses(out) == losses(straight)  # bitwise: same layout, same reductions, same masks
     got, expected = final_weights(out), final_weights(straight)
     assert [n for n in expected if not torch.equal(got[n], expected[n])] == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+RECOMPUTE_GRANULARITIES = (None, "selective")
+
 
 class MegatronConfigMixin:
     """Mixed into a `PreTrainedConfig` that has `vocab_size`, `hidden_size`, `num_attention_heads`,
@@ -30,6 +32,9 @@ class MegatronConfigMixin:
         for key in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 self.fail(key, "a dropout probability must lie in [0, 1).")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            self.fail("recompute_granularity", "use None or 'selective' (the attention core); recomputing whole "
+                      "layers is transformers' model.activation_checkpointing_enable().")
         if not self.init_method_std > 0:
             self.fail("init_method_std", "it must be positive.")
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -48,9 +49,11 @@ class MegatronSelfAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, seq, _ = hidden_states.shape
-        # -1 groups: under tensor parallelism this rank holds only its share of the groups.
-        qkv = self.linear_qkv(hidden_states).view(batch, seq, -1, self.heads_per_group + 2, self.head_dim)
+        qkv = self.linear_qkv(hidden_states)
+        # The projection's length, not the input's: under sequence parallelism it gathers the whole sequence from a
+        # shard. -1 groups: under tensor parallelism this rank holds only its share of the groups.
+        batch, seq = qkv.shape[:2]
+        qkv = qkv.view(batch, seq, -1, self.heads_per_group + 2, self.head_dim)
         # split, not indexing: its backward is one cat instead of a zero-filled full-size buffer per piece
         query, key, value = qkv.split([self.heads_per_group, 1, 1], dim=3)
         query = query.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -65,16 +68,16 @@ class MegatronSelfAttention(nn.Module):
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            # Selective recomputation (Korthikanti et al. 2022): keep only q, k, v; the scores, softmax, dropout mask
+            # and probabilities (5 a s^2 b bytes per layer in 16 bits) are recomputed in the backward pass, with the
+            # same dropout mask (the RNG state is replayed).
+            output, weights = checkpoint(attention, self, query, key, value, attention_mask, dropout=dropout,
+                                         scaling=self.scaling, use_reentrant=False, **kwargs)
+        else:
+            output, weights = attention(self, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=self.scaling, **kwargs)
         return self.linear_proj(output.reshape(batch, seq, -1)), weights
 
 

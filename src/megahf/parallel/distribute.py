@@ -12,10 +12,13 @@ Two things transformers 5.24 does not do, in one place:
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel
 from transformers.distributed import DistributedConfig
 from transformers.distributed.fsdp import apply_fully_sharded_data_parallelism
 from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+from .rng import get_rng_tracker
 
 
 def _tied_targets(model: PreTrainedModel) -> dict[str, str]:
@@ -39,6 +42,8 @@ def maybe_distribute_tied(model: PreTrainedModel, distributed_config: Distribute
     tp_plan, ep_plan, fsdp_plan = model._resolve_parallel_plans(distributed_config)
     if distributed_config.tp_size > 1:
         model = apply_tensor_parallelism(model, mesh_manager.get_mesh("tp"), tp_plan)
+        # The per-rank dropout stream, from the seed the model was built with (the same on every rank).
+        get_rng_tracker().seed(torch.initial_seed(), mesh_manager.get_mesh("tp").get_local_rank())
     tied = _tied_targets(model)
     if tied:
         model.tie_weights()

@@ -28,6 +28,7 @@ class ParallelLayout:
     data_parallel_size: int  # ranks with distinct batches = world / tp = fsdp x replicas
     micro_batch_size: int
     gradient_accumulation_steps: int
+    sequence_parallel: bool = False  # Megatron's: norms and dropouts on sequence shards of the TP ranks
 
     @property
     def replicas(self) -> int:
@@ -49,12 +50,13 @@ class ParallelLayout:
         from transformers.distributed import DistributedConfig  # here: the recipe checks need no torch
 
         return DistributedConfig(tp_size=self.tensor_parallel_size, fsdp_size=self.fsdp_size,
-                                 dp_replicate_size=self.replicas)
+                                 dp_replicate_size=self.replicas, enable_sequence_parallel=self.sequence_parallel)
 
     def describe(self) -> str:
         parts = [f"{self.world_size} process{'es' if self.world_size > 1 else ''}"]
         if self.tensor_parallel_size > 1:
-            parts.append(f"tensor parallel {self.tensor_parallel_size}")
+            parts.append(f"tensor parallel {self.tensor_parallel_size}"
+                         + (" (sequence parallel)" if self.sequence_parallel else ""))
         if self.fsdp_size > 1:
             parts.append(f"FSDP2 {self.fsdp_size}")
         if self.replicas > 1:
@@ -71,10 +73,14 @@ def resolve_layout(
     micro_batch_size: int = 1,
     gradient_accumulation_steps: int = 0,
     global_batch_size: int = 0,
+    sequence_parallel: bool = False,
 ) -> ParallelLayout:
     """Check the sizes against `world_size` and derive what was left at 0 (data_parallel_size,
     gradient_accumulation_steps from global_batch_size, or 1)."""
     tp, fsdp = tensor_parallel_size, fsdp_size
+    if sequence_parallel and tp < 2:
+        raise LayoutError(f"sequence_parallel=True splits the sequence over the tensor-parallel ranks but "
+                          f"tensor_parallel_size={tp}; set tensor_parallel_size to 2 or more")
     if world_size % tp:
         raise LayoutError(
             f"the world size {world_size} is not a multiple of tensor_parallel_size={tp}; launch a multiple of {tp} "
@@ -108,7 +114,8 @@ def resolve_layout(
         gradient_accumulation_steps = derived
     return ParallelLayout(world_size=world_size, tensor_parallel_size=tp, fsdp_size=fsdp, data_parallel_size=dp,
                           micro_batch_size=micro_batch_size,
-                          gradient_accumulation_steps=gradient_accumulation_steps or 1)
+                          gradient_accumulation_steps=gradient_accumulation_steps or 1,
+                          sequence_parallel=sequence_parallel)
 
 
 __all__ = ["LayoutError", "ParallelLayout", "resolve_layout"]

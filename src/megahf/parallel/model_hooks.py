@@ -8,7 +8,10 @@ base classes the two hooks transformers calls, so that `from_pretrained(..., dis
 * refuse a tensor-parallel size that does not divide the model, before anything is sharded or loaded;
 * split the output layer along the vocabulary and compute the loss on the shards (`vocab_parallel.py`), the chunked
   training loss (`loss_chunk_size`) included;
-* tie a tied output layer before FSDP2 shards it, and save it once (`distribute.py`).
+* tie a tied output layer before FSDP2 shards it, and save it once (`distribute.py`);
+* draw the dropout of each rank's attention heads from its own RNG stream, and with
+  `DistributedConfig(enable_sequence_parallel=True)` run the norms and dropouts on sequence shards
+  (`rng.py`, `sequence_parallel.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .distribute import maybe_distribute_tied, retie_gathered_state_dict
+from .sequence_parallel import check_sequence_parallel, model_parallel_rng_plan, sequence_parallel_plan
 from .vocab_parallel import parallel_chunked_causal_lm_loss, use_vocab_parallel_output
 
 
@@ -25,6 +29,14 @@ def _maybe_distribute_model(cls, model, distributed_config, mesh_manager):
     if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
         model.config.check_tensor_parallel(distributed_config.tp_size)
         use_vocab_parallel_output(model)
+        plan = {**model._tp_plan, **model_parallel_rng_plan(model)}
+        if distributed_config.enable_sequence_parallel:
+            check_sequence_parallel(model)
+            plan.update(sequence_parallel_plan(model))
+        model._tp_plan = plan
+    elif distributed_config is not None and distributed_config.enable_sequence_parallel:
+        raise ValueError("enable_sequence_parallel needs tp_size >= 2: the sequence is split over the "
+                         "tensor-parallel ranks.")
     return maybe_distribute_tied(model, distributed_config, mesh_manager)
 
 

@@ -185,6 +185,13 @@ class FinetuneRecipe:
     def validate(self) -> None:
         for section in self.sections():
             section.validate()
+        if self.parallel.sequence_parallel:
+            # Its batches are padded to their longest example, a length the tensor-parallel ranks need not divide.
+            raise RecipeError(
+                "recipe key sequence_parallel=True: megahf finetune does not split sequences (a batch is padded to its "
+                "longest example, which the tensor-parallel ranks need not divide); set sequence_parallel: false "
+                "(tensor_parallel_size alone still shards the model)"
+            )
         if self.peft.peft != "none" and (self.parallel.tensor_parallel_size > 1 or self.parallel.fsdp_size > 1):
             key = "tensor_parallel_size" if self.parallel.tensor_parallel_size > 1 else "fsdp_size"
             raise RecipeError(

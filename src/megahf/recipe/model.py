@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models.presets import PRESETS
-from .errors import RecipeError, did_you_mean, need_at_least
+from .errors import RecipeError, did_you_mean, need, need_at_least
 from .help import arg
 
+RECOMPUTE_MODES = ("none", "selective", "full")
 PRESET_NAMES = tuple(name for family in PRESETS.values() for name in family)
 
 
@@ -21,16 +22,23 @@ class ModelRecipe:
         "MegatronGPTConfig / MegatronBertConfig fields that replace the preset's, e.g. {num_layers: 2}.",
         default_factory=dict,
     )
-    activation_checkpointing: bool = arg("Recompute activations in the backward pass to save memory.",
-                                         default=False)
+    recompute: str = arg("Activations recomputed in the backward pass instead of kept (Korthikanti et al. 2022): "
+                         "none; selective (the attention core: scores, softmax, dropout, weighted values; a few "
+                         "percent of compute for most of the attention's memory); full (every layer: only its "
+                         "input is kept).", default="none")
     loss_chunk_size: int = arg(
         "GPT: in training, compute the output layer and the loss this many tokens at a time, never holding the "
         "[tokens, vocabulary] logits (the same loss and gradients; 0: the plain output layer and loss). BERT's "
         "masked-LM loss ignores it.", default=1024)
-    compile: bool = arg("torch.compile each transformer layer (the unit FSDP2 and activation checkpointing wrap): "
-                        "one process, DDP, FSDP2 and tensor parallelism.", default=False)
+    compile: bool = arg("torch.compile each transformer layer (the unit FSDP2 and recompute: full wrap): "
+                        "one process, DDP, FSDP2 and tensor parallelism (with or without sequence "
+                        "parallelism).", default=False)
 
     def validate(self) -> None:
+        need(self, self.recompute in RECOMPUTE_MODES, "recompute", f"use one of {', '.join(RECOMPUTE_MODES)}")
+        if "recompute_granularity" in self.model_overrides:
+            raise RecipeError("model_overrides.recompute_granularity is set by the recipe key recompute "
+                              "(none | selective | full); remove it from model_overrides")
         need_at_least(self, 0, "loss_chunk_size")
         # The override fields are checked against the config class where the config is built (megahf.training.setup).
         if self.model not in PRESET_NAMES:
@@ -40,4 +48,4 @@ class ModelRecipe:
             )
 
 
-__all__ = ["PRESET_NAMES", "ModelRecipe"]
+__all__ = ["PRESET_NAMES", "RECOMPUTE_MODES", "ModelRecipe"]

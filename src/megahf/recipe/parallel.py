@@ -24,12 +24,19 @@ class ParallelRecipe:
                                     default=1)
     fsdp_size: int = arg("Data-parallel ranks over which FSDP2 shards parameters, gradients and optimizer state "
                          "(1: no sharding; must divide the data-parallel size).", default=1)
+    sequence_parallel: bool = arg(
+        "Megatron's sequence parallelism: the norms, dropouts and residual stream between the tensor-parallel layers "
+        "hold 1/tensor_parallel_size of the sequence on each rank (needs tensor_parallel_size >= 2 and a seq_length "
+        "divisible by it).", default=False)
     data_parallel_size: int = arg("Ranks with distinct batches = world size / tensor_parallel_size, checked at "
                                   "launch (0: derived).", default=0)
 
     def validate(self) -> None:
         need_at_least(self, 1, "micro_batch_size", "tensor_parallel_size", "fsdp_size")
         need_at_least(self, 0, "gradient_accumulation_steps", "global_batch_size", "data_parallel_size")
+        need(self, not self.sequence_parallel or self.tensor_parallel_size >= 2, "sequence_parallel",
+             f"it splits the sequence over the tensor-parallel ranks, and tensor_parallel_size="
+             f"{self.tensor_parallel_size}; set tensor_parallel_size to 2 or more, or sequence_parallel to false")
         need(self, self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
              f"it must be a multiple of micro_batch_size={self.micro_batch_size}")
 

@@ -26,6 +26,18 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 _EXAMPLES = {int: "300", float: "1.0e-3", bool: "true", str: "some-text", dict: "{num_layers: 2}"}
 
 
+# Keys that once existed: refused with what replaced them (a recipe that still sets one would silently lose it).
+RETIRED_KEYS = {
+    "activation_checkpointing": "recompute: full (every layer recomputed; recompute: selective recomputes only the "
+                                "attention core, recompute: none nothing)",
+}
+
+
+def _refuse_retired(key: str, value: Any, where: str) -> None:
+    if key in RETIRED_KEYS:
+        raise RecipeError(f"recipe key {key}={value!r} {where} was replaced: use {RETIRED_KEYS[key]}")
+
+
 def recipe_keys(recipe_class: type) -> dict[str, tuple[str, dataclasses.Field, type]]:
     """Flat key -> (section attribute, field, the plain type its value must have: int, float, bool, str, dict)."""
     keys = {}
@@ -61,6 +73,7 @@ def parse_recipe(recipe_class: type, path: str | os.PathLike | None = None, over
     where = str(path) if path is not None else "the recipe"
     checked: dict[str, Any] = {}
     for key, value in (_read_yaml(where) if path is not None else {}).items():
+        _refuse_retired(key, value, f"in {where}")
         if key not in keys:
             raise RecipeError(f"unknown recipe key {key!r} in {where}{did_you_mean(str(key), keys)}")
         if value is None and key in nullable:
@@ -69,6 +82,7 @@ def parse_recipe(recipe_class: type, path: str | os.PathLike | None = None, over
         checked[key] = _check_type(key, value, kinds[key], f"in {where}")
     for key, value in parse_overrides(overrides or []):
         base, _, sub = key.partition(".")
+        _refuse_retired(base, value, f"on the command line (--{key})")
         if base not in keys:
             raise RecipeError(
                 f"unknown recipe key {base!r} on the command line (--{key}){did_you_mean(base, keys, prefix='--')}"

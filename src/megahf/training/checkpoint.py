@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..atomic import atomic_write_json, fsync_dir, fsync_file, publish_folder
 from ..errors import WRITE_FAILURES, MegahfError
 from ..parallel.ranks import barrier, is_distributed, rank
+from ..parallel.rng import get_rng_tracker
 from .safe_checkpoint_reader import SafeFileSystemReader, UnsafePickleError, check_dcp_folder, load_weights_only
 
 MARKER = "megahf_checkpoint.json"
@@ -90,6 +91,8 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
+    if get_rng_tracker().is_seeded():  # the per-rank dropout stream of tensor parallelism
+        state["model_parallel"] = get_rng_tracker().state_dict()
     return state
 
 
@@ -101,6 +104,8 @@ def set_rng_state(state: dict) -> None:
     torch.random.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+    if "model_parallel" in state:
+        get_rng_tracker().load_state_dict(state["model_parallel"])
 
 
 # ---------------------------------------------------------------------- saving

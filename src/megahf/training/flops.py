@@ -1,6 +1,6 @@
 """Model FLOPs per token and device peaks, for the model FLOPs utilisation (MFU) in the logs and benchmarks.
 
-Model FLOPs count what the model needs, not what the hardware does: recomputation under activation checkpointing
+Model FLOPs count what the model needs, not what the hardware does: recomputation (`recompute: selective | full`)
 is not counted (PaLM's MFU, Megatron's "model FLOPs"). Per token of a training step (forward + backward = 3 x the
 forward's 2 FLOPs per multiply-add):
 

@@ -19,6 +19,7 @@ from ..models.gpt import MegatronGPTConfig
 from ..models.presets import preset_family
 from ..parallel import distribute_model
 from ..parallel.layout import LayoutError, ParallelLayout, resolve_layout
+from ..parallel.rng import checkpoint_context
 from ..recipe import ModelRecipe, PretrainRecipe, RecipeError, parse_recipe
 from ..recipe.data import EMBEDDED_BERT_TOKENIZER, EMBEDDED_TOKENIZER, GPT2_TOKENIZER_NAMES
 from ..recipe.errors import did_you_mean
@@ -55,6 +56,8 @@ def build_config(model: ModelRecipe):
             "set by the recipe key loss_chunk_size; move it there"
         )
     runtime = {"loss_chunk_size": model.loss_chunk_size} if config_class is MegatronGPTConfig else {}
+    if model.recompute == "selective":
+        runtime["recompute_granularity"] = "selective"
     try:
         return config_class.from_preset(model.model, **model.model_overrides, **runtime)
     except (TypeError, ValueError) as error:
@@ -82,6 +85,18 @@ def check_recipe(recipe: PretrainRecipe) -> None:
         ) from None
     learned = getattr(config, "position_embedding_type", "learned_absolute") == "learned_absolute"  # BERT: always
     seq_length = recipe.data.seq_length
+    if recipe.parallel.sequence_parallel:
+        if seq_length % tp:
+            raise RecipeError(
+                f"recipe key seq_length={seq_length} is not divisible by tensor_parallel_size={tp}, which "
+                f"sequence_parallel splits it over; use a multiple of {tp} (e.g. {seq_length - seq_length % tp})"
+            )
+        if getattr(config, "layernorm_order", "pre") != "pre":
+            raise RecipeError(
+                f"recipe key sequence_parallel=True needs the pre-LayerNorm order, but model={model!r} has "
+                f"layernorm_order={config.layernorm_order!r}; set model_overrides.layernorm_order: pre or "
+                "sequence_parallel: false"
+            )
     if learned and seq_length > config.max_position_embeddings:
         raise RecipeError(
             f"recipe key seq_length={seq_length} exceeds the model's max_position_embeddings="
@@ -100,6 +115,7 @@ def build_layout(recipe: PretrainRecipe, world_size: int | None = None) -> Paral
             world_size=world_size, tensor_parallel_size=p.tensor_parallel_size, fsdp_size=p.fsdp_size,
             data_parallel_size=p.data_parallel_size, micro_batch_size=p.micro_batch_size,
             gradient_accumulation_steps=p.gradient_accumulation_steps, global_batch_size=p.global_batch_size,
+            sequence_parallel=p.sequence_parallel,
         )
     except LayoutError as error:
         raise RecipeError(f"recipe layout: {error}") from None
@@ -158,6 +174,10 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
         model.generation_config.bos_token_id = config.bos_token_id
     if layout is not None and layout.sharded:
         model = distribute_model(model, layout.distributed_config())
+    if recipe.model.recompute == "full":
+        # Non-reentrant, with the model-parallel RNG stream put back for the recomputation (the same dropout masks).
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
     if recipe.model.compile:
         compile_layers(model)
     return model

@@ -132,12 +132,11 @@ def check_finite_weights(model: torch.nn.Module, what: str) -> None:
 def training_arguments(recipe: PretrainRecipe, layout: ParallelLayout | None = None) -> TrainingArguments:
     """The `TrainingArguments` of a pretraining recipe."""
     return trainer_arguments(recipe.optim, recipe.parallel, recipe.run, layout or build_layout(recipe, 1),
-                             num_workers=recipe.data.num_workers,
-                             activation_checkpointing=recipe.model.activation_checkpointing)
+                             num_workers=recipe.data.num_workers)
 
 
 def trainer_arguments(optimizer, parallel, run, layout: ParallelLayout, *, num_workers: int = 0,
-                      activation_checkpointing: bool = False, **changes) -> TrainingArguments:
+                      **changes) -> TrainingArguments:
     """`TrainingArguments` from the recipe sections every training verb shares (an `OptimizerRecipe`, a
     `ParallelRecipe`, a run section with seed, intervals, output_dir and trackers); `changes` replace single
     arguments (e.g. `optim="adamw_bnb_8bit"` for fine-tuning)."""
@@ -178,7 +177,7 @@ def trainer_arguments(optimizer, parallel, run, layout: ParallelLayout, *, num_w
         dataloader_pin_memory=on_gpu,
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=False,  # recompute: full is enabled on the model (setup.build_model)
         disable_tqdm=False,
     )
     return TrainingArguments(**{**arguments, **changes})

@@ -33,6 +33,10 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
         attention_dropout (`float`): dropout on the attention probabilities.
         hidden_dropout (`float`): dropout on the embeddings and on each block's output before the residual add.
         classifier_dropout (`float`, *optional*): dropout before the task heads; `None` means `hidden_dropout`.
+        recompute_granularity (`str`, *optional*): `"selective"` recomputes the attention core (scores, softmax,
+            dropout, weighted sum of the values) in the backward pass instead of keeping its activations (Megatron's
+            selective recomputation); `None` keeps everything. Whole layers are recomputed by transformers'
+            `model.activation_checkpointing_enable()`.
         init_method_std (`float`): standard deviation of the normal init; the output projection of each block uses
             `init_method_std / sqrt(2 * num_layers)`, as Megatron does.
         make_vocab_size_divisible_by (`int`): the embedding is padded to a multiple of this (once, not x TP: a
@@ -84,6 +88,7 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
     hidden_dropout: float = 0.1
     classifier_dropout: float | None = None
     init_method_std: float = 0.02
+    recompute_granularity: str | None = None
     make_vocab_size_divisible_by: int = 128
     padded_vocab_softmax: bool = False
     add_binary_head: bool = True

@@ -179,7 +179,9 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=reference.device)
         hidden_states = self.embedding(input_ids, position_ids, token_type_ids, inputs_embeds)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        # The mask spans every position of the input (sequence parallelism hands the layers a shard of them).
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states.new_empty(batch, seq, 0),
+                                         attention_mask=attention_mask)
         for layer in self.encoder.layers:
             hidden_states = layer(hidden_states, attention_mask=mask, **kwargs)
         if self.encoder.final_layernorm is not None:

@@ -38,6 +38,10 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         tie_word_embeddings (`bool`): share the input embedding and the output layer.
         attention_dropout (`float`): dropout on the attention probabilities.
         hidden_dropout (`float`): dropout on the embeddings and on each block's output before the residual add.
+        recompute_granularity (`str`, *optional*): `"selective"` recomputes the attention core (scores, softmax,
+            dropout, weighted sum of the values) in the backward pass instead of keeping its activations (Megatron's
+            selective recomputation); `None` keeps everything. Whole layers are recomputed by transformers'
+            `model.activation_checkpointing_enable()`.
         init_method_std (`float`): standard deviation of the normal init; the output projection of each block
             (`linear_proj`, `linear_fc2`) uses `init_method_std / sqrt(2 * num_layers)`, as Megatron does.
         make_vocab_size_divisible_by (`int`): the embedding is padded to a multiple of this. Megatron multiplies it
@@ -90,6 +94,7 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
     attention_dropout: float = 0.1
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02
+    recompute_granularity: str | None = None
     make_vocab_size_divisible_by: int = 128
     padded_vocab_softmax: bool = False
     loss_chunk_size: int = 0

@@ -172,7 +172,8 @@ class MegatronGPTModel(MegatronGPTPreTrainedModel):
         hidden_states = self.embedding(input_ids, position_ids, inputs_embeds)
         mask = create_causal_mask(
             config=self.config,
-            inputs_embeds=hidden_states,
+            # every position of the input (sequence parallelism hands the layers a shard of them)
+            inputs_embeds=hidden_states.new_empty(*reference.shape[:2], 0),
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
