@@ -6,16 +6,18 @@
         scheduler.pt            learning-rate scheduler state (plain numbers; loaded with weights_only=True)
         trainer_state.json      Trainer's state: global step (hence the data position), log history
         rng/rank_00000.json     per-rank python / numpy / torch (and CUDA) RNG states, as JSON (no pickle)
-        megahf_checkpoint.json  written LAST: step, layout, batch, model config, every file with its size and sha256
+        megahf_checkpoint.json  written LAST: step, layout, batch, model config, every file with its size and CRC-32
 
 A checkpoint is written under `.step_0000400.partial/`, every file is fsynced, the marker is written last, and only
 then is the folder renamed to `step_0000400`: a folder with that name either is complete or has been damaged
 afterwards. A write that fails (a full disk) removes the partial folder and stops the run with the reason; the older
-checkpoints are untouched. Before resuming, every file is checked against its size and sha256 and every pickle is
+checkpoints are untouched. The checksums are computed from the bytes as they are written, by the rank that writes
+them (`checksums.py`: no second read). Before resuming, every file is checked against its size and checksum and every
+pickle is
 read the safe way (`safe_checkpoint_reader`: nothing in a checkpoint can run code); a checkpoint failing any check
 is reported and the next older complete one used. The data position needs no file of its own: Trainer replays the
-seeded sampler up to `global_step` x global batch, which is why a resume refuses a different global batch or seq
-length.
+seeded sampler up to `global_step` x global batch (the consumed samples), which is why a resume refuses a different
+global batch or seq length, but not another layout (`resume.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -48,15 +51,16 @@ from torch.distributed.checkpoint.state_dict import (
 from ..atomic import atomic_write_json, fsync_dir, fsync_file, publish_folder
 from ..errors import WRITE_FAILURES, MegahfError
 from ..parallel.ranks import barrier, is_distributed, rank
+from .checksums import CHECKSUM, HashingFileSystem, file_digest
 from .safe_checkpoint_reader import SafeFileSystemReader, UnsafePickleError, check_dcp_folder, load_weights_only
 
 MARKER = "megahf_checkpoint.json"
 MODEL_OPTIM = "model_optim"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: Trainer reads it on resume
-FORMAT_VERSION = 2  # 2: every file's sha256 and the model config in the marker
-READABLE_FORMATS = (1, 2)  # 1 (sizes only) is still resumed, with a warning (resume.py)
-_HASH_CHUNK = 8 << 20
+FORMAT_VERSION = 3  # 2: every file's sha256 and the model config in the marker; 3: CRC-32 instead of sha256
+READABLE_FORMATS = (1, 2, 3)  # 1 (sizes only) is still resumed, with a warning (resume.py)
+_DIGEST_OF_FORMAT = {2: "sha256", 3: CHECKSUM}
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -129,10 +133,16 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         (partial / "rng").mkdir(parents=True)
 
+    written: dict[str, str] = {}  # this rank's files (relative names) -> checksum, computed while writing
+
     def write_states() -> None:  # every rank
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        writer = FileSystemWriter(partial / MODEL_OPTIM)
+        writer.fs = HashingFileSystem()
         with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
+        written.update({Path(name).relative_to(partial).as_posix(): digest
+                        for name, digest in writer.fs.digests.items()})
         atomic_write_json(partial / "rng" / f"rank_{rank():05d}.json", rng_state(), durable=True)
         if rank() == 0:
             with open(partial / SCHEDULER, "wb") as f:  # a Python file: a failed write keeps its errno
@@ -140,7 +150,7 @@ def save_checkpoint(
             trainer_state.save_to_json(str(partial / TRAINER_STATE))
 
     def complete() -> None:
-        files = describe_files(partial)
+        files = describe_files(partial, known={k: v for rank_files in digests for k, v in rank_files.items()})
         for folder in (partial / MODEL_OPTIM, partial / "rng", partial):
             fsync_dir(folder)
         atomic_write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": step, **metadata, "files": files},
@@ -149,6 +159,7 @@ def save_checkpoint(
 
     _run_on_all_ranks_or_fail(prepare if rank() == 0 else None, final, partial)
     _run_on_all_ranks_or_fail(write_states, final, partial)
+    digests = _gather(written)
     _run_on_all_ranks_or_fail(complete if rank() == 0 else None, final, partial)
     if rank() == 0:
         for old in complete_checkpoints(root, contents=False)[keep_last:]:
@@ -226,27 +237,25 @@ def _find_exception(error: BaseException, kind: type) -> BaseException | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
-def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
-    """sha256 of each file, several at once (hashlib releases the GIL: the disk, not Python, is the limit)."""
+def _hash_all(folder: Path, names: list[str], name: str = CHECKSUM) -> dict[str, str]:
+    """The digest of each file, several at once (zlib and hashlib release the GIL: the disk is the limit)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return dict(zip(names, pool.map(lambda name: file_sha256(folder / name), names)))
+        return dict(zip(names, pool.map(lambda file: file_digest(folder / file, name), names)))
 
 
-def describe_files(folder: Path) -> dict[str, dict]:
-    """Every file under `folder`, fsynced, as {relative name: {"bytes": size, "sha256": hex}} for the marker."""
+def describe_files(folder: Path, known: dict[str, str] | None = None) -> dict[str, dict]:
+    """Every file under `folder`, fsynced, as {relative name: {"bytes": size, "crc32": hex}} for the marker. `known`
+    holds the checksums computed while writing ({relative name: hex}); only the other files are read back."""
+    known = known or {}
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
     for path in paths:
         fsync_file(path)
     names = [p.relative_to(folder).as_posix() for p in paths]
-    digests = _hash_all(folder, names)
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": digests[name]} for name in names}
+    digests = {**_hash_all(folder, [n for n in names if n not in known]), **known}
+    return {name: {"bytes": (folder / name).stat().st_size, CHECKSUM: digests[name]} for name in names}
 
 
 # ---------------------------------------------------------------------- finding and checking
@@ -254,7 +263,7 @@ def describe_files(folder: Path) -> dict[str, dict]:
 
 def checkpoint_problem(path: str | os.PathLike, contents: bool = True) -> str | None:
     """Why the checkpoint folder cannot be resumed from, or None if it is complete. Always checked: the marker,
-    and every file it lists there with its size. With `contents` (what a resume does): every file's sha256, then
+    and every file it lists there with its size. With `contents` (what a resume does): every file's checksum, then
     every pickle read the safe way, so that a flipped bit or a crafted pickle is found before anything is loaded."""
     path = Path(path)
     listed, problem = _listed_files(path)
@@ -271,8 +280,9 @@ def checkpoint_problem(path: str | os.PathLike, contents: bool = True) -> str | 
     return _checksum_problem(path, listed) or _unsafe_pickle_problem(path)
 
 
-def _listed_files(path: Path) -> tuple[dict[str, tuple[int, str | None]], str | None]:
-    """The marker's files as {name: (size, sha256 or None in format 1)}, or why the marker cannot be used."""
+def _listed_files(path: Path) -> tuple[dict[str, tuple[int, tuple[str, str] | None]], str | None]:
+    """The marker's files as {name: (size, (digest name, hex), or None in format 1)}, or why the marker cannot be
+    used."""
     marker = path / MARKER
     if not marker.is_file():
         return {}, f"no {MARKER} (the write did not finish)"
@@ -280,7 +290,8 @@ def _listed_files(path: Path) -> tuple[dict[str, tuple[int, str | None]], str | 
         meta = json.loads(marker.read_text(encoding="utf-8"))
         if meta.get("format") not in READABLE_FORMATS:
             return {}, f"format {meta.get('format')!r}, this megahf reads {' and '.join(map(str, READABLE_FORMATS))}"
-        listed = {name: (entry, None) if meta["format"] == 1 else (entry["bytes"], entry["sha256"])
+        digest = _DIGEST_OF_FORMAT.get(meta["format"])
+        listed = {name: (entry, None) if digest is None else (entry["bytes"], (digest, entry[digest]))
                   for name, entry in meta["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return {}, f"unreadable {MARKER} ({type(error).__name__})"
@@ -290,12 +301,15 @@ def _listed_files(path: Path) -> tuple[dict[str, tuple[int, str | None]], str | 
     return listed, None
 
 
-def _checksum_problem(path: Path, listed: dict[str, tuple[int, str | None]]) -> str | None:
+def _checksum_problem(path: Path, listed: dict[str, tuple[int, tuple[str, str] | None]]) -> str | None:
     expected = {name: digest for name, (_, digest) in listed.items() if digest is not None}
-    actual = _hash_all(path, sorted(expected))
-    for name, digest in expected.items():
+    if not expected:
+        return None
+    kind = next(iter(expected.values()))[0]
+    actual = _hash_all(path, sorted(expected), kind)
+    for name, (_, digest) in expected.items():
         if actual[name] != digest:
-            return f"{name} does not match its sha256 (changed after it was written)"
+            return f"{name} does not match its {kind} (changed after it was written)"
     return None
 
 
