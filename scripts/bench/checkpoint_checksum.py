@@ -1,6 +1,7 @@
 """What the per-file checksums of a checkpoint cost against writing it: each digest hashlib offers (sha256, blake2b,
-sha1, md5) and zlib's CRC-32, computed as megahf computes them (from the bytes while DCP writes them), and sha256
-computed by reading the files back afterwards (what megahf did before).
+sha1, md5) and zlib's CRC-32, computed as megahf computes them (from the bytes while DCP writes them, torch.save's
+own per-record CRC-32 switched off: `megahf.training.checksums`), and sha256 computed by reading the files back
+afterwards (what megahf did before). The reference is DCP's plain save (torch.save's record CRC on, its default).
 
     python scripts/bench/checkpoint_checksum.py [--params 30e6] [--repeats 3]
 

@@ -378,17 +378,47 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   same_layout: bool = True) -> None:
+    """Load the optimizer's state, resharded to the model's current layout (collective). On another layout only the
+    per-parameter state (Adam's step and moments, keyed by parameter name) is read: the parameter groups are
+    numbered, and their number follows the layout (Trainer gives each device mesh its own group), so the groups'
+    values stay this run's (the recipe's), and the learning rate is the resumed scheduler's (`load_scheduler`)."""
+    current = get_optimizer_state_dict(model, optimizer)
+    state = {"optim": current if same_layout else {"state": current["state"]}}
     _dcp_load(state, path)
+    if not same_layout:
+        state["optim"]["param_groups"] = current["param_groups"]
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def load_scheduler(path: str | os.PathLike, scheduler) -> None:
     try:
-        scheduler.load_state_dict(load_weights_only(Path(path) / SCHEDULER, SCHEDULER))
+        state = load_weights_only(Path(path) / SCHEDULER, SCHEDULER)
     except UnsafePickleError as error:
         raise CheckpointError(f"checkpoint {path}: {error}") from None
+    scheduler.load_state_dict(fit_scheduler_state(state, len(scheduler.optimizer.param_groups), path))
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # what the saved optimizer's groups held: the schedule's value at the saved step
+
+
+_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")
+
+
+def fit_scheduler_state(state: dict, groups: int, path: str | os.PathLike = "") -> dict:
+    """The scheduler state for an optimizer of `groups` parameter groups. The number of groups follows the layout
+    (Trainer gives each device mesh its own group), the schedule does not: every group has the same learning rate
+    and lambda, so the saved per-group lists are cut or repeated to fit. Groups that differed are refused."""
+    lists = {key: state[key] for key in _PER_GROUP if isinstance(state.get(key), list)}
+    if all(len(values) == groups for values in lists.values()):
+        return state
+    uneven = [key for key, values in lists.items() if any(v != values[0] for v in values)]
+    if uneven or any(not values for values in lists.values()):
+        raise CheckpointError(
+            f"checkpoint {path}: its scheduler holds per-group values that differ ({', '.join(uneven)}), which cannot "
+            f"be spread over the {groups} parameter groups of this layout; resume it on the layout it was written with"
+        )
+    return {**state, **{key: [values[0]] * groups for key, values in lists.items()}}
 
 
 def load_rng(path: str | os.PathLike) -> bool:
@@ -404,5 +434,5 @@ def load_rng(path: str | os.PathLike) -> bool:
 
 
 __all__ = ["CheckpointError", "MARKER", "checkpoint_problem", "complete_checkpoints", "describe_files", "file_sha256",
-           "latest_checkpoint", "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata",
-           "rng_state", "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]
+           "fit_scheduler_state", "latest_checkpoint", "load_model", "load_optimizer", "load_rng", "load_scheduler",
+           "read_metadata", "rng_state", "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]

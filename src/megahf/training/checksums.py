@@ -5,11 +5,16 @@ that feeds every written byte to a digest before it goes to the file, and keeps 
 is closed (following the rename of DCP's temporary `.metadata`). A writer's digests cover exactly the files this
 process wrote; the few small files megahf writes itself are hashed by reading them back (`file_digest`).
 
+What makes it nearly free: `torch.save`, which DCP calls for every tensor, computes a CRC-32 of each record for its
+zip format by default, and `torch.load` never checks it (torch.serialization.set_crc32_options). While a stream of
+ours is open, that record CRC is switched off, and ours, over the whole file, takes its place.
+
 Which digest: CRC-32 (`zlib.crc32`, Python's standard library). It finds every change of up to 32 adjacent bits
-(a flipped byte always) and any other random damage but for a chance of 2^-32, at about 2.5x the speed of sha256
-on this machine's cores (`python scripts/bench/checkpoint_checksum.py`, README "Checksums"); a cryptographic hash
-would buy nothing here, since whoever can edit a checkpoint's files can rewrite the marker too (crafted files are
-the safe reader's business: `safe_checkpoint_reader.py`). The resume check reads markers of format 2 (sha256) too.
+(a flipped byte always) and any other random damage but for a chance of 2^-32, and was the cheapest of those measured
+(`python scripts/bench/checkpoint_checksum.py`: sha256, blake2b, sha1, md5; README "Checksums"); a cryptographic
+hash would buy nothing here, since whoever can edit a checkpoint's files can rewrite the marker too (crafted files
+are the safe reader's business: `safe_checkpoint_reader.py`). The resume check reads markers of format 2 (sha256)
+too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import zlib
 from pathlib import Path
 
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.utils.serialization import config as torch_serialization_config
 
 CHECKSUM = "crc32"  # the marker key of each file's checksum in format 3
 _CHUNK = 8 << 20
@@ -77,6 +83,30 @@ class _HashingStream(io.RawIOBase):
         self.raw.flush()
 
 
+_record_crc_lock = threading.Lock()
+_record_crc_users = 0  # streams of ours open now, in any thread (DCP may write from several; async saves too)
+_record_crc_before = True
+
+
+@contextlib.contextmanager
+def _torch_record_crc_off():
+    """torch.save without its per-record CRC-32 while any of our streams is open (the global setting is restored
+    when the last one closes): our checksum covers the same bytes, and torch.load does not read theirs."""
+    global _record_crc_users, _record_crc_before
+    with _record_crc_lock:
+        if _record_crc_users == 0:
+            _record_crc_before = torch_serialization_config.save.compute_crc32
+            torch_serialization_config.save.compute_crc32 = False
+        _record_crc_users += 1
+    try:
+        yield
+    finally:
+        with _record_crc_lock:
+            _record_crc_users -= 1
+            if _record_crc_users == 0:
+                torch_serialization_config.save.compute_crc32 = _record_crc_before
+
+
 class HashingFileSystem(FileSystem):
     """DCP's local file system, with the digest of every file written through it in `digests` ({path: hex})."""
 
@@ -92,7 +122,7 @@ class HashingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with super().create_stream(path, mode) as raw:
+        with _torch_record_crc_off(), super().create_stream(path, mode) as raw:
             stream = _HashingStream(raw, new_digest(self.name))
             yield stream
             with self._lock:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from ..errors import MegahfError
 from ..parallel import clip_grad_norm_
@@ -19,6 +19,7 @@ from ..recipe import PretrainRecipe
 from . import checkpoint as ckpt
 from .callbacks import MegatronLogCallback
 from .log import say
+from .resume import derived_seed, same_layout
 from .setup import build_layout
 
 
@@ -72,12 +73,20 @@ class MegatronTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:
-            ckpt.load_optimizer(checkpoint, self.model, self._torch_optimizer())
+            same = same_layout(ckpt.read_metadata(checkpoint), self.checkpoint_metadata)
+            ckpt.load_optimizer(checkpoint, self.model, self._torch_optimizer(), same_layout=same)
             ckpt.load_scheduler(checkpoint, self.lr_scheduler)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        if checkpoint is not None:
+        """The random streams of each rank as they were, on the layout the checkpoint was written with; on another
+        layout no rank's stream has a counterpart: every rank re-seeds from the seed and the step (resume.py)."""
+        if checkpoint is None:
+            return
+        saved = ckpt.read_metadata(checkpoint)
+        if same_layout(saved, self.checkpoint_metadata):
             ckpt.load_rng(checkpoint)
+        else:
+            set_seed(derived_seed(self.recipe.run.seed, saved["step"]))
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         # Megatron decays every weight matrix and embedding, never a bias or a 1-D parameter (norm weights). Trainer's
