@@ -104,7 +104,7 @@ def test_resume_accepts_another_layout(corpus, straight, capsys):
 
 
 @pytest.mark.parametrize("key, value, reason", [
-    ("seq_length", 16, r"the data position \\(samples of seq_length \+ 1 tokens\) would not match; set seq_length to 32"),
+    ("seq_length", 16, r"the data position \(samples of seq_length \+ 1 tokens\) would not match; set seq_length to 32"),
     ("seed", 7, r"the data order and split follow the seed, so the data position would not match; set seed to 1234"),
 ])
 def test_resume_refuses_what_moves_the_data_position(corpus, straight, key, value, reason):
