@@ -29,8 +29,9 @@ def imported_modules(cmd: list[str]) -> set[str]:
 
 @pytest.mark.parametrize("launcher", [[CONSOLE_SCRIPT], [sys.executable, "-m", "megahf"]], ids=["console", "python-m"])
 @pytest.mark.parametrize("verb", [[], ["pretrain"], ["preprocess"], ["evaluate"], ["evaluate", "lambada"],
-                                  ["evaluate", "wikitext"]],
-                         ids=["megahf", "pretrain", "preprocess", "evaluate", "evaluate-lambada", "evaluate-wikitext"])
+                                  ["evaluate", "wikitext"], ["plan"]],
+                         ids=["megahf", "pretrain", "preprocess", "evaluate", "evaluate-lambada", "evaluate-wikitext",
+                              "plan"])
 def test_help_does_not_import_torch(launcher, verb):
     modules = imported_modules([*launcher, *verb, "--help"])
     assert "megahf.cli" in modules  # the log is read correctly
