@@ -64,6 +64,24 @@ def test_sigkill_then_same_command_resumes_exactly(corpus, straight, tmp_path):
     assert len(set(losses(out).values())) == STEPS  # dropout on: a replayed random stream would still match
 
 
+def test_async_save_equals_the_blocking_save_and_a_sigkill_mid_write_resumes_from_the_previous(corpus, straight,
+                                                                                                 tmp_path):
+    """async_save: the checkpoints hold what a blocking save holds (the run and its resume end bitwise where the
+    uninterrupted run ends), and a SIGKILL while the last one is written leaves the previous one as the newest
+    complete: its folder never got its marker."""
+    out = tmp_path / "out"
+    args = recipe_args(corpus, out, async_save="true")
+    killed = run_pretrain_cli(1, args, kill_at_save=STEPS)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    assert "checkpoint of step 6: writing in the background" in killed.stdout
+    assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step_0000003"]
+    assert not (out / "checkpoints" / "step_0000006").exists()  # at most the unpublished .step_0000006.partial
+    result = run_pretrain(load_recipe(RECIPE, args))  # the same command again
+    assert result.metrics["resumed_from"] == str(out / "checkpoints" / "step_0000003")
+    assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step_0000006", "step_0000003"]
+    assert_same_run(out, straight)
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(corpus, straight, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(straight / "checkpoints", out / "checkpoints")

@@ -23,6 +23,7 @@ global batch or seq length, but not another layout (`resume.py`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -31,7 +32,7 @@ import random
 import re
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,33 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------- saving
 
 
+@dataclasses.dataclass
+class PendingCheckpoint:
+    """A checkpoint whose files are being written (in the background with `async_save`); `finish_checkpoint` writes
+    its marker and publishes it once every rank's write has finished."""
+
+    root: Path
+    final: Path
+    partial: Path
+    step: int
+    metadata: dict
+    keep_last: int
+    writer: FileSystemWriter | None = None
+    future: Future | None = None  # the background write (async_save), None when written already
+
+
+_async_group = None
+
+
+def _async_process_group():
+    """A gloo group of its own for the background writes' collectives, so that they never interleave with the
+    training's (torch's advice for async_save); created on first use, by every rank at the same point."""
+    global _async_group
+    if _async_group is None and is_distributed():
+        _async_group = dist.new_group(backend="gloo")
+    return _async_group
+
+
 def save_checkpoint(
     checkpoints_dir: str | os.PathLike,
     step: int,
@@ -119,50 +147,75 @@ def save_checkpoint(
     trainer_state,
     metadata: dict,
     keep_last: int,
-) -> Path:
+    async_save: bool = False,
+) -> Path | PendingCheckpoint:
     """Write the checkpoint of `step` atomically, on every rank (collective), then delete all but the newest
     `keep_last` complete checkpoints. `metadata` (layout, batch, model config) goes into the marker. A failed write
     (full disk, read-only folder) on any rank raises `CheckpointError` on every rank, saying why and that the older
-    checkpoints are intact; nothing of the failed one is left under a checkpoint's name."""
+    checkpoints are intact; nothing of the failed one is left under a checkpoint's name.
+
+    With `async_save` the model and optimizer state are copied to CPU memory and written by a background thread
+    (torch.distributed.checkpoint's async_save): the `PendingCheckpoint` returned is published by
+    `finish_checkpoint`, which writes the marker only after every rank's write has finished."""
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
-    partial = root / f".{final.name}.partial"
+    pending = PendingCheckpoint(root, final, root / f".{final.name}.partial", step, metadata, keep_last)
+    partial = pending.partial
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         (partial / "rng").mkdir(parents=True)
 
-    written: dict[str, str] = {}  # this rank's files (relative names) -> checksum, computed while writing
-
     def write_states() -> None:  # every rank
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        writer = FileSystemWriter(partial / MODEL_OPTIM)
-        writer.fs = HashingFileSystem()
+        pending.writer = FileSystemWriter(partial / MODEL_OPTIM)
+        pending.writer.fs = HashingFileSystem()  # checksums computed from the bytes as they are written
         with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
-        written.update({Path(name).relative_to(partial).as_posix(): digest
-                        for name, digest in writer.fs.digests.items()})
+            if async_save:
+                pending.future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=pending.writer,
+                                                process_group=_async_process_group())
+            else:
+                dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=pending.writer)
         atomic_write_json(partial / "rng" / f"rank_{rank():05d}.json", rng_state(), durable=True)
         if rank() == 0:
             with open(partial / SCHEDULER, "wb") as f:  # a Python file: a failed write keeps its errno
                 torch.save(scheduler.state_dict(), f)
             trainer_state.save_to_json(str(partial / TRAINER_STATE))
 
+    _run_on_all_ranks_or_fail(prepare if rank() == 0 else None, final, partial)
+    _run_on_all_ranks_or_fail(write_states, final, partial)
+    return pending if async_save else finish_checkpoint(pending)
+
+
+def finish_checkpoint(pending: PendingCheckpoint, wait: bool = True) -> Path | None:
+    """Publish `pending` (collective): wait for every rank's write (`wait=False`: return None at once unless all
+    have finished), then on rank 0 list every file with its size and checksum in the marker, written last, rename
+    the folder to its final name and delete the checkpoints beyond `keep_last`."""
+    final, partial = pending.final, pending.partial
+    if not wait and not all(_gather(pending.future is None or pending.future.done())):
+        return None
+
+    def wait_for_write() -> None:
+        if pending.future is not None:
+            pending.future.result()  # re-raises a failed background write
+
+    _run_on_all_ranks_or_fail(wait_for_write, final, partial)
+    written = {Path(name).relative_to(partial).as_posix(): digest
+               for name, digest in (pending.writer.fs.digests.items() if pending.writer else ())}
+    digests = _gather(written)
+
     def complete() -> None:
         files = describe_files(partial, known={k: v for rank_files in digests for k, v in rank_files.items()})
         for folder in (partial / MODEL_OPTIM, partial / "rng", partial):
             fsync_dir(folder)
-        atomic_write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": step, **metadata, "files": files},
-                          durable=True)
+        atomic_write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": pending.step, **pending.metadata,
+                                             "files": files}, durable=True)
         publish_folder(partial, final, durable=True)  # replaces a damaged checkpoint of the same step
 
-    _run_on_all_ranks_or_fail(prepare if rank() == 0 else None, final, partial)
-    _run_on_all_ranks_or_fail(write_states, final, partial)
-    digests = _gather(written)
     _run_on_all_ranks_or_fail(complete if rank() == 0 else None, final, partial)
     if rank() == 0:
-        for old in complete_checkpoints(root, contents=False)[keep_last:]:
+        for old in complete_checkpoints(pending.root, contents=False)[pending.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -433,6 +486,6 @@ def load_rng(path: str | os.PathLike) -> bool:
     return True
 
 
-__all__ = ["CheckpointError", "MARKER", "checkpoint_problem", "complete_checkpoints", "describe_files", "file_sha256",
-           "fit_scheduler_state", "latest_checkpoint", "load_model", "load_optimizer", "load_rng", "load_scheduler",
+__all__ = ["CheckpointError", "MARKER", "PendingCheckpoint", "checkpoint_problem", "complete_checkpoints", "describe_files", "file_sha256",
+           "finish_checkpoint", "fit_scheduler_state", "latest_checkpoint", "load_model", "load_optimizer", "load_rng", "load_scheduler",
            "read_metadata", "rng_state", "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]

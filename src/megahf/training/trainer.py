@@ -62,11 +62,32 @@ class MegatronTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         check_finite_weights(self.model, f"checkpoint of step {self.state.global_step}")
-        path = ckpt.save_checkpoint(
+        self.finish_pending_checkpoint(wait=True)  # one background write at a time
+        saved = ckpt.save_checkpoint(
             Path(self.args.output_dir) / "checkpoints", self.state.global_step, self.model, self._torch_optimizer(),
             self.lr_scheduler, self.state, self.checkpoint_metadata, keep_last=self.recipe.run.keep_last,
+            async_save=self.recipe.run.async_save,
         )
-        say(f"checkpoint {path}")
+        if isinstance(saved, ckpt.PendingCheckpoint):
+            self._pending_checkpoint = saved
+            say(f"checkpoint of step {saved.step}: writing in the background")
+        else:
+            say(f"checkpoint {saved}")
+
+    def finish_pending_checkpoint(self, wait: bool) -> None:
+        """Publish the checkpoint being written in the background once every rank's write has finished (collective;
+        `wait=False` polls, as after every step)."""
+        pending = getattr(self, "_pending_checkpoint", None)
+        if pending is None:
+            return
+        path = ckpt.finish_checkpoint(pending, wait=wait)
+        if path is not None:
+            self._pending_checkpoint = None
+            say(f"checkpoint {path}")
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        self.finish_pending_checkpoint(wait=False)  # every rank, after every step
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         ckpt.load_model(resume_from_checkpoint, self.model)
