@@ -145,3 +145,17 @@ def test_written_recipe_and_launch_config_run_as_written(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2 and "2 processes" in metrics["layout"] and "global batch 8" in metrics["layout"]
     assert REPO_ROOT.is_dir()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt-345m", "--gpus", "8", "--gpu-memory", "lots"], "--gpu-memory='lots' is not a size; write e.g. 80GB"),
+    (["--model", "gpt-345m", "--gpus", "12", "--nodes", "5"], "--gpus=12 is not a multiple of --nodes=5"),
+    (["--model", "gpt-nano", "--gpus", "8"], "--model='gpt-nano': unknown model preset"),
+    (["--model", "gpt-345m", "--gpus", "8", "--seq", "4096"], "--seq=4096 exceeds the model's max_position_embeddings"),
+])
+def test_bad_input_is_one_line_naming_the_flag(argv, message, capsys):
+    from megahf.cli import main
+
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -429,7 +429,8 @@ def write_layout(result: dict, out: str | os.PathLike, model: str) -> tuple[Path
         raise PlanError(f"--write needs --model as a preset or a recipe YAML, not {model!r}")
     else:
         values = {"model": model}
-    values.pop("activation_checkpointing", None) if lay.recompute != "none" else None
+    # `recompute` replaces main's activation_checkpointing (refused once megahf's scale work is merged): never both
+    values.pop("activation_checkpointing", None)
     values.update({"tensor_parallel_size": lay.tp, "fsdp_size": lay.fsdp, "data_parallel_size": 0,
                    "micro_batch_size": lay.micro_batch, "gradient_accumulation_steps": 0,
                    "global_batch_size": result["global_batch"], "seq_length": result["seq"]})
