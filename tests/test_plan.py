@@ -148,7 +148,8 @@ def test_written_recipe_and_launch_config_run_as_written(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "gpt-345m", "--gpus", "8", "--gpu-memory", "lots"], "--gpu-memory='lots' is not a size; write e.g. 80GB"),
+    (["--model", "gpt-345m", "--gpus", "8", "--gpu-memory", "lots"],
+     "--gpu-memory='lots' is not a size; write e.g. 80GB"),
     (["--model", "gpt-345m", "--gpus", "12", "--nodes", "5"], "--gpus=12 is not a multiple of --nodes=5"),
     (["--model", "gpt-nano", "--gpus", "8"], "--model='gpt-nano': unknown model preset"),
     (["--model", "gpt-345m", "--gpus", "8", "--seq", "4096"], "--seq=4096 exceeds the model's max_position_embeddings"),

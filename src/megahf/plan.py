@@ -102,7 +102,8 @@ class Shape:
         return cls(hidden=config.hidden_size, layers=config.num_layers, heads=config.num_attention_heads,
                    query_groups=config.num_query_groups, ffn=config.ffn_hidden_size, head_dim=config.head_dim,
                    padded_vocab=config.padded_vocab_size, max_positions=config.max_position_embeddings,
-                   learned_positions=getattr(config, "position_embedding_type", "learned_absolute") == "learned_absolute",
+                   learned_positions=getattr(config, "position_embedding_type",
+                                             "learned_absolute") == "learned_absolute",
                    layernorm_bias=getattr(config, "normalization", "LayerNorm") == "LayerNorm",
                    bias=config.add_bias_linear, swiglu=config.activation == "swiglu", tied=config.tie_word_embeddings,
                    dropout=config.hidden_dropout > 0 or config.attention_dropout > 0)
@@ -253,14 +254,19 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
             raise PlanError(f"{flag}={value} must be at least 1")
     if gpu_memory_gb <= 0:
         raise PlanError(f"--gpu-memory={gpu_memory_gb}GB must be positive, e.g. 80GB")
-    nodes = nodes or max(1, math.ceil(gpus / 8))
+    if not nodes:  # nodes of 8 GPUs, or one node of fewer
+        if gpus > 8 and gpus % 8:
+            raise PlanError(f"--gpus={gpus} does not fill nodes of 8 GPUs; give --nodes")
+        nodes = max(1, gpus // 8)
     if gpus % nodes:
         raise PlanError(f"--gpus={gpus} is not a multiple of --nodes={nodes}; give the same number of GPUs per node")
     per_node = gpus // nodes
     device, shape = GPUS[gpu], Shape.of(config)
-    max_positions_note = ""
     if shape.learned_positions and seq > shape.max_positions:
         raise PlanError(f"--seq={seq} exceeds the model's max_position_embeddings={shape.max_positions}")
+    if not any(global_batch % (gpus // tp) == 0 for tp in _divisors(gpus)):
+        raise PlanError(f"--global-batch={global_batch} is not a multiple of any data-parallel size of {gpus} GPUs; "
+                        f"use a multiple of {gpus}")
     candidates, ruled_out_tp = [], {}
     for tp in _divisors(gpus):
         if tp > per_node:
@@ -273,6 +279,9 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
             ruled_out_tp[tp] = f"TP {tp} does not divide the model: {error}"
             continue
         dp = gpus // tp
+        if global_batch % dp:
+            ruled_out_tp[tp] = f"TP {tp}: the global batch {global_batch} does not divide over {dp} data-parallel ranks"
+            continue
         for fsdp in _divisors(dp):
             for sp in ((False, True) if tp > 1 else (False,)):
                 for recompute in RECOMPUTE:
@@ -286,14 +295,12 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
                         why = "" if fits else _why_not(memory, gpu_memory_gb)
                         candidates.append(Candidate(layout, memory, step_time(shape, layout, seq, global_batch,
                                                                               device, gpus, per_node), fits, why))
-    if not any(global_batch % (gpus // tp) == 0 for tp in _divisors(gpus)):
-        raise PlanError(f"--global-batch={global_batch} is not a multiple of any data-parallel size of {gpus} GPUs")
     fitting = sorted((c for c in candidates if c.fits), key=_rank_key)
     return {"shape": shape, "gpu": device, "gpus": gpus, "nodes": nodes, "gpus_per_node": per_node,
             "gpu_memory_gb": gpu_memory_gb, "seq": seq, "global_batch": global_batch,
             "model_flops_per_step": model_flops_per_step(shape, seq, global_batch),
             "fitting": fitting, "not_fitting": [c for c in candidates if not c.fits], "ruled_out_tp": ruled_out_tp,
-            "note": max_positions_note}
+            }
 
 
 def _rank_key(c: Candidate):
@@ -329,8 +336,11 @@ def why_not_tp(result: dict, tp: int) -> str:
     first, this = result["fitting"][0], best[tp]
     if this is first:
         return f"TP {tp}: the best layout"
-    unsharded = "" if any(c.layout.tp == tp and c.layout.fsdp == 1 for c in result["fitting"]) else (
-        f"; without FSDP nothing fits ({min((c for c in result['not_fitting'] if c.layout.tp == tp and c.layout.fsdp == 1), key=lambda c: c.memory_total).why_not})")
+    unsharded = ""
+    if not any(c.layout.tp == tp and c.layout.fsdp == 1 for c in result["fitting"]):
+        smallest = min((c for c in result["not_fitting"] if c.layout.tp == tp and c.layout.fsdp == 1),
+                       key=lambda c: c.memory_total)
+        unsharded = f"; without FSDP nothing fits ({smallest.why_not})"
     return (f"TP {tp}: fits ({this.layout.describe()}), but {this.time['total']:.3f} s per step vs "
             f"{first.time['total']:.3f} s ({_slower_because(this, first)}){unsharded}")
 

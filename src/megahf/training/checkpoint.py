@@ -486,6 +486,7 @@ def load_rng(path: str | os.PathLike) -> bool:
     return True
 
 
-__all__ = ["CheckpointError", "MARKER", "PendingCheckpoint", "checkpoint_problem", "complete_checkpoints", "describe_files", "file_sha256",
-           "finish_checkpoint", "fit_scheduler_state", "latest_checkpoint", "load_model", "load_optimizer", "load_rng", "load_scheduler",
-           "read_metadata", "rng_state", "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]
+__all__ = ["CheckpointError", "MARKER", "PendingCheckpoint", "checkpoint_problem", "complete_checkpoints",
+           "describe_files", "file_sha256", "finish_checkpoint", "fit_scheduler_state", "latest_checkpoint",
+           "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata", "rng_state",
+           "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]
