@@ -1,7 +1,7 @@
 """`megahf pretrain` under every parallel layout equals one process at the same global batch, step by step; a
 tensor-parallel run killed with SIGKILL resumes exactly when the same command is run again; and a checkpoint written
-at one layout resumes at another (TP=2 -> 1, FSDP=2, TP=2 x FSDP=2; FSDP=2 -> 1; DDP=2 -> 1) and ends where the
-uninterrupted run ends.
+at one layout resumes at another (TP=2 -> 1, FSDP=2, TP=2 x FSDP=2, TP=4; FSDP=2 -> 1; DDP=2 -> 1) and ends where
+the uninterrupted run ends.
 
 Each layout is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains the same tiny
 GPT (and, at TP=2, the same tiny BERT) for several steps at a global batch of 8 (one process: micro-batch 4 x
@@ -130,7 +130,8 @@ def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path
 ELASTIC = {
     # the TP x FSDP resume also writes its checkpoints in the background (async_save on 4 processes)
     "tp2": {"single": (1, {}), "fsdp2": LAYOUTS["fsdp2"],
-            "tp2xfsdp2": (4, {**LAYOUTS["tp2xfsdp2"][1], "async_save": "true"})},
+            "tp2xfsdp2": (4, {**LAYOUTS["tp2xfsdp2"][1], "async_save": "true"}),
+            "tp4": (4, {"tensor_parallel_size": 4})},
     "fsdp2": {"single": (1, {})},
     "ddp2": {"single": (1, {})},
 }
