@@ -317,3 +317,30 @@ def test_megahf_pretrain_reports_a_full_disk_in_one_line(corpus, tmp_path, monke
                             f"{out / 'checkpoints' / '.step_0000003.partial' / 'scheduler.pt'}: the disk is full")
     assert "the disk is full (ENOSPC: No space left on device)" in error and "(there is none yet)" in error
     assert list((out / "checkpoints").iterdir()) == [] and not (out / "final").exists()
+
+
+def test_checksums_computed_while_writing_equal_those_of_the_files(tmp_path):
+    """Large buffers are checksummed on a helper thread while they are written: the result is the CRC-32 of the
+    file's bytes, and torch.save's own record CRC setting is back as it was afterwards."""
+    import zlib
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.utils.serialization import config as torch_serialization_config
+
+    from megahf.training.checksums import HashingFileSystem
+
+    state = {"big": torch.randn(3 << 20), "small": torch.arange(5)}  # 12 MB: several writes of the helper path
+    writer = FileSystemWriter(tmp_path)
+    writer.fs = HashingFileSystem()
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save(state, storage_writer=writer)
+    files = {Path(name).name: digest for name, digest in writer.fs.digests.items()}
+    assert set(files) == {".metadata", "__0_0.distcp"}
+    for name, digest in files.items():
+        assert digest == f"{zlib.crc32((tmp_path / name).read_bytes()):08x}", name
+    assert torch_serialization_config.save.compute_crc32 is True
+    loaded = {"big": torch.zeros(3 << 20), "small": torch.zeros(5, dtype=torch.long)}
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.load(loaded, checkpoint_id=tmp_path)
+    assert torch.equal(loaded["big"], state["big"]) and torch.equal(loaded["small"], state["small"])

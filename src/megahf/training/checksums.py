@@ -25,6 +25,7 @@ import io
 import os
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from torch.distributed.checkpoint.filesystem import FileSystem
@@ -59,19 +60,39 @@ def file_digest(path: str | os.PathLike, name: str = CHECKSUM) -> str:
     return digest.hexdigest()
 
 
+_OVERLAP_BYTES = 1 << 20  # from this size on, a buffer is checksummed on a second thread while it is written
+
+
 class _HashingStream(io.RawIOBase):
-    """A binary file opened for writing whose every written byte also goes to `digest`."""
+    """A binary file opened for writing whose every written byte also goes to `digest`. A large buffer is
+    checksummed by a helper thread while this one writes it (zlib and file writes both release the GIL), and the
+    call returns once both are done, so the buffer is never read after `write` returns."""
 
     def __init__(self, raw, digest):
         super().__init__()
         self.raw, self.digest = raw, digest
+        self._helper = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
-        self.digest.update(data)
-        return self.raw.write(data)
+        if memoryview(data).nbytes < _OVERLAP_BYTES:
+            self.digest.update(data)
+            return self.raw.write(data)
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megahf-checksum")
+        pending = self._helper.submit(self.digest.update, data)
+        try:
+            return self.raw.write(data)
+        finally:
+            pending.result()
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
+        super().close()
 
     def tell(self) -> int:
         return self.raw.tell()
@@ -124,7 +145,10 @@ class HashingFileSystem(FileSystem):
             return
         with _torch_record_crc_off(), super().create_stream(path, mode) as raw:
             stream = _HashingStream(raw, new_digest(self.name))
-            yield stream
+            try:
+                yield stream
+            finally:
+                stream.close()  # ends the helper thread (DCP closes it too; closing twice is harmless)
             with self._lock:
                 self.digests[str(Path(path))] = stream.digest.hexdigest()
 
