@@ -206,21 +206,21 @@ def step_time(shape: Shape, layout: Layout, seq: int, global_batch: int, gpu: Gp
              "full": layer_forward}[layout.recompute]
     compute = (flops + extra) / (gpus * gpu.peak_tflops * 1e12 * gpu.efficiency)
     micro_batches = layout.accumulation
-    tp_bytes = seq * layout.micro_batch * shape.hidden * 2
+    tp_bytes = seq * layout.micro_batch * shape.hidden * 2  # bf16 activations
     per_layer = 4 + (2 if layout.recompute == "full" else 0)
-    tp = micro_batches * shape.layers * per_layer * _allreduce_s(tp_bytes, layout.tp, gpu.nvlink_gbps) / 1
-    # The data-parallel groups: ranks 0..t-1 of a node share a replica; the next data-parallel rank is t GPUs away.
+    tp = micro_batches * shape.layers * per_layer * _allreduce_s(tp_bytes, layout.tp, gpu.nvlink_gbps)
+
     def bandwidth(group: int) -> float:
-        return gpu.nvlink_gbps if group * layout.tp <= gpus_per_node else min(
-            gpu.nvlink_gbps, gpu.network_gbps * gpus_per_node)
-    params = shape.parameters_per_gpu(layout.tp, 1)
-    replicas = layout.dp // layout.fsdp
-    fsdp = micro_batches * 3 * (layout.fsdp - 1) / layout.fsdp * 4 * params / (bandwidth(layout.fsdp) * GB) \
-        if layout.fsdp > 1 else 0.0
-    grad_bytes = 4 * params / layout.fsdp
-    dp_group_bw = gpu.nvlink_gbps if layout.dp * layout.tp <= gpus_per_node else min(
-        gpu.nvlink_gbps, gpu.network_gbps * gpus_per_node)
-    allreduce = _allreduce_s(grad_bytes, replicas, dp_group_bw)
+        """A data-parallel group of `group` ranks spans group x TP GPUs (TP innermost): NVLink within a node."""
+        if group * layout.tp <= gpus_per_node:
+            return gpu.nvlink_gbps
+        return min(gpu.nvlink_gbps, gpu.network_gbps * gpus_per_node)
+
+    params = shape.parameters_per_gpu(layout.tp, 1)  # fp32, before FSDP sharding
+    fsdp = 0.0
+    if layout.fsdp > 1:
+        fsdp = micro_batches * 3 * (layout.fsdp - 1) / layout.fsdp * 4 * params / (bandwidth(layout.fsdp) * GB)
+    allreduce = _allreduce_s(4 * params / layout.fsdp, layout.dp // layout.fsdp, bandwidth(layout.dp))
     last_backward = compute * 2 / 3 / micro_batches
     dp = max(0.0, allreduce - last_backward)
     return {"compute": compute, "tensor_parallel": tp, "fsdp": fsdp, "data_parallel": dp,
