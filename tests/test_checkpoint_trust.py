@@ -1,5 +1,5 @@
 """A checkpoint is untrusted input (DESIGN principle 8): a crafted pickle in any file is refused without running, a
-flipped bit is found by its sha256, a changed model is refused before loading, and a full disk while writing says so
+flipped bit is found by its checksum, a changed model is refused before loading, and a full disk while writing says so
 and leaves the older checkpoints as they were. Each refusal names the file and the run resumes from the previous
 complete checkpoint, ending exactly where the uninterrupted run ends."""
 
@@ -160,24 +160,47 @@ def test_a_flipped_byte_in_a_model_shard_falls_back_to_the_previous_checkpoint(c
     data[len(data) // 2] ^= 0x01  # inside a tensor: the size stays, the weights change
     shard.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=r"step_0000006 is incomplete or damaged \(model_optim/__0_0\.distcp does "
-                                         r"not match its sha256"):
+                                         r"not match its crc32"):
         result = run_pretrain(load_recipe(RECIPE, recipe_args(corpus, out)))
     assert result.metrics["resumed_from"].endswith("step_0000003")
     assert_same_run(out, straight)
 
 
-def test_the_marker_holds_every_file_with_its_size_and_sha256(tmp_path):
+def test_the_marker_holds_every_file_with_its_size_and_checksum(tmp_path):
+    """The checksums computed while DCP wrote equal those of the files read back (and every file is listed)."""
+    import zlib
+
     path = _save(tmp_path, 1)
     files = ckpt.read_metadata(path)["files"]
     assert set(files) == {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {ckpt.MARKER}
     for name, entry in files.items():
-        assert entry == {"bytes": (path / name).stat().st_size, "sha256": ckpt.file_sha256(path / name)}
+        data = (path / name).read_bytes()
+        assert entry == {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
+
+
+def test_a_marker_of_format_2_has_its_sha256_checked(tmp_path):
+    """Checkpoints written before CRC-32 (format 2: sha256) are still verified byte for byte."""
+    older = _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    for path in (older, newest):
+        meta = ckpt.read_metadata(path)
+        meta.update(format=2, files={name: {"bytes": entry["bytes"], "sha256": ckpt.file_sha256(path / name)}
+                                     for name, entry in meta["files"].items()})
+        (path / ckpt.MARKER).write_text(json.dumps(meta))
+    assert ckpt.latest_checkpoint(tmp_path) == newest
+    shard = newest / "model_optim" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"step_0000002 is incomplete or damaged \(model_optim/__0_0\.distcp does "
+                                         r"not match its sha256"):
+        assert ckpt.latest_checkpoint(tmp_path) == older
 
 
 def test_a_marker_naming_a_file_outside_the_checkpoint_is_refused(tmp_path):
     path = _save(tmp_path, 1)
     meta = ckpt.read_metadata(path)
-    meta["files"]["../elsewhere"] = {"bytes": 1, "sha256": "0" * 64}
+    meta["files"]["../elsewhere"] = {"bytes": 1, "crc32": "0" * 8}
     (path / ckpt.MARKER).write_text(json.dumps(meta))
     assert "lists '../elsewhere', outside the checkpoint" in ckpt.checkpoint_problem(path)
 
@@ -294,3 +317,30 @@ def test_megahf_pretrain_reports_a_full_disk_in_one_line(corpus, tmp_path, monke
                             f"{out / 'checkpoints' / '.step_0000003.partial' / 'scheduler.pt'}: the disk is full")
     assert "the disk is full (ENOSPC: No space left on device)" in error and "(there is none yet)" in error
     assert list((out / "checkpoints").iterdir()) == [] and not (out / "final").exists()
+
+
+def test_checksums_computed_while_writing_equal_those_of_the_files(tmp_path):
+    """Large buffers are checksummed on a helper thread while they are written: the result is the CRC-32 of the
+    file's bytes, and torch.save's own record CRC setting is back as it was afterwards."""
+    import zlib
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.utils.serialization import config as torch_serialization_config
+
+    from megahf.training.checksums import HashingFileSystem
+
+    state = {"big": torch.randn(3 << 20), "small": torch.arange(5)}  # 12 MB: several writes of the helper path
+    writer = FileSystemWriter(tmp_path)
+    writer.fs = HashingFileSystem()
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save(state, storage_writer=writer)
+    files = {Path(name).name: digest for name, digest in writer.fs.digests.items()}
+    assert set(files) == {".metadata", "__0_0.distcp"}
+    for name, digest in files.items():
+        assert digest == f"{zlib.crc32((tmp_path / name).read_bytes()):08x}", name
+    assert torch_serialization_config.save.compute_crc32 is True
+    loaded = {"big": torch.zeros(3 << 20), "small": torch.zeros(5, dtype=torch.long)}
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.load(loaded, checkpoint_id=tmp_path)
+    assert torch.equal(loaded["big"], state["big"]) and torch.equal(loaded["small"], state["small"])

@@ -29,9 +29,9 @@ def imported_modules(cmd: list[str]) -> set[str]:
 
 @pytest.mark.parametrize("launcher", [[CONSOLE_SCRIPT], [sys.executable, "-m", "megahf"]], ids=["console", "python-m"])
 @pytest.mark.parametrize("verb", [[], ["pretrain"], ["finetune"], ["preprocess"], ["evaluate"], ["evaluate", "lambada"],
-                                  ["evaluate", "wikitext"], ["convert"], ["push"], ["card"]],
+                                  ["evaluate", "wikitext"], ["convert"], ["push"], ["card"], ["plan"]],
                          ids=["megahf", "pretrain", "finetune", "preprocess", "evaluate", "evaluate-lambada",
-                              "evaluate-wikitext", "convert", "push", "card"])
+                              "evaluate-wikitext", "convert", "push", "card", "plan"])
 def test_help_does_not_import_torch(launcher, verb):
     modules = imported_modules([*launcher, *verb, "--help"])
     assert "megahf.cli" in modules  # the log is read correctly

@@ -64,6 +64,24 @@ def test_sigkill_then_same_command_resumes_exactly(corpus, straight, tmp_path):
     assert len(set(losses(out).values())) == STEPS  # dropout on: a replayed random stream would still match
 
 
+def test_async_save_equals_the_blocking_save_and_a_sigkill_mid_write_resumes_from_the_previous(corpus, straight,
+                                                                                                 tmp_path):
+    """async_save: the checkpoints hold what a blocking save holds (the run and its resume end bitwise where the
+    uninterrupted run ends), and a SIGKILL while the last one is written leaves the previous one as the newest
+    complete: its folder never got its marker."""
+    out = tmp_path / "out"
+    args = recipe_args(corpus, out, async_save="true")
+    killed = run_pretrain_cli(1, args, kill_at_save=STEPS)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    assert "checkpoint of step 6: writing in the background" in killed.stdout
+    assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step_0000003"]
+    assert not (out / "checkpoints" / "step_0000006").exists()  # at most the unpublished .step_0000006.partial
+    result = run_pretrain(load_recipe(RECIPE, args))  # the same command again
+    assert result.metrics["resumed_from"] == str(out / "checkpoints" / "step_0000003")
+    assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step_0000006", "step_0000003"]
+    assert_same_run(out, straight)
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(corpus, straight, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(straight / "checkpoints", out / "checkpoints")
@@ -86,17 +104,41 @@ def test_the_same_command_after_the_end_trains_no_further(corpus, straight, tmp_
 def test_resume_refuses_another_global_batch(corpus, straight):
     recipe = load_recipe(RECIPE, recipe_args(corpus, straight, micro_batch_size=2))
     with pytest.raises(RecipeError, match=r"written with global_batch_size=4, the recipe and launch now give 2: the "
-                                          r"data position would not match; set global_batch_size to 4, or resume: none"):
+                                          r"data position \(consumed samples = step x global batch\) would not "
+                                          r"match; set global_batch_size to 4, or resume: none"):
         run_pretrain(recipe)
 
 
-def test_resume_refuses_another_layout(corpus, straight):
+def test_resume_accepts_another_layout(corpus, straight, capsys):
+    """Another layout at the same global batch resumes (resharded; tests/distributed/test_training_layouts.py runs
+    it); the change is said."""
     from megahf.training.resume import find_resume_checkpoint
 
-    recipe = load_recipe(RECIPE, recipe_args(corpus, straight, micro_batch_size=2))  # 2 x 2 ranks: same global batch
-    with pytest.raises(RecipeError, match=r"written with world_size=1, the recipe and launch now give 2: resuming "
-                                          r"needs the layout it was written with; launch 1 processes"):
-        find_resume_checkpoint(recipe, build_layout(recipe, 2))
+    recipe = load_recipe(RECIPE, recipe_args(corpus, straight, micro_batch_size=2,
+                                             tensor_parallel_size=2))  # 4 ranks: TP 2 x DP 2 x micro 2 = batch 4
+    assert find_resume_checkpoint(recipe, build_layout(recipe, 4)) == straight / "checkpoints" / "step_0000006"
+    assert ("written at 1 process(es), tensor_parallel_size=1, fsdp_size=1 on 4 process(es), tensor_parallel_size=2"
+            in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("seq_length", 16, r"the data position \(samples of seq_length \+ 1 tokens\) would not match; set seq_length to 32"),
+    ("seed", 7, r"the data order and split follow the seed, so the data position would not match; set seed to 1234"),
+])
+def test_resume_refuses_what_moves_the_data_position(corpus, straight, key, value, reason):
+    from megahf.training.resume import find_resume_checkpoint
+
+    recipe = load_recipe(RECIPE, recipe_args(corpus, straight, **{key: value}))
+    with pytest.raises(RecipeError, match=rf"written with {key}=\d+, the recipe and launch now give {value}: {reason}"):
+        find_resume_checkpoint(recipe, build_layout(recipe, 1))
+
+
+def test_the_scheduler_state_fits_another_number_of_parameter_groups():
+    state = {"base_lrs": [1e-3] * 4, "_last_lr": [5e-4] * 4, "lr_lambdas": [{}] * 4, "last_epoch": 3}
+    assert ckpt.fit_scheduler_state(state, 2) == {**state, "base_lrs": [1e-3] * 2, "_last_lr": [5e-4] * 2,
+                                                   "lr_lambdas": [{}] * 2}
+    with pytest.raises(ckpt.CheckpointError, match=r"per-group values that differ \(base_lrs\)"):
+        ckpt.fit_scheduler_state({**state, "base_lrs": [1e-3, 1e-3, 2e-3, 1e-3]}, 2)
 
 
 def test_resume_path_must_be_a_complete_checkpoint(corpus, straight, tmp_path):

@@ -8,6 +8,7 @@
     megahf push runs/gpt-tiny --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
     megahf card runs/gpt-tiny [--output README.md]
     megahf convert --from megatron --to megahf ckpts/gpt gpt-hf [--model-overrides vocab_size=50257]
+    megahf plan --model gpt-8.3b --gpus 512 --gpu v100 --gpu-memory 32GB --nodes 32 [--write DIR]
 
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
 status 2, before anything is computed or written. So is every other megahf error a verb meets later (a damaged
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(verbs)
     add_hub_parsers(verbs)
     add_convert_parser(verbs)
+    add_plan_parser(verbs)
     return parser
 
 
@@ -142,6 +144,33 @@ def add_convert_parser(verbs) -> None:
                          help="load Megatron pickles that reference classes outside megahf's allow-list (this can run "
                               "code from the file: only for checkpoints whose origin you trust)")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_plan_parser(verbs) -> None:
+    """`megahf plan`: which layouts fit a model on N GPUs, ranked by predicted step time (megahf/plan.py)."""
+    plan = verbs.add_parser(
+        "plan",
+        help="every parallel layout that fits a model on N GPUs, ranked by predicted step time",
+        description="Every layout (tensor parallel, FSDP, data parallel, sequence parallel, recompute, micro batch) "
+        "of a model on N GPUs: memory per GPU by kind, predicted step time, model FLOPs per step; for the others, "
+        "why not. --write DIR writes the first as a recipe and an accelerate launch config. The memory and time "
+        "models and their constants: megahf/plan.py.",
+    )
+    plan.add_argument("--model", required=True, metavar="PRESET_OR_CONFIG",
+                      help="a preset (gpt-8.3b), a recipe YAML (its model and model_overrides) or a config.json")
+    plan.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs in all")
+    plan.add_argument("--gpu-memory", default="80GB", metavar="SIZE", help="memory per GPU, e.g. 80GB (default)")
+    plan.add_argument("--seq", "--seq_length", "--seq-length", dest="seq", type=int, default=1024, metavar="S",
+                      help="tokens per sample (recipe key seq_length; default 1024)")
+    plan.add_argument("--global-batch", "--global_batch_size", "--global-batch-size", dest="global_batch", type=int,
+                      default=512, metavar="B", help="samples per optimizer step (recipe key global_batch_size; "
+                      "default 512)")
+    plan.add_argument("--gpu", default="h100", choices=("h100", "a100", "v100", "h200"),
+                      help="peak FLOP/s, efficiency and bandwidths of this GPU (default h100)")
+    plan.add_argument("--nodes", type=int, default=0, metavar="K", help="nodes (default: 8 GPUs per node)")
+    plan.add_argument("--top", type=int, default=10, metavar="K", help="fitting layouts printed (default 10)")
+    plan.add_argument("--write", default=None, metavar="DIR",
+                      help="write the first layout as DIR/recipe.yaml and DIR/launch.yaml")
 
 
 def add_evaluate_parser(verbs) -> None:
@@ -222,7 +251,7 @@ def run_finetune_verb(recipe_path: str, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb in ("preprocess", "evaluate", "push", "card", "convert") and rest:
+    if args.verb in ("preprocess", "evaluate", "push", "card", "convert", "plan") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.verb == "pretrain":
@@ -239,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_verb("megahf.hub.cli", "run_card", args)
         if args.verb == "convert":
             return run_verb("megahf.convert.api", "run", args)
+        if args.verb == "plan":
+            return run_verb("megahf.plan", "run", args)
     except MegahfError as error:
         print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -67,11 +67,14 @@ def launch(cmd: list[str], what: str, timeout: float = TIMEOUT_S, expect_success
 
 
 def run_pretrain_cli(nproc: int, args: list[str], kill_at_step: int | None = None, launch_config: str = "",
-                     timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+                     timeout: float = TIMEOUT_S, kill_at_save: int | None = None) -> subprocess.CompletedProcess:
     """`megahf pretrain RECIPE args` on `nproc` processes (torchrun when more than one, or `accelerate launch
     --config_file recipes/accelerate/LAUNCH_CONFIG`); with `kill_at_step` the run SIGKILLs itself after that step and
-    must not exit 0. Fails the test with the output's tail otherwise."""
-    entry = [str(KILLED), "--kill_at_step", str(kill_at_step)] if kill_at_step else ["-m", "megahf", "pretrain"]
+    must not exit 0 (`kill_at_save`: right after that step's checkpoint was started). Fails the test with the
+    output's tail otherwise."""
+    entry = ([str(KILLED), "--kill_at_step", str(kill_at_step)] if kill_at_step else
+             [str(KILLED), "--kill_at_save", str(kill_at_save)] if kill_at_save else ["-m", "megahf", "pretrain"])
+    kill_at_step = kill_at_step or kill_at_save
     if launch_config:
         config = REPO_ROOT / "recipes" / "accelerate" / launch_config
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),

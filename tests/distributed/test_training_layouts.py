@@ -1,5 +1,7 @@
-"""`megahf pretrain` under every parallel layout equals one process at the same global batch, step by step; and a
-tensor-parallel run killed with SIGKILL resumes exactly when the same command is run again.
+"""`megahf pretrain` under every parallel layout equals one process at the same global batch, step by step; a
+tensor-parallel run killed with SIGKILL resumes exactly when the same command is run again; and a checkpoint written
+at one layout resumes at another (TP=2 -> 1, FSDP=2, TP=2 x FSDP=2, TP=4; FSDP=2 -> 1; DDP=2 -> 1) and ends where
+the uninterrupted run ends.
 
 Each layout is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains the same tiny
 GPT (and, at TP=2, the same tiny BERT) for several steps at a global batch of 8 (one process: micro-batch 4 x
@@ -11,13 +13,14 @@ gradient norm (clipped across meshes), and every weight of the final gathered mo
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from _launch import final_weights, losses, run_pretrain_cli, tiny_args, write_corpus
 
-STEPS, SAVE = 4, 2
+STEPS, SAVE = 6, 3
 LAYOUTS = {  # name -> (processes, recipe keys)
     "ddp2": (2, {}),  # launched with accelerate launch --config_file recipes/accelerate/cpu-multi.yaml
     "fsdp2": (2, {"fsdp_size": 2}),
@@ -45,7 +48,9 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("layouts") / "corpus.jsonl")
+    # 120 documents: about 140 training samples of 33 tokens, so the 6 steps of 8 stay inside the first epoch (how a
+    # last partial batch is split over data-parallel ranks is not what these tests compare)
+    return write_corpus(tmp_path_factory.mktemp("layouts") / "corpus.jsonl", n_docs=120)
 
 
 def layout_args(corpus, out, keys: dict) -> list[str]:
@@ -115,7 +120,7 @@ def test_bert_tensor_parallel_equals_one_process(layout_run):
 
 
 def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path):
-    """Killed after step 3, resumed from step 2 by the same command: the same losses and weights as a run that was
+    """Killed after step 4, resumed from step 3 by the same command: the same losses and weights as a run that was
     never interrupted, with dropout on at TP=2 with sequence parallelism (the replicated activations draw from the
     default stream, the attention heads and the sequence shards from each rank's own): the resumed run must continue
     every RNG stream where the checkpoint left it."""
@@ -125,7 +130,7 @@ def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path
     killed = run_pretrain_cli(nproc, layout_args(corpus, out, keys), kill_at_step=SAVE + 1)
     assert killed.returncode != 0 and not (out / "final").exists()
     run_pretrain_cli(nproc, layout_args(corpus, out, keys))  # the same command again
-    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith("step_0000002")
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith(f"step_{SAVE:07d}")
     straight = tmp_path / "straight"
     run_pretrain_cli(nproc, layout_args(corpus, straight, keys))
     # dropout is on indeed: the run differs from the same layout without it
@@ -133,3 +138,41 @@ def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path
     assert losses(out) == losses(straight)  # bitwise: same layout, same reductions, same masks
     got, expected = final_weights(out), final_weights(straight)
     assert [n for n in expected if not torch.equal(got[n], expected[n])] == []
+
+
+# ---------------------------------------------------------------------- resume on another layout
+
+# source layout -> layouts its step-3 checkpoint is resumed at (the straight source run is the reference)
+ELASTIC = {
+    # the TP x FSDP resume also writes its checkpoints in the background (async_save on 4 processes)
+    "tp2": {"single": (1, {}), "fsdp2": LAYOUTS["fsdp2"],
+            "tp2xfsdp2": (4, {**LAYOUTS["tp2xfsdp2"][1], "async_save": "true"}),
+            "tp4": (4, {"tensor_parallel_size": 4})},
+    "fsdp2": {"single": (1, {})},
+    "ddp2": {"single": (1, {})},
+}
+
+
+@pytest.mark.parametrize("source, target", [(s, t) for s, targets in ELASTIC.items() for t in targets])
+def test_a_checkpoint_resumes_on_another_layout(corpus, layout_run, tmp_path, source, target):
+    """Steps 4-6 after resuming the source run's step-3 checkpoint on the target layout give the straight source
+    run's losses and final weights (dropout off; same tolerances as the layout parity above: only the order of the
+    reductions differs)."""
+    straight = layout_run(source)
+    out = tmp_path / "out"
+    shutil.copytree(straight / "checkpoints" / f"step_{SAVE:07d}", out / "checkpoints" / f"step_{SAVE:07d}")
+    nproc, keys = ELASTIC[source][target]
+    result = run_pretrain_cli(nproc, layout_args(corpus, out, keys))
+    (out / "output.txt").write_text(result.stdout)
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith(f"step_{SAVE:07d}")
+    assert "model and optimizer resharded" in result.stdout and "re-seeded from seed" in result.stdout
+    got, expected = losses(out), losses(straight)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    errors = {step: abs(got[step] - expected[step]) / abs(expected[step]) for step in range(SAVE + 1, STEPS + 1)}
+    assert max(errors.values()) <= TOLERANCE, f"{source} -> {target}: relative loss errors {errors}"
+    got_weights, ref_weights = final_weights(out), final_weights(straight)
+    scale = max(ref.abs().max().item() for ref in ref_weights.values())
+    weight_errors = {n: (got_weights[n] - ref).abs().max().item() / scale for n, ref in ref_weights.items()}
+    worst = max(weight_errors, key=weight_errors.get)
+    print(f"{source} -> {target}: losses 4-6 off by {max(errors.values()):.1e}, weights {weight_errors[worst]:.1e}")
+    assert weight_errors[worst] <= TOLERANCE, f"{worst} off by {weight_errors[worst]:.2e}"

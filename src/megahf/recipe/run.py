@@ -31,6 +31,9 @@ class RunRecipe:
                              "or on CPU this machine's fp32 matmul rate measured at start-up).", default=0.0)
     save_interval: int = arg("Write a resumable checkpoint to output_dir/checkpoints/ every this many steps "
                              "(0: none; Megatron's --save-interval).", default=0)
+    async_save: bool = arg("Write each checkpoint in the background while training continues (DCP's async save; "
+                           "the marker is written, and the checkpoint published, once every rank's write finished).",
+                           default=False)
     keep_last: int = arg("Complete checkpoints kept; older ones are deleted once a newer one is complete.",
                          default=2)
     resume: str = arg("'auto': continue from the newest complete checkpoint in output_dir/checkpoints if there "

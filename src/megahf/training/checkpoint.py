@@ -6,21 +6,24 @@
         scheduler.pt            learning-rate scheduler state (plain numbers; loaded with weights_only=True)
         trainer_state.json      Trainer's state: global step (hence the data position), log history
         rng/rank_00000.json     per-rank python / numpy / torch (and CUDA) RNG states, as JSON (no pickle)
-        megahf_checkpoint.json  written LAST: step, layout, batch, model config, every file with its size and sha256
+        megahf_checkpoint.json  written LAST: step, layout, batch, model config, every file with its size and CRC-32
 
 A checkpoint is written under `.step_0000400.partial/`, every file is fsynced, the marker is written last, and only
 then is the folder renamed to `step_0000400`: a folder with that name either is complete or has been damaged
 afterwards. A write that fails (a full disk) removes the partial folder and stops the run with the reason; the older
-checkpoints are untouched. Before resuming, every file is checked against its size and sha256 and every pickle is
+checkpoints are untouched. The checksums are computed from the bytes as they are written, by the rank that writes
+them (`checksums.py`: no second read). Before resuming, every file is checked against its size and checksum and every
+pickle is
 read the safe way (`safe_checkpoint_reader`: nothing in a checkpoint can run code); a checkpoint failing any check
 is reported and the next older complete one used. The data position needs no file of its own: Trainer replays the
-seeded sampler up to `global_step` x global batch, which is why a resume refuses a different global batch or seq
-length.
+seeded sampler up to `global_step` x global batch (the consumed samples), which is why a resume refuses a different
+global batch or seq length, but not another layout (`resume.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -29,7 +32,7 @@ import random
 import re
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -49,15 +53,16 @@ from ..atomic import atomic_write_json, fsync_dir, fsync_file, publish_folder
 from ..errors import WRITE_FAILURES, MegahfError
 from ..parallel.ranks import barrier, is_distributed, rank
 from ..parallel.rng import get_rng_tracker
+from .checksums import CHECKSUM, HashingFileSystem, file_digest
 from .safe_checkpoint_reader import SafeFileSystemReader, UnsafePickleError, check_dcp_folder, load_weights_only
 
 MARKER = "megahf_checkpoint.json"
 MODEL_OPTIM = "model_optim"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: Trainer reads it on resume
-FORMAT_VERSION = 2  # 2: every file's sha256 and the model config in the marker
-READABLE_FORMATS = (1, 2)  # 1 (sizes only) is still resumed, with a warning (resume.py)
-_HASH_CHUNK = 8 << 20
+FORMAT_VERSION = 3  # 2: every file's sha256 and the model config in the marker; 3: CRC-32 instead of sha256
+READABLE_FORMATS = (1, 2, 3)  # 1 (sizes only) is still resumed, with a warning (resume.py)
+_DIGEST_OF_FORMAT = {2: "sha256", 3: CHECKSUM}
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -111,6 +116,33 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------- saving
 
 
+@dataclasses.dataclass
+class PendingCheckpoint:
+    """A checkpoint whose files are being written (in the background with `async_save`); `finish_checkpoint` writes
+    its marker and publishes it once every rank's write has finished."""
+
+    root: Path
+    final: Path
+    partial: Path
+    step: int
+    metadata: dict
+    keep_last: int
+    writer: FileSystemWriter | None = None
+    future: Future | None = None  # the background write (async_save), None when written already
+
+
+_async_group = None
+
+
+def _async_process_group():
+    """A gloo group of its own for the background writes' collectives, so that they never interleave with the
+    training's (torch's advice for async_save); created on first use, by every rank at the same point."""
+    global _async_group
+    if _async_group is None and is_distributed():
+        _async_group = dist.new_group(backend="gloo")
+    return _async_group
+
+
 def save_checkpoint(
     checkpoints_dir: str | os.PathLike,
     step: int,
@@ -120,14 +152,20 @@ def save_checkpoint(
     trainer_state,
     metadata: dict,
     keep_last: int,
-) -> Path:
+    async_save: bool = False,
+) -> Path | PendingCheckpoint:
     """Write the checkpoint of `step` atomically, on every rank (collective), then delete all but the newest
     `keep_last` complete checkpoints. `metadata` (layout, batch, model config) goes into the marker. A failed write
     (full disk, read-only folder) on any rank raises `CheckpointError` on every rank, saying why and that the older
-    checkpoints are intact; nothing of the failed one is left under a checkpoint's name."""
+    checkpoints are intact; nothing of the failed one is left under a checkpoint's name.
+
+    With `async_save` the model and optimizer state are copied to CPU memory and written by a background thread
+    (torch.distributed.checkpoint's async_save): the `PendingCheckpoint` returned is published by
+    `finish_checkpoint`, which writes the marker only after every rank's write has finished."""
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
-    partial = root / f".{final.name}.partial"
+    pending = PendingCheckpoint(root, final, root / f".{final.name}.partial", step, metadata, keep_last)
+    partial = pending.partial
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -136,27 +174,53 @@ def save_checkpoint(
 
     def write_states() -> None:  # every rank
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        pending.writer = FileSystemWriter(partial / MODEL_OPTIM)
+        pending.writer.fs = HashingFileSystem()  # checksums computed from the bytes as they are written
         with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial / MODEL_OPTIM))
+            if async_save:
+                pending.future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=pending.writer,
+                                                process_group=_async_process_group())
+            else:
+                dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=pending.writer)
         atomic_write_json(partial / "rng" / f"rank_{rank():05d}.json", rng_state(), durable=True)
         if rank() == 0:
             with open(partial / SCHEDULER, "wb") as f:  # a Python file: a failed write keeps its errno
                 torch.save(scheduler.state_dict(), f)
             trainer_state.save_to_json(str(partial / TRAINER_STATE))
 
-    def complete() -> None:
-        files = describe_files(partial)
-        for folder in (partial / MODEL_OPTIM, partial / "rng", partial):
-            fsync_dir(folder)
-        atomic_write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": step, **metadata, "files": files},
-                          durable=True)
-        publish_folder(partial, final, durable=True)  # replaces a damaged checkpoint of the same step
-
     _run_on_all_ranks_or_fail(prepare if rank() == 0 else None, final, partial)
     _run_on_all_ranks_or_fail(write_states, final, partial)
+    return pending if async_save else finish_checkpoint(pending)
+
+
+def finish_checkpoint(pending: PendingCheckpoint, wait: bool = True) -> Path | None:
+    """Publish `pending` (collective): wait for every rank's write (`wait=False`: return None at once unless all
+    have finished), then on rank 0 list every file with its size and checksum in the marker, written last, rename
+    the folder to its final name and delete the checkpoints beyond `keep_last`."""
+    final, partial = pending.final, pending.partial
+    if not wait and not all(_gather(pending.future is None or pending.future.done())):
+        return None
+
+    def wait_for_write() -> None:
+        if pending.future is not None:
+            pending.future.result()  # re-raises a failed background write
+
+    _run_on_all_ranks_or_fail(wait_for_write, final, partial)
+    written = {Path(name).relative_to(partial).as_posix(): digest
+               for name, digest in (pending.writer.fs.digests.items() if pending.writer else ())}
+    digests = _gather(written)
+
+    def complete() -> None:
+        files = describe_files(partial, known={k: v for rank_files in digests for k, v in rank_files.items()})
+        for folder in (partial / MODEL_OPTIM, partial / "rng", partial):
+            fsync_dir(folder)
+        atomic_write_json(partial / MARKER, {"format": FORMAT_VERSION, "step": pending.step, **pending.metadata,
+                                             "files": files}, durable=True)
+        publish_folder(partial, final, durable=True)  # replaces a damaged checkpoint of the same step
+
     _run_on_all_ranks_or_fail(complete if rank() == 0 else None, final, partial)
     if rank() == 0:
-        for old in complete_checkpoints(root, contents=False)[keep_last:]:
+        for old in complete_checkpoints(pending.root, contents=False)[pending.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -231,27 +295,25 @@ def _find_exception(error: BaseException, kind: type) -> BaseException | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
-def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
-    """sha256 of each file, several at once (hashlib releases the GIL: the disk, not Python, is the limit)."""
+def _hash_all(folder: Path, names: list[str], name: str = CHECKSUM) -> dict[str, str]:
+    """The digest of each file, several at once (zlib and hashlib release the GIL: the disk is the limit)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return dict(zip(names, pool.map(lambda name: file_sha256(folder / name), names)))
+        return dict(zip(names, pool.map(lambda file: file_digest(folder / file, name), names)))
 
 
-def describe_files(folder: Path) -> dict[str, dict]:
-    """Every file under `folder`, fsynced, as {relative name: {"bytes": size, "sha256": hex}} for the marker."""
+def describe_files(folder: Path, known: dict[str, str] | None = None) -> dict[str, dict]:
+    """Every file under `folder`, fsynced, as {relative name: {"bytes": size, "crc32": hex}} for the marker. `known`
+    holds the checksums computed while writing ({relative name: hex}); only the other files are read back."""
+    known = known or {}
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
     for path in paths:
         fsync_file(path)
     names = [p.relative_to(folder).as_posix() for p in paths]
-    digests = _hash_all(folder, names)
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": digests[name]} for name in names}
+    digests = {**_hash_all(folder, [n for n in names if n not in known]), **known}
+    return {name: {"bytes": (folder / name).stat().st_size, CHECKSUM: digests[name]} for name in names}
 
 
 # ---------------------------------------------------------------------- finding and checking
@@ -259,7 +321,7 @@ def describe_files(folder: Path) -> dict[str, dict]:
 
 def checkpoint_problem(path: str | os.PathLike, contents: bool = True) -> str | None:
     """Why the checkpoint folder cannot be resumed from, or None if it is complete. Always checked: the marker,
-    and every file it lists there with its size. With `contents` (what a resume does): every file's sha256, then
+    and every file it lists there with its size. With `contents` (what a resume does): every file's checksum, then
     every pickle read the safe way, so that a flipped bit or a crafted pickle is found before anything is loaded."""
     path = Path(path)
     listed, problem = _listed_files(path)
@@ -276,8 +338,9 @@ def checkpoint_problem(path: str | os.PathLike, contents: bool = True) -> str | 
     return _checksum_problem(path, listed) or _unsafe_pickle_problem(path)
 
 
-def _listed_files(path: Path) -> tuple[dict[str, tuple[int, str | None]], str | None]:
-    """The marker's files as {name: (size, sha256 or None in format 1)}, or why the marker cannot be used."""
+def _listed_files(path: Path) -> tuple[dict[str, tuple[int, tuple[str, str] | None]], str | None]:
+    """The marker's files as {name: (size, (digest name, hex), or None in format 1)}, or why the marker cannot be
+    used."""
     marker = path / MARKER
     if not marker.is_file():
         return {}, f"no {MARKER} (the write did not finish)"
@@ -285,7 +348,8 @@ def _listed_files(path: Path) -> tuple[dict[str, tuple[int, str | None]], str | 
         meta = json.loads(marker.read_text(encoding="utf-8"))
         if meta.get("format") not in READABLE_FORMATS:
             return {}, f"format {meta.get('format')!r}, this megahf reads {' and '.join(map(str, READABLE_FORMATS))}"
-        listed = {name: (entry, None) if meta["format"] == 1 else (entry["bytes"], entry["sha256"])
+        digest = _DIGEST_OF_FORMAT.get(meta["format"])
+        listed = {name: (entry, None) if digest is None else (entry["bytes"], (digest, entry[digest]))
                   for name, entry in meta["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return {}, f"unreadable {MARKER} ({type(error).__name__})"
@@ -295,12 +359,15 @@ def _listed_files(path: Path) -> tuple[dict[str, tuple[int, str | None]], str | 
     return listed, None
 
 
-def _checksum_problem(path: Path, listed: dict[str, tuple[int, str | None]]) -> str | None:
+def _checksum_problem(path: Path, listed: dict[str, tuple[int, tuple[str, str] | None]]) -> str | None:
     expected = {name: digest for name, (_, digest) in listed.items() if digest is not None}
-    actual = _hash_all(path, sorted(expected))
-    for name, digest in expected.items():
+    if not expected:
+        return None
+    kind = next(iter(expected.values()))[0]
+    actual = _hash_all(path, sorted(expected), kind)
+    for name, (_, digest) in expected.items():
         if actual[name] != digest:
-            return f"{name} does not match its sha256 (changed after it was written)"
+            return f"{name} does not match its {kind} (changed after it was written)"
     return None
 
 
@@ -369,17 +436,47 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   same_layout: bool = True) -> None:
+    """Load the optimizer's state, resharded to the model's current layout (collective). On another layout only the
+    per-parameter state (Adam's step and moments, keyed by parameter name) is read: the parameter groups are
+    numbered, and their number follows the layout (Trainer gives each device mesh its own group), so the groups'
+    values stay this run's (the recipe's), and the learning rate is the resumed scheduler's (`load_scheduler`)."""
+    current = get_optimizer_state_dict(model, optimizer)
+    state = {"optim": current if same_layout else {"state": current["state"]}}
     _dcp_load(state, path)
+    if not same_layout:
+        state["optim"]["param_groups"] = current["param_groups"]
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def load_scheduler(path: str | os.PathLike, scheduler) -> None:
     try:
-        scheduler.load_state_dict(load_weights_only(Path(path) / SCHEDULER, SCHEDULER))
+        state = load_weights_only(Path(path) / SCHEDULER, SCHEDULER)
     except UnsafePickleError as error:
         raise CheckpointError(f"checkpoint {path}: {error}") from None
+    scheduler.load_state_dict(fit_scheduler_state(state, len(scheduler.optimizer.param_groups), path))
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # what the saved optimizer's groups held: the schedule's value at the saved step
+
+
+_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")
+
+
+def fit_scheduler_state(state: dict, groups: int, path: str | os.PathLike = "") -> dict:
+    """The scheduler state for an optimizer of `groups` parameter groups. The number of groups follows the layout
+    (Trainer gives each device mesh its own group), the schedule does not: every group has the same learning rate
+    and lambda, so the saved per-group lists are cut or repeated to fit. Groups that differed are refused."""
+    lists = {key: state[key] for key in _PER_GROUP if isinstance(state.get(key), list)}
+    if all(len(values) == groups for values in lists.values()):
+        return state
+    uneven = [key for key, values in lists.items() if any(v != values[0] for v in values)]
+    if uneven or any(not values for values in lists.values()):
+        raise CheckpointError(
+            f"checkpoint {path}: its scheduler holds per-group values that differ ({', '.join(uneven)}), which cannot "
+            f"be spread over the {groups} parameter groups of this layout; resume it on the layout it was written with"
+        )
+    return {**state, **{key: [values[0]] * groups for key, values in lists.items()}}
 
 
 def load_rng(path: str | os.PathLike) -> bool:
@@ -394,6 +491,7 @@ def load_rng(path: str | os.PathLike) -> bool:
     return True
 
 
-__all__ = ["CheckpointError", "MARKER", "checkpoint_problem", "complete_checkpoints", "describe_files", "file_sha256",
-           "latest_checkpoint", "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata",
-           "rng_state", "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]
+__all__ = ["CheckpointError", "MARKER", "PendingCheckpoint", "checkpoint_problem", "complete_checkpoints",
+           "describe_files", "file_sha256", "finish_checkpoint", "fit_scheduler_state", "latest_checkpoint",
+           "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata", "rng_state",
+           "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]

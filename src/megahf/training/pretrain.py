@@ -177,7 +177,9 @@ def train(trainer: MegatronTrainer, recipe: PretrainRecipe, model, resume_from: 
         return {}
     if resume_from is not None:
         say(f"resuming from {resume_from}")
-    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+    metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+    trainer.finish_pending_checkpoint(wait=True)  # async_save: the last checkpoint is complete before the end
+    return metrics
 
 
 def validate_and_sample(trainer: MegatronTrainer, recipe: PretrainRecipe, model, tokenizer,

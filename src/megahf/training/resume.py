@@ -1,5 +1,12 @@
 """Which checkpoint a run resumes from (`resume: auto|none|PATH`), and the refusal of one that does not fit the
-recipe and launch."""
+recipe.
+
+A checkpoint resumes on any parallel layout (tensor parallel, FSDP, data parallel, other process counts): the model
+and optimizer state are resharded by torch.distributed.checkpoint into the new layout's sharded state dict, the data
+position is the consumed samples (global step x global batch, replayed by the seeded sampler whatever the layout),
+the scheduler and the step are layout-free. What cannot carry over is each rank's random stream (dropout): after a
+change of layout every rank re-seeds from the recipe's seed and the step (`derived_seed`). Refused, each with its
+reason: another global batch, sequence length or seed (the data position would not match), another model."""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from ..parallel.layout import ParallelLayout
 from ..parallel.ranks import broadcast_from_rank_zero, is_rank_zero
 from ..recipe import PretrainRecipe, RecipeError
 from . import checkpoint as ckpt
+from .log import say
 from .setup import build_config
 
 # Config fields that change how the model runs, not what its weights are or what it computes.
@@ -51,17 +59,20 @@ def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Pa
     if path is None:
         return None
     saved, now = ckpt.read_metadata(path), checkpoint_metadata(recipe, layout)
-    layout_reason = "resuming needs the layout it was written with"  # optimizer groups and RNG streams follow it
-    reasons = {"global_batch_size": "the data position would not match", "seq_length": "the data position would "
-               "not match", "seed": "the data position would not match", "world_size": layout_reason,
-               "tensor_parallel_size": layout_reason, "fsdp_size": layout_reason}
+    reasons = {"global_batch_size": "the data position (consumed samples = step x global batch) would not match",
+               "seq_length": "the data position (samples of seq_length + 1 tokens) would not match",
+               "seed": "the data order and split follow the seed, so the data position would not match"}
     for key, reason in reasons.items():
         if saved.get(key) != now[key]:
-            fix = f"launch {saved.get(key)} processes" if key == "world_size" else f"set {key} to {saved.get(key)}"
             raise RecipeError(
                 f"checkpoint {path} was written with {key}={saved.get(key)}, the recipe and launch now give "
-                f"{now[key]}: {reason}; {fix}, or resume: none (or another output_dir) to start afresh"
+                f"{now[key]}: {reason}; set {key} to {saved.get(key)}, or resume: none (or another output_dir) to "
+                "start afresh"
             )
+    if not same_layout(saved, now):
+        say(f"resuming {path} written at {describe_layout(saved)} on {describe_layout(now)}: model and optimizer "
+            f"resharded, data position step {saved.get('step')} x global batch {now['global_batch_size']}, random "
+            f"streams re-seeded from seed {now['seed']} and the step")
     if saved.get("format") == 1:
         warnings.warn(f"checkpoint {path} was written by an older megahf (marker format 1): its files' sizes are "
                       "checked but not their contents (no checksums), and a changed model config is not detected "
@@ -69,6 +80,25 @@ def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Pa
     else:
         _refuse_changed_model(path, saved["model_config"], now["model_config"])
     return path
+
+
+LAYOUT_KEYS = ("world_size", "tensor_parallel_size", "fsdp_size")
+
+
+def same_layout(saved: dict, now: dict) -> bool:
+    """Whether a checkpoint's layout (its marker) is the run's: only then can each rank's RNG state be restored."""
+    return all(saved.get(key) == now.get(key) for key in LAYOUT_KEYS)
+
+
+def describe_layout(meta: dict) -> str:
+    return (f"{meta.get('world_size')} process(es), tensor_parallel_size={meta.get('tensor_parallel_size')}, "
+            f"fsdp_size={meta.get('fsdp_size')}")
+
+
+def derived_seed(seed: int, step: int) -> int:
+    """The seed every rank takes after a resume on another layout: a function of the recipe's seed and the step
+    only, so that two resumes of the same checkpoint on the same layout draw the same dropout masks."""
+    return (seed * 1_000_003 + step) % (2**32)
 
 
 def _refuse_changed_model(path: Path, saved: dict, now: dict) -> None:
@@ -87,4 +117,5 @@ def _refuse_changed_model(path: Path, saved: dict, now: dict) -> None:
     )
 
 
-__all__ = ["checkpoint_metadata", "find_resume_checkpoint", "model_config_fields"]
+__all__ = ["LAYOUT_KEYS", "checkpoint_metadata", "derived_seed", "describe_layout", "find_resume_checkpoint",
+           "model_config_fields", "same_layout"]

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from ..errors import MegahfError
 from ..parallel import clip_grad_norm_
@@ -19,6 +19,7 @@ from ..recipe import FinetuneRecipe, PretrainRecipe
 from . import checkpoint as ckpt
 from .callbacks import MegatronLogCallback
 from .log import say
+from .resume import derived_seed, same_layout
 from .setup import build_layout
 
 
@@ -62,23 +63,52 @@ class MegatronTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         check_finite_weights(self.model, f"checkpoint of step {self.state.global_step}")
-        path = ckpt.save_checkpoint(
+        self.finish_pending_checkpoint(wait=True)  # one background write at a time
+        saved = ckpt.save_checkpoint(
             Path(self.args.output_dir) / "checkpoints", self.state.global_step, self.model, self._torch_optimizer(),
             self.lr_scheduler, self.state, self.checkpoint_metadata, keep_last=self.recipe.run.keep_last,
+            async_save=self.recipe.run.async_save,
         )
-        say(f"checkpoint {path}")
+        if isinstance(saved, ckpt.PendingCheckpoint):
+            self._pending_checkpoint = saved
+            say(f"checkpoint of step {saved.step}: writing in the background")
+        else:
+            say(f"checkpoint {saved}")
+
+    def finish_pending_checkpoint(self, wait: bool) -> None:
+        """Publish the checkpoint being written in the background once every rank's write has finished (collective;
+        `wait=False` polls, as after every step)."""
+        pending = getattr(self, "_pending_checkpoint", None)
+        if pending is None:
+            return
+        path = ckpt.finish_checkpoint(pending, wait=wait)
+        if path is not None:
+            self._pending_checkpoint = None
+            say(f"checkpoint {path}")
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        self.finish_pending_checkpoint(wait=False)  # every rank, after every step
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         ckpt.load_model(resume_from_checkpoint, self.model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:
-            ckpt.load_optimizer(checkpoint, self.model, self._torch_optimizer())
+            same = same_layout(ckpt.read_metadata(checkpoint), self.checkpoint_metadata)
+            ckpt.load_optimizer(checkpoint, self.model, self._torch_optimizer(), same_layout=same)
             ckpt.load_scheduler(checkpoint, self.lr_scheduler)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        if checkpoint is not None:
+        """The random streams of each rank as they were, on the layout the checkpoint was written with; on another
+        layout no rank's stream has a counterpart: every rank re-seeds from the seed and the step (resume.py)."""
+        if checkpoint is None:
+            return
+        saved = ckpt.read_metadata(checkpoint)
+        if same_layout(saved, self.checkpoint_metadata):
             ckpt.load_rng(checkpoint)
+        else:
+            set_seed(derived_seed(self.recipe.run.seed, saved["step"]))
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         # Megatron decays every weight matrix and embedding, never a bias or a 1-D parameter (norm weights). Trainer's
