@@ -31,8 +31,16 @@ def test_every_process_measures_in_lock_step_and_the_machine_peak_is_their_sum()
     two = measured_peak(2, "--fake")
     assert two["tflops"] == 1.0 + 2.0 and two["devices"] == 1, two  # one machine, its two processes summed
     assert two["syncs"] == 3 and two["threads"] == [1], two  # synced each time; the launcher's 1 thread per process
-    one = measured_peak(1, "--fake")
-    assert one["tflops"] == 1.0 and one["threads"] == [os.cpu_count()], one  # one process measures every core
+
+
+
+def test_one_process_measures_with_every_core(monkeypatch):
+    from megahf.training import flops
+
+    calls = []
+    monkeypatch.setattr(flops, "measure_cpu_matmul_tflops", lambda threads=None, sync=None: calls.append(threads) or 1.5)
+    assert flops.launch_peak_tflops() == (1.5, f"fp32 matmul measured on {os.cpu_count()} cores", 1)
+    assert calls == [os.cpu_count()]  # not the one thread a launcher gives each process
 
 
 def runnable_threads() -> int:
