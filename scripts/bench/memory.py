@@ -338,7 +338,9 @@ def main() -> None:
     print(text)
     from megahf.atomic import atomic_write_json, atomic_write_text
 
-    atomic_write_json(out_dir / "memory.json", {"args": vars(args), "results": results, "step_times": times})
+    # the output folder is left out of the record: it is where the file lies, and a machine path otherwise
+    settings = {key: value for key, value in vars(args).items() if key != "out"}
+    atomic_write_json(out_dir / "memory.json", {"args": settings, "results": results, "step_times": times})
     atomic_write_text(out_dir / "memory.txt", text + "\n")
 
 
