@@ -160,7 +160,7 @@ def test_a_flipped_byte_in_a_model_shard_falls_back_to_the_previous_checkpoint(c
     data[len(data) // 2] ^= 0x01  # inside a tensor: the size stays, the weights change
     shard.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=r"step_0000006 is incomplete or damaged \(model_optim/__0_0\.distcp does "
-                                         r"not match its crc32"):
+                                         r"not match its xxh3_128"):
         result = run_pretrain(load_recipe(RECIPE, recipe_args(corpus, out)))
     assert result.metrics["resumed_from"].endswith("step_0000003")
     assert_same_run(out, straight)
@@ -168,24 +168,27 @@ def test_a_flipped_byte_in_a_model_shard_falls_back_to_the_previous_checkpoint(c
 
 def test_the_marker_holds_every_file_with_its_size_and_checksum(tmp_path):
     """The checksums computed while DCP wrote equal those of the files read back (and every file is listed)."""
-    import zlib
+    import xxhash
 
     path = _save(tmp_path, 1)
     files = ckpt.read_metadata(path)["files"]
     assert set(files) == {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {ckpt.MARKER}
     for name, entry in files.items():
         data = (path / name).read_bytes()
-        assert entry == {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
+        assert entry == {"bytes": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}, name
 
 
-def test_a_marker_of_format_2_has_its_sha256_checked(tmp_path):
-    """Checkpoints written before CRC-32 (format 2: sha256) are still verified byte for byte."""
+@pytest.mark.parametrize("version,digest", [(2, "sha256"), (3, "crc32")])
+def test_a_marker_of_an_older_format_has_its_checksums_checked(tmp_path, version, digest):
+    """Checkpoints written before XXH3-128 (format 2: sha256, format 3: CRC-32) are still verified byte for byte."""
+    from megahf.training.checksums import file_digest
+
     older = _save(tmp_path, 1)
     newest = _save(tmp_path, 2)
     for path in (older, newest):
         meta = ckpt.read_metadata(path)
-        meta.update(format=2, files={name: {"bytes": entry["bytes"], "sha256": ckpt.file_sha256(path / name)}
-                                     for name, entry in meta["files"].items()})
+        meta.update(format=version, files={name: {"bytes": entry["bytes"], digest: file_digest(path / name, digest)}
+                                           for name, entry in meta["files"].items()})
         (path / ckpt.MARKER).write_text(json.dumps(meta))
     assert ckpt.latest_checkpoint(tmp_path) == newest
     shard = newest / "model_optim" / "__0_0.distcp"
@@ -193,14 +196,14 @@ def test_a_marker_of_format_2_has_its_sha256_checked(tmp_path):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=r"step_0000002 is incomplete or damaged \(model_optim/__0_0\.distcp does "
-                                         r"not match its sha256"):
+                                         rf"not match its {digest}"):
         assert ckpt.latest_checkpoint(tmp_path) == older
 
 
 def test_a_marker_naming_a_file_outside_the_checkpoint_is_refused(tmp_path):
     path = _save(tmp_path, 1)
     meta = ckpt.read_metadata(path)
-    meta["files"]["../elsewhere"] = {"bytes": 1, "crc32": "0" * 8}
+    meta["files"]["../elsewhere"] = {"bytes": 1, "xxh3_128": "0" * 32}
     (path / ckpt.MARKER).write_text(json.dumps(meta))
     assert "lists '../elsewhere', outside the checkpoint" in ckpt.checkpoint_problem(path)
 
@@ -320,9 +323,9 @@ def test_megahf_pretrain_reports_a_full_disk_in_one_line(corpus, tmp_path, monke
 
 
 def test_checksums_computed_while_writing_equal_those_of_the_files(tmp_path):
-    """Large buffers are checksummed on a helper thread while they are written: the result is the CRC-32 of the
+    """Large buffers are checksummed on a helper thread while they are written: the result is the XXH3-128 of the
     file's bytes, and torch.save's own record CRC setting is back as it was afterwards."""
-    import zlib
+    import xxhash
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
@@ -338,7 +341,7 @@ def test_checksums_computed_while_writing_equal_those_of_the_files(tmp_path):
     files = {Path(name).name: digest for name, digest in writer.fs.digests.items()}
     assert set(files) == {".metadata", "__0_0.distcp"}
     for name, digest in files.items():
-        assert digest == f"{zlib.crc32((tmp_path / name).read_bytes()):08x}", name
+        assert digest == xxhash.xxh3_128((tmp_path / name).read_bytes()).hexdigest(), name
     assert torch_serialization_config.save.compute_crc32 is True
     loaded = {"big": torch.zeros(3 << 20), "small": torch.zeros(5, dtype=torch.long)}
     with pytest.warns(UserWarning, match="torch.distributed is disabled"):

@@ -60,9 +60,9 @@ MARKER = "megahf_checkpoint.json"
 MODEL_OPTIM = "model_optim"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: Trainer reads it on resume
-FORMAT_VERSION = 3  # 2: every file's sha256 and the model config in the marker; 3: CRC-32 instead of sha256
-READABLE_FORMATS = (1, 2, 3)  # 1 (sizes only) is still resumed, with a warning (resume.py)
-_DIGEST_OF_FORMAT = {2: "sha256", 3: CHECKSUM}
+FORMAT_VERSION = 4  # 2: every file's sha256 and the model config in the marker; 3: CRC-32 instead; 4: XXH3-128
+READABLE_FORMATS = (1, 2, 3, 4)  # 1 (sizes only) is still resumed, with a warning (resume.py)
+_DIGEST_OF_FORMAT = {2: "sha256", 3: "crc32", 4: CHECKSUM}
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -294,18 +294,14 @@ def _find_exception(error: BaseException, kind: type) -> BaseException | None:
     return None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    return file_digest(path, "sha256")
-
-
 def _hash_all(folder: Path, names: list[str], name: str = CHECKSUM) -> dict[str, str]:
-    """The digest of each file, several at once (zlib and hashlib release the GIL: the disk is the limit)."""
+    """The digest of each file, several at once (the digests release the GIL: the disk is the limit)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return dict(zip(names, pool.map(lambda file: file_digest(folder / file, name), names)))
 
 
 def describe_files(folder: Path, known: dict[str, str] | None = None) -> dict[str, dict]:
-    """Every file under `folder`, fsynced, as {relative name: {"bytes": size, "crc32": hex}} for the marker. `known`
+    """Every file under `folder`, fsynced, as {relative name: {"bytes": size, "xxh3_128": hex}} for the marker. `known`
     holds the checksums computed while writing ({relative name: hex}); only the other files are read back."""
     known = known or {}
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -492,6 +488,6 @@ def load_rng(path: str | os.PathLike) -> bool:
 
 
 __all__ = ["CheckpointError", "MARKER", "PendingCheckpoint", "checkpoint_problem", "complete_checkpoints",
-           "describe_files", "file_sha256", "finish_checkpoint", "fit_scheduler_state", "latest_checkpoint",
+           "describe_files", "finish_checkpoint", "fit_scheduler_state", "latest_checkpoint",
            "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata", "rng_state",
            "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]
