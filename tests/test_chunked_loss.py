@@ -76,6 +76,18 @@ def test_shift_labels_equal_labels_shifted():
         assert rel_err(a, e) <= TOLERANCE
 
 
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_no_kept_token_gives_a_zero_sum_and_zero_gradients(tokens):
+    """No token at all, or every label ignored: the summed loss and both gradients are exactly zero (the weight's
+    gradient is written by the first chunk, not pre-zeroed: with no chunk it must still come back zeroed)."""
+    hidden = torch.randn(tokens, HIDDEN, requires_grad=True)
+    weight = torch.randn(PADDED, HIDDEN, requires_grad=True)
+    total = linear_cross_entropy_sum(hidden, weight, torch.full((tokens,), -100), 2, columns=VOCAB)
+    total.backward()
+    assert total.item() == 0.0
+    assert hidden.grad.abs().sum().item() == 0.0 and weight.grad.abs().sum().item() == 0.0
+
+
 def test_out_of_range_label_is_refused_and_bad_chunk_size():
     hidden, layer, labels = inputs()
     labels[2, 3] = VOCAB  # a padded row: no token (position 0 is never a target after the shift)

@@ -11,7 +11,8 @@ Pairs of models of the same shape, each pair built with the same attention imple
   MegatronBertForPreTraining, and megahf's post-LayerNorm variant against transformers' BertForPreTraining (the
   original BERT order), all with masked-LM (15% of the tokens) + sentence-order labels.
 
-One step is forward (with the model's own loss: causal LM, or masked LM + sentence order) + backward + AdamW step + zero_grad, timed with
+One step is forward (with the model's own loss: causal LM, or masked LM + sentence order) + backward + AdamW step
+(fused, as megahf pretrain and transformers' Trainer run it; `--adamw foreach`: torch's own default) + zero_grad, timed with
 time.perf_counter on the same batch of random token ids. Steps of the models are interleaved (A, B, A, B, ...)
 after warm-up so that drifts of the machine's speed hit every model alike. The report gives the median and the
 interquartile range of tokens/s of every model, and the megahf/peer ratio (> 1: megahf is faster): the ratio of
@@ -108,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--warmup", type=int, default=2, help="untimed steps per model, interleaved")
     run.add_argument("--reps", type=int, default=12, help="timed steps per model, interleaved")
     run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--adamw", choices=("fused", "foreach"), default="fused",
+                     help="AdamW implementation of every model: fused (default; what megahf pretrain and transformers' "
+                          "Trainer use on torch >= 2.8) or foreach (torch.optim.AdamW's own default)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", default=None, help="also write the JSON result to this path")
     variants = p.add_argument_group("variants (extra models in the same run)")
@@ -277,7 +281,8 @@ def make_entry(key, label, model, args, device, batch: dict, attn: str | None = 
     if model.config._attn_implementation != expected:
         raise RuntimeError(f"{label}: asked for attention {expected!r}, the model uses "
                            f"{model.config._attn_implementation!r}")
-    return Entry(key, label, model, torch.optim.AdamW(model.parameters(), lr=args.lr), batch)
+    implementation = {"fused": True} if args.adamw == "fused" else {"foreach": True}
+    return Entry(key, label, model, torch.optim.AdamW(model.parameters(), lr=args.lr, **implementation), batch)
 
 
 def step(entry: Entry, autocast, device: torch.device) -> tuple[float, float]:
@@ -415,11 +420,9 @@ def main(argv=None) -> int:
     tokens = args.batch * args.seq
 
     ls = llama_shape(args)
-    probe = next(iter(by_key.values())).optimizer
-    foreach = probe.defaults.get("foreach")
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  python {platform.python_version()}")
     print(f"device {device}  dtype {args.dtype}  threads {torch.get_num_threads()} (cores {os.cpu_count()})  "
-          f"attention {args.attn}  AdamW foreach={foreach} (None: torch's default)")
+          f"attention {args.attn}  AdamW {args.adamw}")
     print(f"shape: hidden {args.hidden}, layers {args.layers}, heads {args.heads}, seq {args.seq}, batch {args.batch} "
           f"({tokens} tokens/step), vocab {args.vocab} (BERT {args.bert_vocab})")
     if "gpt" in pairs:
@@ -491,7 +494,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "megahf.train_step",
         "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-        "dtype": args.dtype, "threads": torch.get_num_threads(), "attention": args.attn, "adamw_foreach": foreach,
+        "dtype": args.dtype, "threads": torch.get_num_threads(), "attention": args.attn, "adamw": args.adamw,
         "shape": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "seq": args.seq,
                   "batch": args.batch, "vocab": args.vocab, "bert_vocab": args.bert_vocab,
                   "gpt_ffn": args.gpt_ffn or 4 * args.hidden,
