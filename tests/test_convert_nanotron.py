@@ -136,3 +136,14 @@ def test_missing_nanotron_shard_is_a_clear_error(tmp_path):
     with pytest.raises(ConversionError, match="do not cover rows"):
         convert(root, tmp_path / "out", "nanotron", "megahf", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_writing_nanotron_sharded_is_refused_before_anything_is_written(tmp_path):
+    """megahf writes nanotron checkpoints unsharded, as nanotron's own converter does: --tp/--pp name the fix."""
+    root = nanotron_folder(llama(False), tmp_path / "nanotron", 1, False)
+    convert(root, tmp_path / "megahf", "nanotron", "megahf", proof=False, show_progress=False)
+    from megahf.convert import ConversionError
+    with pytest.raises(ConversionError, match=r"--tp 2 --pp 1: megahf writes nanotron checkpoints unsharded .*drop "
+                                              r"--tp/--pp"):
+        convert(tmp_path / "megahf", tmp_path / "out", "megahf", "nanotron", tp=2, show_progress=False)
+    assert not (tmp_path / "out").exists()

@@ -106,6 +106,9 @@ def _check_target(fmt: str, loaded: LoadedCheckpoint, tp: int, pp: int) -> None:
         if not gpt and loaded.model_class != "MegatronBertForPreTraining":
             raise ConversionError(f"a {loaded.model_class} cannot be written as megatron: Megatron's BERT checkpoints "
                                   "hold the pretraining model (MegatronBertForPreTraining)")
+    elif (tp, pp) != (1, 1) and fmt == "nanotron":
+        raise ConversionError(f"--tp {tp} --pp {pp}: megahf writes nanotron checkpoints unsharded (TP=1, PP=1, as "
+                              "nanotron's own Hugging Face converter does); drop --tp/--pp")
     elif (tp, pp) != (1, 1):
         raise ConversionError(f"--tp {tp} --pp {pp}: only the megatron formats are split; {fmt} holds whole tensors")
     if fmt in ("hf-gpt2", "hf-llama", "nanotron") and not gpt:
