@@ -89,14 +89,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = (exp - one-hot * sum_exp) * scale, scale = kept / sum_exp (zero for ignored
                 # tokens); the one-hot is taken off in place of the logits. In float32 the per-token scale goes to
                 # the [chunk, hidden] operand and result of the two matmuls rather than over the [chunk, vocabulary]
-                # logits; in a 16-bit dtype it is applied in the pass that casts them (one rounding, as before).
+                # logits; in a 16-bit dtype it is applied before the cast (one rounding, as the plain loss does;
+                # in place, then copied: a multiplication writing the 16-bit buffer directly would allocate a
+                # float32 temporary of the chunk's size).
                 scale = kept / sum_exp
                 probs.scatter_add_(-1, local_t, -(owned * sum_exp).unsqueeze(-1))
                 if work is scores:
                     grad_logits, row_scale = probs, scale.unsqueeze(-1)
                 else:
-                    grad_logits = torch.mul(probs, scale.unsqueeze(-1), out=scores[: end - begin])
-                    row_scale = None
+                    probs *= scale.unsqueeze(-1)
+                    grad_logits, row_scale = scores[: end - begin].copy_(probs), None
                 if need_hidden:
                     torch.matmul(grad_logits, real, out=grad_hidden[begin:end])
                     if row_scale is not None:
@@ -108,12 +110,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         torch.mm(grad_logits.T, operand, out=grad_weight[:columns])
                     else:
                         grad_weight[:columns].addmm_(grad_logits.T, operand)
-                elif need_weight:
-                    partial = (grad_logits.T @ operand).float()
+                elif need_weight:  # a 16-bit chunk product, added to the float32 accumulator (no name keeps it)
                     if begin == 0:
-                        grad_weight[:columns].copy_(partial)
+                        grad_weight[:columns].copy_(grad_logits.T @ operand)
                     else:
-                        grad_weight[:columns] += partial
+                        grad_weight[:columns] += grad_logits.T @ operand
         del scores, work
         if need_hidden:
             collectives.sum_(grad_hidden)  # every vocabulary shard contributes to each hidden state's gradient
