@@ -1,5 +1,6 @@
 """The chunked output layer + cross entropy (`loss_chunk_size`) against the plain output layer and loss: the same
-loss and gradients on random inputs and inside the model, and the `[tokens, vocabulary]` logits never exist.
+loss and gradients on random inputs (with and without the output bias) and inside the GPT and BERT models, and the
+`[tokens, vocabulary]` logits never exist.
 
 Tolerance: in float32 the two paths compute the same sums in different orders (the weight's gradient sums over the
 tokens chunk by chunk; the softmax is exp / sum instead of log_softmax). Each float32 operation rounds by at most
@@ -14,9 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
-from megahf.models.chunked_loss import chunked_causal_lm_loss, linear_cross_entropy_sum
-from megahf.models.padded_vocab import causal_lm_loss
+from megahf import MegatronBertConfig, MegatronGPTConfig, MegatronGPTForCausalLM
+from megahf.models.chunked_loss import chunked_causal_lm_loss, chunked_masked_lm_loss, linear_cross_entropy_sum
+from megahf.models.padded_vocab import causal_lm_loss, masked_lm_loss
 
 TOLERANCE = 1e-6
 VOCAB, PADDED, HIDDEN = 99, 128, 16  # 29 padded rows
@@ -112,6 +113,29 @@ def test_bf16_autocast_matches_the_plain_loss():
         assert rel_err(a, e) <= 2e-2, f"{name}: {rel_err(a, e)}"
 
 
+@pytest.mark.parametrize("padded_vocab_softmax", [False, True])
+@pytest.mark.parametrize("num_items_in_batch", [None, 21])
+def test_with_a_bias_equals_the_plain_masked_lm_loss(padded_vocab_softmax, num_items_in_batch):
+    """BERT's output layer has a bias: the chunk loop adds it and returns its gradient (the logits' gradient summed
+    over the tokens); the same bound as above."""
+    hidden, _, labels = inputs()
+    generator = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(HIDDEN, PADDED)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(PADDED, HIDDEN, generator=generator))
+        layer.bias.copy_(torch.randn(PADDED, generator=generator))
+    kwargs = dict(vocab_size=VOCAB, padded_vocab_softmax=padded_vocab_softmax, num_items_in_batch=num_items_in_batch)
+    results = []
+    for loss_fn in (lambda h: masked_lm_loss(layer(h), labels, **kwargs),
+                    lambda h: chunked_masked_lm_loss(h.reshape(-1, HIDDEN), layer, labels, chunk_size=7, **kwargs)):
+        hidden.grad = layer.weight.grad = layer.bias.grad = None
+        loss = loss_fn(hidden)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for name, e, a in zip(("loss", "grad hidden", "grad weight", "grad bias"), *results):
+        assert rel_err(a, e) <= TOLERANCE, f"{name}: {rel_err(a, e)}"
+
+
 # ---- inside the model
 
 
@@ -148,6 +172,48 @@ def test_model_training_loss_and_every_gradient_equal_the_plain_model(variant):
         assert out.logits.shape[-1] == VOCAB and rel_err(out.loss, expected.loss) <= TOLERANCE
     chunked_model.train()
     assert chunked_model(input_ids=batch["input_ids"]).logits is not None
+
+
+@pytest.mark.parametrize("head", ["MegatronBertForPreTraining", "MegatronBertForMaskedLM"])
+def test_bert_head_on_the_labeled_positions_gives_the_same_loss_and_every_gradient(head):
+    """BERT with loss_chunk_size: in training with labels the masked-LM head runs on the labeled positions only
+    (about 15%) and returns no masked-LM logits. The head is per position, so every loss and gradient equals the
+    plain model's: the other positions' logits get a zero gradient there, which sums to exact zeros. Only the order
+    of float32 sums changes (the weight gradients sum over fewer rows, in other blocks): bounded as above, with the
+    model's gradient scale as the reference."""
+    import megahf.models.bert.modeling_megatron_bert as bert
+
+    torch.manual_seed(0)
+    config = MegatronBertConfig.from_preset("bert-tiny", vocab_size=VOCAB, hidden_size=32, num_layers=2,
+                                            num_attention_heads=4, hidden_dropout=0.0, attention_dropout=0.0)
+    plain_model = getattr(bert, head)(config).train()
+    chunked_model = getattr(bert, head)(MegatronBertConfig.from_dict({**config.to_dict(), "loss_chunk_size": 5}))
+    chunked_model.load_state_dict(plain_model.state_dict())
+    chunked_model.train()
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
+    labels = torch.full_like(ids, -100)
+    picked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+    labels[picked] = ids[picked]
+    batch = {"input_ids": ids, "labels": labels}
+    if head == "MegatronBertForPreTraining":
+        batch["next_sentence_label"] = torch.tensor([0, 1, 0])
+    expected, actual = plain_model(**batch), chunked_model(**batch)
+    logits = "prediction_logits" if head == "MegatronBertForPreTraining" else "logits"
+    assert getattr(actual, logits) is None and getattr(expected, logits) is not None
+    assert rel_err(actual.loss, expected.loss) <= TOLERANCE
+    expected.loss.backward()
+    actual.loss.backward()
+    grads = dict(plain_model.named_parameters())
+    scale = max(p.grad.abs().max() for p in grads.values() if p.grad is not None)
+    for name, param in chunked_model.named_parameters():
+        if grads[name].grad is None:
+            assert param.grad is None, name
+            continue
+        assert ((param.grad - grads[name].grad).abs().max() / scale).item() <= TOLERANCE, name
+    chunked_model.eval()  # evaluation and the fill-mask sample: logits at every position, as always
+    with torch.no_grad():
+        out = chunked_model(**batch)
+    assert getattr(out, logits).shape[:2] == ids.shape and rel_err(out.loss, expected.loss) <= TOLERANCE
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -205,7 +271,7 @@ def test_recipe_key_sets_the_config_and_bad_values_fail_early():
     assert build_config(load_recipe(None, []).model).loss_chunk_size == 1024  # on by default for training
     assert build_config(load_recipe(None, ["--loss_chunk_size", "0"]).model).loss_chunk_size == 0
     bert = load_recipe(None, ["--model", "bert-tiny", "--tokenizer", "bert-uncased-embedded"])
-    assert not hasattr(build_config(bert.model), "loss_chunk_size")  # BERT's masked-LM loss: not chunked
+    assert build_config(bert.model).loss_chunk_size == 1024  # BERT: the head on the labeled positions, chunked
     with pytest.raises(RecipeError, match=r"loss_chunk_size=-5 is invalid"):
         load_recipe(None, ["--loss_chunk_size", "-5"])
     with pytest.raises(RecipeError, match=r"model_overrides.loss_chunk_size=8: .* recipe key loss_chunk_size"):

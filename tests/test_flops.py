@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
+from megahf import MegatronBertConfig, MegatronGPTConfig, MegatronGPTForCausalLM
 from megahf.training.flops import gpu_peak_tflops, matmul_parameters, measure_cpu_matmul_tflops, \
     training_flops_per_token
 
@@ -33,3 +33,11 @@ def test_training_flops_per_token_is_megatrons_formula():
 def test_peaks():
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu_peak_tflops("Tesla T4") is None
     assert 0 < measure_cpu_matmul_tflops(size=256, repeats=2, threads=1) < 10
+
+
+def test_a_masked_lm_counts_its_output_layer_at_the_masked_share():
+    """BERT needs its output layer only at the labeled positions (15%): the model FLOPs count that share of it."""
+    config = MegatronBertConfig.from_preset("bert-336m")
+    output = config.padded_vocab_size * config.hidden_size
+    full, masked = training_flops_per_token(config, 512), training_flops_per_token(config, 512, output_fraction=0.15)
+    assert full - masked == pytest.approx(6 * 0.85 * output)

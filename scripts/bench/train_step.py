@@ -35,8 +35,9 @@ Usage (from the repository root):
 
 Variants (each an extra line against the same peer, vocabulary padded as megahf trains):
 
-* `--loss-chunk N`: megahf with `loss_chunk_size=N` (GPT and Llama pairs): the output layer and the loss chunk by chunk,
-  the logits never held whole (the peak memory of that loss: scripts/bench/loss_memory.py).
+* `--loss-chunk N`: megahf with `loss_chunk_size=N`: the output layer and the loss chunk by chunk (BERT: the
+  masked-LM head on the labeled positions only, then the same), the logits never held whole (the peak memory of
+  that loss: scripts/bench/loss_memory.py).
 * `--compile`: every transformer layer torch.compile'd (megahf's `compile: true`), megahf AND the peer, compared
   compiled against compiled; with `--loss-chunk` the compiled megahf model uses the chunked loss too. The first
   (warm-up) steps include the compilation.
@@ -116,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--json", default=None, help="also write the JSON result to this path")
     variants = p.add_argument_group("variants (extra models in the same run)")
     variants.add_argument("--loss-chunk", type=int, default=0,
-                          help="also time megahf with loss_chunk_size=N (GPT, Llama); 0: not (default)")
+                          help="also time megahf with loss_chunk_size=N (every pair); 0: not (default)")
     variants.add_argument("--compile", action="store_true",
                           help="also time megahf and the peer with every layer torch.compile'd")
     args = p.parse_args(argv)
@@ -203,8 +204,8 @@ def pair_attention(pair: str, args) -> str:
     return "eager" if pair == "bert" else args.attn
 
 
-def megahf_bert(args, divisible_by: int | None, order: str = "pre", attn: str | None = None):
-    overrides = dict(
+def megahf_bert(args, divisible_by: int | None, order: str = "pre", attn: str | None = None, loss_chunk: int = 0):
+    overrides = dict(loss_chunk_size=loss_chunk,
         vocab_size=args.bert_vocab, hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=args.heads,
         ffn_hidden_size=4 * args.hidden, max_position_embeddings=args.seq, hidden_dropout=0.0, attention_dropout=0.0,
         layernorm_order=order,
@@ -373,7 +374,8 @@ def main(argv=None) -> int:
     builders = {"gpt": (megahf_gpt, peer_gpt, "GPT2LMHeadModel"),
                 "llama": (megahf_llama, peer_llama, "LlamaForCausalLM"),
                 "bert": (megahf_bert, peer_bert, "MegatronBertForPreTraining"),
-                "bert-post-ln": (lambda a, d: megahf_bert(a, d, "post"), lambda a: peer_bert(a, "post"),
+                "bert-post-ln": (lambda a, d, loss_chunk=0: megahf_bert(a, d, "post", loss_chunk=loss_chunk),
+                                 lambda a: peer_bert(a, "post"),
                                  "BertForPreTraining")}
 
     entries: list[Entry] = []
@@ -390,13 +392,13 @@ def main(argv=None) -> int:
             entries.append(make_entry(f"{pair}/megahf-padded", "megahf (vocab padded)",
                                       build_megahf(args, None), args, device, batch))
             comparisons.append((f"{pair} (padded vocab)", f"{pair}/megahf-padded", f"{pair}/peer"))
-        if args.loss_chunk and pair in ("gpt", "llama"):
+        if args.loss_chunk:
             entries.append(make_entry(f"{pair}/megahf-chunked", f"megahf (loss chunk {args.loss_chunk})",
-                                      build_megahf(args, None, args.loss_chunk), args, device, batch))
+                                      build_megahf(args, None, loss_chunk=args.loss_chunk), args, device, batch))
             comparisons.append((f"{pair} (chunked loss)", f"{pair}/megahf-chunked", f"{pair}/peer"))
         if args.compile:
-            chunk = args.loss_chunk if pair in ("gpt", "llama") else 0
-            compiled = build_megahf(args, None, chunk) if chunk else build_megahf(args, None)
+            chunk = args.loss_chunk
+            compiled = build_megahf(args, None, loss_chunk=chunk)
             compile_layers(compiled)
             peer = build_peer(args)
             compile_layers(peer)

@@ -35,16 +35,19 @@ class Collectives:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over tokens t with target[t] != ignore_index of cross_entropy(hidden[t] @ weight[:columns].T, target[t]).
+    """sum over tokens t with target[t] != ignore_index of
+    cross_entropy(hidden[t] @ weight[:columns].T (+ bias[:columns]), target[t]).
 
-    `hidden` [N, H], `weight` [R, H] (this rank's rows of the output layer), `target` [N] (global vocabulary ids),
+    `hidden` [N, H], `weight` [R, H] (this rank's rows of the output layer), `bias` [R] or None (BERT's output layer
+    has one), `target` [N] (global vocabulary ids),
     `start`: the global id of `weight[0]`; `columns`: how many of its rows take part in the softmax (the others are
     padding, left out)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, start: int, columns: int, chunk_size: int, ignore_index: int,
+    def forward(ctx, hidden, weight, bias, target, start: int, columns: int, chunk_size: int, ignore_index: int,
                 collectives: Collectives):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
         real = weight[:columns]
         tokens = hidden.shape[0]
         losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
@@ -55,6 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if need_weight:
             grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
             (grad_weight if tokens == 0 else grad_weight[columns:]).zero_()
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         # One chunk's logits buffer, reused by every chunk: a fresh [chunk, vocabulary] tensor per chunk costs more
         # than the elementwise work on it (each large allocation is new memory the kernel must fault in). In a
         # 16-bit dtype the matmul writes `scores`, its float32 copy goes to `work`, and the gradient of the logits
@@ -66,7 +70,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             end = min(begin + chunk_size, tokens)
             h, t = hidden[begin:end], target[begin:end]
             logits = work[: end - begin]
-            torch.matmul(h, real.T, out=scores[: end - begin])
+            if bias is None:
+                torch.matmul(h, real.T, out=scores[: end - begin])
+            else:
+                torch.addmm(bias[:columns], h, real.T, out=scores[: end - begin])
             if work is not scores:  # float32 softmax, as transformers' loss upcasts the logits
                 logits.copy_(scores[: end - begin])
             if columns:
@@ -85,7 +92,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             collectives.sum_(sum_exp)
             kept = (t != ignore_index).to(torch.float32)
             losses[begin:end] = (sum_exp.log() - target_logit) * kept
-            if need_hidden or need_weight:
+            if need_hidden or need_weight or need_bias:
                 # d loss / d logits = (exp - one-hot * sum_exp) * scale, scale = kept / sum_exp (zero for ignored
                 # tokens); the one-hot is taken off in place of the logits. In float32 the per-token scale goes to
                 # the [chunk, hidden] operand and result of the two matmuls rather than over the [chunk, vocabulary]
@@ -103,6 +110,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     torch.matmul(grad_logits, real, out=grad_hidden[begin:end])
                     if row_scale is not None:
                         grad_hidden[begin:end] *= row_scale
+                if need_bias and row_scale is None:  # the logits' gradient summed over the tokens
+                    grad_bias[:columns] += grad_logits.sum(dim=0, dtype=torch.float32)
+                elif need_bias:
+                    grad_bias[:columns].addmv_(grad_logits.T, row_scale.squeeze(-1))
                 if need_weight:
                     operand = h if row_scale is None else h * row_scale
                 if need_weight and grad_weight.dtype == h.dtype:  # accumulate in place: no [R, H] temporary
@@ -120,7 +131,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             collectives.sum_(grad_hidden)  # every vocabulary shard contributes to each hidden state's gradient
         # Kept on ctx rather than saved: backward scales them in place (a weight-sized copy less at the peak) and
         # hands them over, so a second backward through the same graph is refused.
-        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                     None if grad_bias is None else grad_bias.to(bias.dtype))
         return losses.sum()
 
     @staticmethod
@@ -129,18 +141,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("The chunked loss's gradients were already used: it supports one backward pass "
                                "(retain_graph=True is not supported; set loss_chunk_size=0 for that).")
         grads, ctx.grads = ctx.grads, None
-        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Under autocast the output layer's matmul runs in the autocast dtype: cast both inputs as autocast would (the
+def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Under autocast the output layer's matmul runs in the autocast dtype: cast the inputs as autocast would (the
     cast is differentiable, so the float32 weight gets a float32 gradient)."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return hidden.to(dtype), weight.to(dtype)
-    return hidden, weight
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return hidden, weight, bias
 
 
 def shifted_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
@@ -163,12 +175,12 @@ def reduce_like_transformers(total: torch.Tensor, target: torch.Tensor, num_item
     return total / num_items_in_batch
 
 
-def can_chunk(output_layer: nn.Module) -> bool:
-    """Whether `output_layer` computes exactly `hidden @ weight.T`, which the chunk loop reads its weight for: a
-    bias-free `nn.Linear` (FSDP2's and tensor parallelism's wrapping keep its forward). A layer with a forward of
-    its own (a LoRA wrapper, a quantized linear) or a bias takes the plain path."""
+def can_chunk(output_layer: nn.Module, bias: bool = False) -> bool:
+    """Whether `output_layer` computes exactly `hidden @ weight.T` (`+ bias` where `bias` allows one), which the
+    chunk loop reads its parameters for: an `nn.Linear` (FSDP2's and tensor parallelism's wrapping keep its
+    forward). A layer with a forward of its own (a LoRA wrapper, a quantized linear) takes the plain path."""
     forward = getattr(type(output_layer), "forward", None)
-    return forward is nn.Linear.forward and getattr(output_layer, "bias", None) is None
+    return forward is nn.Linear.forward and (bias or getattr(output_layer, "bias", None) is None)
 
 
 def check_targets(target: torch.Tensor, classes: int, ignore_index: int = IGNORE_INDEX) -> None:
@@ -185,16 +197,16 @@ def check_targets(target: torch.Tensor, classes: int, ignore_index: int = IGNORE
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk_size: int,
                              start: int = 0, columns: int | None = None, ignore_index: int = IGNORE_INDEX,
-                             collectives: Collectives | None = None) -> torch.Tensor:
-    """The summed cross entropy of `hidden [N, H] @ weight[:columns].T` against `target [N]`, chunk by chunk
-    (see `_ChunkedLinearCrossEntropy`)."""
+                             collectives: Collectives | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed cross entropy of `hidden [N, H] @ weight[:columns].T (+ bias[:columns])` against `target [N]`,
+    chunk by chunk (see `_ChunkedLinearCrossEntropy`)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"loss_chunk_size={chunk_size!r} must be a positive number of tokens (0 turns it off).")
-    hidden, weight = _autocast_inputs(hidden.reshape(-1, hidden.shape[-1]), weight)
+    hidden, weight, bias = _autocast_inputs(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
     columns = weight.shape[0] if columns is None else columns
     with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are set above; keep them in the loop
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, target.to(hidden.device), start, columns, chunk_size,
-                                                ignore_index, collectives or Collectives())
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target.to(hidden.device), start, columns,
+                                                chunk_size, ignore_index, collectives or Collectives())
 
 
 def chunked_causal_lm_loss(hidden_states: torch.Tensor, output_layer: nn.Module, labels=None, vocab_size: int = 0,
@@ -211,5 +223,19 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, output_layer: nn.Module,
     return reduce_like_transformers(total, target.to(total.device), num_items_in_batch, ignore_index)
 
 
-__all__ = ["Collectives", "can_chunk", "check_targets", "chunked_causal_lm_loss", "linear_cross_entropy_sum", "reduce_like_transformers",
-           "shifted_targets"]
+def chunked_masked_lm_loss(hidden_states: torch.Tensor, output_layer: nn.Module, labels: torch.Tensor,
+                           vocab_size: int = 0, padded_vocab_softmax: bool = False, chunk_size: int = 1024,
+                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """`masked_lm_loss(output_layer(hidden_states), labels, ...)` for the rows of `hidden_states` [N, H] (BERT gives
+    it the labeled positions only), with the output layer's bias, never holding more than `chunk_size` rows'
+    logits."""
+    target = labels.reshape(-1)
+    columns = output_layer.weight.shape[0] if padded_vocab_softmax else vocab_size
+    check_targets(target, columns, ignore_index)
+    total = linear_cross_entropy_sum(hidden_states, output_layer.weight, target, chunk_size, columns=columns,
+                                     ignore_index=ignore_index, bias=output_layer.bias)
+    return reduce_like_transformers(total, target.to(total.device), num_items_in_batch, ignore_index)
+
+
+__all__ = ["Collectives", "can_chunk", "check_targets", "chunked_causal_lm_loss", "chunked_masked_lm_loss",
+           "linear_cross_entropy_sum", "reduce_like_transformers", "shifted_targets"]

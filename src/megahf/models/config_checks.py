@@ -37,6 +37,9 @@ class MegatronConfigMixin:
                       "layers is transformers' model.activation_checkpointing_enable().")
         if not self.init_method_std > 0:
             self.fail("init_method_std", "it must be positive.")
+        if not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or \
+                self.loss_chunk_size < 0:
+            self.fail("loss_chunk_size", "it must be a number of tokens >= 0 (0: the plain loss).")
 
     @property
     def head_dim(self) -> int:

@@ -27,9 +27,9 @@ class ModelRecipe:
                          "percent of compute for most of the attention's memory); full (every layer: only its "
                          "input is kept).", default="none")
     loss_chunk_size: int = arg(
-        "GPT: in training, compute the output layer and the loss this many tokens at a time, never holding the "
-        "[tokens, vocabulary] logits (the same loss and gradients; 0: the plain output layer and loss). BERT's "
-        "masked-LM loss ignores it.", default=1024)
+        "In training, compute the output layer and the loss this many tokens at a time, never holding the "
+        "[tokens, vocabulary] logits (the same loss and gradients; 0: the plain output layer and loss). BERT: its "
+        "masked-LM head runs on the labeled positions only, then the same.", default=1024)
     compile: bool = arg("torch.compile each transformer layer (the unit FSDP2 and recompute: full wrap): "
                         "one process, DDP, FSDP2 and tensor parallelism (with or without sequence "
                         "parallelism).", default=False)

@@ -9,7 +9,9 @@ forward's 2 FLOPs per multiply-add):
 N_matmul is the weights of every matrix multiply: the attention and MLP projections of each layer and the output
 layer over the padded vocabulary (the embedding lookups are no multiply). The second term is the attention scores
 and their weighted sum (Q K^T and A V: 2 x 2 x seq x hidden per layer forward), Megatron's (Narayanan et al. 2021)
-without discount for the causal mask.
+without discount for the causal mask. A masked LM needs the output layer only at its labeled positions
+(`output_fraction`: BERT's `mask_prob`, 15%), whatever the implementation computes there: megahf's BERT with
+`loss_chunk_size` runs it on those alone; Megatron and the plain head on every position, which counts as waste.
 """
 
 from __future__ import annotations
@@ -34,19 +36,21 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def matmul_parameters(config) -> int:
-    """Weights that take part in a matrix multiply per token (see the module docstring)."""
+def matmul_parameters(config, output_fraction: float = 1.0) -> float:
+    """Weights that take part in a matrix multiply per token (see the module docstring), the output layer's counted
+    at `output_fraction` of the tokens."""
     h, layers = config.hidden_size, config.num_layers
     head_dim = config.head_dim
     qkv = h * (config.num_attention_heads + 2 * config.num_query_groups) * head_dim
     proj = config.num_attention_heads * head_dim * h
     mlp_matrices = 3 if config.activation == "swiglu" else 2
     mlp = mlp_matrices * h * config.ffn_hidden_size
-    return layers * (qkv + proj + mlp) + config.padded_vocab_size * h
+    return layers * (qkv + proj + mlp) + output_fraction * config.padded_vocab_size * h
 
 
-def training_flops_per_token(config, seq_length: int) -> float:
-    return 6.0 * matmul_parameters(config) + 12.0 * config.num_layers * config.hidden_size * seq_length
+def training_flops_per_token(config, seq_length: int, output_fraction: float = 1.0) -> float:
+    return (6.0 * matmul_parameters(config, output_fraction)
+            + 12.0 * config.num_layers * config.hidden_size * seq_length)
 
 
 def gpu_peak_tflops(name: str) -> float | None:

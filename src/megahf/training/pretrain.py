@@ -123,11 +123,14 @@ def measure_peak(recipe: PretrainRecipe) -> Peak:
 
 def throughput_callback(recipe: PretrainRecipe, layout: ParallelLayout, config, peak: Peak) -> MegatronLogCallback:
     """The callback that prints the log lines and measures tokens/s and MFU."""
+    gpt = family_of(recipe).name == "gpt"
     return MegatronLogCallback(
         layout.global_batch_size * recipe.data.seq_length,
-        flops_per_token=training_flops_per_token(config, recipe.data.seq_length),
+        # a masked LM needs its output layer at the masked positions only (flops.py)
+        flops_per_token=training_flops_per_token(config, recipe.data.seq_length,
+                                                 output_fraction=1.0 if gpt else recipe.data.mask_prob),
         peak_flops=peak.tflops * 1e12,
-        perplexity=family_of(recipe).name == "gpt",
+        perplexity=gpt,
     )
 
 

@@ -55,7 +55,7 @@ def build_config(model: ModelRecipe):
             f"model_overrides.loss_chunk_size={model.model_overrides['loss_chunk_size']!r}: the chunked loss is "
             "set by the recipe key loss_chunk_size; move it there"
         )
-    runtime = {"loss_chunk_size": model.loss_chunk_size} if config_class is MegatronGPTConfig else {}
+    runtime = {"loss_chunk_size": model.loss_chunk_size}
     if model.recompute == "selective":
         runtime["recompute_granularity"] = "selective"
     try:

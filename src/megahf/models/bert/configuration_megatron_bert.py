@@ -47,6 +47,9 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
         add_binary_head (`bool`): [`MegatronBertForPreTraining`] trains the sentence-order head (Megatron's
             `--bert-binary-head`); without it pretraining is masked LM alone.
         tie_word_embeddings (`bool`): share the input embedding and the masked-LM output layer.
+        loss_chunk_size (`int`): in training mode with labels, run the masked-LM head on the labeled positions
+            only, its output layer and the loss this many of them at a time, and return no masked-LM logits (the
+            loss and every gradient are the same). `0` (default): the head on every position, then the loss.
     """
 
     model_type = "megatron_bert"
@@ -94,6 +97,7 @@ class MegatronBertConfig(MegatronConfigMixin, PreTrainedConfig):
     add_binary_head: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
+    loss_chunk_size: int = 0
 
     # Megatron's BERT: multi-head attention, GeLU MLP with biases, LayerNorm (read by the shared building blocks;
     # not fields: `check` refuses other values).

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
@@ -32,6 +33,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from ..chunked_loss import can_chunk, chunked_masked_lm_loss
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
 from ..padded_vocab import PaddedVocabMixin, masked_lm_loss
 from .configuration_megatron_bert import MegatronBertConfig
@@ -193,7 +195,7 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
 @dataclass
 class MegatronBertForPreTrainingOutput(ModelOutput):
     """`loss` = masked-LM loss + sentence-order loss (each a mean, as in Megatron); `prediction_logits` over the
-    real vocabulary."""
+    real vocabulary (None for a training forward with labels and `config.loss_chunk_size`)."""
 
     loss: torch.Tensor | None = None
     prediction_logits: torch.Tensor | None = None
@@ -222,6 +224,16 @@ class _MaskedLMHeadMixin:
         self.output_layer = value
 
     def _masked_lm(self, hidden_states, labels, num_items_in_batch=None):
+        if labels is not None and self.training and self.config.loss_chunk_size and self._head_runs_on_rows():
+            # Only the labeled positions (15% in Megatron's masking) reach the head: every other position's logits
+            # would be computed and thrown away. The head is per position, so loss and gradients are the same.
+            kept = labels != -100
+            loss = chunked_masked_lm_loss(self.lm_head(hidden_states[kept]), self.output_layer, labels[kept],
+                                          vocab_size=self.config.vocab_size,
+                                          padded_vocab_softmax=self.config.padded_vocab_softmax,
+                                          chunk_size=self.config.loss_chunk_size,
+                                          num_items_in_batch=num_items_in_batch)
+            return loss, None
         logits = self.output_layer(self.lm_head(hidden_states))
         loss = None
         if labels is not None:
@@ -229,6 +241,12 @@ class _MaskedLMHeadMixin:
                                       padded_vocab_softmax=self.config.padded_vocab_softmax,
                                       num_items_in_batch=num_items_in_batch)
         return loss, logits[..., : self.config.vocab_size]
+
+    def _head_runs_on_rows(self) -> bool:
+        """Whether the head can take the labeled rows alone: a plain output layer (not a LoRA or quantized one) with
+        plain tensors. Under tensor parallelism or FSDP2 (DTensor parameters: their plans expect whole sequences
+        and the vocabulary-parallel loss) the head runs on every position."""
+        return can_chunk(self.output_layer, bias=True) and not isinstance(self.output_layer.weight, DTensor)
 
 
 class MegatronBertForPreTraining(_MaskedLMHeadMixin, MegatronBertPreTrainedModel):

@@ -120,9 +120,6 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
             self.fail("normalization", f"use one of {NORMALIZATIONS}.")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             self.fail("position_embedding_type", f"use one of {POSITION_EMBEDDINGS}.")
-        if not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or \
-                self.loss_chunk_size < 0:
-            self.fail("loss_chunk_size", "it must be a number of tokens >= 0 (0: the plain loss).")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             self.fail("hidden_size",
                       f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
