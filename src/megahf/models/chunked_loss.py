@@ -9,7 +9,8 @@ for backward is the size of the hidden states and of the weight, not of the logi
 
 The loss is exactly `padded_vocab.causal_lm_loss` of `hidden @ weight.T`: softmax over the first `vocab_size` rows
 of the weight (all rows with `padded_vocab_softmax`), labels shifted inside (or `shift_labels`), -100 ignored, the
-mean over kept labels or the sum divided by `num_items_in_batch`.
+mean over kept labels or the sum divided by `num_items_in_batch`. BERT's masked-LM loss (`chunked_masked_lm_loss`)
+runs the same loop on its labeled positions, with the output layer's bias.
 
 Pure torch, no parallelism, so that the file loads as Hub remote code. Under tensor parallelism `megahf.parallel`
 runs the same loop on each rank's vocabulary shard, passing `collectives` that all-reduce the per-token max, sum of
