@@ -38,7 +38,8 @@ DROPOUT = {"model_overrides.hidden_dropout": 0.1, "model_overrides.attention_dro
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.
 BERT = {"model": "bert-tiny", "tokenizer": "bert-uncased-embedded", "split": "80,20,0", "eval_iters": 1,
         "sample_prompt": "The king [MASK] the queen."}
-BERT_LAYOUTS = {"bert-single": (1, BERT), "bert-tp2": (2, {**BERT, "tensor_parallel_size": 2})}
+BERT_LAYOUTS = {"bert-single": (1, BERT), "bert-tp2": (2, {**BERT, "tensor_parallel_size": 2}),
+                "bert-ddp2": (2, BERT)}  # launched like ddp2
 # Losses: relative. Weights: max |difference| relative to the largest weight of the model, not of each tensor: AdamW
 # moves every element by about lr whatever its gradient's size, so the roundoff of a near-zero gradient element (a
 # zero-initialised bias) becomes a weight difference of the order of lr x roundoff / eps, independent of that
@@ -70,7 +71,8 @@ def layout_run(corpus, tmp_path_factory):
             nproc, keys = {**LAYOUTS, **BERT_LAYOUTS}.get(name, (1, {}))
             out = tmp_path_factory.mktemp(name) / "out"
             # The CPU launch configs are tested here, where their runs are also checked for exactness.
-            launch_config = {"single": "cpu.yaml", "ddp2": "cpu-multi.yaml"}.get(name, "")
+            launch_config = {"single": "cpu.yaml", "ddp2": "cpu-multi.yaml",
+                             "bert-ddp2": "cpu-multi.yaml"}.get(name, "")
             result = run_pretrain_cli(nproc, layout_args(corpus, out, keys), launch_config=launch_config)
             (out / "output.txt").write_text(result.stdout)
             done[name] = out
@@ -119,6 +121,13 @@ def test_bert_tensor_parallel_equals_one_process(layout_run):
     assert "[MASK] at" in metrics["sample"]  # the fill-mask sample, computed on the sharded model
     for key in ("valid_mlm_loss", "valid_sop_loss", "valid_sop_accuracy"):
         assert metrics[key] == pytest.approx(reference[key], rel=1e-5), key
+
+
+def test_bert_data_parallel_equals_one_process(layout_run):
+    """Both runs train with the recipes' loss_chunk_size, so BERT's masked-LM head runs on the labeled positions
+    only; under DDP the wrapped model's head reads the output layer's parameters itself, and DDP's gradient hooks
+    still see every gradient."""
+    assert_same_run("bert-ddp2", layout_run("bert-ddp2"), layout_run("bert-single"), 2)
 
 
 def test_tensor_parallel_run_killed_resumes_exactly(corpus, layout_run, tmp_path):
