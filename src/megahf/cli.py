@@ -169,6 +169,9 @@ def add_plan_parser(verbs) -> None:
                       help="peak FLOP/s, efficiency and bandwidths of this GPU (default h100)")
     plan.add_argument("--nodes", type=int, default=0, metavar="K", help="nodes (default: 8 GPUs per node)")
     plan.add_argument("--top", type=int, default=10, metavar="K", help="fitting layouts printed (default 10)")
+    plan.add_argument("--loss-chunk-size", "--loss_chunk_size", dest="loss_chunk_size", type=int, default=1024,
+                      metavar="C", help="the recipe key loss_chunk_size (default 1024, as the recipes; 0: the plain "
+                      "loss, whose logits cost s x b x vocabulary x 12 bytes)")
     plan.add_argument("--write", default=None, metavar="DIR",
                       help="write the first layout as DIR/recipe.yaml and DIR/launch.yaml")
 

@@ -15,8 +15,12 @@ Memory per GPU, in bytes, as megahf trains on GPUs (bf16 autocast: the weights s
         SP:        s b h (34 + 5 a s / h) / t
         selective: s b h (10 + 24 / t)             with SP: 34 s b h / t
         full:      2 s b h (the layer inputs)      with SP: 2 s b h / t
-    logits/loss: s b V_padded / t x 10 (bf16 logits 2 + the fp32 log-softmax kept for the backward 4 + its fp32
-        gradient 4; the vocabulary-parallel loss never gathers them)
+    logits/loss, with the chunked loss (`--loss-chunk-size C`, the recipes' default 1024; `chunked_loss.py`):
+        min(C, s b) V_padded / t x 6 (one chunk's bf16 logits 2 + their fp32 softmax 4) + V_padded / t x h x 12 (the
+        output weight's bf16 copy 2, its fp32 gradient accumulator 4, a chunk's bf16 product 2 and its fp32 sum 4);
+        with the plain loss (C = 0): s b V_padded / t x 12 (at the backward's peak: the fp32 log-softmax kept for
+        it 4, the loss's dense fp32 gradient with respect to it 4 and the logits' fp32 gradient 4); the
+        vocabulary-parallel loss never gathers them. Both are checked against torch's allocator (tests/test_plan.py)
     framework overhead: OVERHEAD_GB (CUDA context, NCCL and allocator slack).
 Step time (seconds) = compute + tensor-parallel communication + exposed data-parallel communication, with
     compute = hardware FLOPs / (N x peak x efficiency); hardware FLOPs = model FLOPs (`flops.py`: 6 N_matmul +
@@ -169,7 +173,15 @@ def activation_bytes_per_layer(shape: Shape, seq: int, micro: int, tp: int, sp: 
     return sbh * (replicated + split / t)
 
 
-def memory_breakdown(shape: Shape, layout: Layout, seq: int) -> dict[str, float]:
+def loss_bytes(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int) -> float:
+    """The output layer's and the loss's bytes per GPU (see the module docstring)."""
+    tokens, vocab = seq * layout.micro_batch, shape.padded_vocab / layout.tp
+    if loss_chunk_size:
+        return min(loss_chunk_size, tokens) * vocab * 6 + vocab * shape.hidden * 12
+    return tokens * vocab * 12
+
+
+def memory_breakdown(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int = 1024) -> dict[str, float]:
     """Bytes per GPU, by kind (see the module docstring)."""
     params = shape.parameters_per_gpu(layout.tp, layout.fsdp)
     acts = shape.layers * activation_bytes_per_layer(shape, seq, layout.micro_batch, layout.tp,
@@ -179,7 +191,7 @@ def memory_breakdown(shape: Shape, layout: Layout, seq: int) -> dict[str, float]
         "gradients": 4 * params,
         "optimizer": 8 * params,
         "activations": acts,
-        "logits": seq * layout.micro_batch * shape.padded_vocab / layout.tp * 10,
+        "logits": loss_bytes(shape, layout, seq, loss_chunk_size),
         "overhead": OVERHEAD_GB * GB,
     }
 
@@ -245,13 +257,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, gpu: str = "h100",
-         nodes: int = 0) -> dict:
+         nodes: int = 0, loss_chunk_size: int = 1024) -> dict:
     """Every layout, fitting or not, ranked; see the module docstring. `config`: a MegatronGPT/Bert config."""
     if gpu not in GPUS:
         raise PlanError(f"--gpu={gpu!r} is not known; use one of {', '.join(GPUS)}")
     for flag, value in (("--gpus", gpus), ("--seq", seq), ("--global-batch", global_batch)):
         if value < 1:
             raise PlanError(f"{flag}={value} must be at least 1")
+    if loss_chunk_size < 0:
+        raise PlanError(f"--loss-chunk-size={loss_chunk_size} must be at least 0 (0: the plain loss)")
     if gpu_memory_gb <= 0:
         raise PlanError(f"--gpu-memory={gpu_memory_gb}GB must be positive, e.g. 80GB")
     if not nodes:  # nodes of 8 GPUs, or one node of fewer
@@ -289,7 +303,7 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
                         if global_batch % (micro * dp):
                             continue
                         layout = Layout(tp, fsdp, dp, sp, recompute, micro, global_batch // (micro * dp))
-                        memory = memory_breakdown(shape, layout, seq)
+                        memory = memory_breakdown(shape, layout, seq, loss_chunk_size)
                         total = sum(memory.values())
                         fits = total <= gpu_memory_gb * GB
                         why = "" if fits else _why_not(memory, gpu_memory_gb)
@@ -298,6 +312,7 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
     fitting = sorted((c for c in candidates if c.fits), key=_rank_key)
     return {"shape": shape, "gpu": device, "gpus": gpus, "nodes": nodes, "gpus_per_node": per_node,
             "gpu_memory_gb": gpu_memory_gb, "seq": seq, "global_batch": global_batch,
+            "loss_chunk_size": loss_chunk_size,
             "model_flops_per_step": model_flops_per_step(shape, seq, global_batch),
             "fitting": fitting, "not_fitting": [c for c in candidates if not c.fits], "ruled_out_tp": ruled_out_tp,
             }
@@ -398,7 +413,8 @@ def format_plan(result: dict, model: str, top: int = 10) -> str:
     lines.append(f"{model}: {size} parameters, {shape.layers} layers, hidden {shape.hidden}, "
                  f"{shape.heads} heads, vocab {shape.padded_vocab} (padded); {result['gpus']} x {result['gpu'].name} "
                  f"{result['gpu_memory_gb']:g} GB on {result['nodes']} node(s) of {result['gpus_per_node']}; seq "
-                 f"{result['seq']}, global batch {result['global_batch']}")
+                 f"{result['seq']}, global batch {result['global_batch']}, "
+                 + (f"loss chunk {result['loss_chunk_size']}" if result["loss_chunk_size"] else "plain loss"))
     lines.append(f"model FLOPs per step: {result['model_flops_per_step']:.3e}")
     fitting = result["fitting"]
     lines.append(f"{len(fitting)} layouts fit, {len(result['not_fitting'])} do not; the {min(top, len(fitting))} "
@@ -448,6 +464,8 @@ def write_layout(result: dict, out: str | os.PathLike, model: str) -> tuple[Path
         values["sequence_parallel"] = True
     if lay.recompute != "none":
         values["recompute"] = lay.recompute
+    if result["loss_chunk_size"] != 1024:  # the recipes' default
+        values["loss_chunk_size"] = result["loss_chunk_size"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"# Written by `megahf plan` ({lay.describe()}; {result['fitting'][0].time['total']:.3f} s/step "
@@ -468,7 +486,8 @@ def run(args) -> int:
     """`megahf plan` (cli.py parses the flags)."""
     config = load_model_config(args.model)
     result = plan(config, gpus=args.gpus, gpu_memory_gb=parse_memory(args.gpu_memory), seq=args.seq,
-                  global_batch=args.global_batch, gpu=args.gpu, nodes=args.nodes)
+                  global_batch=args.global_batch, gpu=args.gpu, nodes=args.nodes,
+                  loss_chunk_size=args.loss_chunk_size)
     print(format_plan(result, args.model, top=args.top))
     if args.write:
         recipe, launch = write_layout(result, args.write, args.model)
@@ -477,5 +496,5 @@ def run(args) -> int:
 
 
 __all__ = ["GPUS", "Candidate", "Gpu", "Layout", "PlanError", "Shape", "activation_bytes_per_layer", "best_per_tp",
-           "format_plan", "load_model_config", "memory_breakdown", "model_flops_per_step", "plan", "step_time",
+           "format_plan", "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step", "plan", "step_time",
            "why_not_tp", "write_layout"]
