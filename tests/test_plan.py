@@ -124,9 +124,11 @@ def test_weights_gradients_and_optimizer_state_match_the_tensors(name):
 @pytest.mark.parametrize("chunk", [256, 0])
 def test_the_loss_memory_matches_the_allocator(chunk):
     """The output layer and loss under bf16 autocast with fp32 weights (how megahf trains on GPUs), forward and
-    backward: the peak of torch's allocator (every allocation and free, from the profiler) against the plan's term,
-    chunked (`loss_chunk_size`) and plain, for 2048 tokens of a 4096-row vocabulary at hidden 128."""
-    from torch.profiler import ProfilerActivity, profile
+    backward: the peak of torch's allocator, measured as `scripts/bench/loss_memory.py` does (every allocation and
+    free, from the profiler), against the plan's term, chunked (`loss_chunk_size`) and plain, for 2048 tokens of a
+    4096-row vocabulary at hidden 128."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "bench"))
+    from loss_memory import measure
 
     from megahf.models.chunked_loss import chunked_causal_lm_loss
     from megahf.models.padded_vocab import causal_lm_loss
@@ -136,19 +138,14 @@ def test_the_loss_memory_matches_the_allocator(chunk):
     states = torch.randn(1, tokens, hidden, generator=generator, requires_grad=True)
     layer = torch.nn.Linear(hidden, vocab, bias=False)
     labels = torch.randint(0, vocab, (1, tokens), generator=generator)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def loss_fn(states, layer, labels):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if chunk:
-                loss = chunked_causal_lm_loss(states, layer, labels, vocab_size=vocab, chunk_size=chunk)
-            else:
-                loss = causal_lm_loss(layer(states), labels, vocab_size=vocab)
-        loss.backward()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
+                return chunked_causal_lm_loss(states, layer, labels, vocab_size=vocab, chunk_size=chunk)
+            return causal_lm_loss(layer(states), labels, vocab_size=vocab)
+
+    peak = measure(loss_fn, states, layer, labels)["peak_bytes"]
     config = MegatronGPTConfig.from_preset("gpt-tiny", vocab_size=vocab, hidden_size=hidden,
                                            make_vocab_size_divisible_by=1)
     layout = Layout(tp=1, fsdp=1, dp=1, sequence_parallel=False, recompute="none", micro_batch=1, accumulation=1)
