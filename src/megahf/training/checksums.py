@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
-
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.utils.serialization import config as torch_serialization_config
 
