@@ -67,6 +67,37 @@ def test_equals_the_plain_loss_and_gradients(chunk_size, padded_vocab_softmax, n
     assert padded_rows.abs().max().item() == 0.0 if not padded_vocab_softmax else padded_rows.abs().max() > 0
 
 
+@pytest.mark.parametrize("head", ["causal", "masked-lm with bias"])
+def test_a_target_probability_below_float32s_range_still_gives_the_exact_loss(head):
+    """On one process the loss is -log p(target) from torch's softmax; where p(target) is below float32's smallest
+    normal number (1.2e-38: a loss above 87.3) that logarithm would be inexact or infinite, and the row's loss is
+    recomputed from its logits (with the bias, for BERT's head). Hidden states 30x larger spread the logits over
+    hundreds, so that many targets fall there (asserted); the plain loss (log_softmax: exact at any distance) must
+    still be matched to the same bound as above, relative to the largest element."""
+    hidden, layer, labels = inputs()
+    with torch.no_grad():
+        hidden *= 30
+    if head == "causal":
+        targets = labels[:, 1:]
+        plain_fn, chunked_fn = plain, chunked_causal_lm_loss
+    else:
+        targets = labels
+        layer = torch.nn.Linear(HIDDEN, PADDED)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(PADDED, HIDDEN, generator=torch.Generator().manual_seed(1)))
+            layer.bias.copy_(torch.randn(PADDED, generator=torch.Generator().manual_seed(2)) * 30)
+        plain_fn = lambda h, m, y, **kw: masked_lm_loss(m(h), y, **kw)  # noqa: E731
+        chunked_fn = lambda h, m, y, **kw: chunked_masked_lm_loss(h.reshape(-1, HIDDEN), m, y, **kw)  # noqa: E731
+    logits = layer(hidden)[:, : targets.shape[1], :VOCAB]
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")
+    assert (per_token > 87.4).sum() >= 5, "the inputs must put several targets below float32's normal range"
+    expected = loss_and_grads(plain_fn, hidden, layer, labels)
+    actual = loss_and_grads(chunked_fn, hidden, layer, labels, chunk_size=7)
+    assert torch.isfinite(actual[0])
+    for name, a, e in zip(("loss", "grad hidden", "grad weight"), actual, expected):
+        assert rel_err(a, e) <= TOLERANCE, f"{name}: {rel_err(a, e)}"
+
+
 def test_shift_labels_equal_labels_shifted():
     hidden, layer, labels = inputs()
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]

@@ -65,6 +65,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # 16-bit dtype the matmul writes `scores`, its float32 copy goes to `work`, and the gradient of the logits
         # goes back into `scores` in the input dtype.
         rows = min(chunk_size, tokens)
+        # One process holding every row of the softmax, on a CPU: torch's softmax in place (see _softmax_in_place).
+        whole_rows = type(collectives) is Collectives and hidden.device.type == "cpu"
         scores = torch.empty(rows, columns, dtype=hidden.dtype, device=hidden.device)
         work = scores if hidden.dtype == torch.float32 else torch.empty(rows, columns, device=hidden.device)
         for begin in range(0, tokens, chunk_size):
@@ -77,31 +79,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 torch.addmm(bias[:columns], h, real.T, out=scores[: end - begin])
             if work is not scores:  # float32 softmax, as transformers' loss upcasts the logits
                 logits.copy_(scores[: end - begin])
-            if columns:
-                logits_max = logits.amax(dim=-1)  # amax: max without the indices, three times faster on a CPU
-            else:  # a rank whose whole shard is padding
-                logits_max = torch.full((end - begin,), float("-inf"), device=logits.device)
-            collectives.max_(logits_max)
-            logits -= logits_max.unsqueeze(-1)
             owned = (t >= start) & (t < start + columns)
             local_t = (t - start).clamp(0, max(columns - 1, 0)).unsqueeze(-1)
-            target_logit = (logits.gather(-1, local_t).squeeze(-1) * owned) if columns else torch.zeros_like(
-                logits_max)
-            collectives.sum_(target_logit)
-            probs = logits.exp_()
-            sum_exp = probs.sum(dim=-1)
-            collectives.sum_(sum_exp)
             kept = (t != ignore_index).to(torch.float32)
-            losses[begin:end] = (sum_exp.log() - target_logit) * kept
+            if whole_rows:
+                probs, one_hot, scale = _softmax_in_place(logits, local_t, owned, kept, losses[begin:end], h, real,
+                                                          None if bias is None else bias[:columns])
+            else:
+                probs, one_hot, scale = _softmax_across_shards(logits, local_t, owned, kept, losses[begin:end],
+                                                               collectives)
             if need_hidden or need_weight or need_bias:
-                # d loss / d logits = (exp - one-hot * sum_exp) * scale, scale = kept / sum_exp (zero for ignored
-                # tokens); the one-hot is taken off in place of the logits. In float32 the per-token scale goes to
-                # the [chunk, hidden] operand and result of the two matmuls rather than over the [chunk, vocabulary]
-                # logits; in a 16-bit dtype it is applied before the cast (one rounding, as the plain loss does;
-                # in place, then copied: a multiplication writing the 16-bit buffer directly would allocate a
-                # float32 temporary of the chunk's size).
-                scale = kept / sum_exp
-                probs.scatter_add_(-1, local_t, -(owned * sum_exp).unsqueeze(-1))
+                # d loss / d logits = (probs - one-hot) * scale, the one-hot taken off in place of the logits. In
+                # float32 the per-token scale goes to the [chunk, hidden] operand and result of the two matmuls
+                # rather than over the [chunk, vocabulary] logits; in a 16-bit dtype it is applied before the cast
+                # (one rounding, as the plain loss does; in place, then copied: a multiplication writing the 16-bit
+                # buffer directly would allocate a float32 temporary of the chunk's size).
+                probs.scatter_add_(-1, local_t, -one_hot.unsqueeze(-1))
                 if work is scores:
                     grad_logits, row_scale = probs, scale.unsqueeze(-1)
                 else:
@@ -144,6 +137,50 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _softmax_in_place(logits, local_t, owned, kept, losses, hidden, weight, bias):
+    """The chunk's softmax where one process holds every row of it: torch's softmax, in place, does the max, the
+    exponentials, their sum and the scaling row by row while the row is in cache, where the general loop below
+    makes four passes over the whole chunk (on a CPU each pass over memory costs as much as a fifth of the output
+    layer's matmul). The loss is -log p(target); a target probability below float32's smallest normal number (a
+    loss above 87, where the logarithm would lose digits or be infinite) is recomputed from its row's logits,
+    `hidden @ weight.T + bias`, exactly as the plain loss computes it.
+
+    Writes `losses` (0 for ignored tokens); returns the probabilities (`logits`' storage), the one-hot's weight and
+    the per-token scale of the gradient (`kept`: the probabilities are normalised already)."""
+    probs = torch.softmax(logits, dim=-1, out=logits)
+    p_target = probs.gather(-1, local_t).squeeze(-1)
+    counted = kept.bool()
+    losses.copy_(torch.where(counted, -p_target.log(), 0.0))
+    lost = counted & (p_target < torch.finfo(torch.float32).tiny)
+    if lost.any():
+        rows = lost.nonzero().squeeze(-1)
+        exact = (hidden[rows] @ weight.T if bias is None else torch.addmm(bias, hidden[rows], weight.T)).float()
+        losses[rows] = exact.logsumexp(dim=-1) - exact.gather(-1, local_t[rows]).squeeze(-1)
+    return probs, owned.to(torch.float32), kept
+
+
+def _softmax_across_shards(logits, local_t, owned, kept, losses, collectives: Collectives):
+    """The chunk's softmax where other ranks may hold other rows of it (Megatron's vocabulary-parallel cross
+    entropy): the per-token max, target logit and sum of exponentials are reduced across the ranks.
+
+    Writes `losses` (0 for ignored tokens); returns exp(logits - max) (`logits`' storage, not normalised), the
+    one-hot's weight (sum_exp, for owned targets) and the per-token scale of the gradient (kept / sum_exp)."""
+    columns = logits.shape[-1]
+    if columns:
+        logits_max = logits.amax(dim=-1)  # amax: max without the indices, three times faster on a CPU
+    else:  # a rank whose whole shard is padding
+        logits_max = torch.full(logits.shape[:1], float("-inf"), device=logits.device)
+    collectives.max_(logits_max)
+    logits -= logits_max.unsqueeze(-1)
+    target_logit = (logits.gather(-1, local_t).squeeze(-1) * owned) if columns else torch.zeros_like(logits_max)
+    collectives.sum_(target_logit)
+    probs = logits.exp_()
+    sum_exp = probs.sum(dim=-1)
+    collectives.sum_(sum_exp)
+    losses.copy_((sum_exp.log() - target_logit) * kept)
+    return probs, owned * sum_exp, kept / sum_exp
 
 
 def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
