@@ -205,6 +205,35 @@ def test_model_training_loss_and_every_gradient_equal_the_plain_model(variant):
     assert chunked_model(input_ids=batch["input_ids"]).logits is not None
 
 
+@pytest.mark.parametrize("variant", ["gpt", "llama"])
+def test_plain_training_multiplies_only_the_real_vocabulary_rows(variant, monkeypatch):
+    """With `loss_chunk_size: 0` a training forward with labels multiplies the output layer's first `vocab_size`
+    rows only (`output_logits`): the same logits, loss and every gradient as calling the whole padded layer and
+    slicing (forced here by a forward hook on the output layer, which must then run: a hooked layer is called)."""
+    direct, called = tiny(variant, 0), tiny(variant, 0)
+    called.load_state_dict(direct.state_dict())
+    hook_calls = []
+    called.output_layer.register_forward_hook(lambda module, args, out: hook_calls.append(out.shape[-1]))
+    _, _, labels = inputs(2, 9, seed=4)
+    batch = {"input_ids": labels.clamp_min(0), "labels": labels}
+    direct.train(), called.train()
+    expected = called(**batch)
+    rows = []  # the row counts of every linear layer's weight in the direct model's forward
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: rows.append(w.shape[0]) or linear(x, w, b))
+    actual = direct(**batch)
+    monkeypatch.undo()
+    assert rows[-1] == VOCAB  # the output layer, last: its real rows only
+    assert hook_calls == [PADDED] and actual.logits.shape[-1] == VOCAB
+    assert rel_err(actual.logits, expected.logits) <= TOLERANCE and rel_err(actual.loss, expected.loss) <= TOLERANCE
+    expected.loss.backward()
+    actual.loss.backward()
+    grads = dict(called.named_parameters())
+    scale = max(p.grad.abs().max() for p in grads.values())
+    for name, param in direct.named_parameters():
+        assert ((param.grad - grads[name].grad).abs().max() / scale).item() <= TOLERANCE, name
+
+
 @pytest.mark.parametrize("head", ["MegatronBertForPreTraining", "MegatronBertForMaskedLM"])
 def test_bert_head_on_the_labeled_positions_gives_the_same_loss_and_every_gradient(head):
     """BERT with loss_chunk_size: in training with labels the masked-LM head runs on the labeled positions only

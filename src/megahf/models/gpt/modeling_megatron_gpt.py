@@ -24,7 +24,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..chunked_loss import can_chunk, chunked_causal_lm_loss
+from ..chunked_loss import can_chunk, chunked_causal_lm_loss, output_logits
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
 from ..padded_vocab import PaddedVocabMixin, causal_lm_loss
 from .configuration_megatron_gpt import MegatronGPTConfig
@@ -256,7 +256,10 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
                                               chunk_size=self.config.loss_chunk_size, **kwargs)
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
                                           hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        logits = self.output_layer(hidden_states)
+        if has_labels and self.training and not self.config.padded_vocab_softmax:  # the padded rows' logits unused
+            logits = output_logits(self.output_layer, hidden_states, self.config.vocab_size)
+        else:
+            logits = self.output_layer(hidden_states)
         loss = None
         if has_labels:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
