@@ -33,7 +33,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..chunked_loss import can_chunk, chunked_masked_lm_loss
+from ..chunked_loss import can_chunk, chunked_masked_lm_loss, output_logits
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
 from ..padded_vocab import PaddedVocabMixin, masked_lm_loss
 from .configuration_megatron_bert import MegatronBertConfig
@@ -234,7 +234,10 @@ class _MaskedLMHeadMixin:
                                           chunk_size=self.config.loss_chunk_size,
                                           num_items_in_batch=num_items_in_batch)
             return loss, None
-        logits = self.output_layer(self.lm_head(hidden_states))
+        if labels is not None and self.training and not self.config.padded_vocab_softmax:  # padded rows unused
+            logits = output_logits(self.output_layer, self.lm_head(hidden_states), self.config.vocab_size, bias=True)
+        else:
+            logits = self.output_layer(self.lm_head(hidden_states))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
