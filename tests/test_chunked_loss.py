@@ -170,6 +170,20 @@ def test_with_a_bias_equals_the_plain_masked_lm_loss(padded_vocab_softmax, num_i
 # ---- inside the model
 
 
+def assert_same_gradients(model, loss, reference, reference_loss) -> None:
+    """Back-propagate both losses; every parameter's gradient within TOLERANCE of the reference model's largest
+    gradient element (the scale of what is compared), and absent where the reference's is."""
+    reference_loss.backward()
+    loss.backward()
+    grads = dict(reference.named_parameters())
+    scale = max(p.grad.abs().max() for p in grads.values() if p.grad is not None)
+    for name, param in model.named_parameters():
+        if grads[name].grad is None:
+            assert param.grad is None, name
+            continue
+        assert ((param.grad - grads[name].grad).abs().max() / scale).item() <= TOLERANCE, name
+
+
 def tiny(variant: str, chunk: int, seed: int = 0, vocab: int = VOCAB) -> MegatronGPTForCausalLM:
     torch.manual_seed(seed)
     preset = "gpt-tiny" if variant == "gpt" else "llama-tiny"
@@ -190,12 +204,7 @@ def test_model_training_loss_and_every_gradient_equal_the_plain_model(variant):
     expected, actual = plain_model(**batch), chunked_model(**batch)
     assert actual.logits is None and expected.logits is not None  # training with labels: no logits
     assert rel_err(actual.loss, expected.loss) <= TOLERANCE
-    expected.loss.backward()
-    actual.loss.backward()
-    grads = dict(plain_model.named_parameters())
-    scale = max(p.grad.abs().max() for p in grads.values())  # every gradient against the model's gradient scale
-    for name, param in chunked_model.named_parameters():
-        assert ((param.grad - grads[name].grad).abs().max() / scale).item() <= TOLERANCE, name
+    assert_same_gradients(chunked_model, actual.loss, plain_model, expected.loss)
     # eval mode (evaluation, generation) and a forward without labels return logits as always
     chunked_model.eval()
     with torch.no_grad():
@@ -239,15 +248,7 @@ def test_plain_training_multiplies_only_the_real_vocabulary_rows(variant, monkey
     assert rows[-1] == VOCAB  # the output layer, last: its real rows only
     assert hook_calls == [PADDED] and actual.logits.shape[-1] == VOCAB
     assert rel_err(actual.logits, expected.logits) <= TOLERANCE and rel_err(actual.loss, expected.loss) <= TOLERANCE
-    expected.loss.backward()
-    actual.loss.backward()
-    grads = dict(called.named_parameters())
-    scale = max(p.grad.abs().max() for p in grads.values() if p.grad is not None)
-    for name, param in direct.named_parameters():
-        if grads[name].grad is None:
-            assert param.grad is None, name
-            continue
-        assert ((param.grad - grads[name].grad).abs().max() / scale).item() <= TOLERANCE, name
+    assert_same_gradients(direct, actual.loss, called, expected.loss)
 
 
 @pytest.mark.parametrize("head", ["MegatronBertForPreTraining", "MegatronBertForMaskedLM"])
@@ -277,15 +278,7 @@ def test_bert_head_on_the_labeled_positions_gives_the_same_loss_and_every_gradie
     logits = "prediction_logits" if head == "MegatronBertForPreTraining" else "logits"
     assert getattr(actual, logits) is None and getattr(expected, logits) is not None
     assert rel_err(actual.loss, expected.loss) <= TOLERANCE
-    expected.loss.backward()
-    actual.loss.backward()
-    grads = dict(plain_model.named_parameters())
-    scale = max(p.grad.abs().max() for p in grads.values() if p.grad is not None)
-    for name, param in chunked_model.named_parameters():
-        if grads[name].grad is None:
-            assert param.grad is None, name
-            continue
-        assert ((param.grad - grads[name].grad).abs().max() / scale).item() <= TOLERANCE, name
+    assert_same_gradients(chunked_model, actual.loss, plain_model, expected.loss)
     chunked_model.eval()  # evaluation and the fill-mask sample: logits at every position, as always
     with torch.no_grad():
         out = chunked_model(**batch)
