@@ -17,11 +17,11 @@ from megahf.training.cpu_malloc import ENV_VAR, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
-# The module file alone (no torch, no megahf package import: a fresh interpreter in a fraction of a second), and a
-# plain malloc, which is what a CPU tensor's storage is.
+# The module file alone, with only the light `megahf.errors` it imports (not torch, not `megahf.training`: a fresh
+# interpreter in a fraction of a second), and a plain malloc, which is what a CPU tensor's storage is.
 PROBE = """
 import ctypes, importlib.util, sys
-spec = importlib.util.spec_from_file_location("cpu_malloc", sys.argv[1])
+spec = importlib.util.spec_from_file_location("megahf.training.cpu_malloc", sys.argv[1])
 cpu_malloc = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cpu_malloc)
 
@@ -65,7 +65,7 @@ def test_system_keeps_glibcs_default(monkeypatch):
 
 def test_a_bad_value_names_the_variable_and_the_choices(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "jemalloc")
-    with pytest.raises(ValueError, match=f"{ENV_VAR}='jemalloc': use 'keep' .* or 'system'"):
+    with pytest.raises(cpu_malloc.MallocSettingError, match=f"{ENV_VAR}='jemalloc': use 'keep' .* or 'system'"):
         keep_freed_memory()
 
 

@@ -8,6 +8,7 @@ builtin base it had before (`ValueError`, `OSError`, ...), so existing `except` 
 megahf's user-facing errors: `RecipeError` (megahf.recipe), `IndexedDatasetError` and `IndexedDatasetNotFoundError`
 (megahf.data.indexed_dataset), `GPTDatasetError`, `BertDatasetError`, `PreprocessError` (megahf.data),
 `CheckpointError` (megahf.training.checkpoint), `NonFiniteError` (megahf.training.trainer: a NaN loss),
+`MallocSettingError` (megahf.training.cpu_malloc: a bad `MEGAHF_CPU_MALLOC`),
 `EvaluationError` (megahf.tasks.common), `TaskDataError` (megahf.tasks.task_data), `UnknownMetricError`
 (megahf.metrics), and here `OutputWriteError` and `UnsupportedModelError`.
 

@@ -65,7 +65,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # 16-bit dtype the matmul writes `scores`, its float32 copy goes to `work`, and the gradient of the logits
         # goes back into `scores` in the input dtype.
         rows = min(chunk_size, tokens)
-        # One process holding every row of the softmax, on a CPU: torch's softmax in place (see _softmax_in_place).
+        # One process holding every row of the softmax, on a CPU: torch's softmax in place (_softmax_in_place). On
+        # a GPU, where passes over memory cost far less, the general path stays (its in-place use is CPU-tested).
         whole_rows = type(collectives) is Collectives and hidden.device.type == "cpu"
         scores = torch.empty(rows, columns, dtype=hidden.dtype, device=hidden.device)
         work = scores if hidden.dtype == torch.float32 else torch.empty(rows, columns, device=hidden.device)
@@ -141,7 +142,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def _softmax_in_place(logits, local_t, owned, kept, losses, hidden, weight, bias):
     """The chunk's softmax where one process holds every row of it: torch's softmax, in place, does the max, the
-    exponentials, their sum and the scaling row by row while the row is in cache, where the general loop below
+    exponentials, their sum and the scaling row by row while the row is in cache, where `_softmax_across_shards`
     makes four passes over the whole chunk (on a CPU each pass over memory costs as much as a fifth of the output
     layer's matmul). The loss is -log p(target); a target probability below float32's smallest normal number (a
     loss above 87, where the logarithm would lose digits or be infinite) is recomputed from its row's logits,

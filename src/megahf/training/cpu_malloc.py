@@ -20,6 +20,8 @@ import ctypes
 import os
 import platform
 
+from ..errors import MegahfError
+
 ENV_VAR = "MEGAHF_CPU_MALLOC"
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -29,12 +31,16 @@ MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = (1 << 31) - 1
 
 
+class MallocSettingError(MegahfError, ValueError):
+    """`MEGAHF_CPU_MALLOC` holds a value other than `keep` or `system`."""
+
+
 def keep_freed_memory() -> str | None:
     """Tune glibc's malloc for a training process (see the module docstring). Returns a line for the log saying
     what was done, or None where nothing was (not glibc, or `MEGAHF_CPU_MALLOC=system`)."""
     choice = os.environ.get(ENV_VAR, "keep").strip().lower()
     if choice not in ("keep", "system"):
-        raise ValueError(f"{ENV_VAR}={choice!r}: use 'keep' (freed memory is kept for reuse; the default on CPU) "
+        raise MallocSettingError(f"{ENV_VAR}={choice!r}: use 'keep' (freed memory is kept for reuse; the default on CPU) "
                          "or 'system' (glibc's default malloc behaviour)")
     if choice == "system" or platform.libc_ver()[0] != "glibc":
         return None
@@ -45,4 +51,4 @@ def keep_freed_memory() -> str | None:
             "this off)")
 
 
-__all__ = ["ENV_VAR", "keep_freed_memory"]
+__all__ = ["ENV_VAR", "MallocSettingError", "keep_freed_memory"]
