@@ -74,6 +74,9 @@ def test_metrics_json(run):
     assert metrics["valid_ppl"] == pytest.approx(math.exp(metrics["valid_loss"]))
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
     assert metrics["sample"].startswith("The king")
+    # the process's peak resident set: at least the torch + transformers process it is (hundreds of MiB), less than
+    # the machine
+    assert 0.1 < metrics["peak_memory_gib"] < 64 and "ru_maxrss" in metrics["peak_memory_source"]
     assert metrics == run.metrics
 
 

@@ -11,8 +11,16 @@ closest to the peak); on a GPU the bf16 peak of megahf's table.
     python scripts/bench/pretrain.py                       # CPU: tiny and small recipes, 1 process and TP=2
     python scripts/bench/pretrain.py --steps 40 --out scripts/bench/results/pretrain_cpu
     python scripts/bench/pretrain.py --configs gpt-345m --layouts 1 --steps 30     # on one GPU
+    python scripts/bench/pretrain.py --configs gpt-345m,gpt-1.2b --layouts 1 --variants chunked,plain,compiled,compiled-plain
 
-Configurations ("tiny" is recipes/gpt/tiny.yaml as shipped; the others are recipe files with model overrides):
+Each job's peak memory (`peak_memory_gib` of metrics.json: torch's `max_memory_allocated` on a GPU, the process's
+peak resident set on CPU) is reported beside its speed. Variants (`--variants`, default `chunked`: as the recipes
+train): `chunked` (`loss_chunk_size: 1024`), `plain` (`loss_chunk_size: 0`: the full logits), `compiled` and
+`compiled-plain` (the same with `compile: true`).
+
+Configurations ("tiny" is recipes/gpt/tiny.yaml as shipped; the others are recipe files with model overrides; the
+GPU ones run one optimizer step per micro-batch of 8 and, for gpt-1.2b, without the recipe's full recompute, which
+one 80 GB+ GPU does not need at that batch and which would cost a third more compute than MFU counts):
 """
 
 from __future__ import annotations
@@ -35,6 +43,13 @@ CONFIGS = {
     "small": ("recipes/gpt/tiny.yaml", {"model_overrides.hidden_size": 256, "model_overrides.num_layers": 6,
                                         "seq_length": 256}),
     "gpt-345m": ("recipes/gpt/gpt-345m.yaml", {"micro_batch_size": 8, "global_batch_size": 8}),
+    "gpt-1.2b": ("recipes/gpt/gpt-1.2b.yaml", {"micro_batch_size": 8, "global_batch_size": 8, "recompute": "none"}),
+}
+VARIANTS = {
+    "chunked": {"loss_chunk_size": 1024},
+    "plain": {"loss_chunk_size": 0},
+    "compiled": {"loss_chunk_size": 1024, "compile": "true"},
+    "compiled-plain": {"loss_chunk_size": 0, "compile": "true"},
 }
 __doc__ += "\n".join(f"    {name}: {recipe} {overrides or ''}" for name, (recipe, overrides) in CONFIGS.items())
 
@@ -45,12 +60,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_job(config: str, tp: int, steps: int, peak: float, workdir: Path, log) -> dict:
+def run_job(config: str, variant: str, tp: int, steps: int, peak: float, workdir: Path, log) -> dict:
     recipe, overrides = CONFIGS[config]
-    out = workdir / f"{config}-tp{tp}"
+    out = workdir / f"{config}-{variant}-tp{tp}"
     keys = {"train_steps": steps, "warmup_steps": 1, "log_interval": max(1, steps // 6), "eval_interval": 0,
             "sample_tokens": 0, "save_interval": 0, "resume": "none", "report_to": "none", "output_dir": out,
-            "peak_tflops": peak, "tensor_parallel_size": tp, "eval_iters": 1, **overrides}
+            "peak_tflops": peak, "tensor_parallel_size": tp, "eval_iters": 1, **overrides, **VARIANTS[variant]}
     args = [token for key, value in keys.items() for token in (f"--{key}", str(value))]
     entry = ["-m", "megahf", "pretrain", str(ROOT / recipe), *args]
     threads = os.cpu_count() or 1
@@ -68,11 +83,12 @@ def run_job(config: str, tp: int, steps: int, peak: float, workdir: Path, log) -
     # The saved log names no folder of this machine.
     log.write(text.replace(sys.executable, "python").replace(str(workdir), "$TMP").replace(str(ROOT), "."))
     if proc.returncode != 0:
-        raise SystemExit(f"{config} tp={tp} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise SystemExit(f"{config} {variant} tp={tp} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"config": config, "tensor_parallel_size": tp, "threads_per_process": env_threads,
+    return {"config": config, "variant": variant, "tensor_parallel_size": tp, "threads_per_process": env_threads,
             "parameters": metrics["parameters"], "tokens_per_second": metrics["tokens_per_second"],
             "model_tflops_per_second": metrics["model_tflops_per_second"], "mfu": metrics["mfu"],
+            "peak_memory_gib": metrics["peak_memory_gib"], "peak_memory_source": metrics["peak_memory_source"],
             "final_train_loss": metrics["final_train_loss"], "job_seconds": time.perf_counter() - started}
 
 
@@ -80,6 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="tiny,small", help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--layouts", default="1,2", help="tensor-parallel sizes (processes), comma-separated")
+    p.add_argument("--variants", default="chunked", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=2,
                    help="rounds over all jobs (interleaved); each job's best round is reported")
@@ -105,33 +122,37 @@ def main() -> None:
 
     log_path = Path(args.out + ".log") if args.out else Path(os.devnull)
     with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log:
-        best: dict[tuple[str, int], dict] = {}
+        best: dict[tuple[str, str, int], dict] = {}
+        jobs = [(config, variant, int(tp)) for config in args.configs.split(",")
+                for variant in args.variants.split(",") for tp in args.layouts.split(",")]
         for round_ in range(args.repeats):
-            for config in args.configs.split(","):
-                for tp in (int(t) for t in args.layouts.split(",")):
-                    result = run_job(config, tp, args.steps, measure_peak(), Path(tmp), log)
-                    result["rounds_tokens_per_second"] = best.get((config, tp), {}).get(
-                        "rounds_tokens_per_second", []) + [result["tokens_per_second"]]
-                    if result["tokens_per_second"] >= best.get((config, tp), {}).get("tokens_per_second", 0):
-                        best[(config, tp)] = result
-                    else:
-                        best[(config, tp)]["rounds_tokens_per_second"] = result["rounds_tokens_per_second"]
-                    print(f"  round {round_ + 1}: {config} tp={tp}: {result['tokens_per_second']:,.0f} tokens/s, "
-                          f"{result['model_tflops_per_second']:.4f} model TFLOP/s ({result['job_seconds']:.0f} s; "
-                          f"peak so far {max(peaks):.4f})", flush=True)
+            for job in jobs:
+                config, variant, tp = job
+                result = run_job(config, variant, tp, args.steps, measure_peak(), Path(tmp), log)
+                result["rounds_tokens_per_second"] = best.get(job, {}).get("rounds_tokens_per_second", []) + [
+                    result["tokens_per_second"]]
+                if result["tokens_per_second"] >= best.get(job, {}).get("tokens_per_second", 0):
+                    best[job] = result
+                else:
+                    best[job]["rounds_tokens_per_second"] = result["rounds_tokens_per_second"]
+                print(f"  round {round_ + 1}: {config} {variant} tp={tp}: {result['tokens_per_second']:,.0f} "
+                      f"tokens/s, {result['model_tflops_per_second']:.4f} model TFLOP/s, peak memory "
+                      f"{result['peak_memory_gib']:.2f} GiB ({result['job_seconds']:.0f} s; peak so far "
+                      f"{max(peaks):.4f})", flush=True)
         results = list(best.values())
     peak = measure_peak()
     for result in results:  # against the best peak of the whole run
         result["mfu"] = result["model_tflops_per_second"] / peak
     load_after = os.getloadavg()[0]
 
-    print(f"\n| config | parameters | processes (TP) | threads/process | tokens/s (best of {args.repeats}) | "
-          "model TFLOP/s | MFU |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| config | variant | parameters | processes (TP) | threads/process | tokens/s (best of {args.repeats}) | "
+          "model TFLOP/s | MFU | peak memory (GiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['config']} | {r['parameters'] / 1e6:.1f}M | {r['tensor_parallel_size']} | "
+        print(f"| {r['config']} | {r['variant']} | {r['parameters'] / 1e6:.1f}M | {r['tensor_parallel_size']} | "
               f"{r['threads_per_process']} | {r['tokens_per_second']:,.0f} | {r['model_tflops_per_second']:.4f} | "
-              f"{r['mfu']:.2%} |")
+              f"{r['mfu']:.2%} | {r['peak_memory_gib']:.2f} |")
+    print(f"peak memory: {results[0]['peak_memory_source']} of rank 0" if results else "")
     print(f"\npeak {peak:.4f} TFLOP/s ({source}); load average {load_before:.1f} before, {load_after:.1f} after")
     report = {"torch": torch.__version__, "cores": os.cpu_count(), "peak_tflops": peak, "peak_source": source,
               "peak_measurements": peaks, "steps": args.steps, "load_average": [load_before, load_after],

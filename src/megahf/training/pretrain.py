@@ -15,6 +15,7 @@ its steps; each step is a function below it.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,10 +231,21 @@ def collect_metrics(recipe: PretrainRecipe, layout: ParallelLayout, trainer: Meg
         "peak_source": peak.source,
         "mfu": progress.mfu(tokens_per_second),
         "train_time_s": train_metrics.get("train_runtime"),
+        **peak_memory(trainer.args.device),
         "device": str(trainer.args.device),
         "resumed_from": str(resume_from) if resume_from else None,
         "sample": validation["sample"],
     }
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory so far (rank 0's, in `metrics.json`): on a GPU what torch's allocator handed out
+    (`max_memory_allocated`), on CPU the process's peak resident set (which also counts the libraries' code)."""
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_memory_source": "torch.cuda.max_memory_allocated"}
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_gib": kib / 2**20, "peak_memory_source": "peak resident set size (ru_maxrss)"}
 
 
 def write_outputs(recipe: PretrainRecipe, trainer: MegatronTrainer, model, tokenizer, metrics: dict,
