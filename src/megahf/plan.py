@@ -496,5 +496,5 @@ def run(args) -> int:
 
 
 __all__ = ["GPUS", "Candidate", "Gpu", "Layout", "PlanError", "Shape", "activation_bytes_per_layer", "best_per_tp",
-           "format_plan", "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step", "plan", "step_time",
-           "why_not_tp", "write_layout"]
+           "format_plan", "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step", "plan",
+           "step_time", "why_not_tp", "write_layout"]

@@ -22,6 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: no parameter can be a DTensor
+    DTensor = ()
+
 IGNORE_INDEX = -100
 
 
@@ -222,23 +227,22 @@ def can_chunk(output_layer: nn.Module, bias: bool = False) -> bool:
     return forward is nn.Linear.forward and (bias or getattr(output_layer, "bias", None) is None)
 
 
+def holds_whole_weight(output_layer: nn.Module, bias: bool = False) -> bool:
+    """`can_chunk`, and the weight is a plain tensor on this process (not a tensor-parallel or FSDP2 shard)."""
+    return can_chunk(output_layer, bias) and not isinstance(output_layer.weight, DTensor)
+
+
 def output_logits(output_layer: nn.Module, hidden: torch.Tensor, vocab_size: int, bias: bool = False) -> torch.Tensor:
     """`output_layer(hidden)`, with at least the first `vocab_size` columns: for a hook-free `nn.Linear` (with a
     bias where `bias` allows one: BERT's) that holds its whole weight here (one process, DDP, a gathered FSDP2 unit)
     only the weight's first `vocab_size` rows are multiplied, the rest (Megatron's padding) being logits that the
-    loss and the caller slice off anyway. On a CPU the matmuls over the padded 50,304 rows run 12-16% slower than
-    over GPT-2's 50,257, and the slice's backward zero-fills a gradient of the padded logits' size. Any other layer
-    (tensor parallel, LoRA, hooked) is called."""
-    weight = getattr(output_layer, "weight", None)
-    whole = True
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        whole = not isinstance(weight, DTensor)
-    if (whole and can_chunk(output_layer, bias) and vocab_size < weight.shape[0] and not output_layer._forward_hooks
-            and not output_layer._forward_pre_hooks):
+    loss and the caller slice off anyway. On a CPU the matmuls over the padded 50,304 rows run slower than over
+    GPT-2's 50,257, and the slice's backward zero-fills a gradient of the padded logits' size (the cost:
+    `scripts/bench/train_step.py`'s padded line). Any other layer (tensor parallel, LoRA, hooked) is called."""
+    if (holds_whole_weight(output_layer, bias) and vocab_size < output_layer.weight.shape[0]
+            and not output_layer._forward_hooks and not output_layer._forward_pre_hooks):
         rows_bias = None if output_layer.bias is None else output_layer.bias[:vocab_size]
-        return nn.functional.linear(hidden, weight[:vocab_size], rows_bias)
+        return nn.functional.linear(hidden, output_layer.weight[:vocab_size], rows_bias)
     return output_layer(hidden)
 
 

@@ -40,8 +40,8 @@ def keep_freed_memory() -> str | None:
     what was done, or None where nothing was (not glibc, or `MEGAHF_CPU_MALLOC=system`)."""
     choice = os.environ.get(ENV_VAR, "keep").strip().lower()
     if choice not in ("keep", "system"):
-        raise MallocSettingError(f"{ENV_VAR}={choice!r}: use 'keep' (freed memory is kept for reuse; the default on CPU) "
-                         "or 'system' (glibc's default malloc behaviour)")
+        raise MallocSettingError(f"{ENV_VAR}={choice!r}: use 'keep' (freed memory is kept for reuse; the default "
+                                 "on CPU) or 'system' (glibc's default malloc behaviour)")
     if choice == "system" or platform.libc_ver()[0] != "glibc":
         return None
     libc = ctypes.CDLL(None)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
@@ -33,7 +32,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..chunked_loss import can_chunk, chunked_masked_lm_loss, output_logits
+from ..chunked_loss import chunked_masked_lm_loss, holds_whole_weight, output_logits
 from ..layers import MegatronMLP, MegatronSelfAttention, build_norm, init_megatron_weights
 from ..padded_vocab import PaddedVocabMixin, masked_lm_loss
 from .configuration_megatron_bert import MegatronBertConfig
@@ -249,7 +248,7 @@ class _MaskedLMHeadMixin:
         """Whether the head can take the labeled rows alone: a plain output layer (not a LoRA or quantized one) with
         plain tensors. Under tensor parallelism or FSDP2 (DTensor parameters: their plans expect whole sequences
         and the vocabulary-parallel loss) the head runs on every position."""
-        return can_chunk(self.output_layer, bias=True) and not isinstance(self.output_layer.weight, DTensor)
+        return holds_whole_weight(self.output_layer, bias=True)
 
 
 class MegatronBertForPreTraining(_MaskedLMHeadMixin, MegatronBertPreTrainedModel):
