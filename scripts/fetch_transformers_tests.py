@@ -54,7 +54,7 @@ def _say(message: str) -> None:
     print(f"[fetch_transformers_tests] {message}", file=sys.stderr)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -78,7 +78,7 @@ def fetch() -> None:
                 "\n  The common model tests in tests/hf_common need it: run this script (or "
                 "`bash scripts/setup_env.sh`) once with access to PyPI.")
         sdist = sdists[0]
-        digest = _sha256(sdist)
+        digest = sha256_of(sdist)
         if digest != TRANSFORMERS_SDIST_SHA256:
             raise SystemExit(f"error: {sdist.name} has sha256 {digest}, expected {TRANSFORMERS_SDIST_SHA256} "
                              "(pinned in scripts/fetch_transformers_tests.py); refusing to use it.")

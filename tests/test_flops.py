@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -32,7 +34,8 @@ def test_training_flops_per_token_is_megatrons_formula():
 
 def test_peaks():
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu_peak_tflops("Tesla T4") is None
-    assert 0 < measure_cpu_matmul_tflops(size=256, repeats=2, threads=1) < 10
+    # a rate, not judged: any machine and load gives some positive, finite figure (scripts/bench/launch_peak.py times it)
+    assert math.isfinite(rate := measure_cpu_matmul_tflops(size=256, repeats=2, threads=1)) and rate > 0
 
 
 def test_a_masked_lm_counts_its_output_layer_at_the_masked_share():

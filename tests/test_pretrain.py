@@ -82,7 +82,9 @@ def test_metrics_json(run):
 
 def test_throughput_and_mfu_are_logged(run):
     metrics = json.loads((run.output_dir / "metrics.json").read_text())
-    assert 0 < metrics["mfu"] < 1 and metrics["peak_tflops"] > 0 and "measured" in metrics["peak_source"]
+    # positive only: the peak is timed at the start and the steps later, so a load that comes or goes in between can
+    # put MFU anywhere (even above 1); what is exact is how it is computed
+    assert metrics["mfu"] > 0 and metrics["peak_tflops"] > 0 and "measured" in metrics["peak_source"]
     assert metrics["mfu"] == pytest.approx(metrics["model_tflops_per_second"] / metrics["peak_tflops"])
     logged = [e for e in run.trainer.state.log_history if "loss" in e]
     assert all("tokens_per_second" in e and "mfu" in e for e in logged[1:])

@@ -9,7 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
+from required import oracle
 from megahf.data.bert_dataset import (
     IGNORE_INDEX,
     BertDataset,
@@ -22,7 +24,6 @@ from megahf.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-torch = pytest.importorskip("torch")
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 VOCAB = 200  # ids 4..199 are words; every id divisible by 5 is a "##" piece
@@ -79,10 +80,10 @@ def corpus(tmp_path_factory):
 def mcore_dataset(prefix, docs, num_samples, tmp_path, monkeypatch, seed=1234, seq=SEQ, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        MI = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-        MBERT = pytest.importorskip("megatron.core.datasets.bert_dataset")
-        MU = pytest.importorskip("megatron.core.datasets.utils")
-        pytest.importorskip("megatron.core.datasets.helpers_cpp")
+        MI = oracle("megatron.core.datasets.indexed_dataset")
+        MBERT = oracle("megatron.core.datasets.bert_dataset")
+        MU = oracle("megatron.core.datasets.utils")
+        oracle("megatron.core.datasets.helpers_cpp")
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
     opts = dict(
         masking_probability=0.15,
@@ -170,7 +171,7 @@ def test_same_as_megatron_core_whole_word(corpus, tmp_path, monkeypatch):
 
 
 def test_mapping_against_helpers(corpus):
-    helpers = pytest.importorskip("megatron.core.datasets.helpers")
+    helpers = oracle("megatron.core.datasets.helpers")
     ds = IndexedDataset(corpus)
     bounds = np.asarray(ds.document_indices)
     for seed, p, min_sent, n, max_len in [(1, 0.1, 2, 50, 61), (99, 0.0, 1, 900, 20), (5, 1.0, 2, 10, 3)]:

@@ -9,7 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
+from required import oracle
 from megahf.data.blended_dataset import BlendedDataset, build_gpt_datasets, parse_blend, source_sizes
 from megahf.data.gpt_dataset import (
     GPTDataset,
@@ -27,15 +29,14 @@ from megahf.data.sample_index import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-torch = pytest.importorskip("torch")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    MI = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-    MG = pytest.importorskip("megatron.core.datasets.gpt_dataset")
-    MB = pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")
-    MC = pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_config")
-    MBD = pytest.importorskip("megatron.core.datasets.blended_dataset")
-    helpers_cpp = pytest.importorskip("megatron.core.datasets.helpers_cpp")
+    MI = oracle("megatron.core.datasets.indexed_dataset")
+    MG = oracle("megatron.core.datasets.gpt_dataset")
+    MB = oracle("megatron.core.datasets.blended_megatron_dataset_builder")
+    MC = oracle("megatron.core.datasets.blended_megatron_dataset_config")
+    MBD = oracle("megatron.core.datasets.blended_dataset")
+    helpers_cpp = oracle("megatron.core.datasets.helpers_cpp")
     from megatron.core.datasets import helpers as mhelpers
 
 EOD, PAD = 0, 1

@@ -11,7 +11,9 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
+from required import oracle
 from megahf.data.indexed_dataset import (
     DTYPE_CODES,
     INDEX_MAGIC,
@@ -23,10 +25,9 @@ from megahf.data.indexed_dataset import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-torch = pytest.importorskip("torch")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    M = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    M = oracle("megatron.core.datasets.indexed_dataset")
 
 
 def random_docs(seed, n_docs=12, vocab=50257, max_len=40):

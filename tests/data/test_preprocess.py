@@ -9,13 +9,14 @@ import warnings
 import numpy as np
 import pytest
 
+from required import oracle
 from megahf.assets import load_gpt2_tokenizer
 from megahf.data.indexed_dataset import IndexedDataset
 from megahf.data.preprocess import PreprocessError, main, preprocess_corpus, split_sentences
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    M = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    M = oracle("megatron.core.datasets.indexed_dataset")
 
 DOCS = [
     "Hello world. This is megahf.",

@@ -23,10 +23,11 @@ import pytest
 import torch
 import yaml
 
+from required import oracle
 from task_helpers import FIXTURES, fitted_gpt
 from megahf.tasks import lambada
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = oracle("lm_eval")
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager, get_task_dict  # noqa: E402
 
