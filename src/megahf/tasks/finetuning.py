@@ -27,11 +27,10 @@ The shipped fixtures (`fixture_path(name)`) are tiny hand-made stand-ins in thes
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -41,10 +40,9 @@ import torch
 from ..atomic import atomic_write_text
 from . import glue, race
 from .glue import GLUE
-from .task_data import FIXTURE_FOLDERS, TaskDataError, fixture_path, load_splits
+from .task_data import FIXTURE_FOLDERS, load_splits
+from .task_spec import MULTIPLE_CHOICE, SEQUENCE_CLASSIFICATION, TaskDataError, TaskSpec
 
-SEQUENCE_CLASSIFICATION = "sequence_classification"
-MULTIPLE_CHOICE = "multiple_choice"
 #: The smallest `max_seq_length` featurize accepts: [CLS], [SEP] and a few tokens of text.
 MIN_SEQ_LENGTH = 8
 #: The metric module behind each reported metric name (`megahf.metrics`), and the key its result has.
@@ -54,50 +52,9 @@ METRIC_MODULES = {"accuracy": ("accuracy", "accuracy"), "f1": ("f1", "f1"),
 
 
 @dataclass(frozen=True)
-class FinetuneTask:
-    """One fine-tuning task: where its data lies, its head and classes, its splits and metrics (see the module
-    docstring's table)."""
-
-    name: str
-    hub_name: str
-    hub_config: str
-    head: str
-    num_labels: int
-    label_names: tuple[str, ...]
-    train_split: str
-    eval_splits: tuple[str, ...]
-    test_splits: tuple[str, ...]
-    metrics: tuple[str, ...]
-    main_metric: str
-    #: the columns that must hold text (GLUE: a, b in the order they are encoded; RACE: article, question, id)
-    text_columns: tuple[str, ...] = ()
-    #: every column `load` requires
-    columns: tuple[str, ...] = ()
-    #: the prediction file of each test split
-    prediction_files: tuple[str, ...] = ()
-    #: whether prediction files hold label names (the GLUE server wants them for MNLI, QNLI, RTE) or class ids
-    names_in_submission: bool = False
-    #: the Hub configs the task can read (RACE: all, high, middle)
-    hub_configs: tuple[str, ...] = field(default=())
-
-    @property
-    def is_regression(self) -> bool:
-        return self.head == SEQUENCE_CLASSIFICATION and self.num_labels == 1
-
-    @property
-    def all_splits(self) -> tuple[str, ...]:
-        return (self.train_split, *self.eval_splits, *self.test_splits)
-
-    @property
-    def id_column(self) -> str:
-        """The column featurize keeps to name rows in prediction files (GLUE `idx`, RACE `example_id`)."""
-        return "example_id" if self.head == MULTIPLE_CHOICE else "idx"
-
-    def with_config(self, config: str) -> FinetuneTask:
-        """The same task on another config of its Hub dataset (RACE: "high" or "middle")."""
-        if config not in self.hub_configs:
-            raise TaskDataError(f"task {self.name}: no config {config!r}; pass one of {', '.join(self.hub_configs)}")
-        return dataclasses.replace(self, hub_config=config)
+class FinetuneTask(TaskSpec):
+    """One fine-tuning task (`TaskSpec`: see the module docstring's table) and what can be done with it: load its
+    data, featurize it, collate batches, compute its metrics and write its prediction files."""
 
     def load(self, dataset: str | os.PathLike | None, splits: Sequence[str] | None = None) -> datasets.DatasetDict:
         """The task's splits (default all: train, eval and test; `splits` picks some) from the Hub dataset
@@ -260,7 +217,7 @@ def _glue_task(name: str) -> FinetuneTask:
 
 RACE = FinetuneTask(
     name="race", hub_name="ehovy/race", hub_config="all", head=MULTIPLE_CHOICE, num_labels=race.NUM_CHOICES,
-    label_names=("A", "B", "C", "D"), train_split="train", eval_splits=("validation",), test_splits=("test",),
+    label_names=race.RACE_LETTERS, train_split="train", eval_splits=("validation",), test_splits=("test",),
     metrics=("accuracy", "accuracy_middle", "accuracy_high"), main_metric="accuracy",
     text_columns=("article", "question", "example_id"), columns=("example_id", "article", "question", "answer",
                                                                   "options"),
@@ -279,8 +236,13 @@ def get_task(name: str, config: str | None = None) -> FinetuneTask:
     return task if config is None or config == task.hub_config else task.with_config(config)
 
 
+def fixture_path(task_name: str) -> Path:
+    """The folder of the shipped fixture of a task (laid out like its Hub dataset; NOT the real data)."""
+    return FIXTURE_FOLDERS[get_task(task_name).hub_name]
+
+
 #: The folder of the shipped fixture of each task (NOT the real data), as `fixture_path(name)` gives it.
 FIXTURES: dict[str, Path] = {name: FIXTURE_FOLDERS[task.hub_name] for name, task in TASKS.items()}
 
 __all__ = ["FIXTURES", "METRIC_MODULES", "MIN_SEQ_LENGTH", "MULTIPLE_CHOICE", "SEQUENCE_CLASSIFICATION", "TASKS",
-           "FinetuneTask", "TaskDataError", "fixture_path", "get_task"]
+           "FinetuneTask", "TaskDataError", "TaskSpec", "fixture_path", "get_task"]

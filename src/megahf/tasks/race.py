@@ -17,8 +17,10 @@ splits is refused (`task_data.check_split`).
 from __future__ import annotations
 
 from .glue import build_pair, tokenize
-from .task_data import RACE_LETTERS, TaskDataError
+from .task_spec import TaskDataError
 
+#: RACE's answer letters, in option order.
+RACE_LETTERS = ("A", "B", "C", "D")
 NUM_CHOICES = len(RACE_LETTERS)
 #: Megatron's cap on the tokens of question+option.
 MAX_QA_LENGTH = 128
@@ -67,5 +69,5 @@ def featurize_batch(batch: dict, tokenizer, max_seq_length: int, max_qa_length: 
             "labels": [label_of(a) for a in batch["answer"]]}
 
 
-__all__ = ["LEVELS", "MAX_QA_LENGTH", "NUM_CHOICES", "featurize_batch", "label_of", "question_with_option",
-           "race_level"]
+__all__ = ["LEVELS", "MAX_QA_LENGTH", "NUM_CHOICES", "RACE_LETTERS", "featurize_batch", "label_of",
+           "question_with_option", "race_level"]

@@ -13,33 +13,22 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..assets import ASSETS_DIR
-from ..errors import MegahfError
-
-if TYPE_CHECKING:  # the task class imports this module
-    from .finetuning import FinetuneTask
+from .race import RACE_LETTERS, race_level
+from .task_spec import MULTIPLE_CHOICE, TaskDataError, TaskSpec
 
 FIXTURES_DIR = ASSETS_DIR / "fixtures"
 
 #: Where the shipped fixtures (NOT the real data: tiny hand-made stand-ins) of each Hub dataset lie.
 FIXTURE_FOLDERS = {"nyu-mll/glue": FIXTURES_DIR / "glue", "ehovy/race": FIXTURES_DIR / "race"}
 
-#: RACE's answer letters, in option order.
-RACE_LETTERS = ("A", "B", "C", "D")
 
-
-class TaskDataError(MegahfError, ValueError):
-    """A fine-tuning task's data (or its name) cannot be used; the message names the split, column or value and the
-    fix."""
-
-
-def load_splits(task: FinetuneTask, dataset: str | os.PathLike | None,
+def load_splits(task: TaskSpec, dataset: str | os.PathLike | None,
                 splits: Sequence[str] | None = None) -> datasets.DatasetDict:
     """The splits `splits` (default: all of the task's train, eval and test splits) of `dataset`, checked by
     `check_split`. `dataset` None, or the task's Hub name, loads the Hub dataset; anything else must be a local
@@ -61,7 +50,7 @@ def load_splits(task: FinetuneTask, dataset: str | os.PathLike | None,
     return checked
 
 
-def _load_hub(task: FinetuneTask) -> datasets.DatasetDict:
+def _load_hub(task: TaskSpec) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(task.hub_name, task.hub_config)
     except Exception as error:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, ValueError, ...)
@@ -70,7 +59,7 @@ def _load_hub(task: FinetuneTask) -> datasets.DatasetDict:
                             f"({task.hub_config}/{{split}}-00000-of-00001.parquet)") from error
 
 
-def _load_folder(task: FinetuneTask, folder: Path, wanted: Sequence[str]) -> datasets.DatasetDict:
+def _load_folder(task: TaskSpec, folder: Path, wanted: Sequence[str]) -> datasets.DatasetDict:
     layout = f"{task.hub_config}/{{split}}-00000-of-00001.parquet, as the Hub dataset {task.hub_name} stores it"
     if not folder.is_dir():
         raise TaskDataError(f"dataset {folder}: no such folder; pass a folder laid out like {task.hub_name} "
@@ -99,7 +88,7 @@ def _load_folder(task: FinetuneTask, folder: Path, wanted: Sequence[str]) -> dat
     return loaded
 
 
-def check_split(task: FinetuneTask, split: datasets.Dataset, name: str, source: str) -> None:
+def check_split(task: TaskSpec, split: datasets.Dataset, name: str, source: str) -> None:
     """The split has the task's columns, text where text belongs and labels in the task's classes (test splits may
     hold -1, "unlabeled"); RACE's evaluation splits also tell the level (middle/high) of each row by its
     `example_id`. Raises `TaskDataError` on the first problem."""
@@ -112,7 +101,7 @@ def check_split(task: FinetuneTask, split: datasets.Dataset, name: str, source: 
     for column in task.text_columns:
         _check_strings(table.column(column), source, name, column)
     unlabeled_ok = name in task.test_splits
-    if task.head == "multiple_choice":
+    if task.head == MULTIPLE_CHOICE:
         _check_race(task, split, name, source, unlabeled_ok)
     elif task.is_regression:
         _check_scores(split, name, source, unlabeled_ok)
@@ -130,7 +119,7 @@ def _check_strings(column: pa.ChunkedArray, source: str, name: str, column_name:
                             "or remove the row")
 
 
-def _check_classes(task: FinetuneTask, split: datasets.Dataset, name: str, source: str, unlabeled_ok: bool) -> None:
+def _check_classes(task: TaskSpec, split: datasets.Dataset, name: str, source: str, unlabeled_ok: bool) -> None:
     feature = split.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         if tuple(feature.names) != task.label_names:
@@ -161,7 +150,7 @@ def _check_scores(split: datasets.Dataset, name: str, source: str, unlabeled_ok:
                                 f"from 0 to 5{hint}; fix or remove the row")
 
 
-def _check_race(task: FinetuneTask, split: datasets.Dataset, name: str, source: str, unlabeled_ok: bool) -> None:
+def _check_race(task: TaskSpec, split: datasets.Dataset, name: str, source: str, unlabeled_ok: bool) -> None:
     for row, (answer, options) in enumerate(zip(split["answer"], split["options"])):
         if not isinstance(options, list) or len(options) != len(RACE_LETTERS) or \
                 not all(isinstance(o, str) for o in options):
@@ -171,8 +160,6 @@ def _check_race(task: FinetuneTask, split: datasets.Dataset, name: str, source: 
             raise TaskDataError(f"{source}: split {name!r} row {row}: answer {answer!r} is not one of "
                                 f"{', '.join(RACE_LETTERS)}; fix or remove the row")
     if name in task.eval_splits:
-        from .race import race_level  # here: race imports this module
-
         for row, example_id in enumerate(split["example_id"]):
             if race_level(example_id) is None:
                 raise TaskDataError(f"{source}: split {name!r} row {row}: example_id {example_id!r} does not tell "
@@ -180,12 +167,4 @@ def _check_race(task: FinetuneTask, split: datasets.Dataset, name: str, source: 
                                     "'high', as in ehovy/race, e.g. 'high1234.txt'); rename the ids")
 
 
-def fixture_path(task_name: str) -> Path:
-    """The folder of the shipped fixture of a task (laid out like its Hub dataset; NOT the real data)."""
-    from .finetuning import get_task  # here: finetuning imports this module
-
-    return FIXTURE_FOLDERS[get_task(task_name).hub_name]
-
-
-__all__ = ["FIXTURES_DIR", "FIXTURE_FOLDERS", "RACE_LETTERS", "TaskDataError", "check_split", "fixture_path",
-           "load_splits"]
+__all__ = ["FIXTURES_DIR", "FIXTURE_FOLDERS", "check_split", "load_splits"]
