@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import gc
 import io
 import json
 import os
@@ -313,8 +314,10 @@ def test_megahf_pretrain_reports_a_full_disk_in_one_line(corpus, tmp_path, monke
     out = tmp_path / "out"
     _writes_fail(monkeypatch, "scheduler.pt", errno.ENOSPC)
     assert main(["pretrain", str(RECIPE), *recipe_args(corpus, out)]) == 2
-    stderr = capsys.readouterr().err  # with the progress bar, which may be drawn again after the error
+    gc.collect()  # an open progress bar redraws itself when it is collected
+    stderr = capsys.readouterr().err
     assert stderr.count("megahf pretrain: error: ") == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1].startswith("megahf pretrain: error: "), stderr[-3000:]  # the last line
     error = stderr.split("megahf pretrain: error: ")[1].splitlines()[0]
     assert error.startswith(f"cannot write checkpoint {out / 'checkpoints' / 'step_0000003'}: rank 0: "
                             f"{out / 'checkpoints' / '.step_0000003.partial' / 'scheduler.pt'}: the disk is full")

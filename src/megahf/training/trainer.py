@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from ..errors import MegahfError
 from ..parallel import clip_grad_norm_
@@ -38,6 +39,18 @@ class MegatronTrainer(Trainer):
         self.checkpoint_metadata = checkpoint_metadata or {}
         self.progress = progress
         super().__init__(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            # Trainer closes its progress bar only when training ends well; left open, tqdm redraws it when it is
+            # collected, after the CLI's one-line error, which is then no longer the last line a user sees
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                    callback.training_bar.close()
+                    callback.training_bar = None
+            raise
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
