@@ -68,34 +68,47 @@ def _model(shape: dict, layers: int, recompute: bool) -> MegatronGPTForCausalLM:
 
 
 def _saved_bytes(model, shape: dict) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward, parameters aside."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    """Bytes of the distinct storages autograd keeps for the backward, parameters aside, when the forward has ended
+    (each storage held and keyed by itself, so that no freed address is reused and counted twice or not at all)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, torch.UntypedStorage] = {}
 
     def pack(tensor):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = tensor.untyped_storage().nbytes()
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage
         return tensor
 
     ids = torch.randint(0, 50257, (shape["micro"], shape["seq"]), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=ids).loss.backward()
-    return sum(seen.values())
+        loss = model(input_ids=ids, labels=ids).loss
+    total = sum(storage.nbytes() for storage in saved.values())
+    loss.backward()
+    return total
+
+
+def _norm_statistics_bytes(shape: dict, recompute: str) -> int:
+    """What the paper's count leaves out and megahf's layer keeps: each of its two LayerNorms saves its mean and
+    reciprocal standard deviation, one fp32 value each per token (not split by TP: the norms are replicated), so
+    2 x 2 x 4 = 16 bytes per token; full recompute keeps only the layer's input. Byte counts are integers that do not
+    depend on the machine: measured and planned must then be equal, not close."""
+    return 0 if recompute == "full" else 16 * shape["seq"] * shape["micro"]
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_activation_memory_per_layer_matches_the_saved_tensors(name, recompute):
     """The saved tensors of a 2-layer model minus those of a 1-layer one: one layer's activations, fp32 on CPU
-    without dropout, against the plan's formula for the same shape (element bytes 4, no masks)."""
+    without dropout, against the plan's formula for the same shape (element bytes 4, no masks): equal to the byte
+    once the norms' statistics, which the formula leaves out, are added (0.3% of the tiny shape's layer, 0.08% of the
+    small one's)."""
     shape = SHAPES[name]
     per_layer = (_saved_bytes(_model(shape, 2, recompute == "full"), shape)
                  - _saved_bytes(_model(shape, 1, recompute == "full"), shape))
     planned = activation_bytes_per_layer(Shape.of(_model(shape, 1, False).config), shape["seq"], shape["micro"], 1,
                                          False, recompute, element_bytes=4, dropout=False)
     print(f"{name} recompute {recompute}: measured {per_layer} bytes per layer, planned {planned:.0f}")
-    assert abs(per_layer - planned) <= 0.15 * planned, (per_layer, planned)
+    assert per_layer == planned + _norm_statistics_bytes(shape, recompute), (per_layer, planned)
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -116,9 +129,8 @@ def test_weights_gradients_and_optimizer_state_match_the_tensors(name):
     planned = memory_breakdown(Shape.of(model.config), layout, shape["seq"])
     for key, value in measured.items():
         print(f"{name} {key}: measured {value}, planned {planned[key]:.0f}")
-        assert abs(planned[key] - value) <= 0.15 * value, key
-    # the parameter count is exact (the fp32 bytes per parameter are megahf's: weights 4, gradients 4, Adam 8)
-    assert planned["weights"] == measured["weights"]
+        # byte counts: exact (the fp32 bytes per parameter are megahf's: weights 4, gradients 4, Adam 8)
+        assert planned[key] == value, key
 
 
 @pytest.mark.parametrize("chunk", [256, 0])
@@ -157,9 +169,10 @@ def test_the_loss_memory_matches_the_allocator(chunk):
 @pytest.mark.parametrize("tp, fsdp", [(2, 1), (1, 2)], ids=["tp2", "fsdp2"])
 def test_sharded_memory_per_rank_matches_the_plan(tp, fsdp, tmp_path):
     """On 2 processes (torchrun, gloo): each rank's weight, gradient and Adam bytes, and its activations per layer
-    (saved tensors of a 2-layer minus a 1-layer model), against the plan for the same shape and layout. FSDP2 keeps
-    the all-gathered weights of a layer for its backward too, which the paper's activation count leaves out (measured
-    3-11% above the plan for this tiny shape, varying from run to run)."""
+    (saved tensors of a 2-layer minus a 1-layer model, read when the forward has ended), against the plan for the same
+    shape and layout: byte counts, hence equal, the activations once the norms' statistics are added as in one
+    process. FSDP2's linears save a layer's all-gathered weights too, but FSDP2 frees them after the layer's forward
+    (and gathers them again for the backward), so they count 0 bytes while the activations wait."""
     out = tmp_path / "memory.json"
     worker = Path(__file__).parent / "distributed" / "_plan_memory_worker.py"
     launch(torchrun_command(2, str(worker), "--tp", str(tp), "--fsdp", str(fsdp), "--out", str(out)),
@@ -174,8 +187,8 @@ def test_sharded_memory_per_rank_matches_the_plan(tp, fsdp, tmp_path):
     for rank, measured in enumerate(json.loads(out.read_text())):
         print(f"TP {tp} x FSDP {fsdp} rank {rank}: {measured}; planned activations per layer {per_layer:.0f}")
         for key in ("weights", "gradients", "optimizer"):
-            assert abs(measured[key] - planned[key]) <= 0.15 * planned[key], (rank, key, measured[key], planned[key])
-        assert abs(measured["activations_per_layer"] - per_layer) <= 0.15 * per_layer, (rank, measured, per_layer)
+            assert measured[key] == planned[key], (rank, key, measured[key], planned[key])
+        assert measured["activations_per_layer"] == per_layer + _norm_statistics_bytes(shape, "none"), (rank, measured)
 
 
 # ---------------------------------------------------------------------- --write, run as written
@@ -201,7 +214,6 @@ def test_written_recipe_and_launch_config_run_as_written(tmp_path):
     launch(cmd, "megahf pretrain with the written files")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2 and "2 processes" in metrics["layout"] and "global batch 8" in metrics["layout"]
-    assert REPO_ROOT.is_dir()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,8 +4,8 @@
 
 Builds a GPT of `--layers` layers (eager attention, dropout off, fp32) sharded as asked, and measures on every rank:
 the bytes of its own weights (DTensor shards: `to_local()`), of their gradients after a backward pass, of Adam's two
-moments after a step, and the bytes of the distinct tensors autograd saves for the backward (parameters aside).
-Rank 0 writes each rank's figures as JSON.
+moments after a step, and the bytes of the distinct storages autograd saves for the backward (parameters aside), as
+they stand when the forward pass has ended. Rank 0 writes each rank's figures as JSON.
 """
 
 from __future__ import annotations
@@ -40,19 +40,24 @@ def measure(args, layers: int) -> dict:
     torch.manual_seed(0)
     model = distribute_model(MegatronGPTForCausalLM(config), DistributedConfig(tp_size=args.tp, fsdp_size=args.fsdp))
     model.train()
-    params = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    params = {local(p).untyped_storage()._cdata for p in model.parameters()}
+    # Every storage autograd saves, held (so that no address is reused) and keyed by the storage itself; its size is
+    # read after the forward pass, when the backward is about to start. FSDP2 all-gathers a layer's weights for its
+    # forward, and its linears save them, but it frees them (resizes their storage to 0 bytes) right after the
+    # layer's forward and gathers them again for the backward: read at that point, they count 0, as they take
+    # nothing while the activations wait for the backward.
+    saved: dict[int, torch.UntypedStorage] = {}
 
     def pack(tensor):
-        plain = local(tensor)
-        ptr = plain.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = plain.untyped_storage().nbytes()
+        storage = local(tensor).untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage
         return tensor
 
     ids = torch.randint(0, 50257, (args.micro, args.seq), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(input_ids=ids, labels=ids).loss
+    saved_bytes = sum(storage.nbytes() for storage in saved.values())
     loss.backward()
     optimizer = torch.optim.AdamW(model.parameters())
     optimizer.step()
@@ -60,7 +65,7 @@ def measure(args, layers: int) -> dict:
         "weights": sum(nbytes(p) for p in model.parameters()),
         "gradients": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
         "optimizer": sum(nbytes(t) for state in optimizer.state.values() for key, t in state.items() if key != "step"),
-        "saved": sum(seen.values()),
+        "saved": saved_bytes,
     }
 
 
