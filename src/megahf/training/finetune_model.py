@@ -1,0 +1,132 @@
+"""The model `megahf finetune` trains: the pretrained encoder with the task's head (`build_task_model`; QLoRA loads
+its linear layers in 4-bit nf4), sharded as the layout says, and LoRA adapters on it (`apply_peft`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
+
+from ..models.bert import MegatronBertConfig, MegatronBertForMultipleChoice, MegatronBertForSequenceClassification
+from ..parallel import distribute_model
+from ..parallel.layout import ParallelLayout
+from ..recipe import FinetuneRecipe, RecipeError
+from ..tasks.finetuning import FinetuneTask
+from .finetune_setup import ModelSource
+from .log import say
+
+HEADS = {  # task.head -> (model class, Auto class, name of the task head module)
+    "sequence_classification": (MegatronBertForSequenceClassification, AutoModelForSequenceClassification,
+                                "classification_head"),
+    "multiple_choice": (MegatronBertForMultipleChoice, AutoModelForMultipleChoice, "multichoice_head"),
+}
+
+
+def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSource, tokenizer,
+                     layout: ParallelLayout):
+    """The pretrained encoder with a new task head (random weights from the recipe's seed, the same on every rank),
+    sharded as the layout says. QLoRA loads the linear layers in 4-bit nf4."""
+    model_class, auto_class, head = HEADS[task.head]
+    labels: dict[str, Any] = {"pad_token_id": tokenizer.pad_token_id}
+    if task.head == "sequence_classification":
+        labels.update(num_labels=task.num_labels,
+                      problem_type="regression" if task.is_regression else "single_label_classification")
+        if task.label_names:
+            labels.update(id2label=dict(enumerate(task.label_names)),
+                          label2id={name: i for i, name in enumerate(task.label_names)})
+    torch.manual_seed(recipe.run.seed)
+    if not source.pretrained:
+        config = MegatronBertConfig.from_preset(source.name, vocab_size=len(tokenizer), **labels)
+        model = model_class(config)
+        say(f"model: {source.name} with a new {head} (random weights everywhere)")
+    else:
+        quantization = qlora_loading(task, head) if recipe.peft.peft == "qlora" else {}
+        try:
+            # A head of another size (a model fine-tuned on MNLI, continued on RTE) is re-initialised, not refused;
+            # any other tensor of the wrong size is refused below.
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # its table of unused and new weights: the one line below says it
+            try:
+                model, info = auto_class.from_pretrained(source.name, output_loading_info=True,
+                                                         ignore_mismatched_sizes=True, **labels, **quantization)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+        except (RuntimeError, ValueError, ImportError) as error:
+            if quantization:
+                raise RecipeError(f"recipe key peft='qlora': bitsandbytes cannot load a 4-bit model here "
+                                  f"({str(error).splitlines()[0]}); use peft: lora") from None
+            raise
+        if not isinstance(model, model_class):
+            raise RecipeError(f"recipe key model={source.name!r} loaded as {type(model).__name__}, not "
+                              f"{model_class.__name__}")
+        new = sorted({*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))})
+        stray = [k for k in new if not k.startswith(head)]
+        if stray:
+            raise RecipeError(
+                f"recipe key model={source.name!r}: {len(stray)} encoder tensors are missing from its weights or of "
+                f"another shape (e.g. {stray[0]}); give a complete pretrained BERT folder"
+            )
+        dropped = sorted({k.split(".")[0] for k in info["unexpected_keys"]})
+        outputs = 1 if task.head == "multiple_choice" else task.num_labels
+        fate = (f"newly initialised ({outputs} output{'s' if outputs > 1 else ''})" if new else
+                "loaded from the folder (continuing its fine-tuning)")
+        heads = f"its other heads dropped ({', '.join(dropped)})" if dropped else "no other head in the folder"
+        say(f"model: {source.name}: pretrained encoder loaded, {heads}; task head {head} {fate}")
+    if layout.sharded:
+        model = distribute_model(model, layout.distributed_config())
+    return model
+
+
+def qlora_loading(task: FinetuneTask, head: str) -> dict[str, Any]:
+    """`from_pretrained` arguments of QLoRA's base: every linear layer but the task head in 4-bit nf4 (double
+    quantization, as the QLoRA paper), computing in bf16 on GPUs and fp32 on CPU."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as error:
+        raise RecipeError(f"recipe key peft='qlora' needs bitsandbytes ({error}); install megahf[tasks] or use "
+                          "peft: lora") from None
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"  # this process's GPU
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[head])
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def lora_target_pattern(names: list[str]) -> str:
+    """peft's regex form of `lora_target_modules` (`*` within one module name), matched on full module names."""
+    alternatives = "|".join(re.escape(n).replace(r"\*", r"[^.]*") for n in names)
+    return rf"(?:.*\.)?(?:{alternatives})"
+
+
+def apply_peft(recipe: FinetuneRecipe, task: FinetuneTask, model):
+    """LoRA (and QLoRA's k-bit preparation) with the task head trained fully; the model itself for peft: none."""
+    method = recipe.peft.peft
+    if method == "none":
+        return model
+    _, _, head = HEADS[task.head]
+    names = recipe.peft.target_names
+    # nn.Linear, or bitsandbytes' Linear4bit under QLoRA
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    pattern = lora_target_pattern(names)
+    for name in names:
+        one = lora_target_pattern([name])
+        if not any(re.fullmatch(one, n) for n in linear_names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names if not n.startswith(head)})
+            raise RecipeError(f"recipe key lora_target_modules={recipe.peft.lora_target_modules!r}: {name!r} names "
+                              f"no linear layer of the model; its linear layers are {', '.join(leaves)}")
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(r=recipe.peft.lora_rank, lora_alpha=recipe.peft.lora_alpha,
+                        lora_dropout=recipe.peft.lora_dropout, target_modules=pattern, modules_to_save=[head],
+                        task_type="SEQ_CLS" if task.head == "sequence_classification" else None)
+    return get_peft_model(model, config)
+
+
+__all__ = ["HEADS", "apply_peft", "build_task_model", "lora_target_pattern", "qlora_loading"]

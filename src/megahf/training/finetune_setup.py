@@ -1,0 +1,138 @@
+"""What `megahf finetune` checks and decides before anything is computed or written: where the pretrained model
+comes from (`resolve_model`) and whether it fits the task and the layout (`check_layout`), the tokenizer, the task's
+data (checked by the task) and the number of steps (`plan_steps`). Every refusal is a `RecipeError` naming the recipe
+key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from transformers import AutoConfig, AutoTokenizer
+
+from ..assets import embedded_tokenizer_path
+from ..models.bert import MegatronBertConfig
+from ..parallel.layout import ParallelLayout
+from ..recipe import FinetuneRecipe, RecipeError
+from ..recipe.data import EMBEDDED_BERT_TOKENIZER
+from ..recipe.finetune import BERT_PRESETS
+from ..tasks.finetuning import FinetuneTask, fixture_path
+from .log import say
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the pretrained weights come from: a folder (or Hub id) and its config, or a preset (random weights)."""
+
+    name: str
+    config: MegatronBertConfig
+    pretrained: bool  # False: a preset, randomly initialised
+    has_tokenizer: bool
+
+
+def resolve_model(recipe: FinetuneRecipe, task: FinetuneTask) -> ModelSource:
+    """Read the model's config (no weights) and refuse a model that cannot do the task."""
+    name = recipe.task.model
+    if name in BERT_PRESETS:
+        say(f"WARNING: model={name!r} is a preset: fine-tuning starts from RANDOM weights, not a pretrained BERT; give "
+            "a pretrained folder (e.g. a `megahf pretrain` run's final/) for meaningful results")
+        return ModelSource(name, MegatronBertConfig.from_preset(name), pretrained=False, has_tokenizer=False)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"recipe key model={name!r}: cannot read its config.json "
+                          f"({str(error).splitlines()[0]}); give a pretrained model folder") from None
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("bert", "megatron-bert"):
+        raise RecipeError(
+            f"recipe key model={name!r} is a transformers {model_type!r} folder: convert it to megahf's BERT first "
+            "(megahf.convert.hf_bert.from_transformers(model).save_pretrained(folder)) and give that folder"
+        )
+    if not isinstance(config, MegatronBertConfig):
+        raise RecipeError(
+            f"recipe key model={name!r} is a {model_type!r} model ({type(config).__name__}): {task.name} needs a BERT "
+            f"encoder with a {task.head.replace('_', '-')} head (MegatronBert, model_type 'megatron_bert'); give a "
+            "`megahf pretrain` BERT run's final/ or a converted BERT folder"
+        )
+    # a folder's own tokenizer if it holds one; a Hub repo's always (the shipped one would silently mismatch it)
+    has_tokenizer = (any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES) if os.path.isdir(name)
+                     else True)
+    return ModelSource(name, config, pretrained=True, has_tokenizer=has_tokenizer)
+
+
+def check_layout(recipe: FinetuneRecipe, source: ModelSource, layout: ParallelLayout) -> None:
+    """The model fits the sequence length and the tensor-parallel size; QLoRA's device is one bitsandbytes has."""
+    config, n = source.config, recipe.task.max_seq_length
+    if n > config.max_position_embeddings:
+        raise RecipeError(
+            f"recipe key max_seq_length={n} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings} ({source.name}); lower max_seq_length to at most "
+            f"{config.max_position_embeddings}"
+        )
+    tp = layout.tensor_parallel_size
+    try:
+        config.check_tensor_parallel(tp)
+    except ValueError as error:
+        raise RecipeError(f"recipe key tensor_parallel_size={tp} does not fit model={source.name!r}: {error}"
+                          .replace("tp_size=", "tensor_parallel_size=")) from None
+    if recipe.peft.peft == "qlora" and not source.pretrained:
+        raise RecipeError(f"recipe key peft='qlora' quantizes pretrained weights as they load; model={source.name!r} "
+                          "is a preset: give a pretrained folder, or peft: lora")
+
+
+def load_tokenizer(recipe: FinetuneRecipe, source: ModelSource):
+    """The recipe's tokenizer, else the model folder's own, else the shipped BERT WordPiece; it must be a BERT
+    tokenizer whose ids fit the model's vocabulary."""
+    name = recipe.task.tokenizer or (source.name if source.has_tokenizer else EMBEDDED_BERT_TOKENIZER)
+    key = "tokenizer" if recipe.task.tokenizer else "model"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(embedded_tokenizer_path(name) or name)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"recipe key {key}={name!r}: its tokenizer cannot be loaded "
+                          f"({str(error).splitlines()[0]}); give a tokenizer folder or "
+                          f"'{EMBEDDED_BERT_TOKENIZER}'") from None
+    missing = [t for t in ("cls", "sep", "pad") if getattr(tokenizer, f"{t}_token_id") is None]
+    if missing:
+        raise RecipeError(f"recipe key {key}={name!r}: the tokenizer has no {', '.join(missing)} token; BERT "
+                          f"fine-tuning needs [CLS], [SEP] and [PAD] (e.g. '{EMBEDDED_BERT_TOKENIZER}')")
+    if len(tokenizer) > source.config.vocab_size:
+        raise RecipeError(
+            f"recipe key {key}={name!r} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{source.config.vocab_size}: its ids would index past the embeddings; use the tokenizer the model was "
+            "pretrained with"
+        )
+    return tokenizer
+
+
+def load_data(recipe: FinetuneRecipe, task: FinetuneTask):
+    """The task's splits (checked by the task: splits, columns, labels) and the local folder they came from."""
+    folder = fixture_path(task.name) if recipe.task.smoke else recipe.task.dataset
+    if recipe.task.smoke:
+        say(f"smoke run: the {task.name} fixture shipped with megahf ({folder}), NOT the real data set")
+    raw = task.load(None if folder is None else str(folder))
+    return raw, (None if folder is None else str(folder))
+
+
+def plan_steps(recipe: FinetuneRecipe, layout: ParallelLayout, train_rows: int) -> FinetuneRecipe:
+    """The recipe with train_steps and warmup_steps resolved: Megatron's finetune trains `epochs` passes of
+    train_rows // global batch steps (its loader drops the last partial batch), and warms up over
+    warmup_fraction of them."""
+    optim = recipe.optim
+    per_epoch = max(1, train_rows // layout.global_batch_size)
+    steps = optim.train_steps or recipe.task.epochs * per_epoch
+    warmup = optim.warmup_steps or int(optim.warmup_fraction * steps)
+    if warmup >= steps:
+        raise RecipeError(f"recipe key warmup_steps={warmup} is not smaller than train_steps={steps}; lower it")
+    how = (f"train_steps={steps} as given ({steps / per_epoch:.2f} epochs)" if optim.train_steps else
+           f"{steps} steps = {recipe.task.epochs} epochs x {per_epoch} ({train_rows:,} rows // global batch "
+           f"{layout.global_batch_size})")
+    say(f"training {how}, warmup {warmup} steps")
+    optim = dataclasses.replace(optim, train_steps=steps, warmup_steps=warmup, warmup_fraction=0.0)
+    return dataclasses.replace(recipe, optim=optim)
+
+
+__all__ = ["ModelSource", "check_layout", "load_data", "load_tokenizer", "plan_steps", "resolve_model"]
