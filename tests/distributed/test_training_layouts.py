@@ -1,11 +1,12 @@
-"""`megahf pretrain` under every parallel layout equals one process at the same global batch, step by step; a
-tensor-parallel run killed with SIGKILL resumes exactly when the same command is run again; and a checkpoint written
-at one layout resumes at another (TP=2 -> 1, FSDP=2, TP=2 x FSDP=2, TP=4; FSDP=2 -> 1; DDP=2 -> 1) and ends where
-the uninterrupted run ends.
+"""`megahf pretrain` under every parallel layout (DDP, FSDP2, HSDP, TP, TP x FSDP2, TP with sequence parallelism,
+compiled layers) equals one process at the same global batch, step by step (DDP bitwise); a tensor-parallel run
+killed with SIGKILL resumes exactly when the same command is run again; and a checkpoint written at one layout
+resumes at another (TP=2 -> 1, FSDP=2, TP=2 x FSDP=2, TP=4; FSDP=2 -> 1; DDP=2 -> 1) and ends where the
+uninterrupted run ends.
 
 Each layout is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains the same tiny
-GPT (and, at TP=2, the same tiny BERT) for several steps at a global batch of 8 (one process: micro-batch 4 x
-accumulation 2). Dropout is off: the layouts draw their masks differently (per-rank streams under TP), so with
+GPT (and, at TP=2 and DDP=2, the same tiny BERT) for several steps at a global batch of 8 (one process: micro-batch
+4 x accumulation 2). Dropout is off: the layouts draw their masks differently (per-rank streams under TP), so with
 dropout the runs would differ by design; the resume test runs with it on. Compared: the loss of every step, the
 gradient norm (clipped across meshes), and every weight of the final gathered model.
 """
@@ -33,7 +34,18 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "fsdp2-compile": (2, {"fsdp_size": 2, "compile": True}),
     # compiled layers whose norms, dropouts and linears run the sequence-parallel styles (~50 s on two cores)
     "tp2-sp-compile": (2, {"tensor_parallel_size": 2, "sequence_parallel": True, "compile": True}),
+    # HSDP: FSDP2 over 2 ranks, 2 replicas of it (transformers' DistributedConfig with dp_replicate_size 2); 4
+    # data-parallel ranks of micro-batch 2 take the same global batch of 8
+    "hsdp": (4, {"fsdp_size": 2, "micro_batch_size": 2}),
 }
+# What each layout's log must say it ran (the layout line in metrics.json).
+LAYOUT_LINES = {"hsdp": "4 processes x FSDP2 2 x HSDP replicas 2"}
+# Runs whose reductions are those of one process: DDP=2 averages two micro-batch gradients, (g1 + g2) / 2, where one
+# process accumulates g1 / 2 + g2 / 2, the same floating-point values (halving is exact, and a sum of two is
+# commutative), so the runs are equal bit for bit, not only within TOLERANCE.
+BITWISE = {"ddp2", "bert-ddp2"}
+# The default tier keeps one run per mechanism; these repeat what it proves with more processes or compile time.
+EXTENDED_LAYOUTS = {"tp2-sp-compile", "hsdp"}
 DROPOUT = {"model_overrides.hidden_dropout": 0.1, "model_overrides.attention_dropout": 0.1}
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.
 BERT = {"model": "bert-tiny", "tokenizer": "bert-uncased-embedded", "split": "80,20,0", "eval_iters": 1,
@@ -92,11 +104,18 @@ def assert_same_run(name: str, out, reference, nproc: int) -> None:
     assert output.count(f"step {STEPS:>5}/{STEPS} | loss") == 1
     assert metrics["sample"].startswith("The king") and len(metrics["sample"]) > len("The king")
     assert f"{nproc} processes" in metrics["layout"] and "global batch 8" in metrics["layout"], metrics["layout"]
+    assert LAYOUT_LINES.get(name, "") in metrics["layout"], metrics["layout"]
 
     assert sorted(got_losses) == list(range(1, STEPS + 1))
     loss_errors = {step: abs(got_losses[step] - ref_losses[step]) / abs(ref_losses[step]) for step in ref_losses}
     assert max(loss_errors.values()) <= TOLERANCE, (got_losses, ref_losses)
     assert ref_losses[STEPS] < ref_losses[1] - 0.3  # it did train
+    if name in BITWISE:
+        assert got_losses == ref_losses, (got_losses, ref_losses)
+        assert got_weights.keys() == ref_weights.keys()
+        assert [n for n, ref in ref_weights.items() if not torch.equal(got_weights[n], ref)] == []
+        print(f"{name}: losses and final weights bitwise equal to one process")
+        return
 
     assert got_weights.keys() == ref_weights.keys()
     scale = max(ref.abs().max().item() for ref in ref_weights.values())
@@ -106,9 +125,10 @@ def assert_same_run(name: str, out, reference, nproc: int) -> None:
     assert weight_errors[worst] <= TOLERANCE, f"{name}: {worst} off by {weight_errors[worst]:.2e}"
 
 
-# compile under TP with sequence parallelism repeats what fsdp2-compile and tp2-sp prove apart: extended tier
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=[pytest.mark.extended] if name == "tp2-sp-compile" else [])
-                                    for name in LAYOUTS])
+# compile under TP with sequence parallelism repeats what fsdp2-compile and tp2-sp prove apart, HSDP (4 processes, ~60 s
+# on two cores) what fsdp2 and ddp2 prove apart: extended tier
+@pytest.mark.parametrize("layout", [
+    pytest.param(name, marks=[pytest.mark.extended] if name in EXTENDED_LAYOUTS else []) for name in LAYOUTS])
 def test_layout_equals_one_process(layout, layout_run):
     assert_same_run(layout, layout_run(layout), layout_run("single"), LAYOUTS[layout][0])
 
@@ -126,7 +146,7 @@ def test_bert_tensor_parallel_equals_one_process(layout_run):
 def test_bert_data_parallel_equals_one_process(layout_run):
     """Both runs train with the recipes' loss_chunk_size, so BERT's masked-LM head runs on the labeled positions
     only; under DDP the wrapped model's head reads the output layer's parameters itself, and DDP's gradient hooks
-    still see every gradient."""
+    still see every gradient. Bitwise equal (BITWISE): every step's loss and every final weight."""
     assert_same_run("bert-ddp2", layout_run("bert-ddp2"), layout_run("bert-single"), 2)
 
 
