@@ -33,7 +33,8 @@ from ..tasks.finetuning import FinetuneTask, get_task
 from .finetune_model import apply_peft, build_task_model, lora_target_pattern
 from .finetune_outputs import collect_results, predict_test_splits, write_outputs
 from .finetune_setup import check_layout, load_data, load_tokenizer, plan_steps, resolve_model
-from .finetune_trainer import FinetuneTrainer, TaskData, build_trainer, featurize, finetune_arguments, train_and_evaluate
+from .finetune_trainer import (FinetuneTrainer, TaskData, build_trainer, featurize, finetune_arguments,
+                               train_and_evaluate)
 from .log import say
 from .processes import prepare_processes
 from .publish import check_hub_push, push_to_hub
