@@ -9,7 +9,7 @@ megahf's user-facing errors: `RecipeError` (megahf.recipe), `IndexedDatasetError
 (megahf.data.indexed_dataset), `GPTDatasetError`, `BertDatasetError`, `PreprocessError` (megahf.data),
 `CheckpointError` (megahf.training.checkpoint), `NonFiniteError` (megahf.training.trainer: a NaN loss),
 `MallocSettingError` (megahf.training.cpu_malloc: a bad `MEGAHF_CPU_MALLOC`),
-`EvaluationError` (megahf.tasks.common), `TaskDataError` (megahf.tasks.task_data), `UnknownMetricError`
+`EvaluationError` (megahf.tasks.common), `TaskDataError` (megahf.tasks.task_spec), `UnknownMetricError`
 (megahf.metrics), and here `OutputWriteError` and `UnsupportedModelError`.
 
 This module imports nothing but the standard library (`megahf --help` reads it).

@@ -3,7 +3,9 @@
 * `megahf.data.indexed_dataset`: Megatron-Core's `.bin`/`.idx` indexed dataset, read
   (`IndexedDataset`) and written (`IndexedDatasetBuilder`) byte for byte;
 * `megahf.data.preprocess`: `megahf preprocess`, a corpus (jsonl, json, parquet, txt or a
-  cached Hugging Face dataset) tokenized into that format;
+  cached Hugging Face dataset) tokenized into that format, over corpus_reader (documents of a file or a byte range),
+  sentence_splitter, document_tokenizer (one document to tokens), preprocess_workers (the process pool) and
+  preprocess_output (the .bin/.idx pair written and published);
 * `megahf.data.gpt_dataset`, `megahf.data.blended_dataset`: Megatron-Core's GPTDataset and
   BlendedDataset (same samples in the same order), on index builders in numpy (`megahf.data.sample_index`);
 * `megahf.data.bert_dataset`: Megatron-Core's BERT samples (masked LM + sentence order), sample for sample;
