@@ -8,12 +8,14 @@ transformers' own common model tests (tests/models/) cover the rest of the contr
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from torch.nn import functional as F
+from transformers.cache_utils import DynamicCache
 
 import megahf
 from megahf import MegatronBertConfig, MegatronGPTConfig, MegatronGPTForCausalLM
@@ -94,6 +96,30 @@ def test_past_key_values_is_accepted_and_used(variant):
     full = model(sequence).logits
     torch.testing.assert_close(step.logits, full[:, 6:], rtol=1e-5, atol=1e-5)
     assert step.cache.get_seq_length() == 9
+
+
+def _deprecated_cache_name_warnings(model) -> list[str]:
+    """Call `model` with the old `past_key_values` name inside a fresh `catch_warnings(record=True)`, as transformers'
+    `test_bc_cache_name_forward` does; the deprecation messages it recorded."""
+    with warnings.catch_warnings(record=True) as caught:
+        model(ids(), past_key_values=DynamicCache(config=model.config), use_cache=True)
+    return [str(w.message) for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+
+
+def test_past_key_values_warns_on_every_call_in_any_order():
+    """Issue 22: the deprecation warning must reach every caller that records warnings, whatever ran before it in the
+    process: both GPT shapes and both classes in turn, each called first outside any `catch_warnings` (so the
+    warning registry of the calling location already holds the message, as after an earlier test), then twice
+    inside fresh ones. transformers' Llama, whose warning the common test is written for, runs the same sequence."""
+    peer = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    models = [(f"{variant}/{type(m).__name__}", m) for variant in ("gpt", "llama")
+              for m in (gpt(variant).model.eval(), gpt(variant))]
+    models += [("transformers Llama", transformers.LlamaForCausalLM(peer).eval())]
+    for name, model in models:
+        model(ids(), past_key_values=DynamicCache(config=model.config), use_cache=True)  # warns once, uncaught
+        for call in (1, 2):
+            assert len(_deprecated_cache_name_warnings(model)) == 1, f"{name}: no deprecation warning on call {call}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
