@@ -2,8 +2,10 @@
 
 SLOW-ish by nature: inductor compiles the layer's forward and backward on the first step (about 20-40 s on two
 CPU cores the first time; inductor's on-disk cache makes later runs fast). Kept to one layer and 3 steps; dropout
-is off, since a compiled layer draws its dropout masks from inductor's generator. DDP and FSDP2 with compile are in
-tests/distributed/test_training_layouts.py ("fsdp2-compile"), tensor parallelism in the parity worker's notes.
+is off, since a compiled layer draws its dropout masks from inductor's generator. Compiled layers under torchrun are
+in tests/distributed/test_training_layouts.py: FSDP2=2 ("fsdp2-compile") in the default tier; TP=2 with sequence
+parallelism, DDP=2, TP=2 and TP=2 x FSDP2=2 ("tp2-sp-compile", "ddp2-compile", "tp2-compile", "tp2xfsdp2-compile")
+in the extended tier (MEGAHF_EXTENDED_TESTS=1).
 
 Tolerance 1e-5 relative on each step's loss: inductor may fuse and reorder float32 sums inside the layer (~1e-7
 relative each), and three AdamW steps at lr 3e-3 carry that into the next losses well below 1e-5; a layer computed

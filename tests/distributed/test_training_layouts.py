@@ -34,6 +34,11 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "fsdp2-compile": (2, {"fsdp_size": 2, "compile": True}),
     # compiled layers whose norms, dropouts and linears run the sequence-parallel styles (~50 s on two cores)
     "tp2-sp-compile": (2, {"tensor_parallel_size": 2, "sequence_parallel": True, "compile": True}),
+    # compile under DDP (launched by torchrun), plain TP and TP x FSDP2: what the layouts above and fsdp2-compile prove
+    # apart, combined (extended tier, each pays the first compile again)
+    "ddp2-compile": (2, {"compile": True}),
+    "tp2-compile": (2, {"tensor_parallel_size": 2, "compile": True}),
+    "tp2xfsdp2-compile": (4, {"tensor_parallel_size": 2, "fsdp_size": 2, "compile": True}),
     # HSDP: FSDP2 over 2 ranks, 2 replicas of it (transformers' DistributedConfig with dp_replicate_size 2); 4
     # data-parallel ranks of micro-batch 2 take the same global batch of 8
     "hsdp": (4, {"fsdp_size": 2, "micro_batch_size": 2}),
@@ -45,7 +50,7 @@ LAYOUT_LINES = {"hsdp": "4 processes x FSDP2 2 x HSDP replicas 2"}
 # commutative), so the runs are equal bit for bit, not only within TOLERANCE.
 BITWISE = {"ddp2", "bert-ddp2"}
 # The default tier keeps one run per mechanism; these repeat what it proves with more processes or compile time.
-EXTENDED_LAYOUTS = {"tp2-sp-compile", "hsdp"}
+EXTENDED_LAYOUTS = {"tp2-sp-compile", "ddp2-compile", "tp2-compile", "tp2xfsdp2-compile", "hsdp"}
 DROPOUT = {"model_overrides.hidden_dropout": 0.1, "model_overrides.attention_dropout": 0.1}
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.
 BERT = {"model": "bert-tiny", "tokenizer": "bert-uncased-embedded", "split": "80,20,0", "eval_iters": 1,
