@@ -6,8 +6,11 @@ with plain transformers, in the same run.
     python scripts/bench/eval_throughput.py --out scripts/bench/results/eval_throughput-cpu.txt
     python scripts/bench/eval_throughput.py --passages 64 --wikitext-tokens 4096 --rounds 2   # quicker
 
-The three paths, all on one randomly initialised MegatronGPTForCausalLM (`gpt-tiny` preset: hidden 128, 4 layers,
-4 heads, GPT-2's 50,257-token vocabulary padded to 50,304, positions = `--seq-length`), in eval mode, no grad:
+The three paths, all on one MegatronGPTForCausalLM (`gpt-tiny` preset: hidden 128, 4 layers, 4 heads, GPT-2's
+50,257-token vocabulary padded to 50,304, positions = `--seq-length`), in eval mode, no grad. The model is first fitted
+a few full-batch AdamW steps to the last word of every other passage (`--fit-steps`), so that it gets some LAMBADA
+passages right and others wrong: a random model gets them all wrong, and an agreement of three accuracies of 0 would
+prove nothing. Its weights change no timing.
 
 * megahf: `megahf.tasks.lambada.featurize` (strict) + `correct_flags`, and `megahf.tasks.wikitext.featurize` +
   `windows` + `window_nlls`, batched by `--micro-batch-size` (what `megahf evaluate` runs);
@@ -25,8 +28,11 @@ forwards as lm-eval's rolling windows; Megatron's setting of 32 would give megah
 work.
 
 After an untimed warm-up on a few passages, the paths take turns (megahf, lm-eval, one at a time, then again) for
-`--rounds` rounds; the median time is reported. The results of megahf and the one-at-a-time loop must agree (LAMBADA flags exactly, the summed NLL to
-1e-5 relative), and lm-eval's LAMBADA `acc` must equal megahf's accuracy, or the script stops.
+`--rounds` rounds; the median time is reported. The results of megahf and the one-at-a-time loop must agree (LAMBADA
+flags exactly, the summed NLL to 1e-5 relative), and lm-eval's LAMBADA `acc` must equal megahf's accuracy, or the
+script stops. After the rounds, one untimed lm-eval run with its samples logged is compared passage by passage: its
+`acc` of every passage must equal megahf's verdict on it, and megahf's accuracy must lie strictly between 0 and 1 (a
+comparison that cannot fail is refused).
 """
 
 from __future__ import annotations
@@ -121,6 +127,29 @@ def one_at_a_time_wikitext(model, tokenizer, text: str, seq_length: int, overlap
     return total
 
 
+def fit_last_words(model, tokenizer, passages: list[str], steps: int) -> None:
+    """A few full-batch AdamW steps on the tokens of " " + the last word of every other passage (the loss on those
+    tokens only), as tests/tasks/task_helpers.py's `fitted_gpt` does: afterwards the model predicts some passages'
+    last words and not others'."""
+    from megahf.tasks.common import right_padded
+
+    examples = lambada.featurize(passages[::2], tokenizer, strict=True)
+    input_ids, attention_mask = right_padded([e.tokens for e in examples], 0)
+    labels = torch.full_like(input_ids, -100)
+    for row, example in enumerate(examples):
+        end = len(example.tokens)
+        labels[row, end - example.num_labels: end] = input_ids[row, end - example.num_labels: end]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    model.train()
+    model.config.loss_chunk_size = 1024  # the output layer and loss in chunks: no [passages, tokens, vocab] logits
+    for _ in range(steps):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.config.loss_chunk_size = 0
+    model.eval()
+
+
 def megahf_lambada(model, tokenizer, passages, micro_batch_size) -> list[bool]:
     examples = lambada.featurize(passages, tokenizer, strict=True)
     return lambada.correct_flags(model, examples, micro_batch_size, tokenizer.eos_token_id)
@@ -150,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fit-steps", type=int, default=15,
+                        help="AdamW steps fitting the model to half the passages' last words (default 15)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared two-core machine two threads per process thrash)")
     parser.add_argument("--out", default=None, help="also write this output to a file")
@@ -167,9 +198,10 @@ def main(argv=None) -> int:
     config = MegatronGPTConfig.from_preset("gpt-tiny", hidden_size=args.hidden, num_layers=args.layers,
                                            num_attention_heads=args.heads, vocab_size=len(tokenizer),
                                            max_position_embeddings=args.seq_length)
-    model = MegatronGPTForCausalLM(config).eval()
+    model = MegatronGPTForCausalLM(config)
     words = shakespeare_words()
     passages = make_passages(words, args.passages)
+    fit_last_words(model, tokenizer, passages, args.fit_steps)
     text = make_text(words, tokenizer, args.wikitext_tokens)
     num_tokens = wikitext.featurize(text, tokenizer).num_tokenized_tokens
     passage_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in passages]
@@ -178,7 +210,8 @@ def main(argv=None) -> int:
         f"python {platform.python_version()}, {args.threads} threads, CPU ({os.cpu_count()} cores)")
     say(f"model: MegatronGPTForCausalLM gpt-tiny shape, hidden {args.hidden}, {args.layers} layers, {args.heads} "
         f"heads, vocab {config.vocab_size} (padded {config.padded_vocab_size}), positions {args.seq_length}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32, fitted {args.fit_steps} AdamW "
+        "steps to the last word of every other passage")
     say(f"LAMBADA: {len(passages)} passages, {min(passage_tokens)}-{max(passage_tokens)} tokens "
         f"(mean {statistics.mean(passage_tokens):.0f}), strict; WikiText: {num_tokens} tokens, windows of "
         f"{args.seq_length} sliding by {overlap}; micro batch {args.micro_batch_size}; {args.rounds} rounds")
@@ -237,9 +270,21 @@ def main(argv=None) -> int:
         flags, nll, single_nll = out["flags"], out["nll"], out["single nll"]
         lm_acc = out["lm lambada"]["results"]["lambada_openai_local"]["acc,none"]
         lm_wikitext = out["lm wikitext"]
+        # passage by passage against lm-eval (untimed: logging the samples is not what its users time)
+        logged = lm_eval.simple_evaluate(model=harness, tasks=[tasks[0]], task_manager=manager, bootstrap_iters=0,
+                                         verbosity="WARNING", log_samples=True)["samples"]["lambada_openai_local"]
+        lm_flags = [bool(sample["acc"]) for sample in sorted(logged, key=lambda sample: sample["doc_id"])]
+        differ = [i for i, (mine, theirs) in enumerate(zip(flags, lm_flags)) if mine != theirs]
+        if len(lm_flags) != len(flags) or differ:
+            raise SystemExit(f"lm-eval's LAMBADA verdicts differ from megahf's on passages {differ[:20]} "
+                             f"({len(lm_flags)} vs {len(flags)} passages)")
+        if not 0 < sum(flags) < len(flags):
+            raise SystemExit(f"megahf's LAMBADA accuracy is {sum(flags)}/{len(flags)}: the paths cannot disagree on "
+                             "such a model; raise --fit-steps")
 
     say(f"load average after: {os.getloadavg()[0]:.2f}")
-    say(f"agreement: LAMBADA accuracy {sum(flags) / len(flags):.4f} in all three (lm-eval acc {lm_acc:.4f}); "
+    say(f"agreement: LAMBADA accuracy {sum(flags) / len(flags):.4f} ({sum(flags)}/{len(flags)} passages) in all "
+        f"three (lm-eval acc {lm_acc:.4f}), the same verdict on every passage in all three; "
         f"WikiText summed NLL megahf {nll:.6f}, one at a time {single_nll:.6f} (lm-eval's word perplexity "
         f"{lm_wikitext['results']['wikitext_local']['word_perplexity,none']:.4g}: other windows and units)")
     say()

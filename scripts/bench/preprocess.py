@@ -83,11 +83,30 @@ def run_baseline(corpus: str, out_dir: str, num_proc: int) -> np.ndarray:
     return tokens
 
 
+class _Tee:
+    """stdout that is also written to a file (`--out`): the committed result is exactly what the run printed."""
+
+    def __init__(self, stream, path: str):
+        self.stream, self.file = stream, open(path, "w", encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--megabytes", type=float, default=4.0, help="corpus size to build (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per route, best kept (default 3)")
+    p.add_argument("--out", default=None, help="also write the output to this file (with the command line first)")
     args = p.parse_args(argv)
+    if args.out:
+        sys.stdout = _Tee(sys.stdout, args.out)
+        print(f"$ python {' '.join(sys.argv)}")
 
     warnings.filterwarnings("ignore")
     from datasets.utils.logging import disable_progress_bar
@@ -132,6 +151,7 @@ def main(argv=None) -> int:
         for name, _ in routes:
             s = best[name]
             print(f"{name:<{w}}  {s:8.2f}  {n / s:11,.0f}  {base / s:10.2f}x  {cpu[name]:7.2f}")
+        sys.stdout.flush()
         return 0 if same else 1
     finally:
         shutil.rmtree(root, ignore_errors=True)

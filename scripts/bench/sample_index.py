@@ -199,6 +199,21 @@ def bench_reads(args, use_megatron, rows):
         del ours, theirs, indexed
 
 
+class _Tee:
+    """stdout that is also written to a file (`--out`): the committed result is exactly what the run printed."""
+
+    def __init__(self, stream, path: str):
+        self.stream, self.file = stream, open(path, "w", encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--docs", type=int, default=1_000_000, help="documents for the sample index (default 10^6)")
@@ -209,7 +224,12 @@ def main(argv=None):
     p.add_argument("--read-docs", type=int, default=100_000, help="documents of the read corpus (0 skips)")
     p.add_argument("--reads", type=int, default=20_000)
     p.add_argument("--no-megatron", action="store_true")
+    p.add_argument("--out", default=None, help="also write the output to this file (with the command line first)")
     args = p.parse_args(argv)
+    if args.out:
+        sys.stdout = _Tee(sys.stdout, args.out)
+        print(f"$ python {' '.join(sys.argv)}")
+        print(f"1-minute load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
 
     helpers_cpp = None if args.no_megatron else load_megatron()
     rows = []
@@ -232,6 +252,8 @@ def main(argv=None):
         else:
             t = r = "-"
         print(f"| {label} | {o} | {t} | {r} |")
+    print(f"1-minute load average after: {os.getloadavg()[0]:.2f}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
