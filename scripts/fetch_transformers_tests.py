@@ -62,6 +62,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def publish(staging: Path, target: Path, sha256: str) -> None:
+    """Put the extracted `staging` folder at `target`, with the marker that says which sdist it came from."""
+    (staging / MARKER).write_text(sha256 + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), str(target))
+
+
 def fetch() -> None:
     target = tests_dir().parent
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,11 +106,7 @@ def fetch() -> None:
                     shutil.copyfileobj(src, dst)
         # The sdist has no tests/__init__.py; test_configuration_common.py imports its folder as a package.
         (staging / "tests" / "__init__.py").touch()
-        (staging / MARKER).write_text(TRANSFORMERS_SDIST_SHA256 + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(target))
+        publish(staging, target, TRANSFORMERS_SDIST_SHA256)
     _say(f"restored {len(members)} files of transformers {TRANSFORMERS_VERSION}'s tests/ into {tests_dir()}")
 
 

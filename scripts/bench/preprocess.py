@@ -34,6 +34,8 @@ import warnings
 
 import numpy as np
 
+from tee import Tee
+
 
 def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -83,21 +85,6 @@ def run_baseline(corpus: str, out_dir: str, num_proc: int) -> np.ndarray:
     return tokens
 
 
-class _Tee:
-    """stdout that is also written to a file (`--out`): the committed result is exactly what the run printed."""
-
-    def __init__(self, stream, path: str):
-        self.stream, self.file = stream, open(path, "w", encoding="utf-8")
-
-    def write(self, text: str) -> int:
-        self.file.write(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.file.flush()
-        self.stream.flush()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--megabytes", type=float, default=4.0, help="corpus size to build (default 4)")
@@ -105,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the output to this file (with the command line first)")
     args = p.parse_args(argv)
     if args.out:
-        sys.stdout = _Tee(sys.stdout, args.out)
+        sys.stdout = Tee(sys.stdout, args.out)
         print(f"$ python {' '.join(sys.argv)}")
 
     warnings.filterwarnings("ignore")

@@ -36,6 +36,7 @@ import numpy as np
 from megahf.data.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megahf.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megahf.data.sample_index import build_blending_indices, build_sample_index
+from tee import Tee
 
 
 def load_megatron():
@@ -199,21 +200,6 @@ def bench_reads(args, use_megatron, rows):
         del ours, theirs, indexed
 
 
-class _Tee:
-    """stdout that is also written to a file (`--out`): the committed result is exactly what the run printed."""
-
-    def __init__(self, stream, path: str):
-        self.stream, self.file = stream, open(path, "w", encoding="utf-8")
-
-    def write(self, text: str) -> int:
-        self.file.write(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.file.flush()
-        self.stream.flush()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--docs", type=int, default=1_000_000, help="documents for the sample index (default 10^6)")
@@ -227,7 +213,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the output to this file (with the command line first)")
     args = p.parse_args(argv)
     if args.out:
-        sys.stdout = _Tee(sys.stdout, args.out)
+        sys.stdout = Tee(sys.stdout, args.out)
         print(f"$ python {' '.join(sys.argv)}")
         print(f"1-minute load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
 
