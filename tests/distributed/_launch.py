@@ -22,6 +22,7 @@ KILLED = Path(__file__).with_name("_pretrain_killed.py")
 TIMEOUT_S = 300
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+from forked_launch import REAL_LAUNCHER, parse_torchrun, run_forked  # noqa: E402
 from test_pretrain import write_corpus  # noqa: E402, F401  (one corpus generator for every pretraining test)
 
 
@@ -47,12 +48,34 @@ def torchrun_command(nproc: int, *entry: str) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry]
 
 
+def forked_entry(cmd: list[str]) -> tuple[int | None, tuple[str, str], list[str]] | None:
+    """(processes or None for one plain process, master address and port, entry) of a command that
+    `forked_launch.run_forked` runs as it would run: torchrun as `torchrun_command` writes it, or `python ENTRY...`
+    for a script or `-m megahf`. None for anything else (accelerate launch, `python -c`): that runs as it is."""
+    parsed = parse_torchrun(cmd)
+    if parsed is not None:
+        nproc, address, port, entry = parsed
+        return nproc, (address, port), entry
+    if cmd[0] == sys.executable and (cmd[1:3] == ["-m", "megahf"] or cmd[1].endswith(".py")):
+        return None, ("", ""), cmd[1:]
+    return None
+
+
 def launch(cmd: list[str], what: str, timeout: float = TIMEOUT_S, expect_success: bool = True,
            ) -> subprocess.CompletedProcess:
     """Run `cmd` from the repository root, offline, one thread per process, in a session of its own so that a
     timeout ends a launcher and its workers together. Fails the test with the output's tail on a timeout, or on a
     non-zero exit when `expect_success`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    forked = None if REAL_LAUNCHER else forked_entry(cmd)
+    if forked is not None:  # torchrun or one python process: ranks forked from a preloaded server (forked_launch.py)
+        nproc, master, entry = forked
+        status, output = run_forked(entry, env, REPO_ROOT, nproc, master, timeout)
+        if status is None:
+            pytest.fail(f"{what} timed out after {timeout}s:\n{output[-6000:]}")
+        if expect_success and status != 0:
+            pytest.fail(f"{what} exited {status}:\n{output[-6000:]}")
+        return subprocess.CompletedProcess(cmd, status, output)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
