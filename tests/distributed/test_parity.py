@@ -2,11 +2,14 @@
 
 One torchrun per process count (2: tp2, tp2-sp, fsdp2; 4: tp4, tp2xfsdp2, tp2xfsdp2-sp) runs every case (GPT presets,
 BERT heads, the chunked loss); each (case, layout) test reads its part of the result. The worker (`_worker.py`) documents what is compared.
+TP=4 (the GPT cases) is the extended tier: TP=2 and TP=2 x FSDP2=2 prove the same sharding on two ranks per group,
+and four processes on two cores are the default tier's costliest launch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -50,6 +53,8 @@ VOCAB_PARALLEL_CASES = ("gpt-tiny", "llama-tiny", "gpt-padded-softmax", "bert-pr
 # Megatron-LM's padded-vocabulary softmax (padded_vocab_softmax=True): the masking of the padded columns is the only
 # difference on the shards, so one layout is enough.
 PADDED_SOFTMAX_LAYOUTS = ("tp2",)
+EXTENDED_LAYOUTS = ("tp4",)
+RUN_EXTENDED = os.environ.get("MEGAHF_EXTENDED_TESTS") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,8 @@ def layout_report(torchrun, tmp_path_factory):
     def get(layout: str) -> dict:
         nproc = LAYOUTS[layout]
         if nproc not in launches:
-            layouts = [name for name, n in LAYOUTS.items() if n == nproc]
+            layouts = [name for name, n in LAYOUTS.items()
+                       if n == nproc and (RUN_EXTENDED or name not in EXTENDED_LAYOUTS)]
             workdir = tmp_path_factory.mktemp(f"parity-{nproc}procs")
             launches[nproc] = torchrun(
                 nproc,
@@ -78,7 +84,8 @@ def layout_report(torchrun, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "case, layout",
-    [(case, layout) for case in GPT_CASES for layout in LAYOUTS if layout != "fsdp2"]
+    [pytest.param(case, layout, marks=[pytest.mark.extended] if layout in EXTENDED_LAYOUTS else [])
+     for case in GPT_CASES for layout in LAYOUTS if layout != "fsdp2"]
     + [("gpt-padded-softmax", layout) for layout in PADDED_SOFTMAX_LAYOUTS]
     + [(case, layout) for case in BERT_CASES for layout in BERT_LAYOUTS]
     + list(BERT_SP_CASES)
