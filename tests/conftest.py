@@ -45,9 +45,9 @@ def megatron_core():
 
 
 # ---------------------------------------------------------------------- the extended tier
-# `bash scripts/test.sh` must stay under 10 minutes on a 2-core machine (a fresh clone, set-up included). Tests marked `extended` repeat what the
-# default tier already proves on another combination (more layouts of the same resume, compile under one more
-# layout); they run with MEGAHF_EXTENDED_TESTS=1, and are reported as skipped otherwise.
+# `bash scripts/test.sh` must stay under 10 minutes on a 2-core machine (a fresh clone, set-up included). Tests marked
+# `extended` repeat what the default tier already proves on another combination (more layouts of the same resume,
+# compile under more layouts, TP=4); they run with MEGAHF_EXTENDED_TESTS=1, and are reported as skipped otherwise.
 EXTENDED = os.environ.get("MEGAHF_EXTENDED_TESTS") == "1"
 
 
