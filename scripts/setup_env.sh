@@ -66,9 +66,11 @@ _megahf_setup() {
         local log="$venv/.megahf-install.log"
         : >"$log" || return 1
         # pip's (and setuptools') chatter goes to the log; its tail is shown when a step fails
+        # --no-compile: no bytecode for every file of every package at install time (torch and transformers hold
+        # thousands); Python compiles and caches the modules a run imports, when it first imports them
         _megahf_pip() {
             local t=$SECONDS
-            if ! "$venv/bin/python" -m pip "$@" >>"$log" 2>&1; then
+            if ! "$venv/bin/python" -m pip "$@" --no-compile >>"$log" 2>&1; then
                 tail -n 30 "$log" >&2
                 _megahf_say "error: 'pip $*' failed (full log: $log)"
                 return 1
