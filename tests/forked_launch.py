@@ -19,6 +19,7 @@ MEGAHF_TEST_LAUNCHER=torchrun sends every launch through real torchrun.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import runpy
@@ -71,14 +72,17 @@ def _rank_main(entry: list[str], env: dict[str, str], cwd: str, output: str) -> 
     import torch
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", os.cpu_count() or 1)))  # what torch reads at its import
-    if entry[0] == "-m":
-        sys.argv = [entry[1], *entry[2:]]
-        sys.path.insert(0, cwd)
-        runpy.run_module(entry[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = list(entry)
-        sys.path.insert(0, str(Path(entry[0]).resolve().parent))
-        runpy.run_path(entry[0], run_name="__main__")
+    try:
+        if entry[0] == "-m":
+            sys.argv = [entry[1], *entry[2:]]
+            sys.path.insert(0, cwd)
+            runpy.run_module(entry[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(entry)
+            sys.path.insert(0, str(Path(entry[0]).resolve().parent))
+            runpy.run_path(entry[0], run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # a multiprocessing child ends with os._exit; an interpreter would run these
 
 
 def run_forked(entry: list[str], env: dict[str, str], cwd: Path, nproc: int | None = None,
