@@ -46,6 +46,7 @@ from ..tasks.finetuning import FinetuneTask
 from .finetune_trainer import FinetuneTrainer, TaskData, predict_logits, predictions_of
 from .log import say
 from .outputs import plot_losses, save_final
+from .trainer import check_finite_weights
 
 
 def predict_test_splits(trainer: FinetuneTrainer, task: FinetuneTask, data: TaskData,
@@ -113,6 +114,9 @@ def write_outputs(recipe: FinetuneRecipe, task: FinetuneTask, trainer: FinetuneT
     """`final/` (every rank: a sharded model is gathered), then on rank 0 results.json, results.md, loss.png and
     recipe.yaml, each written atomically."""
     output_dir = Path(recipe.run.output_dir)
+    if is_rank_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    check_finite_weights(model, "final model")
     final = save_final(model, tokenizer, output_dir)
     main = results["metrics"]
     if is_rank_zero():

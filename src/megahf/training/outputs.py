@@ -12,17 +12,13 @@ from matplotlib import pyplot as plt
 from ..atomic import atomic_write, publish_folder, temporary_name
 from ..errors import explain_write_errors
 from ..parallel.ranks import barrier, is_rank_zero
-from .trainer import check_finite_weights
 
 matplotlib.use("Agg")  # files only, never a window
 
 
 def save_final(model, tokenizer, output_dir: Path) -> Path:
-    """Write `output_dir/final` so that it is either the complete new checkpoint or not there at all, and never with a
-    non-finite weight. Called on every rank: a sharded model is gathered, rank 0 writes."""
-    if is_rank_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-    check_finite_weights(model, "final model")
+    """Write `output_dir/final` so that it is either the complete new checkpoint or not there at all. Called on
+    every rank: a sharded model is gathered, rank 0 writes."""
     final = output_dir / "final"
     partial = Path(temporary_name(final, per_process=False))
     if is_rank_zero():

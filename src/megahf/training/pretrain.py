@@ -41,7 +41,7 @@ from .processes import prepare_processes
 from .publish import check_hub_push, push_to_hub
 from .resume import checkpoint_metadata, find_resume_checkpoint
 from .setup import build_layout, build_model, check_recipe, load_tokenizer
-from .trainer import MegatronTrainer, training_arguments
+from .trainer import MegatronTrainer, check_finite_weights, training_arguments
 
 
 @dataclass
@@ -254,6 +254,9 @@ def write_outputs(recipe: PretrainRecipe, trainer: MegatronTrainer, model, token
     `metrics.json`, each written atomically; prints the summary."""
     family = family_of(recipe)
     output_dir = Path(recipe.run.output_dir)
+    if is_rank_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    check_finite_weights(model, "final model")
     final = save_final(model, tokenizer, output_dir)
     valid_ppl = metrics["valid_ppl"]
     if trainer.is_world_process_zero():
