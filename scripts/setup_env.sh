@@ -67,7 +67,7 @@ _megahf_setup() {
         : >"$log" || return 1
         # pip's (and setuptools') chatter goes to the log; its tail is shown when a step fails
         # --no-compile: no bytecode for every file of every package at install time (torch and transformers hold
-        # thousands); Python compiles and caches the modules a run imports, when it first imports them
+        # thousands); the modules a run imports are compiled once below
         _megahf_pip() {
             local t=$SECONDS
             if ! "$venv/bin/python" -m pip "$@" --no-compile >>"$log" 2>&1; then
@@ -96,6 +96,16 @@ _megahf_setup() {
 
         _megahf_say "installing megahf (editable, --no-deps)"
         _megahf_pip install -q --no-deps -e "$root" || return 1
+
+        # bytecode for what a run imports (the pip steps wrote none), even where PYTHONDONTWRITEBYTECODE is set:
+        # without it every new process compiles torch's and transformers' modules again
+        _megahf_say "compiling the modules a run imports"
+        if ! env -u PYTHONDONTWRITEBYTECODE "$venv/bin/python" -c \
+                "import megahf.cli, megahf.training.pretrain, megahf.training.finetune, megahf.tasks.run" >>"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            _megahf_say "error: importing megahf failed (full log: $log)"
+            return 1
+        fi
 
         printf '%s\n' "$want" >"$stamp_file" || return 1
         torch_version="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)" || true
