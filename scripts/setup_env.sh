@@ -12,6 +12,7 @@
 #       2. torch==2.13.0 (a CPU wheel when `nvidia-smi` is absent),
 #       3. scripts/requirements-test.txt (exact pins),
 #       4. megahf itself, editable, with --no-deps (the pins cover its dependencies);
+#       5. bytecode for the modules a run imports (pip writes none: --no-compile);
 #     then writes the stamp, so the next runs skip all of this;
 #   * restores transformers' common model tests from its pinned sdist (scripts/fetch_transformers_tests.py:
 #     PyPI, sha256-checked, into .venv/transformers-tests/; a no-op once done). Offline, it warns and goes on:
