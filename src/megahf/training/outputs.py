@@ -30,6 +30,9 @@ def save_final(model, tokenizer, output_dir: Path) -> Path:
                               elsewhere="choose another output_dir"):
         try:
             model.save_pretrained(partial, is_main_process=is_rank_zero())
+            # every rank's save_pretrained lists partial/: rank 0 renames it only once all are done (a loaded
+            # machine let rank 1 list a folder that rank 0 had already published)
+            barrier()
             if is_rank_zero():
                 tokenizer.save_pretrained(partial)
                 publish_folder(partial, final)
