@@ -10,7 +10,7 @@ source scripts/setup_env.sh
 # shipped corpus was built from; each script stops here with the reason when it cannot restore them
 python scripts/fetch_transformers_tests.py
 python scripts/fetch_shakespeare.py
-# in this environment a missing oracle (megatron-core, lm-eval) fails its tests instead of skipping them
+# in this environment a missing oracle (megatron-core, lm-eval, nanotron) fails its tests instead of skipping them
 export MEGAHF_REQUIRE_ORACLES=1
 # Two pytest processes, a test file each at a time (module fixtures are built once): the in-process tests run on one
 # thread (tests/conftest.py), so a single pytest process would leave the second core of a 2-core machine idle.

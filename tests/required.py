@@ -1,5 +1,5 @@
-"""What decides a claim must not vanish: the oracles a test compares megahf against (megatron-core, lm-eval) and the
-sources it rebuilds from (the Shakespeare plays of the shipped corpus).
+"""What decides a claim must not vanish: the oracles a test compares megahf against (megatron-core, lm-eval,
+nanotron) and the sources it rebuilds from (the Shakespeare plays of the shipped corpus).
 
 Outside the pinned environment a missing one skips the test, with the reason. Under `bash scripts/test.sh`
 (MEGAHF_REQUIRE_ORACLES=1), whose environment has them all, a missing one FAILS the test instead: a skip there would

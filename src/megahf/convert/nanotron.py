@@ -1,23 +1,29 @@
 """nanotron's Llama checkpoints (one safetensors file per tensor per shard) <-> megahf, without nanotron installed.
 
-The layout, as nanotron's source writes it (github.com/huggingface/nanotron at 2411b022: src/nanotron/serialize/
+The layout, as nanotron's source writes it (github.com/huggingface/nanotron, 0.4 to 2411b022: src/nanotron/serialize/
 weights.py `save_weights`, serialize/utils.py `get_path`, serialize/metadata.py `TensorMetadata`, constants.py,
 models/llama.py, examples/llama/convert_hf_to_nanotron.py):
 
     ROOT/model_config.json      the model's LlamaConfig as a dict (vocab_size, hidden_size, num_key_value_heads,
-                                rope_theta, rope_interleaved, tie_word_embeddings, ...)
+                                tie_word_embeddings, ...; later versions add rope_theta and rope_interleaved)
     ROOT/model/<parameter name with "." as "/">/model_weight[_pp-rank-P-of-N_tp-rank-T-of-M].safetensors
                                 one tensor "data"; sharded parameters carry the rank suffix and metadata
-                                {"version": "1.5", "unsharded_shape": "(rows, cols)",
+                                {"version": "1.2", "unsharded_shape": "(rows, cols)",
                                  "local_global_slices_pairs": "l0,l1,None|...#g0,g1,None|...;..."}
 Names: `model.token_position_embeddings.pp_block.token_embedding.weight`, `model.decoder.{i}.pp_block.
 {input_layernorm, attn.qkv_proj, attn.o_proj, post_attention_layernorm, mlp.gate_up_proj, mlp.down_proj}.weight`,
 `model.final_layer_norm.pp_block.weight`, `model.lm_head.pp_block.weight` (absent when tied: a tied pair is saved
-once, under the embedding's name). qkv_proj is [all queries; all keys; all values] and gate_up_proj [gate; up];
-with `rope_interleaved` nanotron's queries and keys rotate adjacent pairs (GPT-J), so their rows are de-interleaved
-per head into megahf's (and transformers') halves layout. Reading follows the slices metadata, so any TP x PP reads;
-writing is TP=1, PP=1, `rope_interleaved: false` (what nanotron's own HF converter writes). megahf keeps the tokenizer's
-vocabulary in a side file `megahf.json` (nanotron's config would refuse an unknown key).
+once, under the embedding's name). qkv_proj is [all queries; all keys; all values] and gate_up_proj [gate; up].
+
+RoPE as nanotron computes it: nanotron 0.4 rotates adjacent pairs (GPT-J, "interleaved") with base 10000 whatever
+its config says; `rope_theta` (2024-05) and `rope_interleaved` (2024-09, default False since) came later and are
+honoured when present, so an absent `rope_interleaved` means interleaved and an absent `rope_theta` 10000.
+Interleaved query and key rows are de-interleaved per head into megahf's (and transformers') halves layout.
+Reading follows the slices metadata, so any TP x PP reads; numpy 2 makes nanotron write its sizes as
+'np.int64(128)', which reads too. Writing is TP=1, PP=1, interleaved with `rope_interleaved: true` and tensor
+version 1.2: what every nanotron loads and computes alike (0.4's loader takes versions up to 1.2, the current one up
+to 1.5). megahf keeps the tokenizer's vocabulary in a side file `megahf.json` (nanotron's config would refuse an
+unknown key).
 """
 
 from __future__ import annotations
@@ -36,12 +42,33 @@ from .safetensors_stream import write_safetensors
 
 CONFIG_FILE = "model_config.json"
 SIDE_FILE = "megahf.json"
-CHECKPOINT_VERSION = "1.5"
+CHECKPOINT_VERSION = "1.2"  # the newest that nanotron 0.4 loads (its constants.py); later ones load it too
+DEFAULT_ROPE_THETA = 10000.0  # nanotron before `rope_theta`: flash_attn's RotaryEmbedding default base
 EMBEDDING = "model.token_position_embeddings.pp_block.token_embedding.weight"
 LM_HEAD = "model.lm_head.pp_block.weight"
 FINAL_NORM = "model.final_layer_norm.pp_block.weight"
 LAYER = "model.decoder.{i}.pp_block."
 _FILE = re.compile(r"model_(weight|bias)(?:_pp-rank-(\d+)-of-(\d+)_tp-rank-(\d+)-of-(\d+))?\.safetensors")
+_SIZE = re.compile(r"\s*(?:np\.u?int\d*\((\d+)\)|(\d+))\s*")  # 128, or numpy 2's repr of a numpy integer
+
+
+def _parse_shape(text: str, path: Path) -> tuple[int, ...]:
+    """`unsharded_shape` as nanotron writes it, str(tuple(shape)): '(128, 64)', or under numpy 2 (its sizes are numpy
+    integers there) '(np.int64(128), 64)'."""
+    inner = text.strip()
+    inner = inner[1:-1] if inner.startswith("(") and inner.endswith(")") else inner
+    sizes = []
+    for part in inner.split(","):
+        match = _SIZE.fullmatch(part)
+        if match is None and part.strip():
+            raise ConversionError(f"{path}: unsharded_shape={text!r} in its metadata is not a shape (sizes as integers "
+                                  "or numpy integers); the file is damaged: rewrite it from nanotron")
+        if match is not None:
+            sizes.append(int(match.group(1) or match.group(2)))
+    if not sizes:
+        raise ConversionError(f"{path}: unsharded_shape={text!r} in its metadata is empty; the file is damaged: "
+                              "rewrite it from nanotron")
+    return tuple(sizes)
 
 
 def _parse_slices(text: str) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
@@ -81,7 +108,7 @@ def _shard_ref(name: str, paths: list[Path]) -> TensorRef:
         first = f.get_slice("data")
         dtype_name, local_shape = first.get_dtype(), tuple(first.get_shape())
     if "unsharded_shape" in meta:
-        shape = tuple(int(x) for x in meta["unsharded_shape"].strip("()").split(",") if x.strip())
+        shape = _parse_shape(meta["unsharded_shape"], paths[0])
     else:
         if len(paths) > 1:
             raise ConversionError(f"{name}: {len(paths)} files without slices metadata")
@@ -121,6 +148,31 @@ def _interleave(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
     return rows.reshape(-1, 2, head_dim // 2, *rest).transpose(1, 2).reshape(rows.shape)
 
 
+def rope_as_nanotron_computes_it(nt: dict) -> tuple[bool, float, list[str]]:
+    """(interleaved, base, notes) of the RoPE that nanotron applies to a model_config.json: the fields where the
+    config has them; where it lacks them, what every nanotron that wrote no such field computed (module docstring)."""
+    notes = []
+    if "rope_interleaved" in nt:
+        interleaved = bool(nt["rope_interleaved"])
+    else:
+        interleaved = True
+        notes.append("model_config.json has no rope_interleaved: read as interleaved RoPE, which every nanotron "
+                     "without that field (0.4 and later, until 2024-09) applies")
+    if "rope_theta" in nt:
+        theta = float(nt["rope_theta"])
+    else:
+        theta = DEFAULT_ROPE_THETA
+        notes.append(f"model_config.json has no rope_theta: read as {DEFAULT_ROPE_THETA:g}, the base every nanotron "
+                     "without that field (0.4 and later, until 2024-05) rotates with")
+    return interleaved, theta, notes
+
+
+def _nanotron_qkv(fused: torch.Tensor, heads: int, groups: int, head_dim: int) -> torch.Tensor:
+    """megahf's fused QKV -> nanotron's [queries; keys; values], queries and keys interleaved for its RoPE."""
+    q, k, v = split_qkv(fused, heads, groups)
+    return torch.cat([_interleave(q, head_dim), _interleave(k, head_dim), v])
+
+
 def read_nanotron(path: str | os.PathLike, overrides: dict | None = None) -> LoadedCheckpoint:
     from ..models.gpt.configuration_megatron_gpt import MegatronGPTConfig
 
@@ -134,18 +186,27 @@ def read_nanotron(path: str | os.PathLike, overrides: dict | None = None) -> Loa
         raise ConversionError(f"{root}: rope_scaling={nt['rope_scaling']!r}: megahf's RoPE is unscaled")
     if nt.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{root}: hidden_act={nt['hidden_act']!r}: megahf's gated MLP is SwiGLU (silu)")
+    if nt.get("attention_bias"):
+        raise ConversionError(f"{root}: attention_bias={nt['attention_bias']!r}: megahf's nanotron Llama has no "
+                              "linear biases")
+    interleaved, theta, notes = rope_as_nanotron_computes_it(nt)
     files = _tensor_files(root)
     refs = {name: _shard_ref(name, paths) for name, paths in files.items()}
     if EMBEDDING not in refs:
         raise ConversionError(f"{root}: missing {EMBEDDING}")
     side = json.loads((root / SIDE_FILE).read_text()) if (root / SIDE_FILE).is_file() else {}
-    hidden, heads = nt["hidden_size"], nt["num_attention_heads"]
+    def need(key: str):
+        if key not in nt:
+            raise ConversionError(f"{root / CONFIG_FILE}: no {key} (nanotron writes every field of its LlamaConfig); "
+                                  f"add it, or pass --model-overrides with megahf's name for it")
+        return nt[key]
+
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
     groups = nt.get("num_key_value_heads") or heads
     rows = refs[EMBEDDING].shape[0]
-    theta = float(nt.get("rope_theta", 10000.0))
-    fields = dict(vocab_size=side.get("vocab_size", rows), hidden_size=hidden, num_layers=nt["num_hidden_layers"],
-                  num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=nt["intermediate_size"],
-                  max_position_embeddings=nt["max_position_embeddings"], position_embedding_type="rope",
+    fields = dict(vocab_size=side.get("vocab_size", rows), hidden_size=hidden, num_layers=need("num_hidden_layers"),
+                  num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=need("intermediate_size"),
+                  max_position_embeddings=need("max_position_embeddings"), position_embedding_type="rope",
                   rotary_base=int(theta) if theta.is_integer() else theta, normalization="RMSNorm",
                   layernorm_epsilon=nt.get("rms_norm_eps", 1e-6), activation="swiglu", add_bias_linear=False,
                   tie_word_embeddings=bool(nt.get("tie_word_embeddings", False)), hidden_dropout=0.0,
@@ -153,7 +214,6 @@ def read_nanotron(path: str | os.PathLike, overrides: dict | None = None) -> Loa
                   bos_token_id=nt.get("bos_token_id"), eos_token_id=nt.get("eos_token_id"))
     config = MegatronGPTConfig(**{**fields, **(overrides or {})})
     padded, d = config.padded_vocab_size, config.head_dim
-    interleaved = bool(nt.get("rope_interleaved", False))
     out: dict[str, TensorRef] = {}
     used = set()
 
@@ -195,12 +255,14 @@ def read_nanotron(path: str | os.PathLike, overrides: dict | None = None) -> Loa
     if unknown:
         raise ConversionError(f"{root}: unknown nanotron tensors {unknown[:5]} (biases? megahf's nanotron Llama has "
                               "none)")
-    loaded = LoadedCheckpoint(config, "MegatronGPTForCausalLM", out, layout={"rope_interleaved": interleaved})
+    loaded = LoadedCheckpoint(config, "MegatronGPTForCausalLM", out, layout={"rope_interleaved": interleaved},
+                              notes=notes)
     check_shapes(loaded, str(root))
     return loaded
 
 
-def write_nanotron(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = True) -> None:
+def write_nanotron(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = True) -> list[str]:
+    """The nanotron checkpoint folder of a megahf Llama-style GPT; returns notes for the proof."""
     c = loaded.config
     checks = [(c.model_type == "megatron_gpt", "it is not a GPT"), (c.position_embedding_type == "rope", "RoPE"),
               (c.normalization == "RMSNorm", "RMSNorm"), (c.activation == "swiglu", "SwiGLU"),
@@ -215,8 +277,8 @@ def write_nanotron(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = Tr
         src, dst_ = f"model.decoder.layers.{i}.", LAYER.format(i=i)
         qkv = t[src + "self_attention.linear_qkv.weight"]
         plan[dst_ + "input_layernorm.weight"] = t[src + "input_layernorm.weight"]
-        plan[dst_ + "attn.qkv_proj.weight"] = TensorRef(qkv.shape, qkv.dtype, lambda ref=qkv: torch.cat(
-            split_qkv(ref.load(), heads, groups)))
+        plan[dst_ + "attn.qkv_proj.weight"] = TensorRef(qkv.shape, qkv.dtype, lambda ref=qkv: _nanotron_qkv(
+            ref.load(), heads, groups, d))
         plan[dst_ + "attn.o_proj.weight"] = t[src + "self_attention.linear_proj.weight"]
         plan[dst_ + "post_attention_layernorm.weight"] = t[src + "pre_mlp_layernorm.weight"]
         gate, up = t[src + "mlp.linear_fc1_gate.weight"], t[src + "mlp.linear_fc1_up.weight"]
@@ -235,7 +297,7 @@ def write_nanotron(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = Tr
         folder = dst / "model" / Path(*parts[:-1])
         folder.mkdir(parents=True, exist_ok=True)
         if name in replicated:
-            write_safetensors(folder / f"model_{parts[-1]}.safetensors", {"data": ref})
+            write_safetensors(folder / f"model_{parts[-1]}.safetensors", {"data": ref}, metadata={})
         else:
             metadata = {"version": CHECKPOINT_VERSION, "unsharded_shape": str(tuple(ref.shape)),
                         "local_global_slices_pairs": _format_slices(tuple(ref.shape))}
@@ -250,10 +312,14 @@ def write_nanotron(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = Tr
               "max_position_embeddings": c.max_position_embeddings, "num_attention_heads": heads,
               "num_hidden_layers": c.num_layers, "attention_bias": False, "num_key_value_heads": groups,
               "pad_token_id": c.pad_token_id, "pretraining_tp": 1, "rms_norm_eps": c.layernorm_epsilon,
-              "rope_scaling": None, "rope_theta": theta, "rope_interleaved": False,
+              "rope_scaling": None, "rope_theta": theta, "rope_interleaved": True,
               "tie_word_embeddings": c.tie_word_embeddings, "use_cache": True, "vocab_size": c.padded_vocab_size}
     (dst / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     (dst / SIDE_FILE).write_text(json.dumps({"vocab_size": c.vocab_size}))
+    if theta != DEFAULT_ROPE_THETA:
+        return [f"rope_theta={theta:g}: nanotron before 2024-05 (0.4, 0.5) ignores rope_theta and rotates with base "
+                f"{DEFAULT_ROPE_THETA:g}; run this checkpoint with a later nanotron"]
+    return []
 
 
 __all__ = ["read_nanotron", "write_nanotron"]

@@ -26,8 +26,11 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, TensorRef], metadata: dict[str, str] | None = None,
                       on_tensor: Callable[[str], None] | None = None) -> None:
-    """Write `tensors` to `path`, reading each `TensorRef` only when its bytes are due."""
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    """Write `tensors` to `path`, reading each `TensorRef` only when its bytes are due. The header's metadata is
+    `metadata` exactly where given (a strict reader such as nanotron's refuses any other key), else transformers'
+    {"format": "pt"}."""
+    metadata = {"format": "pt"} if metadata is None else metadata
+    header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, ref in tensors.items():
         if ref.dtype not in DTYPES:
