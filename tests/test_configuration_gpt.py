@@ -57,7 +57,7 @@ def test_from_preset(name):
 
 
 def test_llama_presets_are_llama_style():
-    for name in ("llama-tiny", "llama-1b", "llama-8b"):
+    for name in ("llama-tiny", "llama-1b", "llama-8b", "llama-3.2-1b", "llama-3.1-8b"):
         config = MegatronGPTConfig.from_preset(name)
         assert config.position_embedding_type == "rope"
         assert config.normalization == "RMSNorm"
@@ -65,6 +65,103 @@ def test_llama_presets_are_llama_style():
         assert config.add_bias_linear is False
         assert config.num_query_groups < config.num_attention_heads
     assert MegatronGPTConfig.from_preset("llama-8b").tie_word_embeddings is False
+    assert MegatronGPTConfig.from_preset("llama-3.1-8b").tie_word_embeddings is False
+    assert MegatronGPTConfig.from_preset("llama-3.2-1b").tie_word_embeddings is True
+
+
+@pytest.mark.parametrize("name, factor", [("llama-3.2-1b", 32.0), ("llama-3.1-8b", 8.0)])
+def test_llama3x_presets_equal_transformers_llama_configs_of_the_release(name, factor):
+    """The released configs as transformers' Llama converter writes them (legacy `rope_scaling` + `rope_theta`),
+    standardized by transformers itself: the preset's RoPE, context, vocabulary and token ids are the same."""
+    import transformers
+
+    ours = MegatronGPTConfig.from_preset(name)
+    theirs = transformers.LlamaConfig(
+        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=128000,
+        eos_token_id=128001, rope_scaling={"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+    assert ours.rope_parameters == theirs.rope_parameters
+    for key in ("vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RoPE parameters, as transformers defines them
+
+LEGACY_ROPE = [
+    {"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 500000.0},
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16}},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, "rope_theta": 500000.0},
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+    {"rope_theta": 1234.0},
+]
+
+
+@pytest.mark.parametrize("given", LEGACY_ROPE, ids=lambda given: "+".join(given))
+def test_rope_parameters_are_standardized_as_transformers_llama_does(given):
+    """Legacy `rope_scaling` / top-level `rope_theta` are folded into `rope_parameters` by transformers' own code,
+    as for its LlamaConfig (llama3 and yarn take `original_max_position_embeddings` from the context if absent)."""
+    import copy
+
+    import transformers
+
+    ours = MegatronGPTConfig.from_preset("llama-tiny", **copy.deepcopy(given))
+    theirs = transformers.LlamaConfig(max_position_embeddings=256, **copy.deepcopy(given))
+    assert ours.rope_parameters == theirs.rope_parameters
+    assert "rope_scaling" not in ours.to_dict() and "rope_theta" not in ours.to_dict()
+
+
+def test_megatron_rotary_base_is_the_rope_theta():
+    config = MegatronGPTConfig.from_preset("llama-tiny", rotary_base=500000)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500000} and config.rotary_base == 500000
+    # a config.json written before rope_parameters existed (Megatron's name, and on GPT-2 shapes the unused default)
+    old = {k: v for k, v in config.to_dict().items() if k != "rope_parameters"}
+    assert MegatronGPTConfig.from_dict({**old, "rotary_base": 5000}).rope_parameters["rope_theta"] == 5000
+    gpt2 = MegatronGPTConfig.from_preset("gpt-tiny").to_dict()
+    assert MegatronGPTConfig.from_dict({**gpt2, "rotary_base": 10000}).rope_parameters is None
+
+
+def test_rope_override_of_a_preset_keeps_its_base_and_copies_the_dict():
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    config = MegatronGPTConfig.from_preset("llama-3.1-8b", rope_parameters=scaling)
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
+    assert scaling == {"rope_type": "linear", "factor": 2.0}  # the caller's dict is not standardized in place
+    assert PRESETS["gpt"]["llama-tiny"].get("rope_parameters") is None  # nor the preset table
+    assert MegatronGPTConfig.from_preset("llama-3.1-8b").rope_parameters["rope_type"] == "llama3"
+
+
+def test_learned_positions_have_no_rope_parameters():
+    assert MegatronGPTConfig().rope_parameters is None and MegatronGPTConfig().rotary_base is None
+    assert MegatronGPTConfig.from_preset("llama-tiny").rope_parameters == {"rope_type": "default",
+                                                                           "rope_theta": 10000.0}
+
+
+# (overrides on llama-tiny or gpt-tiny, text the one-line message must hold)
+INVALID_ROPE = [
+    ("llama-tiny", {"rope_parameters": {"rope_type": "linear"}}, "rope_parameters=.*'linear'.*factor"),
+    ("llama-tiny", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "high_freq_factor"),
+    ("llama-tiny", {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}},
+     r"rope_type must be one of \('default', 'linear', 'dynamic', 'yarn', 'longrope', 'llama3'\)"),
+    ("llama-tiny", {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor.*rotary_percent=1.0"),
+    ("llama-tiny", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rotary_base": 500000},
+     r"rotary_base=500000 conflicts with rope_parameters\['rope_theta'\]=10000.0"),
+    ("llama-tiny", {"rotary_base": 500000, "rope_theta": 1e6}, "disagree"),
+    ("gpt-tiny", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+     "rope_parameters=.*position_embedding_type='learned_absolute'.*no RoPE.*set position_embedding_type='rope'"),
+    ("gpt-tiny", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling=.*no RoPE"),
+    ("gpt-tiny", {"rope_theta": 5e5}, "rope_theta=500000.0 is invalid.*no RoPE"),
+    ("gpt-tiny", {"rotary_base": 500000}, "rotary_base=500000 is invalid.*no RoPE"),
+]
+
+
+@pytest.mark.parametrize("preset, overrides, message", INVALID_ROPE, ids=[str(o) for _, o, _ in INVALID_ROPE])
+def test_bad_rope_parameters_are_one_line_errors(preset, overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        MegatronGPTConfig.from_preset(preset, **overrides)
+    assert "\n" not in str(error.value)
 
 
 def test_unknown_preset_lists_known_names():
@@ -163,14 +260,16 @@ def test_json_round_trip(tmp_path):
     assert raw["model_type"] == "megatron_gpt"
     own_names = {
         "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-        "max_position_embeddings", "position_embedding_type", "rotary_base", "normalization", "layernorm_epsilon",
+        "max_position_embeddings", "position_embedding_type", "rope_parameters", "normalization", "layernorm_epsilon",
         "activation", "add_bias_linear", "tie_word_embeddings", "attention_dropout", "hidden_dropout",
         "init_method_std", "make_vocab_size_divisible_by",
     }
     assert own_names <= set(raw)
     assert not set(ALIASES) & set(raw)
     assert raw["num_layers"] == 2 and raw["num_query_groups"] == 2 and raw["ffn_hidden_size"] == 96
-    assert raw["rotary_base"] == 500000 and raw["layernorm_epsilon"] == 1e-6
+    assert raw["layernorm_epsilon"] == 1e-6
+    # Megatron's `rotary_base` given to the constructor is stored once, where transformers keeps the base
+    assert raw["rope_parameters"] == {"rope_type": "default", "rope_theta": 500000} and "rotary_base" not in raw
 
     loaded = MegatronGPTConfig.from_pretrained(tmp_path)
     auto = AutoConfig.from_pretrained(tmp_path)

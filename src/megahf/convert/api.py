@@ -131,10 +131,16 @@ def _check_target(fmt: str, loaded: LoadedCheckpoint, tp: int, pp: int) -> None:
 
 def probe_batch(config) -> dict[str, torch.Tensor]:
     """The fixed probe batch: PROBE_BATCH x PROBE_LENGTH token ids drawn with seed PROBE_SEED from the real
-    vocabulary (BERT: both token types)."""
+    vocabulary (BERT: both token types). With a scaled RoPE its positions straddle the end of the context the model
+    was pretrained at (`original_max_position_embeddings`, or `max_position_embeddings` where the type has none), so
+    that the proof covers positions beyond it, where the scaling types differ most (dynamic: only there)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
     length = min(PROBE_LENGTH, config.max_position_embeddings)
     batch = {"input_ids": torch.randint(0, config.vocab_size, (PROBE_BATCH, length), generator=generator)}
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        start = max(rope.get("original_max_position_embeddings", config.max_position_embeddings) - length // 2, 0)
+        batch["position_ids"] = torch.arange(start, start + length)[None].expand(PROBE_BATCH, -1)
     if config.model_type == "megatron_bert":
         token_types = torch.zeros_like(batch["input_ids"])
         token_types[:, length // 2:] = 1
@@ -256,7 +262,11 @@ def _probe(from_format, src, loaded, to_format, written: Path) -> dict:
     # Same weights, same arithmetic up to the order of float32 reductions: a relative error a few hundred ulps of
     # the logits' magnitude at most; a wrong layout gives differences of the order of the logits themselves.
     tolerance = 1e-4 * max(scale, 1.0)
-    return {"batch": list(expected.shape[:2]), "seed": PROBE_SEED, "source_ran_as": source_runner,
+    positions = probe_batch(loaded.config).get("position_ids")
+    return {"batch": list(expected.shape[:2]), "seed": PROBE_SEED,
+            "positions": [0, expected.shape[1] - 1] if positions is None else [positions.min().item(),
+                                                                             positions.max().item()],
+            "source_ran_as": source_runner,
             "source_ran_as_itself": from_format not in OWN_CODE, "target_ran_as": target_runner,
             "target_ran_as_itself": to_format not in OWN_CODE, "max_abs_logit_diff": diff.max().item(),
             "mean_abs_logit_diff": diff.mean().item(), "max_abs_logit": scale, "tolerance": tolerance,
@@ -299,7 +309,9 @@ def summary(report: dict) -> str:
              f"{report['seconds']['convert']:.1f} s)"]
     probe, trip = report.get("probe"), report.get("round_trip")
     if probe:
-        lines.append(f"probe logits ({probe['source_ran_as']} vs {probe['target_ran_as']}): max |diff| "
+        first, last = probe.get("positions", [0, probe["batch"][1] - 1])
+        lines.append(f"probe logits ({probe['source_ran_as']} vs {probe['target_ran_as']}, positions {first}..{last}): "
+                     "max |diff| "
                      f"{probe['max_abs_logit_diff']:.3g}, mean |diff| {probe['mean_abs_logit_diff']:.3g} "
                      f"(logits up to {probe['max_abs_logit']:.3g}; tolerance {probe['tolerance']:.3g})")
     if trip:

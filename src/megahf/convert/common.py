@@ -73,9 +73,10 @@ def build_model(loaded: LoadedCheckpoint):
         raise ConversionError(f"the converted tensors do not fit {loaded.model_class}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     model.tie_weights()
-    for module in model.modules():  # the one non-persistent buffer, RoPE's frequencies, is computed, not loaded
-        if hasattr(module, "compute_inv_freq"):
-            module.inv_freq = module.compute_inv_freq(module.rotary_base, loaded.config.head_dim)
+    for name, module in list(model.named_modules()):  # RoPE holds no weights, only buffers computed from the config
+        if name and hasattr(module, "original_inv_freq"):
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, type(module)(loaded.config))
     leftover = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if leftover:
         raise ConversionError(f"{loaded.model_class}: no value for {leftover[:5]} (a converter bug)")

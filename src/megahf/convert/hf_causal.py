@@ -5,7 +5,9 @@ ordered [all queries; all keys; all values]; megahf (Megatron-Core) orders QKV r
 [the group's queries; its key; its value]. Llama keeps q/k/v and gate/up/down apart. Both rotate RoPE by halves
 (`rotate_half` on cos/sin of [freqs, freqs]), which is also megahf's (and Megatron-Core's non-interleaved) layout, so
 no row permutation is needed; the weights of Meta's original interleaved Llama release are permuted by transformers'
-own converter before they reach a LlamaForCausalLM folder.
+own converter before they reach a LlamaForCausalLM folder. Llama's RoPE scaling (`rope_parameters`, or the legacy
+`rope_scaling` and `rope_theta`) is carried over as it is: megahf computes the frequencies with the same transformers
+functions (linear, dynamic, yarn, longrope, llama3).
 
 Vocabulary: megahf's padded rows are all written (transformers then sees `vocab_size` = the padded rows, as NVIDIA's
 Megatron checkpoints on the Hub do) and megahf's real vocabulary is kept in config.json as `megahf_vocab_size`, so a
@@ -14,6 +16,7 @@ round trip is lossless; a folder without it takes every row as a token and pads 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -232,29 +235,29 @@ def read_hf_llama(path: str | os.PathLike, overrides: dict | None = None) -> Loa
     if hf.get("head_dim") not in (None, hidden // heads):
         raise ConversionError(f"{path}: head_dim={hf['head_dim']} differs from hidden_size / heads = "
                               f"{hidden // heads}, which megahf's attention assumes")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConversionError(f"{path}: rope_type={rope_type!r}: megahf's RoPE is the default (unscaled) one")
-    theta = rope.get("rope_theta") or hf.get("rope_theta") or 10000.0
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{path}: hidden_act={hf.get('hidden_act')!r}: megahf's gated MLP is SwiGLU (silu)")
     if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
         raise ConversionError(f"{path}: attention_bias={hf.get('attention_bias')} but mlp_bias={hf.get('mlp_bias')}: "
                               "megahf has biases on every linear layer or on none")
     rows = tensors["model.embed_tokens.weight"].shape[0]
-    theta = float(theta)
+    # RoPE as the folder gives it, in any of transformers' spellings (rope_parameters; legacy rope_scaling and
+    # rope_theta): megahf's config standardizes them with transformers' own code, as LlamaConfig does
+    rope = {key: hf[key] for key in ("rope_parameters", "rope_scaling", "rope_theta") if hf.get(key) is not None}
     fields = dict(vocab_size=_vocab_of(hf, rows), hidden_size=hidden, num_layers=hf["num_hidden_layers"],
                   num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=hf["intermediate_size"],
-                  max_position_embeddings=hf["max_position_embeddings"], position_embedding_type="rope",
-                  rotary_base=int(theta) if theta.is_integer() else theta, normalization="RMSNorm",
+                  max_position_embeddings=hf["max_position_embeddings"], position_embedding_type="rope", **rope,
+                  normalization="RMSNorm",
                   layernorm_epsilon=hf.get("rms_norm_eps", 1e-6), activation="swiglu",
                   add_bias_linear=bool(hf.get("attention_bias")),
                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
                   attention_dropout=hf.get("attention_dropout", 0.0), hidden_dropout=0.0,
                   init_method_std=hf.get("initializer_range", 0.02),
                   bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
-    config = MegatronGPTConfig(**{**fields, **(overrides or {})})
+    try:
+        config = MegatronGPTConfig(**{**fields, **(overrides or {})})
+    except ValueError as error:
+        raise ConversionError(f"{path}: {error}") from None
     padded = config.padded_vocab_size
     bias_kinds = ("weight", "bias") if config.add_bias_linear else ("weight",)
     out: dict[str, TensorRef] = {}
@@ -301,7 +304,7 @@ def write_hf_llama(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = Tr
         vocab_size=c.padded_vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_query_groups, head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.layernorm_epsilon, rope_parameters={"rope_type": "default", "rope_theta": float(c.rotary_base)},
+        rms_norm_eps=c.layernorm_epsilon, rope_parameters=copy.deepcopy(c.rope_parameters),
         tie_word_embeddings=c.tie_word_embeddings, attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear,
         attention_dropout=c.attention_dropout, initializer_range=c.init_method_std, hidden_act="silu",
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, **{VOCAB_KEY: c.vocab_size})

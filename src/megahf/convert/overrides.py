@@ -8,7 +8,7 @@ from .common import ConversionError
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`["vocab_size=50257", "rotary_base=500000"]` or `["{vocab_size: 50257}"]` -> {"vocab_size": 50257, ...}."""
+    """`["vocab_size=50257", "max_position_embeddings=2048"]` or `["{vocab_size: 50257}"]` -> {"vocab_size": ...}."""
     result: dict = {}
     for item in items:
         if "=" not in item:

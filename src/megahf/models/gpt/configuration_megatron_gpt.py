@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from transformers import PreTrainedConfig
 
 from ..config_checks import MegatronConfigMixin
@@ -10,6 +12,13 @@ from ..presets import lookup_preset
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+# transformers' RoPE types for a Llama-style model that rotates the whole head (transformers' `proportional` type is a
+# partial rotation, which megahf's attention does not do)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# Spellings of the RoPE base besides `rope_parameters["rope_theta"]`: Megatron's `rotary_base` (also what megahf's
+# config.json files held before `rope_parameters`) and transformers' legacy top-level `rope_theta`
+ROPE_BASE_KEYS = ("rotary_base", "rope_theta")
+LEGACY_ROTARY_BASE = 10000  # the `rotary_base` every GPT-2-style megahf config.json carried, although unused
 
 
 class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
@@ -29,7 +38,13 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
         ffn_hidden_size (`int`, *optional*): MLP width; `None` means `4 * hidden_size`.
         max_position_embeddings (`int`): longest sequence (the size of the learned position table).
         position_embedding_type (`str`): `"learned_absolute"` (GPT-2) or `"rope"` (rotary).
-        rotary_base (`int`): RoPE base (theta).
+        rope_parameters (`dict`, *optional*): RoPE as transformers defines it (`transformers.modeling_rope_utils.
+            RopeParameters`, as on `LlamaConfig`): `rope_theta` (the base; Megatron's `rotary_base`, default 10000)
+            and `rope_type` (`"default"`, or a scaling: `"linear"`, `"dynamic"`, `"yarn"`, `"longrope"`, `"llama3"`)
+            with that type's keys (`factor`, `original_max_position_embeddings`, ...). The frequencies are computed
+            by transformers' own RoPE functions. Legacy spellings are accepted and folded in: `rope_scaling`,
+            `rope_theta` and Megatron's `rotary_base`. Only for `position_embedding_type="rope"`: a model with
+            learned positions has none (`None`) and refuses them.
         normalization (`str`): `"LayerNorm"` or `"RMSNorm"`.
         layernorm_epsilon (`float`): epsilon of every norm.
         activation (`str`): `"gelu"` (GPT-2 MLP, exact GeLU as Megatron computes it), `"gelu_tanh"` (its tanh
@@ -85,7 +100,7 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
     ffn_hidden_size: int | None = None
     max_position_embeddings: int = 1024
     position_embedding_type: str = "learned_absolute"
-    rotary_base: int | float = 10000
+    rope_parameters: dict | None = None
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"
@@ -108,8 +123,43 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
-        super().__post_init__(**kwargs)
+        # transformers standardizes the RoPE dict in place: never the caller's (or a preset's) dict
+        self.rope_parameters = copy.deepcopy(self.rope_parameters)
+        kwargs = {key: copy.deepcopy(value) if key == "rope_scaling" else value for key, value in kwargs.items()}
+        rope = self.position_embedding_type == "rope"
+        kwargs = self._fold_rope_base(kwargs) if rope else self._drop_rope_inputs(kwargs)
+        super().__post_init__(**kwargs)  # transformers standardizes rope_parameters (legacy keys folded in)
+        if not rope:
+            self.rope_parameters = None
         self.check()
+
+    def _fold_rope_base(self, kwargs: dict) -> dict:
+        """Megatron's `rotary_base` (or a top-level `rope_theta`) becomes `rope_parameters["rope_theta"]`; refused
+        when `rope_parameters` says otherwise (transformers would silently keep the dict's value)."""
+        given = {key: kwargs.pop(key) for key in ROPE_BASE_KEYS if kwargs.get(key) is not None}
+        if not given:
+            return kwargs
+        if len(set(given.values())) > 1:
+            raise ValueError(f"{type(self).__name__}: {given} disagree: give the RoPE base once, as "
+                             "rope_parameters['rope_theta'].")
+        key, base = next(iter(given.items()))
+        rope = self.rope_parameters or kwargs.get("rope_scaling") or {}
+        if rope.get("rope_theta") not in (None, base):
+            raise ValueError(f"{type(self).__name__}: {key}={base!r} conflicts with rope_parameters['rope_theta']="
+                             f"{rope['rope_theta']!r}: give the RoPE base once, as rope_parameters['rope_theta'].")
+        return {**kwargs, "rope_theta": base}
+
+    def _drop_rope_inputs(self, kwargs: dict) -> dict:
+        """Learned positions have no RoPE: refuse any RoPE setting (the unused `rotary_base=10000` that megahf's
+        GPT-2-style config.json files carried is dropped silently)."""
+        if kwargs.get("rotary_base") == LEGACY_ROTARY_BASE:
+            kwargs = {key: value for key, value in kwargs.items() if key != "rotary_base"}
+        for key, value in (("rope_parameters", self.rope_parameters), *kwargs.items()):
+            if key in ("rope_parameters", "rope_scaling", *ROPE_BASE_KEYS) and value is not None:
+                raise ValueError(f"{type(self).__name__}: {key}={value!r} is invalid: position_embedding_type="
+                                 f"{self.position_embedding_type!r} (learned positions, GPT-2 style) has no RoPE; "
+                                 "drop it, or set position_embedding_type='rope'.")
+        return kwargs
 
     def check(self) -> None:
         """Refuse an inconsistent architecture with a message naming the key, the value and the fix."""
@@ -120,9 +170,34 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
             self.fail("normalization", f"use one of {NORMALIZATIONS}.")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             self.fail("position_embedding_type", f"use one of {POSITION_EMBEDDINGS}.")
-        if self.position_embedding_type == "rope" and self.head_dim % 2:
-            self.fail("hidden_size",
-                      f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
+        if self.position_embedding_type == "rope":
+            if self.head_dim % 2:
+                self.fail("hidden_size",
+                          f"rope needs an even head size, got {self.head_dim}; change hidden_size or heads.")
+            self.check_rope_parameters()
+
+    def check_rope_parameters(self) -> None:
+        """transformers' own validation of `rope_parameters` (its missing-key error as megahf's one line), then what
+        megahf adds: a RoPE type transformers computes for a whole-head rotation, and no partial rotation."""
+        rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            self.fail("rope_parameters", "a RoPE model needs a dict such as {'rope_type': 'default', "
+                      "'rope_theta': 10000.0}.")
+        if rope.get("rope_type", rope.get("type")) not in ROPE_TYPES:
+            self.fail("rope_parameters", f"rope_type must be one of {ROPE_TYPES}.")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            self.fail("rope_parameters", "megahf rotates the whole head (Megatron's rotary_percent=1.0): drop "
+                      "partial_rotary_factor.")
+        try:
+            self.validate_rope()
+        except KeyError as error:
+            self.fail("rope_parameters", f"{error.args[0]}; add them.")
+
+    @property
+    def rotary_base(self) -> int | float | None:
+        """Megatron's name for the RoPE base, read-only: `rope_parameters["rope_theta"]` (`None` with learned
+        positions)."""
+        return self.rope_parameters["rope_theta"] if self.rope_parameters else None
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
@@ -141,8 +216,16 @@ class MegatronGPTConfig(MegatronConfigMixin, PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MegatronGPTConfig:
         """A config with the shapes of a named model: `gpt-tiny`, the paper's `gpt-345m` ... `gpt-8.3b`, and
-        the Llama-style `llama-tiny`, `llama-1b`, `llama-8b`. Keyword arguments override preset fields."""
-        return cls(**{**lookup_preset(name, "gpt"), **overrides})
+        the Llama-style `llama-tiny`, `llama-1b`, `llama-8b`, `llama-3.2-1b`, `llama-3.1-8b`. Keyword arguments
+        override preset fields; a `rope_parameters` override without `rope_theta` keeps the preset's base (a new
+        scaling of the same model, not a new base)."""
+        preset = lookup_preset(name, "gpt")
+        rope = overrides.get("rope_parameters")
+        base = (preset.get("rope_parameters") or {}).get("rope_theta")
+        if isinstance(rope, dict) and "rope_theta" not in rope and base is not None and \
+                not any(key in overrides for key in ROPE_BASE_KEYS):
+            overrides = {**overrides, "rope_parameters": {**rope, "rope_theta": base}}
+        return cls(**{**preset, **overrides})
 
 
 __all__ = ["MegatronGPTConfig"]

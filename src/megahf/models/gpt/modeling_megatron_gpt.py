@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -54,24 +54,11 @@ class MegatronGPTEmbedding(nn.Module):
         return self.embedding_dropout(inputs_embeds)
 
 
-class MegatronGPTRotaryEmbedding(nn.Module):
-    """Rotary position embedding over the whole head (Megatron's default `rotary_percent=1.0`, non-interleaved)."""
-
-    def __init__(self, config: MegatronGPTConfig):
-        super().__init__()
-        dim = config.head_dim
-        self.rotary_base = config.rotary_base
-        self.register_buffer("inv_freq", self.compute_inv_freq(config.rotary_base, dim), persistent=False)
-
-    @staticmethod
-    def compute_inv_freq(base: float, dim: int) -> torch.Tensor:
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+class MegatronGPTRotaryEmbedding(LlamaRotaryEmbedding):
+    """transformers' Llama RoPE module, as it is: the whole head rotated by halves (Megatron's `rotary_percent=1.0`,
+    non-interleaved), its frequencies from transformers' RoPE functions for `config.rope_parameters` (default,
+    linear, dynamic, yarn, longrope, llama3), recomputed by `dynamic_rope_update` for the dynamic types, cos/sin
+    scaled by the type's attention factor (yarn). It reads nothing Llama-specific from the config."""
 
 
 class MegatronGPTLayer(GradientCheckpointingLayer):
@@ -125,8 +112,8 @@ class MegatronGPTPreTrainedModel(PaddedVocabMixin, PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         init_megatron_weights(module, self.config)
-        if isinstance(module, MegatronGPTRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.rotary_base, self.config.head_dim))
+        if isinstance(module, MegatronGPTRotaryEmbedding):  # transformers recomputes RoPE's frequency buffers
+            PreTrainedModel._init_weights(self, module)
 
 
 class MegatronGPTModel(MegatronGPTPreTrainedModel):
