@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megahf.data.corpus_reader import read_documents
+from megahf.data.corpus_reader import open_corpus, read_documents
 from megahf.data.document_tokenizer import load_tokenizer, tokenize_document, tokenize_settings
 from megahf.data.indexed_dataset import IndexedDatasetBuilder
 from megahf.data.preprocess import preprocess_corpus
@@ -42,12 +42,28 @@ def test_byte_ranges_that_tile_a_file_read_every_document_once(corpus):
         assert "from byte" in later[0][0]
 
 
-def test_a_byte_range_is_refused_for_a_columnar_file(tmp_path):
-    path = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"text": DOCS}), path)
-    assert [values["text"] for _, values in read_documents(str(path))] == DOCS
-    with pytest.raises(PreprocessError, match="byte range can only be read from a .jsonl or .txt"):
-        list(read_documents(str(path), start=10))
+@pytest.mark.parametrize("kind", ["parquet", "json-array", "datasets-folder"])
+def test_record_ranges_of_a_columnar_input_tile_it(tmp_path, kind):
+    if kind == "parquet":  # row groups of 7 rows: ranges start and stop inside them
+        path = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"text": DOCS}), path, row_group_size=7)
+    elif kind == "json-array":
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps([{"text": t} for t in DOCS]))
+    else:
+        path = tmp_path / "folder"
+        path.mkdir()
+        pq.write_table(pa.table({"text": DOCS}), path / "train-00000-of-00001.parquet")
+    whole = list(read_documents(str(path)))
+    assert [values["text"] for _, values in whole] == DOCS
+    source = open_corpus(str(path), ["text"])
+    for parts in (3, 5):
+        bounds = [source.shard(r, parts) for r in range(parts)]
+        assert [end - start for start, end in bounds[:-1]] == [len(DOCS) * (r + 1) // parts - len(DOCS) * r // parts
+                                                               for r in range(parts - 1)]
+        ranges = [list(read_documents(str(path), start=start, end=end)) for start, end in bounds]
+        assert [values for part in ranges for _, values in part] == [values for _, values in whole]
+        assert [loc for part in ranges for loc, _ in part] == [loc for loc, _ in whole]  # record numbers stay absolute
 
 
 @pytest.mark.parametrize("split_sentences", [False, True], ids=["documents", "sentences"])

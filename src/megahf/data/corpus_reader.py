@@ -53,18 +53,17 @@ class CorpusSource:
     def chunks(self, keys: Sequence[str], chunk_bytes: int, chunk_rows: int,
                start: int = 0, end: Optional[int] = None) -> Iterator[Chunk]:
         """The input in chunks of about `chunk_bytes` of text (line inputs) or `chunk_rows` records (the others).
-        `start`/`end`: only the lines that begin in that byte range of a .jsonl/.txt file (see `line_chunks`)."""
+        `start`/`end`: only that part of the input, counted in its `progress_unit`: the lines that begin in that byte
+        range of a .jsonl/.txt file (see `line_chunks`), else the records `start` to `end - 1`."""
         if self.kind in ("json", "text"):
             yield from line_chunks(self.path, self.kind, chunk_bytes, chunk_rows, start, end)
             return
-        if start or end is not None:
-            raise PreprocessError(f"{self.description}: a byte range can only be read from a .jsonl or .txt file "
-                                  "(one record per line); read the whole input")
+        stop = self.progress_total if end is None else min(end, self.progress_total)
         if self.kind == "json-array":
             records = self.obj
-            for s in range(0, len(records), chunk_rows):
+            for s in range(start, stop, chunk_rows):
                 cols: Dict[str, list] = {k: [] for k in keys}
-                for j, rec in enumerate(records[s : s + chunk_rows]):
+                for j, rec in enumerate(records[s : min(s + chunk_rows, stop)]):
                     where = f"{self.description}, record {s + j}"
                     if not isinstance(rec, dict):
                         raise PreprocessError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -74,20 +73,45 @@ class CorpusSource:
                         cols[k].append(rec[k])
                 yield ("columns", s, cols, len(cols[keys[0]]))
         elif self.kind == "parquet":
-            row = 0
-            for batch in self.obj.iter_batches(batch_size=chunk_rows, columns=list(keys)):
-                cols = {k: batch.column(k).to_pylist() for k in keys}
-                n = batch.num_rows
-                yield ("columns", row, cols, n)
-                row += n
+            yield from _parquet_chunks(self.obj, keys, chunk_rows, start, stop)
         elif self.kind == "hf":
-            row = 0
-            for batch in self.obj.select_columns(list(keys)).iter(batch_size=chunk_rows):
+            ds = self.obj if (start, stop) == (0, self.progress_total) else self.obj.select(range(start, stop))
+            row = start
+            for batch in ds.select_columns(list(keys)).iter(batch_size=chunk_rows):
                 n = len(batch[keys[0]])
                 yield ("columns", row, {k: batch[k] for k in keys}, n)
                 row += n
         else:  # pragma: no cover
             raise AssertionError(self.kind)
+
+    def shard(self, rank: int, world_size: int) -> Tuple[int, Optional[int]]:
+        """The `(start, end)` of part `rank` of `world_size` contiguous parts of about equal size (bytes of a line
+        input, records of the others), for `chunks`: the parts tile the input, in order."""
+        total = self.progress_total
+        return total * rank // world_size, (None if rank == world_size - 1 else total * (rank + 1) // world_size)
+
+
+def _parquet_chunks(pf: Any, keys: Sequence[str], chunk_rows: int, start: int, stop: int) -> Iterator[Chunk]:
+    """Rows `start` to `stop - 1` of a parquet file, reading only the row groups that hold them."""
+    groups, row = [], 0  # the row groups that overlap the range; `first`: the row the first of them begins at
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row + n > start and row < stop:
+            if not groups:
+                first = row
+            groups.append(g)
+        row += n
+    if not groups:
+        return
+    row = first
+    for batch in pf.iter_batches(batch_size=chunk_rows, columns=list(keys), row_groups=groups):
+        lo, hi = max(start - row, 0), min(stop - row, batch.num_rows)
+        if hi > lo:
+            yield ("columns", row + lo, {k: batch.column(k).to_pylist()[lo:hi] for k in keys}, hi - lo)
+        row += batch.num_rows
+        if row >= stop:
+            return
 
 
 def line_chunks(path: str, kind: str, chunk_bytes: int, chunk_rows: int,
@@ -249,11 +273,13 @@ def chunk_columns(chunk: Chunk, keys: Sequence[str], description: str) -> Tuple[
 def read_documents(input: str, keys: Sequence[str] = ("text",), start: int = 0, end: Optional[int] = None,
                    split: str = "train", subset: Optional[str] = None) -> Iterator[Document]:
     """The documents of `input` (anything `megahf preprocess` reads), checked as it checks them, one at a time as
-    `(location, {key: value})`. `start`/`end` read only the lines that begin in that byte range of a .jsonl or .txt
-    file (ranges that tile the file read each line once); locations then say "from byte START"."""
+    `(location, {key: value})`. `start`/`end` read only part of it (`CorpusSource.chunks`): the lines that begin in
+    that byte range of a .jsonl or .txt file (ranges that tile the file read each line once; locations then say
+    "from byte START"), else the records `start` to `end - 1`."""
     keys = tuple(dict.fromkeys(keys))
     source = open_corpus(input, keys, split, subset)
-    description = source.description if not start else f"{source.description} from byte {start}"
+    from_byte = start and source.kind in ("json", "text")
+    description = f"{source.description} from byte {start}" if from_byte else source.description
     for chunk in source.chunks(keys, _READ_CHUNK_BYTES, DEFAULT_CHUNK_ROWS, start, end):
         cols, where, _ = chunk_columns(chunk, keys, description)
         for j, location in enumerate(where):

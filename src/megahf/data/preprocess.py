@@ -72,8 +72,8 @@ from ..errors import MegahfError, explain_write_errors, one_line
 from .corpus_reader import DEFAULT_CHUNK_ROWS, open_corpus
 from .document_tokenizer import EMBEDDED_TOKENIZER_NAMES, load_tokenizer, tokenize_settings
 from .indexed_dataset import IndexedDatasetBuilder
-from .preprocess_arguments import add_arguments
-from .preprocess_errors import PreprocessError
+from .preprocess_arguments import ExecutorOptions, add_arguments
+from .preprocess_errors import PreprocessError, check_arguments
 from .preprocess_output import (PreprocessResult, make_output_folder, output_prefix_for, publish, remove_folders,
                                 write_encoded)
 from .preprocess_workers import ChunkEncoder, ChunkJob, default_chunk_bytes
@@ -118,7 +118,7 @@ def preprocess_corpus(
     """
     t0 = time.perf_counter()
     keys = tuple(dict.fromkeys(json_keys))
-    _check_arguments(keys, workers, output_prefix)
+    check_arguments(keys, workers, output_prefix)
     source = open_corpus(input, keys, split, subset)
     tok = load_tokenizer(tokenizer)
     settings = tokenize_settings(tok, tokenizer, append_eod, split_sentences, dtype)
@@ -159,36 +159,25 @@ def preprocess_corpus(
     return result
 
 
-def _check_arguments(keys: Sequence[str], workers: int, output_prefix: str) -> None:
-    if not keys:
-        raise PreprocessError("--json-keys: give at least one key")
-    if workers < 1:
-        raise PreprocessError(f"--workers {workers}: need at least 1")
-    if not output_prefix or output_prefix.endswith(("/", os.sep)):
-        raise PreprocessError(f"--output-prefix {output_prefix!r}: give a file prefix such as data/my, not a folder")
-
-
 def run(args: argparse.Namespace) -> int:
     """Run `megahf preprocess` with parsed arguments; returns the exit status."""
     try:
-        result = preprocess_corpus(
-            input=args.input,
-            output_prefix=args.output_prefix,
-            tokenizer=args.tokenizer,
-            json_keys=args.json_keys,
-            append_eod=args.append_eod,
-            split_sentences=args.split_sentences,
-            workers=args.workers,
-            dtype=args.dtype,
-            split=args.split,
-            subset=args.subset,
-            log_interval=args.log_interval,
-            progress=False if getattr(args, "no_progress", False) else None,
-        )
+        options = ExecutorOptions.from_args(args)
+        common = dict(input=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
+                      json_keys=args.json_keys, append_eod=args.append_eod, split_sentences=args.split_sentences,
+                      dtype=args.dtype, split=args.split, subset=args.subset, log_interval=args.log_interval)
+        if options is not None:
+            from .preprocess_datatrove import preprocess_datatrove
+
+            result = preprocess_datatrove(options=options, **common)
+        else:
+            result = preprocess_corpus(workers=1 if args.workers is None else args.workers,
+                                       progress=False if getattr(args, "no_progress", False) else None, **common)
     except (MegahfError, FileNotFoundError) as e:
         print(f"megahf preprocess: error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(result.summary())
+    if result is not None:
+        print(result.summary())
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from ..errors import MegahfError
@@ -20,4 +21,14 @@ def missing_key_message(key: str, where: str, keys_present: Sequence[str]) -> st
     )
 
 
-__all__ = ["PreprocessError", "missing_key_message"]
+def check_arguments(keys: Sequence[str], workers: int, output_prefix: str) -> None:
+    """The checks of `megahf preprocess`'s own options that need no file: keys, workers, the output prefix."""
+    if not keys:
+        raise PreprocessError("--json-keys: give at least one key")
+    if workers < 1:
+        raise PreprocessError(f"--workers {workers}: need at least 1")
+    if not output_prefix or output_prefix.endswith(("/", os.sep)):
+        raise PreprocessError(f"--output-prefix {output_prefix!r}: give a file prefix such as data/my, not a folder")
+
+
+__all__ = ["PreprocessError", "check_arguments", "missing_key_message"]

@@ -36,6 +36,7 @@ class PreprocessResult:
     dtype: str = ""
     workers: int = 1
     seconds: float = 0.0
+    executor: str = ""  # "datatrove local executor" ...: `workers` then counts its tasks
 
     @property
     def total_tokens(self) -> int:
@@ -52,7 +53,8 @@ class PreprocessResult:
         where = ", ".join(f"{p}.{{bin,idx}}" for p in self.prefixes.values())
         return (
             f"preprocess: {docs:,} documents, {self.total_tokens:,} tokens, {mb:.2f} MB ({self.dtype}) "
-            f"in {self.seconds:.2f} s, {self.tokens_per_second:,.0f} tokens/s, {self.workers} worker(s)"
+            f"in {self.seconds:.2f} s, {self.tokens_per_second:,.0f} tokens/s, "
+            + (f"{self.workers} task(s) on the {self.executor}" if self.executor else f"{self.workers} worker(s)")
             + (f", {skipped:,} empty documents skipped" if skipped else "")
             + f" -> {where}"
         )

@@ -1,0 +1,189 @@
+"""`megahf preprocess --executor local|slurm|ray`: the same output bytes as the single-machine path, produced by
+datatrove's executors running megahf's reader, tokenizer and writer (`datatrove_steps`): one task per contiguous
+part of the input, then a dependent one-task merge stage.
+
+The run's folder (`--logging-dir`, default `{output_prefix}.datatrove/`) holds `job.json` (what the run is),
+`tokenize/` and `merge/` (datatrove's logging folders: `logs/`, `stats/`, `completions/`, `executor.json`),
+`parts/` (the tasks' pairs, removed after the merge) and `merged.json` (the counts of the finished output). The same
+command run again does only what is missing: datatrove skips the tasks whose completion it recorded. A folder that
+holds another job (another input, tokenizer, setting or task count) is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional, Sequence
+
+from ..atomic import atomic_write_json
+from .corpus_reader import open_corpus
+from .document_tokenizer import load_tokenizer, tokenize_settings
+from .preprocess_arguments import ExecutorOptions
+from .preprocess_errors import PreprocessError, check_arguments
+from .preprocess_output import PreprocessResult, make_output_folder
+
+INSTALL_HINT = "pip install 'megahf[distributed]'"
+
+
+def require_datatrove(executor: str) -> None:
+    """One line naming the extra to install when datatrove (or Ray for `--executor ray`) is missing."""
+    try:
+        import datatrove  # noqa: F401
+    except ImportError as e:
+        raise PreprocessError(f"--executor {executor} runs on datatrove, which is not installed ({e}); "
+                              f"install it with: {INSTALL_HINT}") from None
+    if executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise PreprocessError(f"--executor ray needs Ray, which is not installed ({e}); install it with: "
+                                  "pip install 'datatrove[ray]'") from None
+
+
+def input_state(input: str) -> Any:
+    """What identifies the input's content cheaply: the size and modification time of the file, or of every file of
+    a folder; None for a dataset name (the cache decides)."""
+    if os.path.isfile(input):
+        st = os.stat(input)
+        return [st.st_size, st.st_mtime_ns]
+    if os.path.isdir(input):
+        files = []
+        for root, dirs, names in os.walk(input):
+            dirs.sort()
+            for name in sorted(names):
+                st = os.stat(os.path.join(root, name))
+                files.append([os.path.relpath(os.path.join(root, name), input), st.st_size, st.st_mtime_ns])
+        return files
+    return None
+
+
+def _claim_work_dir(job_json: Dict[str, Any], path: str) -> None:
+    """Write `job.json`, or check that the folder's holds the same job (then its finished tasks are reused)."""
+    job_json = json.loads(json.dumps(job_json))  # as read back (tuples become lists)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        changed = [k for k in sorted(set(old) | set(job_json)) if old.get(k) != job_json.get(k)]
+        if changed:
+            folder = os.path.dirname(path)
+            raise PreprocessError(
+                f"{path}: {folder} holds a run of another job (it differs in: {', '.join(changed)}); its finished "
+                f"tasks cannot be reused: remove {folder} to start over, or give another --logging-dir")
+        return
+    atomic_write_json(path, job_json, indent=2)
+
+
+def preprocess_datatrove(
+    input: str,
+    output_prefix: str,
+    options: ExecutorOptions,
+    tokenizer: str = "gpt2",
+    json_keys: Sequence[str] = ("text",),
+    append_eod: bool = False,
+    split_sentences: bool = False,
+    dtype: Optional[str] = "auto",
+    split: str = "train",
+    subset: Optional[str] = None,
+    log_interval: int = 0,
+) -> Optional[PreprocessResult]:
+    """Run `megahf preprocess` on a datatrove executor; see the module docstring. Returns the result once the final
+    pairs are written, None when the job is not finished here (a Slurm submission, or `--local-tasks` while other
+    machines' tasks are still missing; a message says what happens next)."""
+    t0 = time.perf_counter()
+    keys = tuple(dict.fromkeys(json_keys))
+    check_arguments(keys, 1, output_prefix)
+    options.check()
+    require_datatrove(options.executor)
+    open_corpus(input, keys, split, subset)
+    settings = tokenize_settings(load_tokenizer(tokenizer), tokenizer, append_eod, split_sentences, dtype)
+
+    from .datatrove_steps import PreprocessJob
+
+    work_dir = os.path.abspath(options.logging_dir or output_prefix + ".datatrove")
+    job = PreprocessJob(input=input, split=split, subset=subset, keys=keys, tokenizer=tokenizer, settings=settings,
+                        output_prefix=os.path.abspath(output_prefix), work_dir=work_dir, tasks=options.tasks,
+                        log_interval=log_interval)
+    make_output_folder(output_prefix)
+    os.makedirs(work_dir, exist_ok=True)
+    identity = {k: v for k, v in job.as_dict().items() if k not in ("work_dir", "log_interval")}
+    _claim_work_dir({**identity, "input": os.path.abspath(input) if os.path.exists(input) else input,
+                     "input_state": input_state(input)}, os.path.join(work_dir, "job.json"))
+    if os.path.isfile(job.merged_path) and not job.finished():
+        raise PreprocessError(
+            f"{job.merged_path} records a finished merge but {' or '.join(p + '.bin/.idx' for p in job.prefixes.values())}"
+            f" is missing (removed since?); remove {work_dir} to run the job again")
+
+    tokenize, merge = _executors(job, options)
+    if options.executor == "slurm":
+        merge.run()  # submits the tokenize array (if any task is missing), then the merge job depending on it
+        print(f"megahf preprocess: submitted to Slurm (tokenize job {tokenize.job_id}, merge job {merge.job_id}); "
+              f"logs, stats and completions in {work_dir}; the output appears when the merge job ends")
+        return None
+    if options.executor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=options.ray_address)
+    tokenize.run()
+    missing = tokenize.get_incomplete_ranks()
+    if missing:
+        print(f"megahf preprocess: {options.tasks - len(missing)} of {options.tasks} tasks are done "
+              f"(missing: {_ranks(missing)}); the merge runs once all are: run the same command (on the machine of "
+              f"the missing tasks, or without --local-tasks) when they are done")
+        return None
+    merge.run()
+    if not job.finished():
+        raise PreprocessError(f"the merge stage did not finish; its logs are in {os.path.join(work_dir, 'merge')}")
+    with open(job.merged_path, encoding="utf-8") as f:
+        merged = json.load(f)
+    merged.pop("merge_seconds", None)
+    result = PreprocessResult(**merged)
+    result.seconds = time.perf_counter() - t0
+    result.workers = options.tasks
+    result.executor = f"datatrove {options.executor} executor"
+    return result
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return ", ".join(map(str, ranks[:10])) + (f" and {len(ranks) - 10} more" if len(ranks) > 10 else "")
+
+
+def _executors(job, options: ExecutorOptions):
+    """The tokenize executor (`options.tasks` tasks) and the merge executor (one task, depending on it)."""
+    from .datatrove_steps import MergeShards, TokenizeShard
+
+    logs = {stage: os.path.join(job.work_dir, stage) for stage in ("tokenize", "merge")}
+    workers = -1 if options.workers is None else options.workers
+    if options.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        tokenize = LocalPipelineExecutor(
+            [TokenizeShard(job)], tasks=options.tasks, workers=workers, logging_dir=logs["tokenize"],
+            local_tasks=-1 if options.local_tasks is None else options.local_tasks,
+            local_rank_offset=options.local_rank_offset)
+        merge = LocalPipelineExecutor([MergeShards(job)], tasks=1, workers=1, logging_dir=logs["merge"],
+                                      depends=tokenize)
+        return tokenize, merge
+    if options.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        common = dict(time=options.time, partition=options.partition, qos=options.qos or "",
+                      env_command=options.env_command, mem_per_cpu_gb=int(options.mem_per_cpu_gb))
+        tokenize = SlurmPipelineExecutor(
+            [TokenizeShard(job)], tasks=options.tasks, workers=workers, cpus_per_task=options.cpus_per_task,
+            job_name=options.job_name, logging_dir=logs["tokenize"], **common)
+        merge = SlurmPipelineExecutor([MergeShards(job)], tasks=1, cpus_per_task=1, job_name=options.job_name + "_merge",
+                                      logging_dir=logs["merge"], depends=tokenize, **common)
+        return tokenize, merge
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    common = dict(cpus_per_task=options.cpus_per_task, mem_per_cpu_gb=options.mem_per_cpu_gb)
+    tokenize = RayPipelineExecutor([TokenizeShard(job)], tasks=options.tasks, workers=workers,
+                                   logging_dir=logs["tokenize"], **common)
+    merge = RayPipelineExecutor([MergeShards(job)], tasks=1, workers=1, logging_dir=logs["merge"], depends=tokenize,
+                                **common)
+    return tokenize, merge
+
+
+__all__ = ["INSTALL_HINT", "input_state", "preprocess_datatrove", "require_datatrove"]
