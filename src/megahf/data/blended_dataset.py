@@ -232,10 +232,12 @@ def parse_blend(items: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]
 
 
 def _open(source: Any) -> Any:
+    """A path (anything `megahf.data.token_files.open_token_data` opens: a Megatron prefix, datatrove's token
+    files) opened and checked; an opened dataset as is."""
     if isinstance(source, (str, os.PathLike)):
-        from .indexed_dataset import IndexedDataset
+        from .token_files import open_token_data
 
-        return IndexedDataset(os.fspath(source))
+        return open_token_data(source)
     return source
 
 

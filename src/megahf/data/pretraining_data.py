@@ -19,7 +19,9 @@ from ..recipe import PretrainRecipe, RecipeError
 from .bert_pretraining_data import build_bert_data
 from .blended_dataset import build_gpt_datasets, parse_blend
 from .gpt_dataset import GPTDatasetConfig, GPTDatasetError
+from .indexed_dataset import IndexedDatasetError
 from .text_blocks import build_text_blocks, collate_blocks, corpus_file
+from .token_files import open_token_data
 from .train_valid import TrainValidDatasets
 
 
@@ -46,22 +48,25 @@ def build_datasets(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout, co
             masking_probability=data.mask_prob, short_sequence_probability=data.short_seq_prob,
         )
     if data.indexed_prefixes:
-        return build_gpt_indexed_data(recipe, train_samples, valid_samples)
+        return build_gpt_indexed_data(recipe, train_samples, valid_samples, vocab_size=len(tokenizer))
     blocks = build_text_blocks(data, tokenizer, recipe.run.seed)
     return TrainValidDatasets(train=blocks.train, valid=blocks.valid, collate=collate_blocks,
                               description=blocks.describe())
 
 
-def build_gpt_indexed_data(recipe: PretrainRecipe, train_samples: int, valid_samples: int) -> TrainValidDatasets:
+def build_gpt_indexed_data(recipe: PretrainRecipe, train_samples: int, valid_samples: int,
+                           vocab_size: int | None = None) -> TrainValidDatasets:
     """Megatron's GPT samples of seq_length + 1 tokens from indexed datasets (blended by weight), split into
-    train/valid by `split`."""
+    train/valid by `split`. Each data_path entry is opened and checked first (`open_token_data`: a Megatron pair or
+    datatrove's token files), against the tokenizer's `vocab_size` when given."""
     data = recipe.data
     prefixes, weights = parse_blend(data.data_path.split())
     config = GPTDatasetConfig(seq_length=data.seq_length, seed=recipe.run.seed, split=data.split,
                               path_to_cache=data.data_cache_path or None)
     try:
-        train, valid, _ = build_gpt_datasets((prefixes, weights), [train_samples, valid_samples, 0], config)
-    except GPTDatasetError as error:
+        sources = [open_token_data(p, vocab_size) for p in prefixes]
+        train, valid, _ = build_gpt_datasets((sources, weights), [train_samples, valid_samples, 0], config)
+    except (GPTDatasetError, IndexedDatasetError) as error:
         raise RecipeError(f"recipe key data_path={data.data_path!r}: {error}") from None
     if train is None or valid is None:
         raise RecipeError(f"recipe key split={data.split!r} leaves no train or no valid split; e.g. '969,30,1'")

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ..data.blended_dataset import parse_blend
+from ..data.token_files import find_token_data
 from .errors import RecipeError, need, need_at_least, need_finite
 from .help import arg
 
@@ -31,7 +32,9 @@ class DataRecipe:
     text_key: str = arg("Field holding each document's text in a .jsonl/.json/.parquet corpus.", default="text")
     data_path: str = arg(
         "Megatron indexed data instead of `corpus` (Megatron's --data-path): one prefix written by "
-        "`megahf preprocess` (e.g. data/my_text_document), or weights and prefixes to blend ('30 data/a 70 data/b').",
+        "`megahf preprocess` (e.g. data/my_text_document), or weights and prefixes to blend ('30 data/a 70 data/b'); "
+        "a prefix may also be a .ds file of datatrove's DocumentTokenizer or the folder of one datatrove tokenizer "
+        "run.",
         default="",
     )
     split: str = arg("Train/valid/test shares of the documents of each data_path file (Megatron's --split).",
@@ -60,10 +63,11 @@ class DataRecipe:
              "it must lie strictly between 0 and 1, e.g. 0.05")
         need(self, self.text_key != "", "text_key", "name the field that holds each document's text, e.g. text")
         for prefix in self.indexed_prefixes:
-            if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+            if find_token_data(prefix) is None:
                 raise RecipeError(
                     f"recipe key data_path={self.data_path!r}: {prefix}.bin/.idx not found; give the prefix that "
-                    "`megahf preprocess --output-prefix P` wrote, P_text_document"
+                    "`megahf preprocess --output-prefix P` wrote, P_text_document (or a .ds file of datatrove's "
+                    "DocumentTokenizer, or the folder of one datatrove tokenizer run)"
                 )
         if self.corpus != EMBEDDED_CORPUS:
             if not os.path.isfile(self.corpus):
