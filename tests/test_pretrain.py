@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import megahf  # noqa: F401  (registers MegatronGPT with the Auto classes)
+from required import oracle
 from megahf.training import PretrainRecipe, RecipeError, load_recipe, run_pretrain
 from megahf.data.text_blocks import build_text_blocks, collate_blocks, split_documents
 from megahf.training.setup import build_config, build_layout, load_tokenizer
@@ -320,6 +321,35 @@ def test_pretrain_from_indexed_data_blend(tmp_path):
     losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
     assert len(losses) == recipe.optim.train_steps and losses[-1] < losses[0]
     assert math.isfinite(result.metrics["valid_loss"])
+
+
+def test_data_path_takes_a_datatrove_ds_file_and_draws_the_samples_of_megahf_preprocess(tmp_path):
+    """A `.ds` written by datatrove's own DocumentTokenizer (nanotron's format) from the same texts as
+    `megahf preprocess --append-eod`: the run's train and valid samples are the same token ids."""
+    oracle("datatrove")
+    from datatrove.data import Document
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.tokens.tokenizer import DocumentTokenizer
+
+    from megahf.assets import load_gpt2_tokenizer
+    from megahf.data import preprocess_corpus
+    from megahf.data.pretraining_data import build_datasets
+
+    corpus = write_corpus(tmp_path / "a.jsonl", n_docs=60)
+    preprocess_corpus(input=str(corpus), tokenizer="gpt2", output_prefix=str(tmp_path / "a"), append_eod=True,
+                      progress=False)
+    load_gpt2_tokenizer().backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    docs = [Document(text=json.loads(line)["text"], id=str(i)) for i, line in enumerate(corpus.open())]
+    LocalPipelineExecutor([docs, DocumentTokenizer(str(tmp_path / "ds"), str(tmp_path / "tokenizer.json"),
+                                                   eos_token="<|endoftext|>", shuffle_documents=False)],
+                          workers=1, logging_dir=str(tmp_path / "logs")).run()
+    samples = []
+    for data_path in (str(tmp_path / "a_text_document"), str(tmp_path / "ds" / "00000_unshuffled.ds")):
+        recipe = load_recipe(None, tiny_overrides(corpus, tmp_path / "out", data_path=data_path, split="90,10,0"))
+        data = build_datasets(recipe, load_tokenizer(recipe), build_layout(recipe, 1), build_config(recipe.model))
+        samples.append([[split[i]["input_ids"].tolist() for i in range(len(split))]
+                        for split in (data.train, data.valid)])
+    assert samples[0] == samples[1] and len(samples[0][0]) >= 32
 
 
 def test_data_path_that_does_not_exist_is_refused_before_training(tmp_path):
