@@ -323,6 +323,7 @@ def test_pretrain_from_indexed_data_blend(tmp_path):
     assert math.isfinite(result.metrics["valid_loss"])
 
 
+@pytest.mark.extended  # the same samples, without the recipe: tests/data/test_token_files.py (default tier)
 def test_data_path_takes_a_datatrove_ds_file_and_draws_the_samples_of_megahf_preprocess(tmp_path):
     """A `.ds` written by datatrove's own DocumentTokenizer (nanotron's format) from the same texts as
     `megahf preprocess --append-eod`: the run's train and valid samples are the same token ids."""

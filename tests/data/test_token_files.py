@@ -23,6 +23,7 @@ from megahf.data.blended_dataset import build_gpt_datasets  # noqa: E402
 from megahf.data.gpt_dataset import GPTDatasetConfig  # noqa: E402
 from megahf.data.indexed_dataset import IndexedDataset, IndexedDatasetError  # noqa: E402
 from megahf.data.preprocess import preprocess_corpus  # noqa: E402
+from megahf.recipe import DataRecipe, RecipeError  # noqa: E402
 from megahf.data.token_files import (DatatroveTokenFile, TokenFileSet, datatrove_files,  # noqa: E402
                                      open_token_data)
 
@@ -90,6 +91,13 @@ def test_gpt_samples_are_the_same_from_each_form(written):
         samples[form] = [[split.get_tokens(i).tolist() for i in range(len(split))] for split in splits]
     assert len(samples["megahf"][0]) >= 40
     assert samples["ds"] == samples["megahf"] and samples["megatron"] == samples["megahf"]
+
+
+def test_a_recipe_takes_each_form_as_data_path(written, tmp_path):
+    for form in ("megahf", "ds", "megatron"):
+        DataRecipe(data_path=f"30 {written[form]} 70 {written['megahf']}").validate()
+    with pytest.raises(RecipeError, match="or a .ds file of datatrove's DocumentTokenizer"):
+        DataRecipe(data_path=str(tmp_path / "none.ds")).validate()
 
 
 def copy_ds(written, tmp_path):
