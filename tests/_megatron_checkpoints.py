@@ -74,8 +74,17 @@ def gpt_args(style: str, vocab: int, padded_vocab: int, tp: int, pp: int) -> arg
     else:
         args.update(ffn_hidden_size=96, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
                     position_embedding_type="rope", rotary_base=10000, rotary_percent=1.0,
-                    untie_embeddings_and_output_weights=True, group_query_attention=True, num_query_groups=2)
+                    untie_embeddings_and_output_weights=True, group_query_attention=True, num_query_groups=2,
+                    tokenizer_type="HuggingFaceTokenizer")
     return argparse.Namespace(**args)
+
+
+# The args Megatron-LM's check_checkpoint_args (megatron/training/checkpointing.py) reads without a default when a run
+# resumes a checkpoint without --finetune (the vocabulary ones and tokenizer_type when it passes --vocab-file, the
+# parallel sizes for checkpoint_version 3.0, data_parallel_random_init when it passes that flag)
+RESUME_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+               "make_vocab_size_divisible_by", "padded_vocab_size", "tokenizer_type", "tensor_model_parallel_size",
+               "pipeline_model_parallel_size", "data_parallel_random_init")
 
 
 def bert_model(padded_vocab: int):

@@ -68,6 +68,23 @@ def test_transformers_causal_lm_to_megahf_gives_its_logits_and_round_trips(tmp_p
     assert json.loads((tmp_path / "back" / "config.json").read_text())["megahf_vocab_size"] == 1000
 
 
+def test_gpt2_config_without_default_fields_reads_with_transformers_defaults(tmp_path):
+    """A config.json that leaves out what equals transformers' defaults (as older writers and hand-made configs
+    do) reads as transformers reads it."""
+    torch.manual_seed(0)
+    theirs = perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2,
+                                                                           n_head=4)))  # n_positions: the default
+    theirs.save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    defaults = transformers.GPT2Config().to_dict()
+    kept = {k: v for k, v in config.items() if k == "model_type" or defaults.get(k, object()) != v}
+    assert "n_positions" not in kept and "layer_norm_epsilon" not in kept  # what the reader needs, left out
+    (tmp_path / "src" / "config.json").write_text(json.dumps(kept))
+    loaded = read_checkpoint("hf-gpt2", tmp_path / "src")
+    with torch.no_grad():
+        torch.testing.assert_close(build_model(loaded)(input_ids=IDS).logits, theirs(input_ids=IDS).logits, **TOL)
+
+
 def test_llama_rope_layout_matches_without_permutation(tmp_path):
     """megahf's RoPE rotates halves as transformers' Llama does: a permuted (interleaved) layout would change the
     logits at every position after the first, which this compares one by one."""

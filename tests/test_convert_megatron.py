@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import _megatron_checkpoints as mc
-from megahf.convert import ConversionError, convert, read_checkpoint
+from megahf.convert import ConversionError, convert, read_checkpoint, write_checkpoint
 from megahf.convert.common import build_model
 
 VOCAB = 1100  # megahf pads to 1152; Megatron to 1152 at TP=1, 1280 at TP=2, 1536 at TP=4
@@ -144,6 +144,20 @@ def test_megahf_to_megatron_tp2_writes_megatrons_split_and_round_trips_bit_exact
     fresh = mc.gpt_model("llama", 1152)
     fresh.load_state_dict(written["model"], strict=True)
     torch.testing.assert_close(mc.gpt_logits(fresh, IDS)[..., :VOCAB], mc.gpt_logits(model, IDS)[..., :VOCAB], **TOL)
+
+
+def test_written_args_hold_what_megatron_lm_reads_when_it_resumes(models, tmp_path):
+    """Every arg Megatron-LM's check_checkpoint_args reads without a default is in the args megahf writes:
+    `tokenizer_type` is the source checkpoint's where it has one, else that of megahf's GPT-2 tokenizer."""
+    root = write_core_checkpoint(tmp_path, models["llama"], "llama", 1, 1)  # tokenizer_type HuggingFaceTokenizer
+    write_checkpoint("megatron", read_checkpoint("megatron", root), tmp_path / "again", show_progress=False)
+    convert(root, tmp_path / "hf", "megatron", "megahf", proof=False, show_progress=False)
+    write_checkpoint("megatron", read_checkpoint("megahf", tmp_path / "hf"), tmp_path / "from-megahf",
+                     show_progress=False)
+    for folder, tokenizer in [("again", "HuggingFaceTokenizer"), ("from-megahf", "GPT2BPETokenizer")]:
+        args = load_shard(tmp_path / folder / "release" / "mp_rank_00" / "model_optim_rng.pt")["args"]
+        assert [name for name in mc.RESUME_ARGS if not hasattr(args, name)] == [], folder
+        assert args.tokenizer_type == tokenizer and args.data_parallel_random_init is False
 
 
 def test_tp4_checkpoint_converts_and_reloads_at_tp2_and_tp1(megatron_core, tmp_path):

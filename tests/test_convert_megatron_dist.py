@@ -62,6 +62,7 @@ def test_megatron_core_torch_dist_checkpoint_both_ways(cpu_dist_checkpointing, t
     fresh.load_state_dict(state, strict=False)
     common = cpu_dist_checkpointing.load_common_state_dict(str(tmp_path / "back" / "release"))
     assert isinstance(common["args"], argparse.Namespace) and common["args"].padded_vocab_size == PADDED
+    assert [name for name in mc.RESUME_ARGS if not hasattr(common["args"], name)] == []
     torch.testing.assert_close(mc.gpt_logits(fresh, IDS)[..., :VOCAB], expected, **TOL)
 
 

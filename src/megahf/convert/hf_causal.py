@@ -92,7 +92,10 @@ def _vocab_of(config: dict, rows: int) -> int:
 def read_hf_gpt2(path: str | os.PathLike, overrides: dict | None = None) -> LoadedCheckpoint:
     from ..models.gpt.configuration_megatron_gpt import MegatronGPTConfig
 
+    import transformers
+
     hf, tensors = _read_folder(path, "gpt2")
+    hf = transformers.GPT2Config(**hf).to_dict()  # a field the file lacks: transformers' own default for it
     prefix = "transformer." if "transformer.wte.weight" in tensors else ""
     act = hf.get("activation_function", "gelu_new")
     if act not in GPT2_ACTIVATIONS:

@@ -169,7 +169,8 @@ def read_megatron_dist(path: str | os.PathLike, overrides: dict | None = None,
     loaded = LoadedCheckpoint(config, model_class, tensors, notes=notes, layout={
         "folder": folder.name, "iteration": common.get("iteration") if isinstance(common, dict) else None,
         "checkpoint_version": common.get("checkpoint_version") if isinstance(common, dict) else None,
-        "tp": arg(args, "tensor_model_parallel_size"), "pp": arg(args, "pipeline_model_parallel_size")})
+        "tp": arg(args, "tensor_model_parallel_size"), "pp": arg(args, "pipeline_model_parallel_size"),
+        "tokenizer_type": arg(args, "tokenizer_type")})
     check_shapes(loaded, str(path))
     return loaded
 
@@ -258,7 +259,7 @@ def write_megatron_dist(loaded: LoadedCheckpoint, dst: Path, tp: int = 1, show_p
     with _quiet_single_process():
         dcp.save(tensors, checkpoint_id=str(folder), planner=DefaultSavePlanner(flatten_state_dict=False))
     bar.close()
-    args = megatron_args(config, tp, 1, padded)
+    args = megatron_args(config, tp, 1, padded, loaded.layout.get("tokenizer_type"))
     args.ckpt_format = "torch_dist"
     torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}, folder / COMMON_FILE)
     (folder / BACKEND_FILE).write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,

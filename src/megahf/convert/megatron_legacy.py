@@ -294,7 +294,7 @@ def read_megatron(path: str | os.PathLike, overrides: dict | None = None, trust_
         notes.append(f"vocabulary rows re-padded from Megatron's {rows} to megahf's {config.padded_vocab_size}")
     loaded = LoadedCheckpoint(config, model_class, tensors, notes=notes, layout={
         "tp": tp_size, "pp": pp_size, "names": naming, "checkpoint_version": version,
-        "iteration": first.get("iteration"), "folder": folder.name})
+        "iteration": first.get("iteration"), "folder": folder.name, "tokenizer_type": arg(args, "tokenizer_type")})
     check_shapes(loaded, str(path))
     return loaded
 
@@ -369,8 +369,15 @@ def check_layout(config, tp: int, pp: int) -> None:
             raise ConversionError(f"{key}={value} is not divisible by {flag} {size}: pick a {flag} that divides it")
 
 
-def megatron_args(config, tp: int, pp: int, padded: int) -> argparse.Namespace:
-    """The training arguments Megatron-LM reads back with --use-checkpoint-args (its own names)."""
+# Megatron-LM's tokenizer names for megahf's shipped tokenizers (GPT-2 BPE, BERT uncased WordPiece)
+DEFAULT_TOKENIZER_TYPE = {"megatron_gpt": "GPT2BPETokenizer", "megatron_bert": "BertWordPieceLowerCase"}
+
+
+def megatron_args(config, tp: int, pp: int, padded: int, tokenizer_type: str | None = None) -> argparse.Namespace:
+    """The training arguments Megatron-LM reads back: with --use-checkpoint-args (its own names), and, resuming
+    without --finetune, every field its `check_checkpoint_args` reads without a default (megatron/training/
+    checkpointing.py): the model's shape, the vocabulary padding, `tokenizer_type` (the source checkpoint's, else
+    that of megahf's tokenizer for the family), the parallel sizes, `data_parallel_random_init`."""
     gpt = config.model_type == "megatron_gpt"
     fields = dict(
         num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
@@ -383,6 +390,7 @@ def megatron_args(config, tp: int, pp: int, padded: int) -> argparse.Namespace:
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, ckpt_format="torch",
         normalization=config.normalization, apply_layernorm_1p=False,
         untie_embeddings_and_output_weights=not config.tie_word_embeddings,
+        tokenizer_type=tokenizer_type or DEFAULT_TOKENIZER_TYPE[config.model_type], data_parallel_random_init=False,
     )
     if gpt:
         fields.update(
@@ -426,7 +434,7 @@ def write_megatron(loaded: LoadedCheckpoint, dst: Path, tp: int = 1, pp: int = 1
     per_stage = config.num_layers // pp
     folder = dst / "release"
     folder.mkdir(parents=True)
-    args = megatron_args(config, tp, pp, padded)
+    args = megatron_args(config, tp, pp, padded, loaded.layout.get("tokenizer_type"))
 
     def stage_and_local(core: str) -> tuple[int, str]:
         layer = layer_of(core)
