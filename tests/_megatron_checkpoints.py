@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,13 @@ def perturb_small_params(model) -> None:
                 param.add_(torch.randn_like(param) * 0.1)
 
 
-def gpt_model(style: str, padded_vocab: int):
+def gpt_model(style: str, padded_vocab: int, rope_args: dict | None = None):
     """A Megatron-Core GPTModel, GPT-2 style (LayerNorm, GeLU, learned positions, tied) or Llama style (RMSNorm,
-    SwiGLU, RoPE, GQA 4:2, no biases, untied)."""
+    SwiGLU, RoPE, GQA 4:2, no biases, untied). Llama style takes Megatron-LM's RoPE arguments (`rope_args`, as
+    `gpt_args` stores them) the way Megatron-LM builds its GPTModel from them: `use_rope_scaling` and
+    `rope_scaling_factor` as GPTModel's `rope_scaling` and `rope_scaling_factor`, `rotary_seq_len_interpolation_factor`
+    as its `seq_len_interpolation_factor`, and for `position_embedding_type="yarn"` the `yarn_*` attributes that
+    megatron/training/argument_utils.py puts on the TransformerConfig (YarnRotaryEmbedding's defaults where unset)."""
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -50,19 +55,35 @@ def gpt_model(style: str, padded_vocab: int):
         spec, kwargs = get_gpt_layer_local_spec(), dict(share_embeddings_and_output_weights=True,
                                                          position_embedding_type="learned_absolute")
     else:
+        rope = {"rotary_base": 10000, **(rope_args or {})}
         config = TransformerConfig(**common, num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True,
                                    activation_func=F.silu, add_bias_linear=False, ffn_hidden_size=96)
         spec, kwargs = get_gpt_layer_local_spec(normalization="RMSNorm"), dict(
-            share_embeddings_and_output_weights=False, position_embedding_type="rope", rotary_base=10000)
+            share_embeddings_and_output_weights=False, rotary_base=rope["rotary_base"],
+            position_embedding_type=rope.get("position_embedding_type", "rope"),
+            rope_scaling=rope.get("use_rope_scaling", False), rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
+            seq_len_interpolation_factor=rope.get("rotary_seq_len_interpolation_factor"))
+        if kwargs["position_embedding_type"] == "yarn":
+            for name, arg, default in (("rotary_scaling_factor", "rotary_scaling_factor", 1.0),
+                                       ("original_max_position_embeddings", "yarn_original_max_position_embeddings",
+                                        4096), ("beta_fast", "yarn_beta_fast", 32.0),
+                                       ("beta_slow", "yarn_beta_slow", 1.0), ("mscale", "mscale", 1.0),
+                                       ("mscale_all_dim", "mscale_all_dim", 0.0),
+                                       ("correction_range_round_to_int", "yarn_correction_range_round_to_int", True)):
+                setattr(config, "yarn_" + name, default if rope.get(arg) is None else rope[arg])
     torch.manual_seed(0)
-    model = GPTModel(config, transformer_layer_spec=spec, vocab_size=padded_vocab, max_sequence_length=64,
-                     **kwargs).eval()
+    # YaRN fills its cos/sin cache on `torch.cuda.current_device()` at construction: pointed at the CPU here
+    with unittest.mock.patch.object(torch.cuda, "current_device", lambda: "cpu"):
+        model = GPTModel(config, transformer_layer_spec=spec, vocab_size=padded_vocab, max_sequence_length=64,
+                         **kwargs).eval()
     perturb_small_params(model)
     return model
 
 
-def gpt_args(style: str, vocab: int, padded_vocab: int, tp: int, pp: int) -> argparse.Namespace:
-    """The training arguments Megatron-LM would have pickled (megatron/training/arguments.py names)."""
+def gpt_args(style: str, vocab: int, padded_vocab: int, tp: int, pp: int, rope_args: dict | None = None
+             ) -> argparse.Namespace:
+    """The training arguments Megatron-LM would have pickled (megatron/training/arguments.py names); `rope_args` adds
+    or replaces Llama style's RoPE arguments."""
     args = dict(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, kv_channels=HIDDEN // HEADS,
                 max_position_embeddings=64, seq_length=SEQ, padded_vocab_size=padded_vocab, vocab_size=vocab,
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, norm_epsilon=1e-5,
@@ -75,7 +96,9 @@ def gpt_args(style: str, vocab: int, padded_vocab: int, tp: int, pp: int) -> arg
         args.update(ffn_hidden_size=96, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
                     position_embedding_type="rope", rotary_base=10000, rotary_percent=1.0,
                     untie_embeddings_and_output_weights=True, group_query_attention=True, num_query_groups=2,
-                    tokenizer_type="HuggingFaceTokenizer")
+                    tokenizer_type="HuggingFaceTokenizer", use_rope_scaling=False, rope_scaling_factor=8.0,
+                    rotary_seq_len_interpolation_factor=None)
+        args.update(rope_args or {})
     return argparse.Namespace(**args)
 
 
@@ -208,11 +231,18 @@ def save(shards: dict, root: Path, args, version: float = 3.0, iteration: int | 
     return root
 
 
+def load_shard(path):
+    """A Megatron-LM checkpoint file, read with weights_only=True: its args are an argparse.Namespace."""
+    # allow the Namespace only for this load, and only if megatron.core has not registered it for the process
+    # (leaving the context would unregister it under megatron.core's own loads)
+    extra = [] if argparse.Namespace in torch.serialization.get_safe_globals() else [argparse.Namespace]
+    with torch.serialization.safe_globals(extra):
+        return torch.load(path, weights_only=True)
+
+
 def gpt_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Megatron-Core's own forward. Its RoPE moves its frequencies to `torch.cuda.current_device()` on first use:
     pointed at the CPU here, a fourth CUDA-only spot sidestepped (FACTS.md lists the other three)."""
-    import unittest.mock
-
     seq = input_ids.shape[1]
     positions = torch.arange(seq)[None].expand(input_ids.shape[0], -1)
     causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]

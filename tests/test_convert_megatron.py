@@ -38,14 +38,6 @@ def megahf_logits(path, fmt="megatron", **overrides):
         return build_model(loaded)(input_ids=IDS).logits, loaded
 
 
-def load_shard(path):
-    # allow the Namespace only for this load, and only if megatron.core has not registered it for the process
-    # (leaving the context would unregister it under megatron.core's own loads)
-    extra = [] if argparse.Namespace in torch.serialization.get_safe_globals() else [argparse.Namespace]
-    with torch.serialization.safe_globals(extra):
-        return torch.load(path, weights_only=True)
-
-
 def write_core_checkpoint(tmp_path, model, style, tp, pp, name="ckpt", **save_kwargs):
     swiglu, tied = style == "llama", style == "gpt2"
     shards = mc.split(mc.core_state(model), tp, pp, swiglu=swiglu, tied=tied)
@@ -106,7 +98,7 @@ def test_megatron_core_bert_checkpoint_gives_megatron_cores_logits(megatron_core
     convert(root, tmp_path / "megahf", "megatron", "megahf", show_progress=False)
     assert convert(tmp_path / "megahf", tmp_path / "tp1", "megahf", "megatron", show_progress=False)["ok"]
     fresh = mc.bert_model(1152)
-    fresh.load_state_dict(load_shard(tmp_path / "tp1" / "release" / "mp_rank_00" / "model_optim_rng.pt")["model"],
+    fresh.load_state_dict(mc.load_shard(tmp_path / "tp1" / "release" / "mp_rank_00" / "model_optim_rng.pt")["model"],
                           strict=True)
     with torch.no_grad():
         lm, order = fresh(ids, mask, tokentype_ids=types)
@@ -132,7 +124,7 @@ def test_megahf_to_megatron_tp2_writes_megatrons_split_and_round_trips_bit_exact
         state[key][1152:] = 0  # megahf kept 1152 rows; Megatron's padding to 1280 at TP=2 adds zero rows
     expected = mc.split(state, 2, 2, swiglu=True, tied=False)
     for (t, p), shard in expected.items():
-        written = load_shard(tmp_path / "tp2" / "release" / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt")
+        written = mc.load_shard(tmp_path / "tp2" / "release" / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt")
         tensors = {k: v for k, v in written["model"].items() if v is not None}
         assert tensors.keys() == shard.keys(), (t, p)
         for key, tensor in shard.items():
@@ -140,7 +132,7 @@ def test_megahf_to_megatron_tp2_writes_megatrons_split_and_round_trips_bit_exact
         assert written["args"].tensor_model_parallel_size == 2 and written["args"].swiglu
     # and Megatron-Core loads a megahf-written TP=1 checkpoint with a strict load_state_dict
     convert(tmp_path / "hf", tmp_path / "tp1", "megahf", "megatron", show_progress=False)
-    written = load_shard(tmp_path / "tp1" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    written = mc.load_shard(tmp_path / "tp1" / "release" / "mp_rank_00" / "model_optim_rng.pt")
     fresh = mc.gpt_model("llama", 1152)
     fresh.load_state_dict(written["model"], strict=True)
     torch.testing.assert_close(mc.gpt_logits(fresh, IDS)[..., :VOCAB], mc.gpt_logits(model, IDS)[..., :VOCAB], **TOL)
@@ -155,7 +147,7 @@ def test_written_args_hold_what_megatron_lm_reads_when_it_resumes(models, tmp_pa
     write_checkpoint("megatron", read_checkpoint("megahf", tmp_path / "hf"), tmp_path / "from-megahf",
                      show_progress=False)
     for folder, tokenizer in [("again", "HuggingFaceTokenizer"), ("from-megahf", "GPT2BPETokenizer")]:
-        args = load_shard(tmp_path / folder / "release" / "mp_rank_00" / "model_optim_rng.pt")["args"]
+        args = mc.load_shard(tmp_path / folder / "release" / "mp_rank_00" / "model_optim_rng.pt")["args"]
         assert [name for name in mc.RESUME_ARGS if not hasattr(args, name)] == [], folder
         assert args.tokenizer_type == tokenizer and args.data_parallel_random_init is False
 
@@ -245,7 +237,7 @@ def test_megahf_to_megatron_under_legacy_and_transformer_engine_names(models, tm
     report = convert(tmp_path / "hf", tmp_path / names, "megahf", "megatron", tp=2, pp=2, megatron_names=names,
                      show_progress=False)
     assert report["ok"] and report["round_trip"]["bitwise_equal"]
-    first, last = (load_shard(tmp_path / names / "release" / f"mp_rank_00_{p:03d}" / "model_optim_rng.pt")["model"]
+    first, last = (mc.load_shard(tmp_path / names / "release" / f"mp_rank_00_{p:03d}" / "model_optim_rng.pt")["model"]
                    for p in (0, 1))
     if names == "legacy":  # nested as megatron/legacy/model saves it; the tied head copy on the last stage
         assert set(first) == {"language_model"} and "layers.0.self_attention.query_key_value.weight" in \

@@ -66,6 +66,28 @@ def test_megatron_core_torch_dist_checkpoint_both_ways(cpu_dist_checkpointing, t
     torch.testing.assert_close(mc.gpt_logits(fresh, IDS)[..., :VOCAB], expected, **TOL)
 
 
+def test_megatron_core_torch_dist_checkpoint_with_llama3_rope_scaling(cpu_dist_checkpointing, tmp_path):
+    """Megatron-LM's `--use-rope-scaling --rope-scaling-factor 32` in a torch_dist checkpoint's args: read as
+    transformers' llama3 rope_parameters, with Megatron-Core's logits, and written back (the legacy format's test,
+    tests/test_convert_megatron_rope.py, covers the other scalings and positions beyond 8192)."""
+    rope_args = {"use_rope_scaling": True, "rope_scaling_factor": 32.0}
+    model = mc.gpt_model("llama", PADDED, rope_args)
+    root = save_with_megatron(cpu_dist_checkpointing, model, mc.gpt_args("llama", VOCAB, PADDED, 2, 1, rope_args),
+                              tmp_path / "megatron")
+    loaded = read_checkpoint("megatron-dist", root)
+    assert loaded.config.rope_parameters == {"rope_type": "llama3", "rope_theta": 10000, "factor": 32.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192}
+    with torch.no_grad():
+        torch.testing.assert_close(build_model(loaded)(input_ids=IDS).logits, mc.gpt_logits(model, IDS)[..., :VOCAB],
+                                   **TOL)
+    report = convert(root, tmp_path / "megahf", "megatron-dist", "megahf", show_progress=False)
+    assert report["ok"] and report["round_trip"]["bitwise_equal"]
+    convert(tmp_path / "megahf", tmp_path / "back", "megahf", "megatron-dist", tp=2, show_progress=False)
+    common = cpu_dist_checkpointing.load_common_state_dict(str(tmp_path / "back" / "release"))
+    assert {key: getattr(common["args"], key) for key in rope_args} == rope_args
+
+
 def test_megatron_core_bert_torch_dist_checkpoint(cpu_dist_checkpointing, tmp_path):
     model = mc.bert_model(PADDED)
     root = save_with_megatron(cpu_dist_checkpointing, model, mc.bert_args(VOCAB, PADDED, 2, 1), tmp_path / "bert")

@@ -36,6 +36,7 @@ from .common import ConversionError, LoadedCheckpoint, TensorRef, check_shapes, 
 from .megatron_names import (core_to_legacy, core_to_megahf, core_to_te, family_of, flatten, layer_of,
                              megahf_to_core, naming_of, to_core_name, tp_rule, unflatten, TIED_HEAD_COPY)
 from .megatron_pickle import arg, load_megatron_file
+from .megatron_rope import rope_args, rope_parameters_from_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -154,9 +155,11 @@ def config_from_args(args, family: str, shapes: dict[str, tuple], layers: int, o
     position = arg(args, "position_embedding_type")
     if position is None:
         position = "rope" if arg(args, "use_rotary_position_embeddings") else "learned_absolute"
-    if position not in ("learned_absolute", "rope"):
-        refuse("position_embedding_type", position, "megahf supports learned_absolute and rope")
-    if position == "rope":
+    if position not in ("learned_absolute", "rope", "yarn"):
+        refuse("position_embedding_type", position, "megahf supports learned_absolute, rope and yarn")
+    rope = None
+    if position != "learned_absolute":
+        rope = rope_parameters_from_args(args, position, notes)
         if arg(args, "rotary_percent", 1.0) != 1.0:
             refuse("rotary_percent", arg(args, "rotary_percent"), "megahf rotates the whole head (1.0)")
         if arg(args, "rotary_interleaved", False):
@@ -169,8 +172,8 @@ def config_from_args(args, family: str, shapes: dict[str, tuple], layers: int, o
         refuse("add_qkv_bias", True, "a QKV bias without the other biases is not supported")
     groups = arg(args, "num_query_groups") if arg(args, "group_query_attention") else None
     fields.update(
-        num_query_groups=groups, position_embedding_type=position,
-        rotary_base=arg(args, "rotary_base", 10000),
+        num_query_groups=groups, position_embedding_type="learned_absolute" if rope is None else "rope",
+        rope_parameters=rope,
         normalization=arg(args, "normalization", "LayerNorm"),
         activation="swiglu" if arg(args, "swiglu") else "gelu_tanh" if arg(args, "openai_gelu") else "gelu",
         add_bias_linear=add_bias,
@@ -360,6 +363,8 @@ def check_layout(config, tp: int, pp: int) -> None:
     """Refuse, before anything is read or written, a TP x PP that does not divide the model."""
     if not isinstance(tp, int) or tp < 1 or not isinstance(pp, int) or pp < 1:
         raise ConversionError(f"--tp {tp} --pp {pp}: both must be positive integers")
+    if getattr(config, "rope_parameters", None):
+        rope_args(config)  # a RoPE Megatron-Core cannot compute is refused here
     checks = [("num_attention_heads", config.num_attention_heads, tp),
               ("num_query_groups", config.num_query_groups, tp),
               ("ffn_hidden_size", config.ffn_hidden_size, tp), ("num_layers", config.num_layers, pp)]
@@ -396,14 +401,14 @@ def megatron_args(config, tp: int, pp: int, padded: int, tokenizer_type: str | N
         fields.update(
             group_query_attention=config.num_query_groups != config.num_attention_heads,
             num_query_groups=config.num_query_groups,
-            position_embedding_type=config.position_embedding_type,
-            use_rotary_position_embeddings=config.position_embedding_type == "rope",
+            position_embedding_type=config.position_embedding_type, use_rotary_position_embeddings=False,
             add_position_embedding=config.position_embedding_type == "learned_absolute",
-            rotary_base=config.rotary_base, rotary_percent=1.0, rotary_interleaved=False,
             swiglu=config.activation == "swiglu", openai_gelu=config.activation == "gelu_tanh",
             add_bias_linear=config.add_bias_linear,
             add_qkv_bias=config.add_bias_linear,
         )
+        if config.position_embedding_type == "rope":
+            fields.update(rope_args(config))
     else:
         fields.update(bert_binary_head=config.add_binary_head, num_tokentypes=config.type_vocab_size,
                       add_bias_linear=True, swiglu=False, group_query_attention=False,
