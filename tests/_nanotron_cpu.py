@@ -163,23 +163,25 @@ def import_nanotron() -> types.SimpleNamespace:
 
 
 @contextlib.contextmanager
-def cpu_parallel_context(nt: types.SimpleNamespace, patch):
-    """nanotron's ParallelContext at TP = PP = DP = 1 on a one-process gloo group, with its two CUDA calls
-    sidestepped (`patch` is a pytest MonkeyPatch)."""
+def cpu_parallel_context(nt: types.SimpleNamespace, patch, tensor_parallel_size: int = 1):
+    """nanotron's ParallelContext at TP = `tensor_parallel_size`, PP = DP = 1, with its two CUDA calls sidestepped
+    (`patch` is a pytest MonkeyPatch): on the gloo group of a torchrun launch (RANK, WORLD_SIZE, ... set), else on a
+    one-process gloo group of its own."""
     import torch.distributed as dist
     from nanotron.parallel.pipeline_parallel.p2p import P2P
 
     cpu_p2p_init = P2P.__init__
     patch.setattr(nt.ParallelContext, "set_device", lambda self: None)
     patch.setattr(P2P, "__init__", lambda self, pg, device: cpu_p2p_init(self, pg, torch.device("cpu")))
-    for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(29000 + os.getpid() % 2000)}.items():
-        patch.setenv(key, value)
     owns_group = not dist.is_initialized()
     if owns_group:
+        for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(29000 + os.getpid() % 2000)}.items():
+            patch.setenv(key, value)
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        yield nt.ParallelContext(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1)
+        yield nt.ParallelContext(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=1,
+                                 data_parallel_size=1)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -238,8 +240,15 @@ def save_llama(nt, parallel_context, model, config, root: Path) -> Path:
 
 
 @torch.no_grad()
-def llama_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+def llama_logits(model, input_ids: torch.Tensor, tp_group=None) -> torch.Tensor:
     """nanotron's forward: [batch, seq] ids -> [batch, seq, vocab] float32 logits (its model returns [seq, batch,
-    vocab] and casts them to float32 itself)."""
+    vocab] and casts them to float32 itself; under TP each rank holds a slice of the vocabulary, gathered here)."""
     mask = torch.ones_like(input_ids, dtype=torch.bool)
-    return model.model(input_ids=input_ids, input_mask=mask).transpose(0, 1)
+    logits = model.model(input_ids=input_ids, input_mask=mask).transpose(0, 1).contiguous()
+    if tp_group is not None and tp_group.size() > 1:
+        import torch.distributed as dist
+
+        slices = [torch.empty_like(logits) for _ in range(tp_group.size())]
+        dist.all_gather(slices, logits, group=tp_group)
+        logits = torch.cat(slices, dim=-1)
+    return logits

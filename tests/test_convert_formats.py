@@ -52,7 +52,7 @@ def test_transformers_causal_lm_to_megahf_gives_its_logits_and_round_trips(tmp_p
     theirs = make(tmp_path / "src")
     report = convert(tmp_path / "src", tmp_path / "megahf", fmt, "megahf", show_progress=False)
     assert report["ok"] and report["round_trip"]["bitwise_equal"]
-    assert report["probe"]["source_ran_as"].startswith("transformers ")
+    assert report["probe"]["source_ran_as"].startswith("transformers ") and report["probe"]["source_ran_as_itself"]
     assert report["probe"]["max_abs_logit_diff"] <= report["probe"]["tolerance"]
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "megahf").eval()
     assert isinstance(ours, megahf.MegatronGPTForCausalLM) and ours.config.vocab_size == 1000

@@ -114,6 +114,9 @@ def test_megahf_to_megatron_tp2_writes_megatrons_split_and_round_trips_bit_exact
     report = convert(root, tmp_path / "hf", "megatron", "megahf", show_progress=False)
     assert report["ok"] and report["round_trip"]["bitwise_equal"]
     assert report["probe"]["max_abs_logit_diff"] == 0.0  # the same megahf model on both sides
+    # ... because Megatron did not run: the proof says so, rather than reading as a check against Megatron's numbers
+    assert not report["probe"]["source_ran_as_itself"] and report["probe"]["target_ran_as_itself"]
+    assert report["probe"]["source_ran_as"].endswith("(Megatron-LM itself did not run)")
     report = convert(tmp_path / "hf", tmp_path / "tp2", "megahf", "megatron", tp=2, pp=2, show_progress=False)
     assert report["ok"] and report["round_trip"]["bitwise_equal"] and report["round_trip"]["format"] == "megahf"
     assert json.loads((tmp_path / "tp2" / "conversion.json").read_text()) == report

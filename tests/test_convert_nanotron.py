@@ -90,7 +90,9 @@ def test_nanotrons_checkpoint_converts_with_nanotrons_logits(nanotron, tmp_path,
     assert any("np.int64(" in shape for shape in shapes)  # numpy 2's shapes, as nanotron wrote them, are read
     status = main(["convert", "--from", "nanotron", "--to", "megahf", str(run.folder), str(tmp_path / "megahf"),
                    "--no-progress"])
-    assert status == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "nanotron did not run here: the probe checks the target against megahf's reading of the source" in out
     proof = json.loads((tmp_path / "megahf" / "conversion.json").read_text())
     assert proof["source"]["layout"] == {"rope_interleaved": True}  # nanotron 0.4 writes no such field
     assert any("no rope_interleaved" in note for note in proof["notes"])
@@ -111,17 +113,7 @@ def test_megahf_written_as_nanotron_loads_in_nanotron_with_megahfs_logits(nanotr
     """megahf -> nanotron: nanotron 0.4's loader (load_weights) fills its Llama from the folder, the config it
     needs comes from the written model_config.json, and its forward gives megahf's logits."""
     nt = nanotron.nt
-    config = megahf.MegatronGPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS,
-                                      num_attention_heads=HEADS, num_query_groups=GROUPS, ffn_hidden_size=FFN,
-                                      max_position_embeddings=POSITIONS, position_embedding_type="rope",
-                                      normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
-                                      tie_word_embeddings=tied, layernorm_epsilon=1e-6)
-    torch.manual_seed(3)
-    ours = megahf.MegatronGPTForCausalLM(config).eval()
-    with torch.no_grad():  # norms off 1, so that a swapped norm cannot pass
-        for name, param in ours.named_parameters():
-            if "layernorm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
+    ours = megahf_llama(tied, seed=3)
     ours.save_pretrained(tmp_path / "megahf")
     report = convert(tmp_path / "megahf", tmp_path / "nanotron", "megahf", "nanotron", show_progress=False)
     assert report["ok"]
@@ -142,6 +134,22 @@ def test_megahf_written_as_nanotron_loads_in_nanotron_with_megahfs_logits(nanotr
     with torch.no_grad():
         expected = ours(input_ids=IDS).logits[..., :VOCAB]
     assert_logits_close(llama_logits(model, IDS)[..., :VOCAB], expected, FP32_RTOL)
+
+
+def megahf_llama(tied: bool, seed: int):
+    """A megahf Llama-style GPT of the tests' shape, its norms off 1 (so that a swapped norm cannot pass)."""
+    config = megahf.MegatronGPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS,
+                                      num_attention_heads=HEADS, num_query_groups=GROUPS, ffn_hidden_size=FFN,
+                                      max_position_embeddings=POSITIONS, position_embedding_type="rope",
+                                      normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                                      tie_word_embeddings=tied, layernorm_epsilon=1e-6)
+    torch.manual_seed(seed)
+    model = megahf.MegatronGPTForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
 
 
 def _metadata(folder) -> dict:
