@@ -294,3 +294,33 @@ def test_writing_nanotron_sharded_is_refused_before_anything_is_written(tmp_path
                                               r"--tp/--pp"):
         convert(tmp_path / "megahf", tmp_path / "out", "megahf", "nanotron", tp=2, show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_rope_scaling_travels_through_a_nanotron_folder_as_nanotrons_converter_keeps_it(tmp_path):
+    """Llama 3.1's kind of scaling (llama3, here over 16 positions): a transformers Llama folder -> megahf -> nanotron
+    -> transformers. nanotron's config holds transformers' `rope_scaling` beside `rope_theta` (as nanotron's Hugging
+    Face converter copies them), the proof notes that nanotron's own Llama computes it unscaled, and the Llama folder
+    at the end gives the first one's logits, past the 16 positions too."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=1024, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=GROUPS, max_position_embeddings=64, rope_parameters=dict(rope))).eval()
+    theirs.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "megahf", "hf-llama", "megahf", proof=False, show_progress=False)
+    report = convert(tmp_path / "megahf", tmp_path / "nanotron", "megahf", "nanotron", show_progress=False)
+    assert report["ok"] and report["round_trip"]["bitwise_equal"]
+    assert any("nanotron's Llama keeps the field unused and computes unscaled RoPE" in n for n in report["notes"])
+    written = json.loads((tmp_path / "nanotron" / "model_config.json").read_text())
+    assert written["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert written["rope_theta"] == 10000.0
+    convert(tmp_path / "nanotron", tmp_path / "back", "nanotron", "hf-llama", show_progress=False)
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert back.config.rope_parameters == theirs.config.rope_parameters
+    ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(back(input_ids=ids).logits[..., :1024], expected, rtol=FP32_RTOL,
+                                   atol=FP32_RTOL * scale)

@@ -15,6 +15,12 @@ Names: `model.token_position_embeddings.pp_block.token_embedding.weight`, `model
 `model.final_layer_norm.pp_block.weight`, `model.lm_head.pp_block.weight` (absent when tied: a tied pair is saved
 once, under the embedding's name). qkv_proj is [all queries; all keys; all values] and gate_up_proj [gate; up].
 
+RoPE scaling: nanotron's LlamaConfig has a `rope_scaling` field that its Llama never reads (0.4 to 2411b022) and that
+its Hugging Face converter (examples/llama/convert_weights.py) copies to and from transformers' config. megahf reads
+and writes it as that converter does, in transformers' form ({"rope_type": "llama3", "factor": 8.0, ...}), so a
+scaled model keeps its scaling through a nanotron folder, and says in the proof's notes that nanotron itself computes
+it unscaled.
+
 RoPE as nanotron computes it: nanotron 0.4 rotates adjacent pairs (GPT-J, "interleaved") with base 10000 whatever
 its config says; `rope_theta` (2024-05) and `rope_interleaved` (2024-09, default False since) came later and are
 honoured when present, so an absent `rope_interleaved` means interleaved and an absent `rope_theta` 10000.
@@ -44,6 +50,9 @@ CONFIG_FILE = "model_config.json"
 SIDE_FILE = "megahf.json"
 CHECKPOINT_VERSION = "1.2"  # the newest that nanotron 0.4 loads (its constants.py); later ones load it too
 DEFAULT_ROPE_THETA = 10000.0  # nanotron before `rope_theta`: flash_attn's RotaryEmbedding default base
+NANOTRON_IGNORES_SCALING = (
+    "rope_scaling={scaling!r}: megahf applies it as transformers does (the folder nanotron's own converter writes from "
+    "this config scales too), but nanotron's Llama keeps the field unused and computes unscaled RoPE")
 EMBEDDING = "model.token_position_embeddings.pp_block.token_embedding.weight"
 LM_HEAD = "model.lm_head.pp_block.weight"
 FINAL_NORM = "model.final_layer_norm.pp_block.weight"
@@ -182,14 +191,15 @@ def read_nanotron(path: str | os.PathLike, overrides: dict | None = None) -> Loa
     nt = json.loads((root / CONFIG_FILE).read_text())
     if not nt.get("is_llama_config", "num_key_value_heads" in nt):
         raise ConversionError(f"{root}: only nanotron's Llama (is_llama_config) converts")
-    if nt.get("rope_scaling"):
-        raise ConversionError(f"{root}: rope_scaling={nt['rope_scaling']!r}: megahf's RoPE is unscaled")
     if nt.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{root}: hidden_act={nt['hidden_act']!r}: megahf's gated MLP is SwiGLU (silu)")
     if nt.get("attention_bias"):
         raise ConversionError(f"{root}: attention_bias={nt['attention_bias']!r}: megahf's nanotron Llama has no "
                               "linear biases")
     interleaved, theta, notes = rope_as_nanotron_computes_it(nt)
+    scaling = nt.get("rope_scaling") or None
+    if scaling is not None:
+        notes.append(NANOTRON_IGNORES_SCALING.format(scaling=scaling))
     files = _tensor_files(root)
     refs = {name: _shard_ref(name, paths) for name, paths in files.items()}
     if EMBEDDING not in refs:
@@ -207,12 +217,16 @@ def read_nanotron(path: str | os.PathLike, overrides: dict | None = None) -> Loa
     fields = dict(vocab_size=side.get("vocab_size", rows), hidden_size=hidden, num_layers=need("num_hidden_layers"),
                   num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=need("intermediate_size"),
                   max_position_embeddings=need("max_position_embeddings"), position_embedding_type="rope",
-                  rotary_base=int(theta) if theta.is_integer() else theta, normalization="RMSNorm",
+                  rotary_base=int(theta) if theta.is_integer() else theta, rope_scaling=scaling,
+                  normalization="RMSNorm",
                   layernorm_epsilon=nt.get("rms_norm_eps", 1e-6), activation="swiglu", add_bias_linear=False,
                   tie_word_embeddings=bool(nt.get("tie_word_embeddings", False)), hidden_dropout=0.0,
                   attention_dropout=0.0, init_method_std=nt.get("initializer_range", 0.02),
                   bos_token_id=nt.get("bos_token_id"), eos_token_id=nt.get("eos_token_id"))
-    config = MegatronGPTConfig(**{**fields, **(overrides or {})})
+    try:
+        config = MegatronGPTConfig(**{**fields, **(overrides or {})})
+    except ValueError as error:
+        raise ConversionError(f"{root / CONFIG_FILE}: {error}") from None
     padded, d = config.padded_vocab_size, config.head_dim
     out: dict[str, TensorRef] = {}
     used = set()
@@ -306,20 +320,24 @@ def write_nanotron(loaded: LoadedCheckpoint, dst: Path, show_progress: bool = Tr
         bar.update(1)
     bar.close()
     theta = float(c.rotary_base)
+    # transformers' legacy rope_scaling dict, as nanotron's Hugging Face converter copies it into this config
+    scaling = {k: v for k, v in c.rope_parameters.items() if k != "rope_theta"}
+    scaling = None if scaling.get("rope_type") == "default" else scaling
     config = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "hidden_act": "silu",
               "hidden_size": c.hidden_size, "initializer_range": c.init_method_std,
               "intermediate_size": c.ffn_hidden_size, "is_llama_config": True,
               "max_position_embeddings": c.max_position_embeddings, "num_attention_heads": heads,
               "num_hidden_layers": c.num_layers, "attention_bias": False, "num_key_value_heads": groups,
               "pad_token_id": c.pad_token_id, "pretraining_tp": 1, "rms_norm_eps": c.layernorm_epsilon,
-              "rope_scaling": None, "rope_theta": theta, "rope_interleaved": True,
+              "rope_scaling": scaling, "rope_theta": theta, "rope_interleaved": True,
               "tie_word_embeddings": c.tie_word_embeddings, "use_cache": True, "vocab_size": c.padded_vocab_size}
     (dst / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     (dst / SIDE_FILE).write_text(json.dumps({"vocab_size": c.vocab_size}))
+    notes = [] if scaling is None else [NANOTRON_IGNORES_SCALING.format(scaling=scaling)]
     if theta != DEFAULT_ROPE_THETA:
-        return [f"rope_theta={theta:g}: nanotron before 2024-05 (0.4, 0.5) ignores rope_theta and rotates with base "
-                f"{DEFAULT_ROPE_THETA:g}; run this checkpoint with a later nanotron"]
-    return []
+        notes.append(f"rope_theta={theta:g}: nanotron before 2024-05 (0.4, 0.5) ignores rope_theta and rotates with "
+                     f"base {DEFAULT_ROPE_THETA:g}; run this checkpoint with a later nanotron")
+    return notes
 
 
 __all__ = ["read_nanotron", "write_nanotron"]
