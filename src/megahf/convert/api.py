@@ -320,8 +320,8 @@ def summary(report: dict) -> str:
                      + f" ({trip['tensors_compared']} tensors)")
     if probe and not probe.get("source_ran_as_itself", True):
         lines.append(f"note: {OWN_CODE[report['source']['format']]} did not run here: the probe checks the target "
-                     f"against megahf's reading of the source (that reading is tested against "
-                     f"{OWN_CODE[report['source']['format']]}'s own code: docs/conversion.md)")
+                     "against megahf's reading of the source (docs/conversion.md says what that reading is tested "
+                     "against)")
     lines += [f"note: {note}" for note in report.get("notes", [])]
     lines.append(f"proof written to {Path(report['target']['path']) / PROOF_FILE}"
                  + ("" if report["ok"] else "  -- NOT PROVEN, read it"))
