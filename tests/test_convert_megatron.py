@@ -6,7 +6,6 @@ writes and loads back bit-exact; hostile and broken checkpoints are refused befo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil

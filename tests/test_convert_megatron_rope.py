@@ -10,7 +10,6 @@ at the RoPE module."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
