@@ -213,13 +213,14 @@ BASE = ["preprocess", "--input", "c.jsonl", "--tokenizer", "gpt2", "--output-pre
 @pytest.mark.parametrize("extra, message", [
     (["--tasks", "3"], "--tasks: datatrove options; add --executor local|slurm|ray"),
     (["--executor", "local", "--partition", "cpu"], "Slurm options; --executor local does not take them"),
+    (["--executor", "local", "--cpus-per-task", "2"], "reserve resources on Slurm or Ray"),
     (["--executor", "slurm", "--time", "1:00:00"], "--executor slurm needs --partition"),
     (["--executor", "slurm", "--partition", "cpu", "--time", "1:00:00", "--mem-per-cpu-gb", "1.5"], "whole GB"),
     (["--executor", "ray", "--local-tasks", "1"], "--executor ray places the tasks itself"),
     (["--executor", "local", "--tasks", "4", "--local-tasks", "2", "--local-rank-offset", "3"],
      "must lie within the --tasks 4 tasks 0..3"),
     (["--executor", "local", "--tasks", "0"], "--tasks 0: need at least 1"),
-], ids=["no-executor", "slurm-option", "no-partition", "fractional-gb", "ray-local-tasks", "offset", "tasks"])
+], ids=["no-executor", "slurm-option", "local-cpus", "no-partition", "fractional-gb", "ray-local-tasks", "offset", "tasks"])
 def test_bad_options_fail_in_one_line_before_anything_is_read(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.chdir(tmp_path)  # c.jsonl does not exist: the options are refused before the input is looked at
     assert cli_main(BASE + extra) == 2

@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 @dataclass
 class ExecutorOptions:
-    """How datatrove runs the job; see `megahf preprocess --help` (group "datatrove executors")."""
+    """How datatrove runs the job; see `megahf preprocess --help` (group "datatrove executors"). None: not given
+    (the executor's default)."""
 
     executor: str = "local"
     tasks: int = 1
@@ -77,10 +78,10 @@ class ExecutorOptions:
     logging_dir: Optional[str] = None
     partition: Optional[str] = None
     time: Optional[str] = None
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 2
+    cpus_per_task: Optional[int] = None  # None: 1 (Slurm and Ray only)
+    mem_per_cpu_gb: Optional[float] = None  # None: 2 (Slurm and Ray only)
     qos: Optional[str] = None
-    job_name: str = "megahf_preprocess"
+    job_name: Optional[str] = None  # None: megahf_preprocess
     env_command: Optional[str] = None
     ray_address: Optional[str] = None
 
@@ -117,22 +118,32 @@ class ExecutorOptions:
                     f"--local-tasks {local} --local-rank-offset {self.local_rank_offset}: this machine's tasks "
                     f"{self.local_rank_offset}..{self.local_rank_offset + local - 1} must lie within the "
                     f"--tasks {self.tasks} tasks 0..{self.tasks - 1}")
+        if self.executor != "slurm" and any(
+                v is not None for v in (self.partition, self.time, self.qos, self.env_command, self.job_name)):
+            raise PreprocessError(f"--partition/--time/--qos/--env-command/--job-name are Slurm options; --executor "
+                                  f"{self.executor} does not take them")
+        if self.ray_address is not None and self.executor != "ray":
+            raise PreprocessError(f"--ray-address is a Ray option; --executor {self.executor} does not take it")
+        if self.executor == "local" and (self.cpus_per_task is not None or self.mem_per_cpu_gb is not None):
+            raise PreprocessError("--cpus-per-task/--mem-per-cpu-gb reserve resources on Slurm or Ray; --executor "
+                                  "local runs --workers tasks at once on this machine: drop them")
+        cpus, mem = self.resources
+        if cpus < 1 or mem <= 0:
+            raise PreprocessError(f"--cpus-per-task {cpus} --mem-per-cpu-gb {mem}: need at least 1 CPU and some "
+                                  "memory per task")
         if self.executor == "slurm":
-            if self.mem_per_cpu_gb != int(self.mem_per_cpu_gb):
-                raise PreprocessError(f"--mem-per-cpu-gb {self.mem_per_cpu_gb}: Slurm takes whole GB, e.g. 2")
+            if mem != int(mem):
+                raise PreprocessError(f"--mem-per-cpu-gb {mem}: Slurm takes whole GB, e.g. 2")
             for option, value, example in (("--partition", self.partition, "--partition cpu"),
                                            ("--time", self.time, "--time 04:00:00")):
                 if not value:
                     raise PreprocessError(f"--executor slurm needs {option} (e.g. {example})")
-        elif any(v is not None for v in (self.partition, self.time, self.qos, self.env_command)):
-            raise PreprocessError(f"--partition/--time/--qos/--env-command are Slurm options; --executor "
-                                  f"{self.executor} does not take them")
-        if self.ray_address is not None and self.executor != "ray":
-            raise PreprocessError(f"--ray-address is a Ray option; --executor {self.executor} does not take it")
-        if self.cpus_per_task < 1 or self.mem_per_cpu_gb <= 0:
-            raise PreprocessError(f"--cpus-per-task {self.cpus_per_task} --mem-per-cpu-gb {self.mem_per_cpu_gb}: "
-                                  "need at least 1 CPU and some memory per task")
 
+    @property
+    def resources(self) -> tuple:
+        """(CPUs per task, GB per CPU) that Slurm or Ray reserves: the options, else 1 and 2."""
+        return (1 if self.cpus_per_task is None else self.cpus_per_task,
+                2 if self.mem_per_cpu_gb is None else self.mem_per_cpu_gb)
 
 
 __all__ = ["DTYPE_CHOICES", "EXECUTORS", "ExecutorOptions", "add_arguments"]

@@ -12,6 +12,7 @@ holds another job (another input, tokenizer, setting or task count) is refused b
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
 from typing import Any, Dict, Optional, Sequence
@@ -158,32 +159,34 @@ def _executors(job, options: ExecutorOptions):
     if options.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
+        # fork, not datatrove's default forkserver: this process has imported the tokenizer stack (transformers,
+        # torch) and tokenized nothing yet, so forked tasks start at once instead of importing it again each (seconds)
+        start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "forkserver"
         tokenize = LocalPipelineExecutor(
             [TokenizeShard(job)], tasks=options.tasks, workers=workers, logging_dir=logs["tokenize"],
             local_tasks=-1 if options.local_tasks is None else options.local_tasks,
-            local_rank_offset=options.local_rank_offset)
+            local_rank_offset=options.local_rank_offset, start_method=start_method)
         merge = LocalPipelineExecutor([MergeShards(job)], tasks=1, workers=1, logging_dir=logs["merge"],
                                       depends=tokenize)
         return tokenize, merge
+    cpus, mem = options.resources
     if options.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
+        name = options.job_name or "megahf_preprocess"
         common = dict(time=options.time, partition=options.partition, qos=options.qos or "",
-                      env_command=options.env_command, mem_per_cpu_gb=int(options.mem_per_cpu_gb))
-        tokenize = SlurmPipelineExecutor(
-            [TokenizeShard(job)], tasks=options.tasks, workers=workers, cpus_per_task=options.cpus_per_task,
-            job_name=options.job_name, logging_dir=logs["tokenize"], **common)
-        merge = SlurmPipelineExecutor([MergeShards(job)], tasks=1, cpus_per_task=1, job_name=options.job_name + "_merge",
+                      env_command=options.env_command, mem_per_cpu_gb=int(mem))
+        tokenize = SlurmPipelineExecutor([TokenizeShard(job)], tasks=options.tasks, workers=workers,
+                                         cpus_per_task=cpus, job_name=name, logging_dir=logs["tokenize"], **common)
+        merge = SlurmPipelineExecutor([MergeShards(job)], tasks=1, cpus_per_task=1, job_name=name + "_merge",
                                       logging_dir=logs["merge"], depends=tokenize, **common)
         return tokenize, merge
     from datatrove.executor.ray import RayPipelineExecutor
 
-    common = dict(cpus_per_task=options.cpus_per_task, mem_per_cpu_gb=options.mem_per_cpu_gb)
     tokenize = RayPipelineExecutor([TokenizeShard(job)], tasks=options.tasks, workers=workers,
-                                   logging_dir=logs["tokenize"], **common)
+                                   logging_dir=logs["tokenize"], cpus_per_task=cpus, mem_per_cpu_gb=mem)
     merge = RayPipelineExecutor([MergeShards(job)], tasks=1, workers=1, logging_dir=logs["merge"], depends=tokenize,
-                                **common)
+                                cpus_per_task=1, mem_per_cpu_gb=mem)
     return tokenize, merge
-
 
 __all__ = ["INSTALL_HINT", "input_state", "preprocess_datatrove", "require_datatrove"]
