@@ -1,4 +1,4 @@
-"""Benchmark `megahf preprocess` against the naive `datasets.map` + numpy route, in one run.
+"""Benchmark `megahf preprocess` against the naive `datasets.map` + numpy route and datatrove's own tokenizer, in one run.
 
     python scripts/bench/preprocess.py [--megabytes 4] [--repeats 3]
 
@@ -8,7 +8,12 @@ times, each --repeats times (best kept), end to end from the jsonl to a token fi
 * megahf preprocess_corpus with --workers 1 and --workers 2 (GPT-2 tokenizer, --append-eod);
 * the baseline: datasets.load_dataset("json") + Dataset.map(batched=True) with the same fast
   tokenizer (+ eos per document), then np.concatenate + ndarray.tofile (no index file); with
-  num_proc=1 and num_proc=2. Each repeat gets a fresh datasets cache, so nothing is reused.
+  num_proc=1 and num_proc=2. Each repeat gets a fresh datasets cache, so nothing is reused;
+* on datatrove's LocalPipelineExecutor, 2 tasks on 2 worker processes: `megahf preprocess --executor local`
+  (megahf's reader, tokenizer and writer, then its merge into one pair), and datatrove's own
+  MegatronDocumentTokenizer (the same GPT-2 tokenizer as a tokenizer.json, eos appended; fed by a plain
+  json reader of the same contiguous byte ranges; one unmerged pair per task, read back as one
+  dataset). Both include starting the worker processes, which import what each needs.
 
 Every route loads its tokenizer inside the timed region (a fresh GPT-2 tokenizer has a cold BPE
 word cache; reusing a warm one would favour whichever route ran second).
@@ -65,6 +70,60 @@ def run_megahf(corpus: str, out_dir: str, workers: int) -> np.ndarray:
     return np.fromfile(res.prefixes["text"] + ".bin", dtype=ds.dtype)
 
 
+def run_megahf_datatrove(corpus: str, out_dir: str, tasks: int) -> np.ndarray:
+    from megahf.data import IndexedDataset
+    from megahf.data.preprocess_arguments import ExecutorOptions
+    from megahf.data.preprocess_datatrove import preprocess_datatrove
+
+    res = preprocess_datatrove(corpus, os.path.join(out_dir, "my"), ExecutorOptions(tasks=tasks, workers=tasks),
+                               tokenizer="gpt2", append_eod=True)
+    ds = IndexedDataset(res.prefixes["text"])
+    return np.fromfile(res.prefixes["text"] + ".bin", dtype=ds.dtype)
+
+
+class JsonlPart:
+    """A datatrove pipeline step: the documents of the lines that begin in this task's contiguous byte range."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"JsonlPart({os.path.basename(self.path)})"
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        import json
+
+        from datatrove.data import Document
+
+        size = os.path.getsize(self.path)
+        start, end = size * rank // world_size, size * (rank + 1) // world_size
+        with open(self.path, "rb") as f:
+            if start:
+                f.seek(start - 1)
+                if f.read(1) != b"\n":
+                    f.readline()
+            while f.tell() < end:
+                line = f.readline()
+                if not line:
+                    break
+                if line.strip():
+                    yield Document(text=json.loads(line)["text"], id=str(f.tell()))
+
+
+def run_datatrove_megatron(corpus: str, out_dir: str, tasks: int, tokenizer_json: str) -> np.ndarray:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.tokens.megatron_tokenizer import MegatronDocumentTokenizer
+
+    from megahf.data.token_files import open_token_data
+
+    out = os.path.join(out_dir, "megatron")
+    LocalPipelineExecutor([JsonlPart(corpus), MegatronDocumentTokenizer(out, tokenizer_name_or_path=tokenizer_json,
+                                                                      eos_token="<|endoftext|>")],
+                          tasks=tasks, workers=tasks, logging_dir=os.path.join(out_dir, "logs")).run()
+    data = open_token_data(out)  # the tasks' pairs, as one dataset in task order
+    return np.concatenate([np.fromfile(f + ".bin", dtype=data.dtype) for f in data.files])
+
+
 def run_baseline(corpus: str, out_dir: str, num_proc: int) -> np.ndarray:
     import datasets
 
@@ -104,11 +163,18 @@ def main(argv=None) -> int:
         corpus = os.path.join(root, "corpus.jsonl")
         copies = build_corpus(corpus, args.megabytes)
         size_mb = os.path.getsize(corpus) / 1e6
+        from megahf.assets import load_gpt2_tokenizer
+
+        tokenizer_json = os.path.join(root, "tokenizer.json")  # the shipped GPT-2 files as the one file datatrove reads
+        load_gpt2_tokenizer().backend_tokenizer.save(tokenizer_json)
         routes = [
             ("megahf preprocess, 1 worker", lambda d: run_megahf(corpus, d, 1)),
             ("megahf preprocess, 2 workers", lambda d: run_megahf(corpus, d, 2)),
             ("datasets.map + np.tofile (baseline)", lambda d: run_baseline(corpus, d, 1)),
             ("datasets.map num_proc=2 + np.tofile", lambda d: run_baseline(corpus, d, 2)),
+            ("megahf --executor local, 2 tasks", lambda d: run_megahf_datatrove(corpus, d, 2)),
+            ("datatrove MegatronDocumentTokenizer, 2 tasks", lambda d: run_datatrove_megatron(corpus, d, 2,
+                                                                                              tokenizer_json)),
         ]
         best = {name: float("inf") for name, _ in routes}
         cpu = {name: float("inf") for name, _ in routes}
@@ -137,7 +203,13 @@ def main(argv=None) -> int:
         print(f"{'route':<{w}}  {'seconds':>8}  {'tokens/s':>11}  {'vs baseline':>11}  {'CPU s':>7}")
         for name, _ in routes:
             s = best[name]
-            print(f"{name:<{w}}  {s:8.2f}  {n / s:11,.0f}  {base / s:10.2f}x  {cpu[name]:7.2f}")
+            cpu_s = "n/a" if name.startswith("datatrove ") else f"{cpu[name]:.2f}"
+            print(f"{name:<{w}}  {s:8.2f}  {n / s:11,.0f}  {base / s:10.2f}x  {cpu_s:>7}")
+        print("(CPU s: this process, its threads and its reaped children; n/a where datatrove's forkserver, not this "
+              "process, started the workers)")
+        ours, theirs = best[routes[4][0]], best[routes[5][0]]
+        print(f"megahf --executor local vs datatrove's MegatronDocumentTokenizer (same executor, tasks, workers): "
+              f"{theirs / ours:.2f}x its tokens/s")
         sys.stdout.flush()
         return 0 if same else 1
     finally:
