@@ -8,6 +8,7 @@ of worker processes; nothing here depends on timing."""
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -139,6 +140,9 @@ def test_two_machines_then_the_merge(tmp_path, corpus, reference, capsys):
         run_local(corpus, tmp_path / "dt", tasks=3)
     second = run_local(corpus, tmp_path / "dt", tasks=2, local_tasks=1, local_rank_offset=1)
     assert same_bytes(second.prefixes["text"], reference[False])
+    os.remove(second.prefixes["text"] + ".idx")  # the folder says "done": a missing output is not silently skipped
+    with pytest.raises(PreprocessError, match=r"records a finished merge but .* is missing \(removed since\?\)"):
+        run_local(corpus, tmp_path / "dt", tasks=2)
 
 
 # ------------------------------------------------------------------------------------------------------------ Slurm
@@ -154,6 +158,8 @@ echo "Submitted batch job $((n + 100))"
 
 def test_slurm_submission_then_its_array_tasks_give_the_same_bytes(tmp_path, corpus, reference, monkeypatch):
     from datatrove.tools import launch_pickled_pipeline
+
+    corpus = str(shutil.copy2(corpus, tmp_path / "c.jsonl"))  # its modification time is changed below
 
     bin_dir, submitted = tmp_path / "bin", tmp_path / "submitted"
     bin_dir.mkdir(), submitted.mkdir()
@@ -183,6 +189,14 @@ def test_slurm_submission_then_its_array_tasks_give_the_same_bytes(tmp_path, cor
     handler = signal.getsignal(signal.SIGUSR1)  # datatrove's tasks install a requeue handler
     monkeypatch.setenv("SLURM_NODELIST", "node1")
     try:
+        # an input changed between submission and a task's start is refused: its parts would not fit the others'
+        stat = os.stat(corpus)
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+        monkeypatch.setattr(sys, "argv", ["launch_pickled_pipeline", str(work / "tokenize" / "executor.pik")])
+        with pytest.raises(PreprocessError, match="changed since the job was planned"):
+            launch_pickled_pipeline.main()
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         for stage, task_ids in (("tokenize", [2, 0, 1]), ("merge", [0])):
             for task_id in task_ids:
                 monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task_id))

@@ -236,6 +236,23 @@ def open_corpus(input: str, keys: Sequence[str], split: str = "train", subset: O
     return CorpusSource(desc, "hf", progress_total=total, progress_unit="doc", obj=ds)
 
 
+def input_state(input: str) -> Any:
+    """What identifies the input's content cheaply: the size and modification time of the file, or of every file of
+    a folder; None for a dataset name (the cache decides)."""
+    if os.path.isfile(input):
+        st = os.stat(input)
+        return [st.st_size, st.st_mtime_ns]
+    if os.path.isdir(input):
+        files = []
+        for root, dirs, names in os.walk(input):
+            dirs.sort()
+            for name in sorted(names):
+                st = os.stat(os.path.join(root, name))
+                files.append([os.path.relpath(os.path.join(root, name), input), st.st_size, st.st_mtime_ns])
+        return files
+    return None
+
+
 def chunk_columns(chunk: Chunk, keys: Sequence[str], description: str) -> Tuple[Dict[str, list], List[str], int]:
     """The chunk as {key: [value per record]} with a location per record, and its progress units. Raw lines are
     decoded (and parsed as JSON) here; blank lines are no records."""
@@ -286,5 +303,6 @@ def read_documents(input: str, keys: Sequence[str] = ("text",), start: int = 0, 
             yield location, {k: cols[k][j] for k in keys}
 
 
-__all__ = ["DEFAULT_CHUNK_ROWS", "Chunk", "CorpusSource", "Document", "chunk_columns", "line_chunks", "open_corpus",
+__all__ = ["DEFAULT_CHUNK_ROWS", "Chunk", "CorpusSource", "Document", "chunk_columns", "input_state", "line_chunks",
+           "open_corpus",
            "read_documents"]

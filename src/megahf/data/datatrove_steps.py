@@ -21,13 +21,13 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
 from ..atomic import atomic_write_json
-from .corpus_reader import DEFAULT_CHUNK_ROWS, open_corpus
+from .corpus_reader import DEFAULT_CHUNK_ROWS, input_state, open_corpus
 from .document_tokenizer import TokenizeSettings, load_tokenizer
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from .preprocess_errors import PreprocessError
@@ -51,6 +51,7 @@ class PreprocessJob:
     output_prefix: str
     work_dir: str
     tasks: int
+    input_state: Any = None  # `corpus_reader.input_state` when the job was planned: each task checks it
     log_interval: int = 0
 
     def part_prefix(self, key: str, rank: int) -> str:
@@ -99,6 +100,10 @@ class TokenizeShard(PipelineStep):
         job = self.job
         if world_size != job.tasks:
             raise PreprocessError(f"the executor runs {world_size} tasks but the job was planned for {job.tasks}")
+        if input_state(job.input) != job.input_state:  # the parts of one job must cut the same input
+            raise PreprocessError(
+                f"{job.input}: changed since the job was planned (size or modification time); the parts of the "
+                f"finished tasks no longer fit it: remove {job.work_dir} and run the command again")
         os.makedirs(os.path.dirname(job.part_prefix(job.keys[0], rank)), exist_ok=True)
         _remove_stale_temporaries(job, rank)
         source = open_corpus(job.input, job.keys, job.split, job.subset)

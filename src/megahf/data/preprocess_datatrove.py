@@ -17,8 +17,9 @@ import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
+from ..assets import embedded_tokenizer_path
 from ..atomic import atomic_write_json
-from .corpus_reader import open_corpus
+from .corpus_reader import input_state, open_corpus
 from .document_tokenizer import load_tokenizer, tokenize_settings
 from .preprocess_arguments import ExecutorOptions
 from .preprocess_errors import PreprocessError, check_arguments
@@ -40,23 +41,6 @@ def require_datatrove(executor: str) -> None:
         except ImportError as e:
             raise PreprocessError(f"--executor ray needs Ray, which is not installed ({e}); install it with: "
                                   "pip install 'datatrove[ray]'") from None
-
-
-def input_state(input: str) -> Any:
-    """What identifies the input's content cheaply: the size and modification time of the file, or of every file of
-    a folder; None for a dataset name (the cache decides)."""
-    if os.path.isfile(input):
-        st = os.stat(input)
-        return [st.st_size, st.st_mtime_ns]
-    if os.path.isdir(input):
-        files = []
-        for root, dirs, names in os.walk(input):
-            dirs.sort()
-            for name in sorted(names):
-                st = os.stat(os.path.join(root, name))
-                files.append([os.path.relpath(os.path.join(root, name), input), st.st_size, st.st_mtime_ns])
-        return files
-    return None
 
 
 def _claim_work_dir(job_json: Dict[str, Any], path: str) -> None:
@@ -102,14 +86,18 @@ def preprocess_datatrove(
     from .datatrove_steps import PreprocessJob
 
     work_dir = os.path.abspath(options.logging_dir or output_prefix + ".datatrove")
+    # paths as absolute paths: a Slurm or Ray task need not start in this folder
+    if os.path.exists(input):
+        input = os.path.abspath(input)
+    if embedded_tokenizer_path(tokenizer) is None and os.path.exists(tokenizer):
+        tokenizer = os.path.abspath(tokenizer)
     job = PreprocessJob(input=input, split=split, subset=subset, keys=keys, tokenizer=tokenizer, settings=settings,
                         output_prefix=os.path.abspath(output_prefix), work_dir=work_dir, tasks=options.tasks,
-                        log_interval=log_interval)
+                        input_state=input_state(input), log_interval=log_interval)
     make_output_folder(output_prefix)
     os.makedirs(work_dir, exist_ok=True)
     identity = {k: v for k, v in job.as_dict().items() if k not in ("work_dir", "log_interval")}
-    _claim_work_dir({**identity, "input": os.path.abspath(input) if os.path.exists(input) else input,
-                     "input_state": input_state(input)}, os.path.join(work_dir, "job.json"))
+    _claim_work_dir(identity, os.path.join(work_dir, "job.json"))
     if os.path.isfile(job.merged_path) and not job.finished():
         raise PreprocessError(
             f"{job.merged_path} records a finished merge but {' or '.join(p + '.bin/.idx' for p in job.prefixes.values())}"
@@ -189,4 +177,4 @@ def _executors(job, options: ExecutorOptions):
                                 cpus_per_task=1, mem_per_cpu_gb=mem)
     return tokenize, merge
 
-__all__ = ["INSTALL_HINT", "input_state", "preprocess_datatrove", "require_datatrove"]
+__all__ = ["INSTALL_HINT", "preprocess_datatrove", "require_datatrove"]
