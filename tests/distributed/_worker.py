@@ -364,6 +364,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", required=True, help="comma-separated, all for the same number of processes")
     parser.add_argument("--cases", default="gpt-tiny,llama-tiny", help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--skip", default="", help="comma-separated case:layout pairs not to run (the extended tier's)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
@@ -382,7 +383,7 @@ def main() -> None:
     for layout in layouts:
         report["layouts"][layout] = {}
         for case in args.cases.split(","):
-            if layout not in CASE_LAYOUTS.get(case, LAYOUTS):
+            if layout not in CASE_LAYOUTS.get(case, LAYOUTS) or f"{case}:{layout}" in args.skip.split(","):
                 continue
             result = run_case(case, layout, args.seed, args.workdir)
             gathered = [None] * world
