@@ -5,7 +5,10 @@
 * `megahf.data.preprocess`: `megahf preprocess`, a corpus (jsonl, json, parquet, txt or a
   cached Hugging Face dataset) tokenized into that format, over corpus_reader (documents of a file or a byte range),
   sentence_splitter, document_tokenizer (one document to tokens), preprocess_workers (the process pool) and
-  preprocess_output (the .bin/.idx pair written and published);
+  preprocess_output (the .bin/.idx pair written and published); on datatrove's executors (local, Slurm, Ray) through
+  preprocess_datatrove and datatrove_steps (an optional extra: imported only for `--executor`);
+* `megahf.data.token_files`: what a `data_path` entry names, opened and checked: a Megatron pair, or the token files
+  of datatrove's tokenizers (`.ds`, one run's `_NNNNN_tokens` pairs);
 * `megahf.data.gpt_dataset`, `megahf.data.blended_dataset`: Megatron-Core's GPTDataset and
   BlendedDataset (same samples in the same order), on index builders in numpy (`megahf.data.sample_index`);
 * `megahf.data.bert_dataset`: Megatron-Core's BERT samples (masked LM + sentence order), sample for sample;

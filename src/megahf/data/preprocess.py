@@ -49,8 +49,13 @@ Differences from Megatron's tool, on purpose
       each worker single-threaded (`TOKENIZERS_PARALLELISM=false`), with a bounded number of
       chunks in flight so memory stays flat on large inputs.
 
+Many machines (`--executor local|slurm|ray`, `pip install 'megahf[distributed]'`)
+    `preprocess_datatrove` runs the same parts as datatrove pipeline steps (`datatrove_steps`): `--tasks`
+    contiguous parts of the input, one pair each, merged in input order into the same bytes as this module writes;
+    the same command run again does only the missing tasks (see docs/data.md).
+
 The parts, each usable on its own
-    `corpus_reader` (what an input is, its chunks, `read_documents` of a file or byte range),
+    `corpus_reader` (what an input is, its chunks, `read_documents` of a file, byte range or record range),
     `sentence_splitter`, `document_tokenizer` (`load_tokenizer`, `tokenize_settings`,
     `tokenize_document` of one document, `encode_documents` of many), `preprocess_workers`
     (chunks -> tokens in this process or a pool), `preprocess_output` (the .bin/.idx pairs,
