@@ -1,6 +1,7 @@
 """The launch configs in recipes/accelerate parse as accelerate's config files and only say how many processes to
 start (the parallel sizes are recipe keys). The CPU ones run real jobs in tests/distributed/test_training_layouts.py
-(cpu.yaml: the single-process reference; cpu-multi.yaml: the DDP run), checked there against each other."""
+(cpu.yaml: the single-process reference; cpu-multi.yaml: the DDP run, extended tier), checked there against each
+other; the default tier's real two-process launch is tests/test_plan.py's written MULTI_GPU config."""
 
 from __future__ import annotations
 
