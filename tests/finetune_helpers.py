@@ -1,7 +1,9 @@
-"""The pretrained BERT every fine-tuning test starts from (tests/test_finetune.py, tests/distributed/)."""
+"""The pretrained BERT every fine-tuning test starts from (tests/test_finetune.py, tests/distributed/), and the
+accuracy they must beat."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -22,3 +24,10 @@ def save_tiny_pretrained_bert(folder: Path) -> Path:
     MegatronBertForPreTraining(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def above_chance(chance: float, rows: int) -> float:
+    """An accuracy a model guessing at random (each row right with probability `chance`) exceeds with probability
+    below 1e-4: chance plus 4 binomial standard deviations of the accuracy over `rows` dev rows (e.g. SST-2's 32 rows:
+    0.5 + 4 x 0.088 = 0.85; RACE's 32 questions: 0.25 + 4 x 0.077 = 0.56)."""
+    return chance + 4 * math.sqrt(chance * (1 - chance) / rows)

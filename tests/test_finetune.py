@@ -12,33 +12,33 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import megahf
-from finetune_helpers import save_tiny_pretrained_bert
+from finetune_helpers import above_chance, save_tiny_pretrained_bert
 from megahf.cli import main as cli_main
 from megahf.models.bert import MegatronBertForPreTraining
 from megahf.models.gpt import MegatronGPTConfig, MegatronGPTForCausalLM
 from megahf.recipe import RecipeError
+from megahf.training import checkpoint as ckpt
 from megahf.training.finetune import load_finetune_recipe, run_finetune
+from megahf.training.safe_checkpoint_reader import SafeFileSystemReader
+
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+from _launch import launch, losses  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+KILLED = REPO_ROOT / "tests" / "distributed" / "_finetune_killed.py"
 GLUE = REPO_ROOT / "recipes" / "glue"
 RACE = REPO_ROOT / "recipes" / "race" / "race.yaml"
-
-
-def above_chance(chance: float, rows: int) -> float:
-    """An accuracy a model guessing at random (each row right with probability `chance`) exceeds with probability
-    below 1e-4: chance plus 4 binomial standard deviations of the accuracy over `rows` dev rows (e.g. SST-2's 32 rows:
-    0.5 + 4 x 0.088 = 0.85; RACE's 32 questions: 0.25 + 4 x 0.077 = 0.56)."""
-    return chance + 4 * math.sqrt(chance * (1 - chance) / rows)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +134,19 @@ def test_race_multiple_choice_learns_and_reports_levels(base, tmp_path):
     assert lines[0] == "index\tprediction" and {line.split("\t")[1] for line in lines[1:]} <= set("ABCD")
 
 
-def test_lora_learns_and_its_adapter_reloads_with_peft(base, tmp_path):
+LORA_RESUMABLE = {"peft": "lora", "learning_rate": 1e-2, "save_interval": 12, "log_interval": 1}
+
+
+@pytest.fixture(scope="module")
+def lora(base, tmp_path_factory):
+    """LoRA (dropout 0.1 on the adapters) with a checkpoint at steps 12 and 24, every step's loss logged."""
+    return finetune(GLUE / "sst2.yaml", base, tmp_path_factory.mktemp("lora") / "out", **LORA_RESUMABLE)
+
+
+def test_lora_learns_and_its_adapter_reloads_with_peft(base, lora):
     from peft import PeftModel
 
-    run = finetune(GLUE / "sst2.yaml", base, tmp_path / "lora", peft="lora", learning_rate=1e-2, eval_interval=0)
+    run = lora
     rows = len(run.trainer.data.evals["validation"][1])
     assert run.results["metrics"]["accuracy"] >= above_chance(0.5, rows), run.results
     trained = {n for n, p in run.model.named_parameters() if p.requires_grad}
@@ -160,6 +169,31 @@ def test_lora_learns_and_its_adapter_reloads_with_peft(base, tmp_path):
                        pretrained[qkv])
 
 
+def test_sigkill_then_the_same_command_ends_where_the_uninterrupted_run_ends(base, lora, tmp_path, capsys):
+    """A LoRA run killed after step 13 and started again with the same command resumes from its checkpoint of step
+    12 and ends bitwise where the uninterrupted run ended: every step's loss, the dev figures, the predictions and the
+    adapter (dropout on: each random stream is restored with the weights). The checkpoint holds what training
+    changes, not the frozen base."""
+    out = tmp_path / "out"
+    args = keys(base, out, **LORA_RESUMABLE)
+    killed = launch([sys.executable, str(KILLED), "--kill_at_step", "13", str(GLUE / "sst2.yaml"), *args], "killed",
+                    expect_success=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step_0000012"]
+    stored = SafeFileSystemReader(out / "checkpoints" / "step_0000012" / "model_optim").read_metadata()
+    weights = [key for key in stored.state_dict_metadata if key.startswith("model.")]
+    assert weights and all("lora_" in key or "modules_to_save" in key for key in weights), weights
+    capsys.readouterr()
+    run_finetune(load_finetune_recipe(GLUE / "sst2.yaml", args))  # the same command
+    assert f"resuming from {out / 'checkpoints' / 'step_0000012'}" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text()) == json.loads((lora.output_dir / "results.json").read_text())
+    predictions = Path("predictions") / "SST-2.tsv"
+    assert (out / predictions).read_bytes() == (lora.output_dir / predictions).read_bytes()
+    assert losses(out) == losses(lora.output_dir) and sorted(losses(out)) == list(range(1, 25))
+    got, expected = (load_file(o / "final" / "adapter_model.safetensors") for o in (out, lora.output_dir))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_8bit_adamw_learns_and_keeps_its_state_in_8_bits(base, tmp_path):
     run = finetune(GLUE / "sst2.yaml", base, tmp_path / "bnb", optim="adamw_bnb_8bit", eval_interval=0)
     rows = len(run.trainer.data.evals["validation"][1])
@@ -174,15 +208,17 @@ def test_8bit_adamw_learns_and_keeps_its_state_in_8_bits(base, tmp_path):
     assert decays[id(qkv)] == 0.1 and decays[id(run.model.model.encoder.layers[0].self_attention.linear_qkv.bias)] == 0
 
 
-def test_qlora_trains_a_few_steps_on_a_4bit_base(base, tmp_path):
+def test_qlora_learns_sst2_on_a_4bit_base(base, tmp_path):
     import bitsandbytes as bnb
 
-    run = finetune(GLUE / "sst2.yaml", base, tmp_path / "qlora", peft="qlora", train_steps=4, eval_interval=0)
+    run = finetune(GLUE / "sst2.yaml", base, tmp_path / "qlora", peft="qlora", learning_rate=1e-2, eval_interval=0)
+    rows = len(run.trainer.data.evals["validation"][1])
+    assert run.results["metrics"]["accuracy"] >= above_chance(0.5, rows), run.results
+    assert dev_losses(run)[-1] < 0.75 * math.log(2), dev_losses(run)
     base_model = run.model.get_base_model()
     assert isinstance(base_model.model.encoder.layers[0].self_attention.linear_qkv.base_layer, bnb.nn.Linear4bit)
     assert not isinstance(base_model.classification_head.modules_to_save["default"], bnb.nn.Linear4bit)
     assert run.results["peft"] == "qlora" and (run.output_dir / "final" / "adapter_model.safetensors").is_file()
-    assert all(np.isfinite(v) for v in run.results["metrics"].values())
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +239,10 @@ def test_bad_input_is_refused_before_anything_is_computed(base, gpt_folder, tmp_
                                                       r"max_position_embeddings=128"),
         (GLUE / "sst2.yaml", {"task": "sst3"}, r"unknown task task='sst3'; did you mean 'sst2'"),
         (GLUE / "sst2.yaml", {"smoke": "false", "dataset": tmp_path / "nowhere"}, r"dataset=.*nowhere.*no such folder"),
-        (GLUE / "sst2.yaml", {"peft": "lora", "tensor_parallel_size": 2}, r"peft='lora' with tensor_parallel_size=2"),
+        (GLUE / "sst2.yaml", {"peft": "qlora", "tensor_parallel_size": 2},
+         r"peft='qlora' with tensor_parallel_size=2: bitsandbytes packs each 4-bit matrix whole"),
+        (GLUE / "sst2.yaml", {"peft": "lora", "tensor_parallel_size": 2, "lora_dropout": 0.1},
+         r"lora_dropout=0.1 with tensor_parallel_size=2: .*set lora_dropout: 0"),
         (GLUE / "sst2.yaml", {"optim": "sgd"}, r"optim='sgd' is invalid"),
         (GLUE / "sst2.yaml", {"tensor_parallel_size": 2, "sequence_parallel": "true"},
          r"sequence_parallel=True: megahf finetune does not split sequences"),
@@ -227,10 +266,8 @@ def test_bad_input_is_refused_before_anything_is_computed(base, gpt_folder, tmp_
 def test_cli_end_to_end_on_stsb(base, tmp_path):
     """`megahf finetune` as a user runs it, on STS-B (the regression head and its correlations)."""
     out = tmp_path / "stsb"
-    done = subprocess.run([sys.executable, "-m", "megahf", "finetune", str(GLUE / "stsb.yaml"),
-                           *keys(base, out, train_steps=12, eval_interval=0)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = launch([sys.executable, "-m", "megahf", "finetune", str(GLUE / "stsb.yaml"),
+                   *keys(base, out, train_steps=12, eval_interval=0)], "megahf finetune stsb")
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) == {"pearson", "spearmanr"} and results["task"] == "stsb"
     assert all(-1.0 <= v <= 1.0 for v in results["metrics"].values())

@@ -13,6 +13,7 @@ Two things transformers 5.24 does not do, in one place:
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 from transformers.distributed import DistributedConfig
 from transformers.distributed.fsdp import apply_fully_sharded_data_parallelism
@@ -64,6 +65,13 @@ def retie_gathered_state_dict(model: PreTrainedModel, state_dict: dict) -> dict:
         if target in state_dict and source in state_dict:
             state_dict[target] = state_dict[source]
     return state_dict
+
+
+def gathered_state_dict(model: torch.nn.Module, names: set[str] | None = None) -> dict:
+    """`model.state_dict()` with its DTensors (tensor-parallel and FSDP2 shards), or only those named in `names`,
+    gathered into full tensors (collective: every rank calls it, each gets the full tensors)."""
+    return {key: value.full_tensor() if isinstance(value, DTensor) and (names is None or key in names) else value
+            for key, value in model.state_dict().items()}
 
 
 def distribute_model(model: PreTrainedModel, distributed_config: DistributedConfig | dict) -> PreTrainedModel:

@@ -9,6 +9,7 @@ base classes the two hooks transformers calls, so that `from_pretrained(..., dis
 * split the output layer along the vocabulary and compute the loss on the shards (`vocab_parallel.py`), the chunked
   training loss (`loss_chunk_size`) included;
 * tie a tied output layer before FSDP2 shards it, and save it once (`distribute.py`);
+* shard peft LoRA adapters as their base layers (`lora.py`);
 * draw the dropout of each rank's attention heads from its own RNG stream, and with
   `DistributedConfig(enable_sequence_parallel=True)` run the norms and dropouts on sequence shards
   (`rng.py`, `sequence_parallel.py`).
@@ -19,6 +20,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .distribute import maybe_distribute_tied, retie_gathered_state_dict
+from .lora import lora_tp_plan
 from .sequence_parallel import check_sequence_parallel, model_parallel_rng_plan, sequence_parallel_plan
 from .vocab_parallel import parallel_chunked_causal_lm_loss, use_vocab_parallel_output
 
@@ -33,7 +35,7 @@ def _maybe_distribute_model(cls, model, distributed_config, mesh_manager):
         if distributed_config.enable_sequence_parallel:
             check_sequence_parallel(model)
             plan.update(sequence_parallel_plan(model))
-        model._tp_plan = plan
+        model._tp_plan = lora_tp_plan(model, plan)
     elif distributed_config is not None and distributed_config.enable_sequence_parallel:
         raise ValueError("enable_sequence_parallel needs tp_size >= 2: the sequence is split over the "
                          "tensor-parallel ranks.")

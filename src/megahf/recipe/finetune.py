@@ -5,7 +5,7 @@
     optim      FinetuneOptimRecipe    OptimizerRecipe's keys with fine-tuning defaults, plus warmup_fraction and
                                       optim (adamw | adamw_bnb_8bit)
     peft       PeftRecipe             peft none | lora | qlora and the LoRA shape
-    run        FinetuneRunRecipe      seed, evaluation and log intervals, output_dir, trackers
+    run        FinetuneRunRecipe      seed, evaluation and log intervals, output_dir, trackers, checkpoints and resume
 
 The YAML file and the command line stay flat (`task: mnli`, `--lora_rank 16`), as for `megahf pretrain`. Torch-free:
 the checks that need the model or the data are `megahf.training.finetune`'s (run before anything is computed).
@@ -24,7 +24,7 @@ from .help import arg
 from .hub import HubRecipe
 from .optimizer import OptimizerRecipe
 from .parallel import ParallelRecipe
-from .run import REPORT_TO, check_output_dir
+from .run import REPORT_TO, CheckpointKeys, check_output_dir
 
 # The tasks of megahf.tasks.finetuning, named here so that parsing a recipe needs neither torch nor datasets.
 TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "race")
@@ -149,12 +149,13 @@ class PeftRecipe:
 
 
 @dataclass
-class FinetuneRunRecipe:
+class FinetuneRunRecipe(CheckpointKeys):
     seed: int = arg("Seed of the task head's init, the data order and dropout.", default=1234)
     eval_interval: int = arg("Evaluate on the dev split(s) every this many steps (0: only at the end; the shipped "
                              "recipes use about one epoch).", default=0)
     log_interval: int = arg("Print a log line every this many steps.", default=10)
-    output_dir: str = arg("Folder for final/, results.json, results.md, predictions/, loss.png, recipe.yaml.",
+    output_dir: str = arg("Folder for final/, results.json, results.md, predictions/, loss.png, recipe.yaml and "
+                          "checkpoints/.",
                           default="runs/finetune")
     report_to: str = arg(f"Experiment tracker for Trainer: one of {', '.join(REPORT_TO)}.", default="none")
 
@@ -163,8 +164,10 @@ class FinetuneRunRecipe:
         return [r.strip() for r in self.report_to.split(",")]
 
     def validate(self) -> None:
+        need_finite(self)
         need_at_least(self, 1, "log_interval")
         need_at_least(self, 0, "eval_interval", "seed")
+        self.check_checkpoint_keys()
         need(self, self.output_dir != "", "output_dir", "name a folder, e.g. runs/finetune-mnli")
         check_output_dir(self.output_dir)
         need(self, all(r in REPORT_TO for r in self.trackers), "report_to", f"use one of {', '.join(REPORT_TO)}")
@@ -192,11 +195,20 @@ class FinetuneRecipe:
                 "longest example, which the tensor-parallel ranks need not divide); set sequence_parallel: false "
                 "(tensor_parallel_size alone still shards the model)"
             )
-        if self.peft.peft != "none" and (self.parallel.tensor_parallel_size > 1 or self.parallel.fsdp_size > 1):
-            key = "tensor_parallel_size" if self.parallel.tensor_parallel_size > 1 else "fsdp_size"
+        tp = self.parallel.tensor_parallel_size
+        if self.peft.peft == "qlora" and tp > 1:
             raise RecipeError(
-                f"recipe key peft={self.peft.peft!r} with {key}={getattr(self.parallel, key)}: LoRA and QLoRA run on "
-                f"one process or data parallel (DDP); set {key}=1, or peft: none to shard a full fine-tuning"
+                f"recipe key peft='qlora' with tensor_parallel_size={tp}: bitsandbytes packs each 4-bit matrix whole "
+                "(codes and block scales run over the flattened weight), so its rows and columns cannot be split "
+                "over tensor-parallel ranks; use fsdp_size to shard QLoRA's 4-bit storage, or peft: lora with "
+                "tensor_parallel_size"
+            )
+        if self.peft.peft == "lora" and tp > 1 and self.peft.lora_dropout > 0:
+            raise RecipeError(
+                f"recipe key lora_dropout={self.peft.lora_dropout} with tensor_parallel_size={tp}: inside the "
+                "attention block every tensor-parallel rank draws its own dropout mask, so the ranks would drop "
+                "different features of the input they share and their adapter gradients would disagree; set "
+                "lora_dropout: 0"
             )
 
     def sections(self) -> list[Any]:

@@ -14,7 +14,29 @@ RESUME_MODES = ("auto", "none")
 
 
 @dataclass
-class RunRecipe:
+class CheckpointKeys:
+    """The checkpoint keys every training verb shares (`megahf pretrain`, `megahf finetune`)."""
+
+    save_interval: int = arg("Write a resumable checkpoint to output_dir/checkpoints/ every this many steps "
+                             "(0: none; Megatron's --save-interval).", default=0)
+    async_save: bool = arg("Write each checkpoint in the background while training continues (DCP's async save; "
+                           "the marker is written, and the checkpoint published, once every rank's write finished).",
+                           default=False)
+    keep_last: int = arg("Complete checkpoints kept; older ones are deleted once a newer one is complete.",
+                         default=2)
+    resume: str = arg("'auto': continue from the newest complete checkpoint in output_dir/checkpoints if there "
+                      "is one (running the same command again resumes); 'none': start afresh; or a checkpoint "
+                      "folder.", default="auto")
+
+    def check_checkpoint_keys(self) -> None:
+        need_at_least(self, 1, "keep_last")
+        need_at_least(self, 0, "save_interval")
+        need(self, self.resume in RESUME_MODES or os.path.isdir(self.resume), "resume",
+             "use 'auto', 'none' or an existing checkpoint folder (output_dir/checkpoints/step_NNNNNNN)")
+
+
+@dataclass
+class RunRecipe(CheckpointKeys):
     seed: int = arg("Seed of the model init, the data split and order, dropout and sampling.", default=1234)
     eval_interval: int = arg("Evaluate on the validation split every this many steps (0: only at the end).",
                              default=100)
@@ -29,16 +51,6 @@ class RunRecipe:
     report_to: str = arg(f"Experiment tracker for Trainer: one of {', '.join(REPORT_TO)}.", default="none")
     peak_tflops: float = arg("Peak TFLOP/s of one device for the MFU figure (0: a known GPU's bf16 dense peak, "
                              "or on CPU this machine's fp32 matmul rate measured at start-up).", default=0.0)
-    save_interval: int = arg("Write a resumable checkpoint to output_dir/checkpoints/ every this many steps "
-                             "(0: none; Megatron's --save-interval).", default=0)
-    async_save: bool = arg("Write each checkpoint in the background while training continues (DCP's async save; "
-                           "the marker is written, and the checkpoint published, once every rank's write finished).",
-                           default=False)
-    keep_last: int = arg("Complete checkpoints kept; older ones are deleted once a newer one is complete.",
-                         default=2)
-    resume: str = arg("'auto': continue from the newest complete checkpoint in output_dir/checkpoints if there "
-                      "is one (running the same command again resumes); 'none': start afresh; or a checkpoint "
-                      "folder.", default="auto")
 
     @property
     def trackers(self) -> list[str]:
@@ -46,12 +58,11 @@ class RunRecipe:
 
     def validate(self) -> None:
         need_finite(self)
-        need_at_least(self, 1, "log_interval", "eval_iters", "keep_last")
-        need_at_least(self, 0, "eval_interval", "sample_tokens", "sample_top_k", "seed", "save_interval")
+        need_at_least(self, 1, "log_interval", "eval_iters")
+        need_at_least(self, 0, "eval_interval", "sample_tokens", "sample_top_k", "seed")
         need(self, self.peak_tflops >= 0, "peak_tflops",
              "it must be 0 (auto) or the device's peak in TFLOP/s, e.g. 989 for an H100's bf16")
-        need(self, self.resume in RESUME_MODES or os.path.isdir(self.resume), "resume",
-             "use 'auto', 'none' or an existing checkpoint folder (output_dir/checkpoints/step_NNNNNNN)")
+        self.check_checkpoint_keys()
         need(self, self.output_dir != "", "output_dir", "name a folder, e.g. runs/gpt-tiny")
         check_output_dir(self.output_dir)
         need(self, all(r in REPORT_TO for r in self.trackers), "report_to", f"use one of {', '.join(REPORT_TO)}")
@@ -81,4 +92,4 @@ def check_output_dir(output_dir: str) -> None:
         )
 
 
-__all__ = ["REPORT_TO", "RESUME_MODES", "RunRecipe", "check_output_dir"]
+__all__ = ["CheckpointKeys", "REPORT_TO", "RESUME_MODES", "RunRecipe", "check_output_dir"]

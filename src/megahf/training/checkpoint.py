@@ -2,7 +2,8 @@
 
     OUTPUT_DIR/checkpoints/step_0000400/
         model_optim/            model and optimizer state through torch.distributed.checkpoint (DCP): each rank
-                                writes its own shards (TP / FSDP2 DTensors, or full tensors)
+                                writes its own shards (TP / FSDP2 DTensors, or full tensors); frozen parameters
+                                (a LoRA run's base model) are left out
         scheduler.pt            learning-rate scheduler state (plain numbers; loaded with weights_only=True)
         trainer_state.json      Trainer's state: global step (hence the data position), log history
         rng/rank_00000.json     per-rank python / numpy / torch (and CUDA) RNG states, as JSON (no pickle)
@@ -42,9 +43,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
@@ -173,7 +174,7 @@ def save_checkpoint(
         (partial / "rng").mkdir(parents=True)
 
     def write_states() -> None:  # every rank
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = trained_state(model), get_optimizer_state_dict(model, optimizer)
         pending.writer = FileSystemWriter(partial / MODEL_OPTIM)
         pending.writer.fs = HashingFileSystem()  # checksums computed from the bytes as they are written
         with _quiet_single_process():
@@ -425,11 +426,28 @@ def _dcp_load(state: dict, path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {path}: {refused}") from None
 
 
+def trained_state(model: torch.nn.Module) -> dict:
+    """The model's state as a checkpoint holds it: all of it but the frozen parameters (LoRA's and QLoRA's base model,
+    as it was loaded, with what bitsandbytes stores under a quantized weight's name), which a resume loads from the
+    pretrained model again."""
+    state = get_model_state_dict(model)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return state
+
+    def is_frozen(key: str) -> bool:
+        return key in frozen or any(key[:i] in frozen for i, char in enumerate(key) if char == ".")
+
+    return {key: value for key, value in state.items() if not is_frozen(key)}
+
+
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Load the model's state from a checkpoint, resharded to the model's current layout (collective)."""
-    state = {"model": get_model_state_dict(model)}
+    """Load the model's state from a checkpoint, resharded to the model's current layout (collective); its frozen
+    parameters stay as they are (`trained_state`)."""
+    state = {"model": trained_state(model)}
     _dcp_load(state, path)
-    set_model_state_dict(model, state["model"])
+    frozen = any(not p.requires_grad for p in model.parameters())
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not frozen))
 
 
 def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -490,4 +508,4 @@ def load_rng(path: str | os.PathLike) -> bool:
 __all__ = ["CheckpointError", "MARKER", "PendingCheckpoint", "checkpoint_problem", "complete_checkpoints",
            "describe_files", "finish_checkpoint", "fit_scheduler_state", "latest_checkpoint",
            "load_model", "load_optimizer", "load_rng", "load_scheduler", "read_metadata", "rng_state",
-           "save_checkpoint", "set_rng_state", "step_dir_name", "write_failure_cause"]
+           "save_checkpoint", "set_rng_state", "step_dir_name", "trained_state", "write_failure_cause"]

@@ -30,9 +30,10 @@ from transformers import TrainerCallback, set_seed
 from ..parallel.layout import ParallelLayout
 from ..recipe import FinetuneRecipe, RecipeError, parse_recipe
 from ..tasks.finetuning import FinetuneTask, get_task
-from .finetune_model import apply_peft, build_task_model, lora_target_pattern
+from .finetune_model import apply_peft, build_task_model, lora_target_pattern, shard_model
 from .finetune_outputs import collect_results, predict_test_splits, write_outputs
-from .finetune_setup import check_layout, load_data, load_tokenizer, plan_steps, resolve_model
+from .finetune_setup import (check_layout, find_finetune_checkpoint, finetune_checkpoint_metadata, load_data,
+                             load_tokenizer, plan_steps, resolve_model)
 from .finetune_trainer import (FinetuneTrainer, TaskData, build_trainer, featurize, finetune_arguments,
                                train_and_evaluate)
 from .log import say
@@ -76,12 +77,14 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     args = finetune_arguments(recipe, layout)  # starts the process group under a launcher
     if args.world_size != layout.world_size:
         raise RecipeError(f"the launcher started {args.world_size} processes but WORLD_SIZE says {layout.world_size}")
+    resume_from = find_finetune_checkpoint(recipe, layout)
     data = featurize(task, raw, tokenizer, recipe, args)
-    model = build_task_model(recipe, task, source, tokenizer, layout)
-    model = apply_peft(recipe, task, model)
+    model = build_task_model(recipe, task, source, tokenizer)
+    model = shard_model(apply_peft(recipe, task, model), layout)
     describe(recipe, task, model, layout, data)
-    trainer = build_trainer(recipe, task, model, tokenizer, data, args, callbacks)
-    dev = train_and_evaluate(trainer)
+    trainer = build_trainer(recipe, task, model, tokenizer, data, args, callbacks,
+                            finetune_checkpoint_metadata(recipe, layout))
+    dev = train_and_evaluate(trainer, resume_from)
     predictions = predict_test_splits(trainer, task, data, Path(recipe.run.output_dir))
     results = collect_results(recipe, task, layout, trainer, dev, predictions, dataset_path, len(data.train))
     output_dir = write_outputs(recipe, task, trainer, model, tokenizer, results, start)

@@ -1,5 +1,6 @@
 """The model `megahf finetune` trains: the pretrained encoder with the task's head (`build_task_model`; QLoRA loads
-its linear layers in 4-bit nf4), sharded as the layout says, and LoRA adapters on it (`apply_peft`).
+its linear layers in 4-bit nf4), LoRA adapters on it (`apply_peft`), sharded as the layout says (`shard_model`: the
+adapters with their base layers).
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ HEADS = {  # task.head -> (model class, Auto class, name of the task head module
 }
 
 
-def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSource, tokenizer,
-                     layout: ParallelLayout):
+def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSource, tokenizer):
     """The pretrained encoder with a new task head (random weights from the recipe's seed, the same on every rank),
-    sharded as the layout says. QLoRA loads the linear layers in 4-bit nf4."""
+    whole on every rank (`shard_model` shards it, after `apply_peft`). QLoRA loads the linear layers in 4-bit nf4."""
     model_class, auto_class, head = HEADS[task.head]
     labels: dict[str, Any] = {"pad_token_id": tokenizer.pad_token_id}
     if task.head == "sequence_classification":
@@ -78,8 +78,17 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
                 "loaded from the folder (continuing its fine-tuning)")
         heads = f"its other heads dropped ({', '.join(dropped)})" if dropped else "no other head in the folder"
         say(f"model: {source.name}: pretrained encoder loaded, {heads}; task head {head} {fate}")
+    return model
+
+
+def shard_model(model, layout: ParallelLayout):
+    """Shard the task model as the layout says (tensor parallel and/or FSDP2; DDP is the Trainer's). With LoRA the
+    base model inside peft's wrapper is sharded, its adapters with it (`megahf.parallel.lora`)."""
     if layout.sharded:
-        model = distribute_model(model, layout.distributed_config())
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        distributed = distribute_model(inner, layout.distributed_config())
+        if inner is model:
+            model = distributed
     return model
 
 
@@ -94,8 +103,11 @@ def qlora_loading(task: FinetuneTask, head: str) -> dict[str, Any]:
                           "peft: lora") from None
     compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"  # this process's GPU
+    # The packed 4-bit values are stored in the compute dtype: FSDP shards float tensors, and every parameter of an
+    # FSDP unit then has one dtype (bitsandbytes' FSDP-QLoRA guide); the values are the same in any storage.
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[head])
+                                bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+                                llm_int8_skip_modules=[head])
     return {"quantization_config": config, "device_map": {"": device}}
 
 
@@ -129,4 +141,4 @@ def apply_peft(recipe: FinetuneRecipe, task: FinetuneTask, model):
     return get_peft_model(model, config)
 
 
-__all__ = ["HEADS", "apply_peft", "build_task_model", "lora_target_pattern", "qlora_loading"]
+__all__ = ["HEADS", "apply_peft", "build_task_model", "lora_target_pattern", "qlora_loading", "shard_model"]

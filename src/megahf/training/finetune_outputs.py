@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json, atomic_write_text
+from ..parallel.distribute import gathered_state_dict
 from ..parallel.layout import ParallelLayout
 from ..parallel.ranks import barrier, is_rank_zero
 from ..recipe import FinetuneRecipe, save_recipe
@@ -109,6 +110,15 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def adapter_state_dict(model) -> dict | None:
+    """What `final/` holds of a peft model sharded by FSDP2 or tensor parallelism: its state with the trained tensors
+    (the adapters and the task head, all that peft saves of it) gathered; None for any other model (transformers
+    gathers a sharded model itself)."""
+    if not (hasattr(model, "peft_config") and getattr(model, "is_distributed_loading_by_transformers", False)):
+        return None
+    return gathered_state_dict(model, {name for name, p in model.named_parameters() if p.requires_grad})
+
+
 def write_outputs(recipe: FinetuneRecipe, task: FinetuneTask, trainer: FinetuneTrainer, model, tokenizer,
                   results: dict[str, Any], start: float) -> Path:
     """`final/` (every rank: a sharded model is gathered), then on rank 0 results.json, results.md, loss.png and
@@ -117,7 +127,7 @@ def write_outputs(recipe: FinetuneRecipe, task: FinetuneTask, trainer: FinetuneT
     if is_rank_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
     check_finite_weights(model, "final model")
-    final = save_final(model, tokenizer, output_dir)
+    final = save_final(model, tokenizer, output_dir, state_dict=adapter_state_dict(model))
     main = results["metrics"]
     if is_rank_zero():
         plot_losses(trainer.state.log_history, output_dir / "loss.png",
@@ -138,4 +148,4 @@ def write_outputs(recipe: FinetuneRecipe, task: FinetuneTask, trainer: FinetuneT
     return output_dir
 
 
-__all__ = ["collect_results", "predict_test_splits", "results_markdown", "write_outputs"]
+__all__ = ["adapter_state_dict", "collect_results", "predict_test_splits", "results_markdown", "write_outputs"]

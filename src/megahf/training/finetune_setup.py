@@ -1,7 +1,7 @@
 """What `megahf finetune` checks and decides before anything is computed or written: where the pretrained model
 comes from (`resolve_model`) and whether it fits the task and the layout (`check_layout`), the tokenizer, the task's
-data (checked by the task) and the number of steps (`plan_steps`). Every refusal is a `RecipeError` naming the recipe
-key, the value and the fix.
+data (checked by the task), the number of steps (`plan_steps`) and the checkpoint to resume from
+(`find_finetune_checkpoint`). Every refusal is a `RecipeError` naming the recipe key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..recipe.data import EMBEDDED_BERT_TOKENIZER
 from ..recipe.finetune import BERT_PRESETS
 from ..tasks.finetuning import FinetuneTask, fixture_path
 from .log import say
+from .resume import GLOBAL_BATCH_REASON, SEED_REASON, resume_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
@@ -84,6 +85,41 @@ def check_layout(recipe: FinetuneRecipe, source: ModelSource, layout: ParallelLa
                           "is a preset: give a pretrained folder, or peft: lora")
 
 
+# What a checkpoint's marker must share with the run that resumes it (recipe keys), and why.
+FINETUNE_REASONS = {
+    "global_batch_size": GLOBAL_BATCH_REASON,
+    "seed": SEED_REASON,
+    "task": "its task head and data position belong to another task",
+    "dataset": "its data position belongs to another data set",
+    "smoke": "its data position belongs to another data set",
+    "max_seq_length": "its examples were cut at another length",
+    "model": "it continues from another pretrained model (a LoRA run takes its frozen base from there)",
+    "peft": "it holds the weights of another fine-tuning method",
+    "lora_rank": "its adapters have another shape",
+    "lora_alpha": "its adapters are scaled otherwise",
+    "lora_target_modules": "it adapts other layers",
+}
+
+
+def finetune_checkpoint_metadata(recipe: FinetuneRecipe, layout: ParallelLayout) -> dict:
+    """The values a fine-tuning checkpoint's marker holds (FINETUNE_REASONS' keys, the layout, the steps)."""
+    peft = recipe.peft
+    lora = peft.peft != "none"
+    return {"global_batch_size": layout.global_batch_size, "seed": recipe.run.seed, "task": recipe.task.task,
+            "dataset": recipe.task.dataset, "smoke": recipe.task.smoke, "max_seq_length": recipe.task.max_seq_length,
+            "model": recipe.task.model, "peft": peft.peft, "lora_rank": peft.lora_rank if lora else None,
+            "lora_alpha": peft.lora_alpha if lora else None,
+            "lora_target_modules": peft.lora_target_modules if lora else None,
+            "world_size": layout.world_size, "tensor_parallel_size": layout.tensor_parallel_size,
+            "fsdp_size": layout.fsdp_size, "train_steps": recipe.optim.train_steps}
+
+
+def find_finetune_checkpoint(recipe: FinetuneRecipe, layout: ParallelLayout):
+    """The checkpoint a fine-tuning run resumes from (`resume: auto|none|PATH`), refused if it was written for
+    another task, data, model, method or batch (collective: rank 0 decides)."""
+    return resume_checkpoint(recipe.run, finetune_checkpoint_metadata(recipe, layout), FINETUNE_REASONS)
+
+
 def load_tokenizer(recipe: FinetuneRecipe, source: ModelSource):
     """The recipe's tokenizer, else the model folder's own, else the shipped BERT WordPiece; it must be a BERT
     tokenizer whose ids fit the model's vocabulary."""
@@ -135,4 +171,5 @@ def plan_steps(recipe: FinetuneRecipe, layout: ParallelLayout, train_rows: int) 
     return dataclasses.replace(recipe, optim=optim)
 
 
-__all__ = ["ModelSource", "check_layout", "load_data", "load_tokenizer", "plan_steps", "resolve_model"]
+__all__ = ["FINETUNE_REASONS", "ModelSource", "check_layout", "find_finetune_checkpoint",
+           "finetune_checkpoint_metadata", "load_data", "load_tokenizer", "plan_steps", "resolve_model"]

@@ -9,6 +9,7 @@ must run their forwards together anyway.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from transformers.trainer_callback import ProgressCallback
 from ..parallel.layout import ParallelLayout
 from ..recipe import FinetuneRecipe
 from ..tasks.finetuning import FinetuneTask
-from .callbacks import MegatronLogCallback
+from .callbacks import CheckpointCallback, MegatronLogCallback
 from .trainer import MegatronTrainer, trainer_arguments
 
 
@@ -130,7 +131,7 @@ def dev_loss(task: FinetuneTask, logits: np.ndarray, references: np.ndarray) -> 
 
 
 def build_trainer(recipe: FinetuneRecipe, task: FinetuneTask, model, tokenizer, data: TaskData, args,
-                  callbacks: list[TrainerCallback] | None) -> FinetuneTrainer:
+                  callbacks: list[TrainerCallback] | None, checkpoint_metadata: dict) -> FinetuneTrainer:
     pad = tokenizer.pad_token_id
 
     def collate(features):
@@ -144,23 +145,29 @@ def build_trainer(recipe: FinetuneRecipe, task: FinetuneTask, model, tokenizer, 
         eval_dataset=data.evals[task.eval_splits[0]][1],
         processing_class=tokenizer,
         recipe=recipe,
+        checkpoint_metadata=checkpoint_metadata,
         task=task,
         data=data,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(MegatronLogCallback(0, perplexity=False))
+    if recipe.run.save_interval:
+        trainer.add_callback(CheckpointCallback(recipe.run.save_interval))
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer
 
 
-def train_and_evaluate(trainer: FinetuneTrainer) -> dict[str, dict[str, float]]:
-    """Train, then score the dev split(s) at the end (logged like the periodic evaluations, unless the last step just
-    had one); split -> metric -> value."""
-    trainer.train()
-    if trainer.state.global_step not in trainer.dev_results:
-        trainer.evaluate()
-    return trainer.dev_results[trainer.state.global_step]
+def train_and_evaluate(trainer: FinetuneTrainer, resume_from: Path | None) -> dict[str, dict[str, float]]:
+    """Train (resumed from the checkpoint `resume_from` if given), then score the dev split(s) at the end, logged like
+    the periodic evaluations unless the last step's evaluation is in the history already (just done, or in the
+    finished checkpoint resumed); split -> metric -> value."""
+    trainer.train_or_resume(resume_from)
+    step = trainer.state.global_step
+    if step not in trainer.dev_results:
+        logged = any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
+        trainer.evaluate_dev() if logged else trainer.evaluate()
+    return trainer.dev_results[step]
 
 
 __all__ = ["FinetuneTrainer", "TaskData", "build_trainer", "dev_loss", "featurize", "finetune_arguments",

@@ -16,9 +16,10 @@ from ..parallel.ranks import barrier, is_rank_zero
 matplotlib.use("Agg")  # files only, never a window
 
 
-def save_final(model, tokenizer, output_dir: Path) -> Path:
+def save_final(model, tokenizer, output_dir: Path, state_dict: dict | None = None) -> Path:
     """Write `output_dir/final` so that it is either the complete new checkpoint or not there at all. Called on
-    every rank: a sharded model is gathered, rank 0 writes."""
+    every rank: a sharded model is gathered, rank 0 writes (`state_dict`: what to write instead of the model's own,
+    gathered already; a peft model under FSDP2 or tensor parallelism needs it)."""
     final = output_dir / "final"
     partial = Path(temporary_name(final, per_process=False))
     if is_rank_zero():
@@ -29,7 +30,8 @@ def save_final(model, tokenizer, output_dir: Path) -> Path:
     with explain_write_errors(final, intact=f"{intact} (the partial copy is removed)",
                               elsewhere="choose another output_dir"):
         try:
-            model.save_pretrained(partial, is_main_process=is_rank_zero())
+            model.save_pretrained(partial, is_main_process=is_rank_zero(),
+                                  **({} if state_dict is None else {"state_dict": state_dict}))
             # every rank's save_pretrained lists partial/: rank 0 renames it only once all are done (a loaded
             # machine let rank 1 list a folder that rank 0 had already published)
             barrier()

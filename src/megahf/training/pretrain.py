@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerState, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from ..atomic import atomic_write_json
@@ -31,7 +31,6 @@ from ..data.train_valid import TrainValidDatasets
 from ..parallel.layout import ParallelLayout
 from ..parallel.ranks import barrier, is_rank_zero
 from ..recipe import PretrainRecipe, RecipeError, save_recipe
-from . import checkpoint as ckpt
 from .callbacks import CheckpointCallback, MegatronLogCallback
 from .families import family_of
 from .flops import launch_peak_tflops, training_flops_per_token
@@ -78,7 +77,7 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     progress = throughput_callback(recipe, layout, model.config, peak)
     trainer = build_trainer(recipe, layout, model, tokenizer, data, args, progress, callbacks)
     say_training_plan(recipe, layout, args, len(data.train), progress, peak)
-    train_metrics = train(trainer, recipe, model, resume_from)
+    train_metrics = trainer.train_or_resume(resume_from)
     validation = validate_and_sample(trainer, recipe, model, tokenizer, len(data.valid))
     metrics = collect_metrics(recipe, layout, trainer, progress, train_metrics, validation, n_params, peak,
                               resume_from)
@@ -168,22 +167,6 @@ def say_training_plan(recipe: PretrainRecipe, layout: ParallelLayout, args: Trai
         f"{optim.lr_schedule} -> {optim.min_learning_rate:g}, warmup {optim.warmup_steps}; MFU against "
         f"{peak.tflops:.3g} TFLOP/s ({peak.source}{f' x {peak.devices}' if peak.devices > 1 else ''})"
     )
-
-
-def train(trainer: MegatronTrainer, recipe: PretrainRecipe, model, resume_from: Path | None) -> dict[str, Any]:
-    """Run the training loop (resumed from `resume_from` if given); return Trainer's train metrics."""
-    if resume_from is not None and ckpt.read_metadata(resume_from)["step"] >= recipe.optim.train_steps:
-        # Trainer would run one more step past max_steps (it checks for the end after a step): load the trained
-        # model and its history instead, as Megatron does when iteration >= train_iters.
-        say(f"{resume_from} has finished training: evaluating and saving it")
-        ckpt.load_model(resume_from, model)
-        trainer.state = TrainerState.load_from_json(str(resume_from / ckpt.TRAINER_STATE))
-        return {}
-    if resume_from is not None:
-        say(f"resuming from {resume_from}")
-    metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
-    trainer.finish_pending_checkpoint(wait=True)  # async_save: the last checkpoint is complete before the end
-    return metrics
 
 
 def validate_and_sample(trainer: MegatronTrainer, recipe: PretrainRecipe, model, tokenizer,

@@ -1,5 +1,5 @@
 """Which checkpoint a run resumes from (`resume: auto|none|PATH`), and the refusal of one that does not fit the
-recipe.
+recipe (pretraining here; fine-tuning's marker values are `finetune_setup.py`'s).
 
 A checkpoint resumes on any parallel layout (tensor parallel, FSDP, data parallel, other process counts): the model
 and optimizer state are resharded by torch.distributed.checkpoint into the new layout's sharded state dict, the data
@@ -42,26 +42,38 @@ def checkpoint_metadata(recipe: PretrainRecipe, layout: ParallelLayout) -> dict:
             "train_steps": recipe.optim.train_steps, "model_config": model_config_fields(recipe)}
 
 
+# Why a checkpoint written with another value of a recipe key cannot continue this run (the data position is the
+# consumed samples: global step x global batch, in the seeded order).
+GLOBAL_BATCH_REASON = "the data position (consumed samples = step x global batch) would not match"
+SEED_REASON = "the data order and split follow the seed, so the data position would not match"
+PRETRAIN_REASONS = {"global_batch_size": GLOBAL_BATCH_REASON,
+                    "seq_length": "the data position (samples of seq_length + 1 tokens) would not match",
+                    "seed": SEED_REASON}
+
+
 def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Path | None:
-    """The checkpoint to resume from (`resume: auto|none|PATH`), checked against the recipe before anything is
-    built. Rank 0 decides and tells the others, so that all ranks load the same one."""
+    """The checkpoint a pretraining run resumes from (`resume: auto|none|PATH`), checked against the recipe."""
+    return resume_checkpoint(recipe.run, checkpoint_metadata(recipe, layout), PRETRAIN_REASONS)
+
+
+def resume_checkpoint(run, now: dict, reasons: dict[str, str]) -> Path | None:
+    """The checkpoint to resume from (`run.resume`: auto|none|PATH), checked before anything is built against the
+    run's marker values `now`: a key of `reasons` (a recipe key) that differs is refused with its reason, and so is a
+    changed `model_config`. Rank 0 decides and tells the others, so that all ranks load the same one."""
     path: Path | None = None
-    if recipe.run.resume == "auto":
+    if run.resume == "auto":
         if is_rank_zero():
-            path = ckpt.latest_checkpoint(Path(recipe.run.output_dir) / "checkpoints")
+            path = ckpt.latest_checkpoint(Path(run.output_dir) / "checkpoints")
         path = broadcast_from_rank_zero(path)
-    elif recipe.run.resume != "none":
-        path = Path(recipe.run.resume)
+    elif run.resume != "none":
+        path = Path(run.resume)
         problem = ckpt.checkpoint_problem(path)
         if problem:
-            raise RecipeError(f"recipe key resume={recipe.run.resume!r}: that checkpoint is unusable ({problem}); "
+            raise RecipeError(f"recipe key resume={run.resume!r}: that checkpoint is unusable ({problem}); "
                               "name a complete one, or use resume: auto")
     if path is None:
         return None
-    saved, now = ckpt.read_metadata(path), checkpoint_metadata(recipe, layout)
-    reasons = {"global_batch_size": "the data position (consumed samples = step x global batch) would not match",
-               "seq_length": "the data position (samples of seq_length + 1 tokens) would not match",
-               "seed": "the data order and split follow the seed, so the data position would not match"}
+    saved = ckpt.read_metadata(path)
     for key, reason in reasons.items():
         if saved.get(key) != now[key]:
             raise RecipeError(
@@ -77,7 +89,7 @@ def find_resume_checkpoint(recipe: PretrainRecipe, layout: ParallelLayout) -> Pa
         warnings.warn(f"checkpoint {path} was written by an older megahf (marker format 1): its files' sizes are "
                       "checked but not their contents (no checksums), and a changed model config is not detected "
                       "before loading; its pickles are read the safe way as always", stacklevel=2)
-    else:
+    elif "model_config" in now:
         _refuse_changed_model(path, saved["model_config"], now["model_config"])
     return path
 
@@ -117,5 +129,6 @@ def _refuse_changed_model(path: Path, saved: dict, now: dict) -> None:
     )
 
 
-__all__ = ["LAYOUT_KEYS", "checkpoint_metadata", "derived_seed", "describe_layout", "find_resume_checkpoint",
-           "model_config_fields", "same_layout"]
+__all__ = ["GLOBAL_BATCH_REASON", "LAYOUT_KEYS", "PRETRAIN_REASONS", "SEED_REASON", "checkpoint_metadata",
+           "derived_seed", "describe_layout", "find_resume_checkpoint", "model_config_fields", "resume_checkpoint",
+           "same_layout"]

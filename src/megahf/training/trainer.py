@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from ..errors import MegahfError
@@ -51,6 +51,21 @@ class MegatronTrainer(Trainer):
                     callback.training_bar.close()
                     callback.training_bar = None
             raise
+
+    def train_or_resume(self, resume_from: Path | None) -> dict:
+        """Run the training loop, resumed from the checkpoint `resume_from` if given; Trainer's train metrics."""
+        if resume_from is not None and ckpt.read_metadata(resume_from)["step"] >= self.recipe.optim.train_steps:
+            # Trainer would run one more step past max_steps (it checks for the end after a step): load the trained
+            # model and its history instead, as Megatron does when iteration >= train_iters.
+            say(f"{resume_from} has finished training: evaluating and saving it")
+            ckpt.load_model(resume_from, self.model)
+            self.state = TrainerState.load_from_json(str(Path(resume_from) / ckpt.TRAINER_STATE))
+            return {}
+        if resume_from is not None:
+            say(f"resuming from {resume_from}")
+        metrics = self.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+        self.finish_pending_checkpoint(wait=True)  # async_save: the last checkpoint is complete before the end
+        return metrics
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -161,9 +176,11 @@ def check_finite_loss(loss: torch.Tensor, step: int) -> None:
 
 
 def check_finite_weights(model: torch.nn.Module, what: str) -> None:
-    """Refuse to write `what` from weights that are not all finite (checked on every rank's shards)."""
-    bad_names = [name for name, p in model.named_parameters()
-                 if not torch.isfinite((p.to_local() if isinstance(p, DTensor) else p).detach()).all()]
+    """Refuse to write `what` from weights that are not all finite (checked on every rank's shards). Only the trained
+    weights are checked: a frozen one is as it was loaded, and QLoRA's frozen base holds packed 4-bit codes in a float
+    dtype, whose bytes need not read as finite floats."""
+    bad_names = [name for name, p in model.named_parameters() if p.requires_grad
+                 and not torch.isfinite((p.to_local() if isinstance(p, DTensor) else p).detach()).all()]
     bad = torch.tensor([int(bool(bad_names))], dtype=torch.int32, device=next(model.parameters()).device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)

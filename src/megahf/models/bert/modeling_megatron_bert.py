@@ -328,6 +328,9 @@ class MegatronBertForSequenceClassification(MegatronBertPreTrainedModel):
     `num_labels=1` is regression (STS-B, mean squared error); otherwise cross entropy (or multi-label BCE by
     `problem_type`, as in transformers)."""
 
+    # The loss is the mean over this micro-batch; Trainer averages it over accumulation steps and ranks.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: MegatronBertConfig):
         super().__init__(config)
         self.model = MegatronBertModel(config)
@@ -357,6 +360,9 @@ class MegatronBertForSequenceClassification(MegatronBertPreTrainedModel):
 class MegatronBertForMultipleChoice(MegatronBertPreTrainedModel):
     """RACE: each (question + option, article) pair is scored by `multichoice_head` on its pooled [CLS]; inputs are
     [batch, choices, seq] and the logits [batch, choices] (Megatron's multiple-choice model)."""
+
+    # The loss is the mean over this micro-batch; Trainer averages it over accumulation steps and ranks.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MegatronBertConfig):
         super().__init__(config)
@@ -396,6 +402,9 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
     """SQuAD: `qa_outputs` gives each token a start and an end score; `start_positions` / `end_positions` train it
     (positions outside the sequence are clamped and ignored, as in transformers)."""
 
+    # The loss is the mean over this micro-batch; Trainer averages it over accumulation steps and ranks.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: MegatronBertConfig):
         super().__init__(config)
         self.model = MegatronBertModel(config, add_pooling_layer=False)
@@ -426,6 +435,9 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
 
 class MegatronBertForTokenClassification(MegatronBertPreTrainedModel):
     """NER: dropout and `classification_head` on every token; labels -100 are ignored."""
+
+    # The loss is the mean over this micro-batch; Trainer averages it over accumulation steps and ranks.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MegatronBertConfig):
         super().__init__(config)
