@@ -122,6 +122,25 @@ def test_a_fine_tuned_model_continues_on_a_task_with_other_classes(sst2, tmp_pat
     assert sorted(run.results["predictions"].values()) == ["predictions/MNLI-m.tsv", "predictions/MNLI-mm.tsv"]
 
 
+def test_an_adapter_folder_is_its_base_with_the_adapter_merged(base, lora, tmp_path, capsys):
+    """`model` = the LoRA run's final/ (a peft adapter): its base (adapter_config.json) with the adapter merged in.
+    With epochs 0 nothing is trained and the head the adapter trained scores the dev split and predicts the test split
+    as the LoRA run did (its accuracy and predictions; the dev loss to 1e-5, merging changes only the order of the
+    float32 sums). On a task with other classes the head is a new one, as for any fine-tuned folder."""
+    adapter = lora.output_dir / "final"
+    run = finetune(GLUE / "sst2.yaml", adapter, tmp_path / "predict", epochs=0, train_steps=0, warmup_steps=0)
+    assert run.results["steps"] == 0 and run.results["metrics"] == lora.results["metrics"]
+    assert run.results["dev_loss"]["validation"] == pytest.approx(lora.results["dev_loss"]["validation"], rel=1e-5)
+    predictions = Path("predictions") / "SST-2.tsv"
+    assert (tmp_path / "predict" / predictions).read_text() == (lora.output_dir / predictions).read_text()
+    assert f"a peft adapter merged into its base {base}" in capsys.readouterr().out
+    mnli = finetune(GLUE / "mnli.yaml", adapter, tmp_path / "mnli", train_steps=1, warmup_steps=0, eval_interval=0)
+    assert mnli.model.classification_head.out_features == 3
+    with pytest.raises(RecipeError, match=r"peft='qlora' quantizes pretrained weights as they load from a folder, but "
+                                          r"model=.* is a peft adapter"):
+        finetune(GLUE / "sst2.yaml", adapter, tmp_path / "never", peft="qlora")
+
+
 def test_race_multiple_choice_learns_and_reports_levels(base, tmp_path):
     run = finetune(RACE, base, tmp_path / "race", max_seq_length=128)
     metrics = run.results["metrics"]
@@ -246,6 +265,8 @@ def test_bad_input_is_refused_before_anything_is_computed(base, gpt_folder, tmp_
         (GLUE / "sst2.yaml", {"optim": "sgd"}, r"optim='sgd' is invalid"),
         (GLUE / "sst2.yaml", {"tensor_parallel_size": 2, "sequence_parallel": "true"},
          r"sequence_parallel=True: megahf finetune does not split sequences"),
+        (GLUE / "sst2.yaml", {"epochs": 0, "train_steps": 0, "warmup_steps": 0},
+         r"epochs=0 predicts with the model's own sst2 head, but model=.* has none"),
         (GLUE / "sst2.yaml", {"tokenizer": "gpt2-embedded"}, r"tokenizer='gpt2-embedded': the tokenizer has no cls, "
                                                              r"sep, pad token"),
         (GLUE / "sst2.yaml", {"lora_target_modules": "query", "peft": "lora"}, r"'query' names no linear layer.*"

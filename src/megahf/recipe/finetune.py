@@ -50,21 +50,22 @@ class TaskRecipe:
                               "local folder laid out like it ({config}/{split}-00000-of-00001.parquet + README.md).",
                               default=None)
     model: str = arg("The pretrained model: a folder (a `megahf pretrain` BERT run's final/, or a transformers BERT "
-                     "converted with megahf.convert.hf_bert), a Hub id, or a BERT preset (random weights: warned).",
+                     "converted with megahf.convert.hf_bert), a peft adapter folder (its base with the adapter merged), "
+                     "a Hub id, or a BERT preset (random weights: warned).",
                      default="")
     tokenizer: str | None = arg("null: the model folder's own tokenizer, else the shipped BERT WordPiece; or "
                                 "'bert-uncased-embedded' or a tokenizer folder.", default=None)
     max_seq_length: int = arg("Tokens per example after truncation (GLUE 128, RACE 512 in Megatron's scripts).",
                               default=128)
     epochs: int = arg("Passes over the train split (Megatron's --epochs); gives train_steps = epochs x "
-                      "(train rows // global batch) unless train_steps is set.", default=3)
+                      "(train rows // global batch) unless train_steps is set; 0 (with train_steps 0): no training, "
+                      "the model's own task head scores the dev splits and predicts the test splits.", default=3)
     smoke: bool = arg("Train and evaluate on the small fixture shipped with megahf instead of `dataset` (a check "
                       "that the run works; its numbers mean nothing).", default=False)
     num_workers: int = arg("DataLoader worker processes.", default=0)
 
     def validate(self) -> None:
-        need_at_least(self, 1, "epochs")
-        need_at_least(self, 0, "num_workers")
+        need_at_least(self, 0, "epochs", "num_workers")
         need(self, self.max_seq_length >= 8, "max_seq_length", "it must be at least 8, e.g. 128 (GLUE) or 512 (RACE)")
         if self.task not in TASK_NAMES:
             raise RecipeError(f"unknown task task={self.task!r}{did_you_mean(self.task, TASK_NAMES)} (known tasks: "

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import parallel  # noqa: F401  (attaches megahf's distribution hooks to its model classes)
+from ..adapter_folder import AdapterFolderError, adapter_base, is_adapter_folder, merge_adapter
 from ..assets import embedded_tokenizer_path
 from ..errors import MegahfError
 
@@ -30,12 +31,30 @@ class EvaluationError(MegahfError, ValueError):
     """An evaluation's input (model, tokenizer, data, settings) cannot be used; the message says why and the fix."""
 
 
-def check_model_folder(model: str | os.PathLike) -> dict[str, Any]:
-    """The `config.json` of the model folder `model`, read as a dict (no weights loaded yet)."""
+def weights_folder(model: str | os.PathLike) -> Path:
+    """The folder whose config.json and weights `model` stands for: `model` itself, or the base model that a peft
+    adapter folder names (its adapter_config.json), which must be a local folder too."""
     folder = Path(model)
     if not folder.is_dir():
         raise EvaluationError(f"--model {model}: no such folder; pass a saved model folder (e.g. a pretrain run's "
-                              "final/, written by save_pretrained)")
+                              "final/, written by save_pretrained) or a peft adapter folder")
+    if not is_adapter_folder(folder):
+        return folder
+    try:
+        base, _ = adapter_base(folder)
+    except AdapterFolderError as error:
+        raise EvaluationError(f"--model {model}: {error}") from None
+    if not Path(base).is_dir():
+        raise EvaluationError(f"--model {model} is a peft adapter whose base model {base!r} is not a local folder; "
+                              "save the base locally and set base_model_name_or_path in its adapter_config.json to "
+                              "that folder")
+    return Path(base)
+
+
+def check_model_folder(model: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` of the model folder `model` (of its base, for a peft adapter folder), read as a dict (no
+    weights loaded yet)."""
+    folder = weights_folder(model)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise EvaluationError(f"--model {model}: the folder has no config.json; pass a folder written by "
@@ -84,6 +103,8 @@ def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: 
         where = f"--tokenizer {tokenizer}"
     elif any((Path(model) / name).is_file() for name in _TOKENIZER_FILES):
         source, where = str(model), f"the tokenizer of {model}"
+    elif any((weights_folder(model) / name).is_file() for name in _TOKENIZER_FILES):  # an adapter's base
+        source, where = str(weights_folder(model)), f"the tokenizer of {weights_folder(model)}"
     elif config.get("model_type") in FAMILY_TOKENIZERS:
         source = embedded_tokenizer_path(FAMILY_TOKENIZERS[config["model_type"]])
         where = f"the shipped {FAMILY_TOKENIZERS[config['model_type']]} tokenizer"
@@ -101,7 +122,13 @@ def load_tokenizer(model: str | os.PathLike, config: dict[str, Any], tokenizer: 
 def load_model(model: str | os.PathLike, device: str | torch.device = "cpu", distributed_config=None):
     """The model folder as an `AutoModelForCausalLM` (megahf registers its models with it), in eval mode on `device`;
     with a `distributed_config` (tensor parallel), sharded by transformers onto this rank's device as training
-    loads it (`megahf.parallel`: the vocabulary-parallel output layer, whose logits come back whole)."""
+    loads it (`megahf.parallel`: the vocabulary-parallel output layer, whose logits come back whole). A peft adapter
+    folder: its base with the adapter merged into the weights, then sharded."""
+    if is_adapter_folder(model):
+        merged = merge_adapter(AutoModelForCausalLM.from_pretrained(weights_folder(model)), model).to(device)
+        if distributed_config is not None:
+            merged = parallel.distribute_model(merged, distributed_config)
+        return merged.eval()
     if distributed_config is not None:
         return AutoModelForCausalLM.from_pretrained(model, distributed_config=distributed_config).eval()
     loaded = AutoModelForCausalLM.from_pretrained(model)

@@ -21,7 +21,7 @@ from ..errors import explain_write_errors
 from ..recipe.evaluate import evaluation_settings
 from . import distributed, lambada, wikitext
 from .common import (EvaluationError, check_causal_lm, check_model_folder, load_model, load_tokenizer,
-                     resolve_seq_length)
+                     resolve_seq_length, weights_folder)
 
 
 def _check_output(path: str | None) -> None:
@@ -55,12 +55,14 @@ def evaluate(args: argparse.Namespace) -> int:
     config = check_model_folder(args.model)
     check_causal_lm(args.model, config, "LAMBADA" if args.task == "lambada" else "WikiText perplexity")
     seq_length = resolve_seq_length(args.model, config, args.seq_length)
-    layout = distributed.check_layout(args.model, getattr(args, "tensor_parallel_size", 1))
+    layout = distributed.check_layout(weights_folder(args.model), getattr(args, "tensor_parallel_size", 1))
     _check_output(args.output_json)
     tokenizer, tokenizer_source = load_tokenizer(args.model, config, args.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     settings: dict[str, Any] = {"task": args.task, "model": str(args.model), "tokenizer": tokenizer_source,
                                 "seq_length": seq_length, "micro_batch_size": args.micro_batch_size}
+    if weights_folder(args.model) != Path(args.model):
+        settings["base_model"] = str(weights_folder(args.model))  # the adapter's, merged into it
 
     if args.task == "lambada":
         texts = lambada.load_texts(args.data)

@@ -77,7 +77,7 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     args = finetune_arguments(recipe, layout)  # starts the process group under a launcher
     if args.world_size != layout.world_size:
         raise RecipeError(f"the launcher started {args.world_size} processes but WORLD_SIZE says {layout.world_size}")
-    resume_from = find_finetune_checkpoint(recipe, layout)
+    resume_from = find_finetune_checkpoint(recipe, layout) if recipe.optim.train_steps else None
     data = featurize(task, raw, tokenizer, recipe, args)
     model = build_task_model(recipe, task, source, tokenizer)
     model = shard_model(apply_peft(recipe, task, model), layout)

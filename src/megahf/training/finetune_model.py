@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
+from ..adapter_folder import merge_adapter
 from ..models.bert import MegatronBertConfig, MegatronBertForMultipleChoice, MegatronBertForSequenceClassification
 from ..parallel import distribute_model
 from ..parallel.layout import ParallelLayout
@@ -45,6 +46,10 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
         config = MegatronBertConfig.from_preset(source.name, vocab_size=len(tokenizer), **labels)
         model = model_class(config)
         say(f"model: {source.name} with a new {head} (random weights everywhere)")
+        if recipe.optim.train_steps == 0:
+            raise RecipeError(f"recipe key epochs=0 predicts with the model's own {task.name} head, but "
+                              f"model={source.name!r} is a preset (random weights); give a model fine-tuned on "
+                              f"{task.name}, or epochs >= 1")
     else:
         quantization = qlora_loading(task, head) if recipe.peft.peft == "qlora" else {}
         try:
@@ -53,7 +58,7 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # its table of unused and new weights: the one line below says it
             try:
-                model, info = auto_class.from_pretrained(source.name, output_loading_info=True,
+                model, info = auto_class.from_pretrained(source.weights, output_loading_info=True,
                                                          ignore_mismatched_sizes=True, **labels, **quantization)
             finally:
                 hf_logging.set_verbosity(verbosity)
@@ -66,6 +71,9 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
             raise RecipeError(f"recipe key model={source.name!r} loaded as {type(model).__name__}, not "
                               f"{model_class.__name__}")
         new = sorted({*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))})
+        if source.adapter_of:
+            model, head_loaded = merge_adapter_folder(model, source.name, head)
+            new = [k for k in new if not (head_loaded and k.startswith(head))]
         stray = [k for k in new if not k.startswith(head)]
         if stray:
             raise RecipeError(
@@ -75,9 +83,14 @@ def build_task_model(recipe: FinetuneRecipe, task: FinetuneTask, source: ModelSo
         dropped = sorted({k.split(".")[0] for k in info["unexpected_keys"]})
         outputs = 1 if task.head == "multiple_choice" else task.num_labels
         fate = (f"newly initialised ({outputs} output{'s' if outputs > 1 else ''})" if new else
-                "loaded from the folder (continuing its fine-tuning)")
+                f"loaded from the {'adapter' if source.adapter_of else 'folder'} (continuing its fine-tuning)")
         heads = f"its other heads dropped ({', '.join(dropped)})" if dropped else "no other head in the folder"
-        say(f"model: {source.name}: pretrained encoder loaded, {heads}; task head {head} {fate}")
+        merged = f" (a peft adapter merged into its base {source.adapter_of})" if source.adapter_of else ""
+        say(f"model: {source.name}{merged}: pretrained encoder loaded, {heads}; task head {head} {fate}")
+        if new and recipe.optim.train_steps == 0:
+            raise RecipeError(f"recipe key epochs=0 predicts with the model's own {task.name} head, but "
+                              f"model={source.name!r} has none (its {head} is newly initialised); give a model "
+                              f"fine-tuned on {task.name}, or epochs >= 1")
     return model
 
 
@@ -90,6 +103,20 @@ def shard_model(model, layout: ParallelLayout):
         if inner is model:
             model = distributed
     return model
+
+
+def merge_adapter_folder(model, adapter: str, head: str):
+    """`model` with the adapter folder `adapter` merged in; its fully trained task head replaces the new one when it
+    has this task's shape. Returns the model and whether the head came from the adapter."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as saved:
+        shapes = {key: saved.get_slice(key).get_shape() for key in saved.keys()}
+    own = {f"{head}.{name}": list(p.shape) for name, p in model.get_submodule(head).named_parameters()}
+    saved_head = {key.split(f"{head}.", 1)[1]: shape for key, shape in shapes.items()
+                  if f".{head}." in f".{key}" and ".lora_" not in key}
+    keep = bool(saved_head) and all(own.get(f"{head}.{name}") == shape for name, shape in saved_head.items())
+    return merge_adapter(model, adapter, keep_head=keep), keep
 
 
 def qlora_loading(task: FinetuneTask, head: str) -> dict[str, Any]:

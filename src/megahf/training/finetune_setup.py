@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, AutoTokenizer
 
+from ..adapter_folder import AdapterFolderError, adapter_base, is_adapter_folder
 from ..assets import embedded_tokenizer_path
 from ..models.bert import MegatronBertConfig
 from ..parallel.layout import ParallelLayout
@@ -33,6 +34,12 @@ class ModelSource:
     config: MegatronBertConfig
     pretrained: bool  # False: a preset, randomly initialised
     has_tokenizer: bool
+    adapter_of: str | None = None  # a peft adapter folder: the base model it names, loaded with the adapter merged
+
+    @property
+    def weights(self) -> str:
+        """What `from_pretrained` loads: the folder or Hub id, or an adapter's base."""
+        return self.adapter_of or self.name
 
 
 def resolve_model(recipe: FinetuneRecipe, task: FinetuneTask) -> ModelSource:
@@ -42,9 +49,19 @@ def resolve_model(recipe: FinetuneRecipe, task: FinetuneTask) -> ModelSource:
         say(f"WARNING: model={name!r} is a preset: fine-tuning starts from RANDOM weights, not a pretrained BERT; give "
             "a pretrained folder (e.g. a `megahf pretrain` run's final/) for meaningful results")
         return ModelSource(name, MegatronBertConfig.from_preset(name), pretrained=False, has_tokenizer=False)
+    adapter_of = None
+    if is_adapter_folder(name):
+        try:
+            adapter_of, _ = adapter_base(name)
+        except AdapterFolderError as error:
+            raise RecipeError(f"recipe key model={name!r}: {error}") from None
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(adapter_of or name)
     except (OSError, ValueError) as error:
+        if adapter_of:
+            raise RecipeError(f"recipe key model={name!r} is a peft adapter whose base model {adapter_of!r} cannot "
+                              f"be read ({str(error).splitlines()[0]}); set base_model_name_or_path in its "
+                              "adapter_config.json to the base's folder or Hub id") from None
         raise RecipeError(f"recipe key model={name!r}: cannot read its config.json "
                           f"({str(error).splitlines()[0]}); give a pretrained model folder") from None
     model_type = getattr(config, "model_type", None)
@@ -62,7 +79,7 @@ def resolve_model(recipe: FinetuneRecipe, task: FinetuneTask) -> ModelSource:
     # a folder's own tokenizer if it holds one; a Hub repo's always (the shipped one would silently mismatch it)
     has_tokenizer = (any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES) if os.path.isdir(name)
                      else True)
-    return ModelSource(name, config, pretrained=True, has_tokenizer=has_tokenizer)
+    return ModelSource(name, config, pretrained=True, has_tokenizer=has_tokenizer, adapter_of=adapter_of)
 
 
 def check_layout(recipe: FinetuneRecipe, source: ModelSource, layout: ParallelLayout) -> None:
@@ -83,6 +100,10 @@ def check_layout(recipe: FinetuneRecipe, source: ModelSource, layout: ParallelLa
     if recipe.peft.peft == "qlora" and not source.pretrained:
         raise RecipeError(f"recipe key peft='qlora' quantizes pretrained weights as they load; model={source.name!r} "
                           "is a preset: give a pretrained folder, or peft: lora")
+    if recipe.peft.peft == "qlora" and source.adapter_of:
+        raise RecipeError(f"recipe key peft='qlora' quantizes pretrained weights as they load from a folder, but "
+                          f"model={source.name!r} is a peft adapter merged into its base in memory; save the merged "
+                          "model (PeftModel.merge_and_unload().save_pretrained) and give that folder, or peft: lora")
 
 
 # What a checkpoint's marker must share with the run that resumes it (recipe keys), and why.
@@ -160,6 +181,11 @@ def plan_steps(recipe: FinetuneRecipe, layout: ParallelLayout, train_rows: int) 
     optim = recipe.optim
     per_epoch = max(1, train_rows // layout.global_batch_size)
     steps = optim.train_steps or recipe.task.epochs * per_epoch
+    if steps == 0:
+        say("epochs=0: no training (Megatron's --epochs 0); the model's own task head scores the dev split(s) and "
+            "predicts the test split(s)")
+        optim = dataclasses.replace(optim, warmup_steps=0, warmup_fraction=0.0)
+        return dataclasses.replace(recipe, optim=optim)
     warmup = optim.warmup_steps or int(optim.warmup_fraction * steps)
     if warmup >= steps:
         raise RecipeError(f"recipe key warmup_steps={warmup} is not smaller than train_steps={steps}; lower it")

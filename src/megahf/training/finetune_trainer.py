@@ -162,7 +162,8 @@ def train_and_evaluate(trainer: FinetuneTrainer, resume_from: Path | None) -> di
     """Train (resumed from the checkpoint `resume_from` if given), then score the dev split(s) at the end, logged like
     the periodic evaluations unless the last step's evaluation is in the history already (just done, or in the
     finished checkpoint resumed); split -> metric -> value."""
-    trainer.train_or_resume(resume_from)
+    if trainer.recipe.optim.train_steps:  # 0: epochs=0, the model as given is scored
+        trainer.train_or_resume(resume_from)
     step = trainer.state.global_step
     if step not in trainer.dev_results:
         logged = any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
