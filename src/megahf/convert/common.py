@@ -20,17 +20,38 @@ class ConversionError(MegahfError, ValueError):
     """A checkpoint that cannot be converted as asked: the message names the file or key, the value and the fix."""
 
 
+Block = tuple[slice, ...]  # one slice(start, stop) per dimension: a rectangular block of a tensor
+
+
 @dataclass
 class TensorRef:
-    """A tensor not yet read: its shape and dtype, and a function that returns it (full, on the CPU)."""
+    """A tensor not yet read: its shape and dtype, a function that returns it (full, on the CPU), and optionally one
+    that returns only a block of it (`read`), so that a rank of a sharded model reads what it keeps and no more."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    load_block: Callable[[Block], torch.Tensor] | None = None
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorRef:
         return cls(tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+    def read(self, block: Block) -> torch.Tensor:
+        """The block of the tensor (`block` names every dimension), read alone where the source allows it (a
+        safetensors slice), else cut out of the whole tensor."""
+        if len(block) != len(self.shape) or any(s.step not in (None, 1) for s in block):
+            raise ConversionError(f"block {block} does not name each of the {len(self.shape)} dimensions of a "
+                                  f"{list(self.shape)} tensor with a plain slice (a caller bug)")
+        if self.load_block is not None:
+            part = self.load_block(block)
+        else:
+            part = self.load()[block].clone()  # a copy: the whole tensor is not kept alive by a view of it
+        wanted = tuple(len(range(*s.indices(n))) for s, n in zip(block, self.shape))
+        if tuple(part.shape) != wanted:
+            raise ConversionError(f"block {block} of a {list(self.shape)} tensor came back as {list(part.shape)} "
+                                  "(a converter bug)")
+        return part
 
     def nbytes(self) -> int:
         numel = 1
@@ -113,4 +134,4 @@ def progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="tensor", disable=not enabled, leave=False)
 
 
-__all__ = ["ConversionError", "LoadedCheckpoint", "TensorRef", "build_model", "check_shapes", "progress"]
+__all__ = ["Block", "ConversionError", "LoadedCheckpoint", "TensorRef", "build_model", "check_shapes", "progress"]

@@ -26,6 +26,7 @@ import torch
 
 from .common import ConversionError, LoadedCheckpoint, TensorRef, check_shapes, progress
 from .safetensors_stream import read_safetensors, write_safetensors
+from .tensor_parts import grouped_qkv, padded_rows, row_range, transposed
 
 VOCAB_KEY = "megahf_vocab_size"
 # transformers' activation_function -> megahf's activation (gelu_new, gelu_pytorch_tanh and gelu_fast are the same
@@ -119,25 +120,23 @@ def read_hf_gpt2(path: str | os.PathLike, overrides: dict | None = None) -> Load
     out: dict[str, TensorRef] = {}
 
     def linear(name):  # Conv1D [in, out] -> Linear [out, in]
-        ref = tensors[name]
-        return _ref(ref.shape[::-1], ref.dtype, lambda: ref.load().t().contiguous())
+        return transposed(tensors[name])
 
     embedding = tensors[prefix + "wte.weight"]
-    out["model.embedding.word_embeddings.weight"] = _ref((padded, hidden), embedding.dtype,
-                                                         lambda: _pad_rows(embedding.load(), padded))
+    out["model.embedding.word_embeddings.weight"] = padded_rows(embedding, padded,
+                                                                lambda: _pad_rows(embedding.load(), padded))
     out["model.embedding.position_embeddings.weight"] = tensors[prefix + "wpe.weight"]
     for i in range(config.num_layers):
         src, dst = f"{prefix}h.{i}.", f"model.decoder.layers.{i}."
         for kind in ("weight", "bias"):
             out[dst + f"input_layernorm.{kind}"] = tensors[src + f"ln_1.{kind}"]
             out[dst + f"pre_mlp_layernorm.{kind}"] = tensors[src + f"ln_2.{kind}"]
-        attn = tensors[src + "attn.c_attn.weight"]
-        out[dst + "self_attention.linear_qkv.weight"] = _ref(
-            (3 * hidden, hidden), attn.dtype,
-            lambda a=attn: fuse_qkv(*a.load().t().chunk(3, dim=0), groups=heads).contiguous())
-        bias = tensors[src + "attn.c_attn.bias"]
-        out[dst + "self_attention.linear_qkv.bias"] = _ref(
-            (3 * hidden,), bias.dtype, lambda b=bias: fuse_qkv(*b.load().chunk(3), groups=heads))
+        # [all queries; all keys; all values] (the weight transposed from Conv1D) -> Megatron-Core's per-head order
+        for kind, ref in (("weight", transposed(tensors[src + "attn.c_attn.weight"])),
+                          ("bias", tensors[src + "attn.c_attn.bias"])):
+            q, k, v = (row_range(ref, i * hidden, (i + 1) * hidden) for i in range(3))
+            out[dst + f"self_attention.linear_qkv.{kind}"] = grouped_qkv(
+                q, k, v, heads, load=lambda r=ref: fuse_qkv(*r.load().chunk(3, dim=0), groups=heads).contiguous())
         out[dst + "self_attention.linear_proj.weight"] = linear(src + "attn.c_proj.weight")
         out[dst + "self_attention.linear_proj.bias"] = tensors[src + "attn.c_proj.bias"]
         out[dst + "mlp.linear_fc1.weight"] = linear(src + "mlp.c_fc.weight")
@@ -148,7 +147,7 @@ def read_hf_gpt2(path: str | os.PathLike, overrides: dict | None = None) -> Load
         out[f"model.decoder.final_layernorm.{kind}"] = tensors[prefix + f"ln_f.{kind}"]
     if not config.tie_word_embeddings:
         head = tensors["lm_head.weight"]
-        out["output_layer.weight"] = _ref((padded, hidden), head.dtype, lambda: _pad_rows(head.load(), padded))
+        out["output_layer.weight"] = padded_rows(head, padded, lambda: _pad_rows(head.load(), padded))
     _check_all_used(path, tensors, out, ignore=(".attn.bias", ".attn.masked_bias", "lm_head.weight"))
     loaded = LoadedCheckpoint(config, "MegatronGPTForCausalLM", out)
     check_shapes(loaded, str(path))
@@ -265,17 +264,16 @@ def read_hf_llama(path: str | os.PathLike, overrides: dict | None = None) -> Loa
     bias_kinds = ("weight", "bias") if config.add_bias_linear else ("weight",)
     out: dict[str, TensorRef] = {}
     embedding = tensors["model.embed_tokens.weight"]
-    out["model.embedding.word_embeddings.weight"] = _ref((padded, hidden), embedding.dtype,
-                                                         lambda: _pad_rows(embedding.load(), padded))
+    out["model.embedding.word_embeddings.weight"] = padded_rows(embedding, padded,
+                                                                lambda: _pad_rows(embedding.load(), padded))
     for i in range(config.num_layers):
         src, dst = f"model.layers.{i}.", f"model.decoder.layers.{i}."
         out[dst + "input_layernorm.weight"] = tensors[src + "input_layernorm.weight"]
         out[dst + "pre_mlp_layernorm.weight"] = tensors[src + "post_attention_layernorm.weight"]
         for kind in bias_kinds:
             q, k, v = (tensors[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
-            out[dst + f"self_attention.linear_qkv.{kind}"] = _ref(
-                (q.shape[0] + k.shape[0] + v.shape[0], *q.shape[1:]), q.dtype,
-                lambda q=q, k=k, v=v: fuse_qkv(q.load(), k.load(), v.load(), groups))
+            out[dst + f"self_attention.linear_qkv.{kind}"] = grouped_qkv(
+                q, k, v, groups, load=lambda q=q, k=k, v=v: fuse_qkv(q.load(), k.load(), v.load(), groups))
             out[dst + f"self_attention.linear_proj.{kind}"] = tensors[src + f"self_attn.o_proj.{kind}"]
             out[dst + f"mlp.linear_fc1_gate.{kind}"] = tensors[src + f"mlp.gate_proj.{kind}"]
             out[dst + f"mlp.linear_fc1_up.{kind}"] = tensors[src + f"mlp.up_proj.{kind}"]
@@ -283,7 +281,7 @@ def read_hf_llama(path: str | os.PathLike, overrides: dict | None = None) -> Loa
     out["model.decoder.final_layernorm.weight"] = tensors["model.norm.weight"]
     if not config.tie_word_embeddings:
         head = tensors["lm_head.weight"]
-        out["output_layer.weight"] = _ref((padded, hidden), head.dtype, lambda: _pad_rows(head.load(), padded))
+        out["output_layer.weight"] = padded_rows(head, padded, lambda: _pad_rows(head.load(), padded))
     used = {id(ref) for ref in out.values()} | {id(tensors[f"model.layers.{i}.self_attn.{p}_proj.{kind}"])
                                                 for i in range(config.num_layers) for p in "qkv" for kind in bias_kinds}
     for name, ref in tensors.items():

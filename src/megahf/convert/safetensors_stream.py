@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .common import ConversionError, TensorRef
+from .common import Block, ConversionError, TensorRef
 
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -68,7 +68,8 @@ def read_safetensors(paths: list[Path]) -> dict[str, TensorRef]:
             for name in f.keys():
                 sliced = f.get_slice(name)
                 dtype = _torch_dtype(sliced.get_dtype())
-                refs[name] = TensorRef(tuple(sliced.get_shape()), dtype, _loader(path, name))
+                refs[name] = TensorRef(tuple(sliced.get_shape()), dtype, _loader(path, name),
+                                       _block_loader(path, name))
     return refs
 
 
@@ -77,6 +78,13 @@ def _loader(path: Path, name: str) -> Callable[[], torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(name)
     return load
+
+
+def _block_loader(path: Path, name: str) -> Callable[[Block], torch.Tensor]:
+    def load_block(block: Block) -> torch.Tensor:  # only the block's bytes are read from the file
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice(name)[block]
+    return load_block
 
 
 def _torch_dtype(name: str) -> torch.dtype:

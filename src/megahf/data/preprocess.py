@@ -27,7 +27,8 @@ Tokenizer (`--tokenizer`)
     encoded with `add_special_tokens=False`; `--append-eod` appends the tokenizer's eos id
     (its sep id when it has no eos, as BERT) to each document's last sequence. Tokens are stored
     as uint16 when the vocabulary (`len(tokenizer)`) is under 65,500 ids, else int32
-    (Megatron's rule); `--dtype` overrides it.
+    (Megatron's rule); `--dtype` overrides it. Beside each pair, `PREFIX.tokenizer_identity.json`
+    records the tokenizer (`tokenizer_record`): a run refuses data made with another one.
 
 Sentence splitting (`--split-sentences`)
     Megatron uses nltk's punkt model, which cannot be had offline; megahf uses `split_sentences`
@@ -83,6 +84,7 @@ from .preprocess_output import (PreprocessResult, make_output_folder, output_pre
                                 write_encoded)
 from .preprocess_workers import ChunkEncoder, ChunkJob, default_chunk_bytes
 from .sentence_splitter import split_sentences
+from .tokenizer_record import tokenizer_identity
 
 __all__ = [
     "EMBEDDED_TOKENIZER_NAMES",
@@ -151,7 +153,7 @@ def preprocess_corpus(
             with tqdm(total=source.progress_total, unit=source.progress_unit, unit_scale=True, desc="preprocess",
                       disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
                 write_encoded(encoded, builders, result, bar, log_interval)
-            publish(builders, prefixes, result, source.description)
+            publish(builders, prefixes, result, source.description, tokenizer_identity(tok, tokenizer))
         except BaseException:
             encoder.abort()
             for b in builders.values():

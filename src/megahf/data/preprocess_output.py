@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List
 from .indexed_dataset import IndexedDatasetBuilder
 from .preprocess_errors import PreprocessError
 from .preprocess_workers import EncodedChunk
+from .tokenizer_record import remove_tokenizer_record, write_tokenizer_record
 
 
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool = False) -> str:
@@ -107,9 +108,10 @@ def write_encoded(encoded: Iterator[EncodedChunk], builders: Dict[str, IndexedDa
 
 
 def publish(builders: Dict[str, IndexedDatasetBuilder], prefixes: Dict[str, str], result: PreprocessResult,
-            description: str) -> None:
+            description: str, tokenizer_identity: Dict[str, Any] | None = None) -> None:
     """Refuse a key without tokens; then publish only when every key's pair is complete: write all indexes, then
-    rename."""
+    rename; then record beside each pair the tokenizer that made it (`tokenizer_record`; a previous record is removed
+    before its pair is replaced)."""
     for k in builders:
         if result.tokens[k] == 0:
             raise PreprocessError(
@@ -118,9 +120,15 @@ def publish(builders: Dict[str, IndexedDatasetBuilder], prefixes: Dict[str, str]
             )
     for k, builder in builders.items():
         builder.finalize(prefixes[k] + ".idx", commit=False)
+    if tokenizer_identity is not None:
+        for prefix in prefixes.values():
+            remove_tokenizer_record(prefix)
     for k, builder in builders.items():
         builder.commit()
         result.bytes[k] = os.path.getsize(prefixes[k] + ".bin")
+    if tokenizer_identity is not None:
+        for prefix in prefixes.values():
+            write_tokenizer_record(prefix, tokenizer_identity)
 
 
 __all__ = ["PreprocessResult", "make_output_folder", "output_prefix_for", "publish", "remove_folders",

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ..models.presets import preset_family
 from ..parallel.layout import ParallelLayout
 from ..recipe import PretrainRecipe, RecipeError
 from .bert_pretraining_data import build_bert_data
@@ -38,7 +37,7 @@ def build_datasets(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout, co
     the model's, which says whether BERT samples carry a sentence-order label)."""
     data = recipe.data
     train_samples, valid_samples = sample_counts(recipe, layout)
-    if preset_family(recipe.model.model) == "bert":
+    if config.model_type == "megatron_bert":
         return build_bert_data(
             tokenizer=tokenizer, seq_length=data.seq_length, seed=recipe.run.seed, split=data.split,
             train_samples=train_samples, valid_samples=valid_samples,

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from ..models.bert import MegatronBertForPreTraining
 from ..models.gpt import MegatronGPTForCausalLM
-from ..models.presets import preset_family
 from ..recipe import PretrainRecipe
+from .model_source import model_family
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ FAMILIES = {
 
 
 def family_of(recipe: PretrainRecipe) -> Family:
-    return FAMILIES[preset_family(recipe.model.model)]
+    return FAMILIES[model_family(recipe.model)]
 
 
 __all__ = ["FAMILIES", "Family", "family_of", "fill_mask_sample", "generate_sample"]

@@ -1,5 +1,7 @@
-"""From a parsed recipe to what a run is made of: the model config, the parallel layout, the tokenizer, the model;
-and the recipe checks that need the model config (tokenizer family, tensor-parallel fit, sequence length).
+"""From a parsed recipe to what a run is made of: the model config, the parallel layout, the tokenizer, the model
+(a preset initialised from the seed, or a checkpoint loaded into the layout: `model_source`); and the recipe checks
+that need the model config (tokenizer family, tensor-parallel fit, sequence length) or the tokenizer (the data's and
+the checkpoint's tokenizer).
 
     recipe = load_recipe("recipes/gpt/tiny.yaml", ["--train_steps", "50"])   # parsed and fully checked
     layout = build_layout(recipe, world_size=2)
@@ -16,15 +18,19 @@ from transformers import AutoTokenizer
 from ..assets import embedded_tokenizer_path
 from ..models.bert import MegatronBertConfig
 from ..models.gpt import MegatronGPTConfig
-from ..models.presets import preset_family
+from ..data.tokenizer_record import TokenizerRecordError, describe, read_tokenizer_record, same_tokenizer, \
+    tokenizer_identity
 from ..parallel import distribute_model
 from ..parallel.layout import LayoutError, ParallelLayout, resolve_layout
+from ..parallel.load_shards import load_into_layout
 from ..parallel.rng import checkpoint_context
 from ..recipe import ModelRecipe, PretrainRecipe, RecipeError, parse_recipe
 from ..recipe.data import EMBEDDED_BERT_TOKENIZER, EMBEDDED_TOKENIZER, GPT2_TOKENIZER_NAMES
 from ..recipe.errors import did_you_mean
 from .compile import compile_layers
 from .families import family_of
+from .log import say
+from .model_source import check_sequence_length, checkpoint_tokenizer_path, model_family, read_checkpoint_model
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PretrainRecipe:
@@ -36,11 +42,30 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def config_class_of(model: ModelRecipe) -> type:
-    return MegatronBertConfig if preset_family(model.model) == "bert" else MegatronGPTConfig
+    return MegatronBertConfig if model_family(model) == "bert" else MegatronGPTConfig
+
+
+def _runtime_fields(model: ModelRecipe) -> dict:
+    """Config fields the recipe sets by keys of its own (how the model runs, not what it is)."""
+    runtime = {"loss_chunk_size": model.loss_chunk_size}
+    if model.recompute == "selective":
+        runtime["recompute_granularity"] = "selective"
+    return runtime
 
 
 def build_config(model: ModelRecipe):
-    """The model's `MegatronGPTConfig` or `MegatronBertConfig` (no weights); `RecipeError` for an unknown field."""
+    """The model's `MegatronGPTConfig` or `MegatronBertConfig` (no weights): the preset's with `model_overrides`, or
+    the checkpoint's with the overrides continued pretraining allows; `RecipeError` for a field it refuses."""
+    if "loss_chunk_size" in model.model_overrides:
+        raise RecipeError(
+            f"model_overrides.loss_chunk_size={model.model_overrides['loss_chunk_size']!r}: the chunked loss is "
+            "set by the recipe key loss_chunk_size; move it there"
+        )
+    if not model.is_preset:
+        config = read_checkpoint_model(model).config
+        for key, value in _runtime_fields(model).items():
+            setattr(config, key, value)
+        return config
     config_class = config_class_of(model)
     known = _config_keys(config_class)
     for key in model.model_overrides:
@@ -50,14 +75,7 @@ def build_config(model: ModelRecipe):
                 f"{did_you_mean(key, known, prefix='model_overrides.')} (model_overrides takes "
                 f"{config_class.__name__} fields)"
             )
-    if "loss_chunk_size" in model.model_overrides:
-        raise RecipeError(
-            f"model_overrides.loss_chunk_size={model.model_overrides['loss_chunk_size']!r}: the chunked loss is "
-            "set by the recipe key loss_chunk_size; move it there"
-        )
-    runtime = {"loss_chunk_size": model.loss_chunk_size}
-    if model.recompute == "selective":
-        runtime["recompute_granularity"] = "selective"
+    runtime = _runtime_fields(model)
     try:
         return config_class.from_preset(model.model, **model.model_overrides, **runtime)
     except (TypeError, ValueError) as error:
@@ -94,10 +112,13 @@ def check_recipe(recipe: PretrainRecipe) -> None:
         if getattr(config, "layernorm_order", "pre") != "pre":
             raise RecipeError(
                 f"recipe key sequence_parallel=True needs the pre-LayerNorm order, but model={model!r} has "
-                f"layernorm_order={config.layernorm_order!r}; set model_overrides.layernorm_order: pre or "
-                "sequence_parallel: false"
+                f"layernorm_order={config.layernorm_order!r}; set "
+                + ("model_overrides.layernorm_order: pre or " if recipe.model.is_preset else "")
+                + "sequence_parallel: false"
             )
-    if learned and seq_length > config.max_position_embeddings:
+    if not recipe.model.is_preset:
+        check_sequence_length(recipe.model, config, seq_length)
+    elif learned and seq_length > config.max_position_embeddings:
         raise RecipeError(
             f"recipe key seq_length={seq_length} exceeds the model's max_position_embeddings="
             f"{config.max_position_embeddings}; lower seq_length or set model_overrides.max_position_embeddings"
@@ -132,18 +153,94 @@ def load_tokenizer(recipe: PretrainRecipe):
             f"recipe key tokenizer={name!r} cannot be loaded ({str(error).splitlines()[0]}); give a "
             f"local tokenizer folder or '{EMBEDDED_TOKENIZER}' / '{EMBEDDED_BERT_TOKENIZER}'"
         ) from None
-    if preset_family(recipe.model.model) == "gpt" and tokenizer.eos_token_id is None:
+    if model_family(recipe.model) == "gpt" and tokenizer.eos_token_id is None:
         raise RecipeError(
             f"tokenizer={name!r} has no eos token, which marks the end of each document; "
             "use a tokenizer with an eos token"
         )
+    check_tokenizer(recipe, tokenizer)
     return tokenizer
 
 
+def check_tokenizer(recipe: PretrainRecipe, tokenizer) -> None:
+    """The run's tokenizer is the one the indexed data was tokenized with (as recorded beside it) and, for a
+    checkpoint, the one saved with it, and its ids fit the checkpoint's vocabulary; refused before any compute."""
+    name = recipe.data.tokenizer
+    identity = tokenizer_identity(tokenizer, name)
+    for prefix in recipe.data.indexed_prefixes:
+        try:
+            recorded = read_tokenizer_record(prefix)
+        except TokenizerRecordError as error:
+            raise RecipeError(f"recipe key data_path={recipe.data.data_path!r}: {error}") from None
+        if recorded is None:
+            say(f"WARNING: {prefix}.bin has no tokenizer record (tokenized by an older megahf or by Megatron's "
+                f"tool): cannot check that tokenizer={name!r} made it; run megahf preprocess again to record it")
+        elif not same_tokenizer(recorded, identity):
+            raise RecipeError(
+                f"recipe key data_path={recipe.data.data_path!r}: {prefix} was tokenized with {describe(recorded)}, "
+                f"but the run's tokenizer is {describe(identity)}; set tokenizer: {recorded['name']} (or the "
+                "tokenizer folder it names), or tokenize the corpus again with megahf preprocess --tokenizer "
+                f"{name}"
+            )
+    if recipe.model.is_preset:
+        return
+    config = build_config(recipe.model)
+    if len(tokenizer) > config.vocab_size:
+        raise RecipeError(
+            f"recipe key tokenizer={name!r} has {len(tokenizer):,} tokens but model={recipe.model.model!r} has a "
+            f"vocabulary of {config.vocab_size:,}: its ids would index past the embeddings; use the tokenizer the "
+            "model was trained with"
+        )
+    own_path = checkpoint_tokenizer_path(recipe.model)
+    if own_path is None:
+        say(f"WARNING: model={recipe.model.model!r} holds no tokenizer: cannot check that tokenizer={name!r} is "
+            "the one it was trained with")
+        return
+    try:
+        own = AutoTokenizer.from_pretrained(own_path)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"recipe key model={recipe.model.model!r}: its tokenizer files cannot be loaded "
+                          f"({str(error).splitlines()[0]}); remove them or repair them") from None
+    own_identity = tokenizer_identity(own, recipe.model.model)
+    if not same_tokenizer(own_identity, identity):
+        raise RecipeError(
+            f"recipe key tokenizer={name!r} is {describe(identity)}, not the tokenizer saved with model="
+            f"{recipe.model.model!r}, {describe(own_identity)}; set tokenizer: {recipe.model.model}"
+        )
+
+
 def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None = None):
-    """A freshly initialized model of the recipe's shape, its vocabulary sized to the tokenizer, sharded as the
-    layout says (tensor parallel and/or FSDP2 through transformers' DistributedConfig). Every rank initialises the
-    full model from the recipe's seed, so each keeps its slice of the same model as one process would build."""
+    """The recipe's model, sharded as the layout says (tensor parallel and/or FSDP2 through transformers'
+    DistributedConfig): a preset freshly initialised from the seed, its vocabulary sized to the tokenizer (every rank
+    initialises the full model, so each keeps its slice of the same model as one process would build), or a
+    checkpoint's weights, each rank reading only its shards (continued pretraining)."""
+    family = family_of(recipe)
+    distributed = layout.distributed_config() if layout is not None and layout.sharded else None
+    if recipe.model.is_preset:
+        model = _initialised_model(recipe, tokenizer, layout, family, distributed)
+    else:
+        loaded = read_checkpoint_model(recipe.model)
+        for key, value in _runtime_fields(recipe.model).items():
+            setattr(loaded.config, key, value)
+        torch.manual_seed(recipe.run.seed)  # the tensor-parallel dropout streams are seeded from it, as for a preset
+        model = load_into_layout(family.model_class, loaded.config, loaded.tensors, distributed)
+        say(f"continuing the pretraining of {recipe.model.model} ({loaded.layout['format']}): its weights loaded, "
+            "each rank reading its own shards; the optimizer, the schedule and the step start afresh")
+    if family.name == "gpt":
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = model.config.bos_token_id
+    if recipe.model.recompute == "full":
+        # Non-reentrant, with the model-parallel RNG stream put back for the recomputation (the same dropout masks).
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
+    if recipe.model.compile:
+        compile_layers(model)
+    return model
+
+
+def _initialised_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None, family, distributed):
+    """A preset's model, its vocabulary sized to the tokenizer, initialised from the recipe's seed and sharded."""
     vocab = len(tokenizer)
     wanted = recipe.model.model_overrides.get("vocab_size")
     if wanted is not None and wanted < vocab:
@@ -154,7 +251,6 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
     config = build_config(recipe.model)
     if wanted is None:
         config.vocab_size = vocab
-    family = family_of(recipe)
     if family.name == "gpt":
         config.eos_token_id = tokenizer.eos_token_id
         config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -168,19 +264,7 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
         raise RecipeError(f"tensor_parallel_size={tp} with tokenizer={recipe.data.tokenizer!r}: {error}") from None
     torch.manual_seed(recipe.run.seed)
     model = family.model_class(config)
-    if family.name == "gpt":
-        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.bos_token_id = config.bos_token_id
-    if layout is not None and layout.sharded:
-        model = distribute_model(model, layout.distributed_config())
-    if recipe.model.recompute == "full":
-        # Non-reentrant, with the model-parallel RNG stream put back for the recomputation (the same dropout masks).
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
-    if recipe.model.compile:
-        compile_layers(model)
-    return model
+    return distribute_model(model, distributed) if distributed is not None else model
 
 
 def _config_keys(config_class) -> set[str]:
@@ -189,5 +273,5 @@ def _config_keys(config_class) -> set[str]:
     return keys - {"transformers_version", "architectures"}
 
 
-__all__ = ["build_config", "build_layout", "build_model", "check_recipe", "config_class_of", "load_recipe",
-           "load_tokenizer"]
+__all__ = ["build_config", "build_layout", "build_model", "check_recipe", "check_tokenizer", "config_class_of",
+           "load_recipe", "load_tokenizer"]
