@@ -13,6 +13,7 @@ from required import oracle
 from megahf.assets import load_gpt2_tokenizer
 from megahf.data.indexed_dataset import IndexedDataset
 from megahf.data.preprocess import PreprocessError, main, preprocess_corpus, split_sentences
+from megahf.data.tokenizer_record import read_tokenizer_record, tokenizer_identity
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -75,7 +76,10 @@ def test_matches_hand_tokenization_and_megatron_reads_it(tmp_path, tok):
     np.testing.assert_array_equal(theirs.document_indices, ours.document_indices)
     for i in range(len(ours)):
         np.testing.assert_array_equal(theirs[i], ours[i])
-    assert files_in(tmp_path / "out") == ["my_text_document.bin", "my_text_document.idx"]
+    # beside the pair, the tokenizer that made it (megahf.data.tokenizer_record), which a run checks its own against
+    assert files_in(tmp_path / "out") == ["my_text_document.bin", "my_text_document.idx",
+                                          "my_text_document.tokenizer_identity.json"]
+    assert read_tokenizer_record(prefix) == tokenizer_identity(tok, "gpt2")
 
 
 def test_one_and_two_workers_write_identical_files(tmp_path):
@@ -153,6 +157,7 @@ def test_big_vocabulary_gives_int32_and_tokenizer_from_a_folder(tmp_path):
     assert ds.dtype == np.int32 and read_docs(res.prefixes["text"]) == [[1, 69999, 5], [65535, 65536]]
     theirs = M.IndexedDataset(res.prefixes["text"])  # keep it referenced: its views die with it
     np.testing.assert_array_equal(theirs[0], [1, 69999, 5])
+    assert read_tokenizer_record(res.prefixes["text"])["vocab_size"] == 70001
     with pytest.raises(PreprocessError, match="neither an eos nor a sep"):
         preprocess_corpus(corpus, str(tmp_path / "eod"), tokenizer=str(tmp_path / "tok"), append_eod=True, progress=False)
     assert not any(n.startswith("eod") for n in os.listdir(tmp_path))

@@ -150,8 +150,13 @@ def config_to_transformers(config: MegatronBertConfig):
     return hf_class(vocab_size=config.padded_vocab_size, hidden_act="gelu", **fields)
 
 
-def state_dict_from_transformers(state_dict: dict, config: MegatronBertConfig, hf_class_name: str) -> dict:
-    """Rename (and fuse) a transformers BERT state dict into megahf's names for `config`."""
+def state_dict_from_transformers(state_dict: dict, config: MegatronBertConfig, hf_class_name: str,
+                                 fuse=None, pad=None) -> dict:
+    """Rename (and fuse) a transformers BERT state dict into megahf's names for `config`. `fuse(q, k, v)` and
+    `pad(rows)` make the fused QKV and the padded vocabulary of the values (by default tensors; `hf_bert_folder` passes
+    unread `TensorRef`s and their lazy counterparts)."""
+    fuse = fuse or (lambda q, k, v: _fuse_qkv(q, k, v, config.num_attention_heads))
+    pad = pad or (lambda tensor: _pad_rows(tensor, config.padded_vocab_size))
     family, suffix = _suffix(hf_class_name)
     body_prefix, ours_prefix = ("", "") if suffix == "Model" else ("bert.", "model.")
     body = [(re.compile(re.escape(body_prefix) + a), ours_prefix + b) for a, b in _body_rules(family == "Bert")]
@@ -173,11 +178,11 @@ def state_dict_from_transformers(state_dict: dict, config: MegatronBertConfig, h
         else:
             raise ValueError(f"No megahf name for the transformers key {key!r}.")
     for (layer, kind), parts in pieces.items():
-        out[f"{ours_prefix}encoder.layers.{layer}.self_attention.linear_qkv.{kind}"] = _fuse_qkv(
-            parts["query"], parts["key"], parts["value"], config.num_attention_heads)
+        out[f"{ours_prefix}encoder.layers.{layer}.self_attention.linear_qkv.{kind}"] = fuse(
+            parts["query"], parts["key"], parts["value"])
     for key in (f"{ours_prefix}embedding.word_embeddings.weight", "output_layer.bias"):
         if key in out:
-            out[key] = _pad_rows(out[key], config.padded_vocab_size)
+            out[key] = pad(out[key])
     return out
 
 

@@ -1,5 +1,6 @@
 """`hf-bert` and `hf-megatron-bert` folders (transformers' `Bert*` / `MegatronBert*` save_pretrained output) as a
-conversion format, through the in-memory converter of `hf_bert.py` (BERT checkpoints are small enough to hold)."""
+conversion format, with the names and layouts of `hf_bert.py`: read tensor by tensor on demand, written through the
+in-memory converter (BERT checkpoints are small enough to hold)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from .common import ConversionError, LoadedCheckpoint, TensorRef, build_model, check_shapes, progress
+from .common import ConversionError, LoadedCheckpoint, build_model, check_shapes, progress
+from .safetensors_stream import read_safetensors
+from .tensor_parts import grouped_qkv, padded_rows
 
 FAMILY = {"hf-bert": ("bert", "Bert"), "hf-megatron-bert": ("megatron-bert", "MegatronBert")}
 
@@ -28,24 +31,33 @@ def _hf_class(path: Path, fmt: str):
 
 
 def read_hf_bert(path: str | os.PathLike, fmt: str, overrides: dict | None = None) -> LoadedCheckpoint:
-    from .hf_bert import HEADS, from_transformers
+    """The folder's tensors in megahf's names, read on demand (the fused QKV and the padded vocabulary readable in
+    blocks: a sharded run reads its own rows only)."""
+    from transformers import AutoConfig
+
+    from .hf_bert import HEADS, config_from_transformers, state_dict_from_transformers
 
     path = Path(path)
     hf_class = _hf_class(path, fmt)
-    if not any(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise ConversionError(f"{path}: no .safetensors weights (pickled .bin weights are not read)")
-    hf_model = hf_class.from_pretrained(path, use_safetensors=True)
-    vocab = (overrides or {}).get("vocab_size") or getattr(hf_model.config, "megahf_vocab_size", None)
     unknown = set(overrides or {}) - {"vocab_size"}
     if unknown:
         raise ConversionError(f"--model-overrides {sorted(unknown)}: only vocab_size applies to {fmt} (the rest is "
                               "the transformers config)")
-    model = from_transformers(hf_model, vocab_size=vocab)
-    tensors = {name: TensorRef.of(tensor.detach()) for name, tensor in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        tensors.pop("output_layer.weight", None)
+    hf_config = AutoConfig.from_pretrained(path)
+    vocab = (overrides or {}).get("vocab_size") or getattr(hf_config, "megahf_vocab_size", None)
+    try:
+        config = config_from_transformers(hf_config, vocab_size=vocab)
+        tensors = state_dict_from_transformers(
+            read_safetensors(files), config, hf_class.__name__,
+            fuse=lambda q, k, v: grouped_qkv(q, k, v, config.num_attention_heads),
+            pad=lambda ref: padded_rows(ref, config.padded_vocab_size))
+    except ValueError as error:
+        raise ConversionError(f"{path}: {error}") from None
     suffix = hf_class.__name__.removeprefix(FAMILY[fmt][1])
-    loaded = LoadedCheckpoint(model.config, HEADS[suffix], tensors)
+    loaded = LoadedCheckpoint(config, HEADS[suffix], tensors)
     check_shapes(loaded, str(path))
     return loaded
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .common import Block, TensorRef
+from .common import Block, ConversionError, TensorRef
 
 
 def whole(shape: Sequence[int]) -> Block:
@@ -49,6 +49,8 @@ def padded_rows(ref: TensorRef, rows: int, load: Callable[[], torch.Tensor] | No
     """The tensor with zero rows appended up to `rows` (Megatron's padded vocabulary). `load`: how the whole padded
     tensor is computed, if the caller has its own way."""
     have = ref.shape[0]
+    if have > rows:
+        raise ConversionError(f"{have} vocabulary rows do not fit in {rows}: give a vocab_size of at least {have}")
 
     def load_whole() -> torch.Tensor:
         tensor = ref.load()
