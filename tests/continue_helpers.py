@@ -8,15 +8,22 @@ and losses compared across layouts are then of order one.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 import transformers
 
-from megahf.assets import load_bert_tokenizer, load_gpt2_tokenizer
+from megahf.assets import load_bert_tokenizer
+from megahf.assets import load_gpt2_tokenizer as _load_gpt2_tokenizer
 
 HIDDEN, LAYERS, HEADS, GROUPS = 64, 2, 4, 2
 STD = 0.1
+
+
+@functools.lru_cache(maxsize=1)
+def load_gpt2_tokenizer():
+    return _load_gpt2_tokenizer()  # loaded once for the three folders that hold it (loading takes a while)
 
 
 def _save(model, tokenizer, folder: Path) -> Path:

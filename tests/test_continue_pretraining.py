@@ -21,7 +21,7 @@ from megahf.convert.tensor_parts import whole
 from megahf.data.preprocess import preprocess_corpus
 from megahf.recipe import RecipeError
 from megahf.training import load_recipe
-from megahf.training.setup import build_model, load_tokenizer
+from megahf.training.setup import build_config, build_model, load_tokenizer
 from test_pretrain import write_corpus
 
 
@@ -87,7 +87,7 @@ def test_a_rope_checkpoint_takes_a_longer_context(folders, tmp_path):
     recipe = continue_recipe("llama", folders["llama"], tmp_path, seq_length=1024,
                              **{"model_overrides.max_position_embeddings": 1024,
                                 "model_overrides.rotary_base": 500000, "model_overrides.hidden_dropout": 0.1})
-    config = build_model(recipe, load_tokenizer(recipe)).config
+    config = build_config(recipe.model)
     assert (config.max_position_embeddings, config.rotary_base, config.hidden_dropout) == (1024, 500000, 0.1)
     assert config.hidden_size == 64 and config.num_query_groups == 2
 

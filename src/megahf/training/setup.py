@@ -10,16 +10,18 @@ the checkpoint's tokenizer).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 from ..assets import embedded_tokenizer_path
-from ..models.bert import MegatronBertConfig
-from ..models.gpt import MegatronGPTConfig
 from ..data.tokenizer_record import TokenizerRecordError, describe, read_tokenizer_record, same_tokenizer, \
     tokenizer_identity
+from ..models.bert import MegatronBertConfig
+from ..models.gpt import MegatronGPTConfig
 from ..parallel import distribute_model
 from ..parallel.layout import LayoutError, ParallelLayout, resolve_layout
 from ..parallel.load_shards import load_into_layout
@@ -166,7 +168,7 @@ def check_tokenizer(recipe: PretrainRecipe, tokenizer) -> None:
     """The run's tokenizer is the one the indexed data was tokenized with (as recorded beside it) and, for a
     checkpoint, the one saved with it, and its ids fit the checkpoint's vocabulary; refused before any compute."""
     name = recipe.data.tokenizer
-    identity = tokenizer_identity(tokenizer, name)
+    identity = functools.cache(lambda: tokenizer_identity(tokenizer, name))  # hashing a vocabulary takes a moment
     for prefix in recipe.data.indexed_prefixes:
         try:
             recorded = read_tokenizer_record(prefix)
@@ -175,10 +177,10 @@ def check_tokenizer(recipe: PretrainRecipe, tokenizer) -> None:
         if recorded is None:
             say(f"WARNING: {prefix}.bin has no tokenizer record (tokenized by an older megahf or by Megatron's "
                 f"tool): cannot check that tokenizer={name!r} made it; run megahf preprocess again to record it")
-        elif not same_tokenizer(recorded, identity):
+        elif not same_tokenizer(recorded, identity()):
             raise RecipeError(
                 f"recipe key data_path={recipe.data.data_path!r}: {prefix} was tokenized with {describe(recorded)}, "
-                f"but the run's tokenizer is {describe(identity)}; set tokenizer: {recorded['name']} (or the "
+                f"but the run's tokenizer is {describe(identity())}; set tokenizer: {recorded['name']} (or the "
                 "tokenizer folder it names), or tokenize the corpus again with megahf preprocess --tokenizer "
                 f"{name}"
             )
@@ -196,15 +198,17 @@ def check_tokenizer(recipe: PretrainRecipe, tokenizer) -> None:
         say(f"WARNING: model={recipe.model.model!r} holds no tokenizer: cannot check that tokenizer={name!r} is "
             "the one it was trained with")
         return
+    if os.path.isdir(name) and Path(name).resolve() == own_path.resolve():
+        return  # the checkpoint's own tokenizer
     try:
         own = AutoTokenizer.from_pretrained(own_path)
     except (OSError, ValueError) as error:
         raise RecipeError(f"recipe key model={recipe.model.model!r}: its tokenizer files cannot be loaded "
                           f"({str(error).splitlines()[0]}); remove them or repair them") from None
     own_identity = tokenizer_identity(own, recipe.model.model)
-    if not same_tokenizer(own_identity, identity):
+    if not same_tokenizer(own_identity, identity()):
         raise RecipeError(
-            f"recipe key tokenizer={name!r} is {describe(identity)}, not the tokenizer saved with model="
+            f"recipe key tokenizer={name!r} is {describe(identity())}, not the tokenizer saved with model="
             f"{recipe.model.model!r}, {describe(own_identity)}; set tokenizer: {recipe.model.model}"
         )
 
