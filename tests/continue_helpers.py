@@ -32,12 +32,13 @@ def _save(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def llama_folder(folder: Path, max_positions: int = 256, tie: bool = False) -> Path:
+def llama_folder(folder: Path, max_positions: int = 256, tie: bool = False, hidden: int = HIDDEN, heads: int = HEADS,
+                 groups: int = GROUPS) -> Path:
     """A transformers LlamaForCausalLM: 4 query heads in 2 key/value groups, untied output layer, GPT-2's tokenizer."""
     tokenizer = load_gpt2_tokenizer()
     config = transformers.LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=176, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=GROUPS, vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+        hidden_size=hidden, intermediate_size=176, num_hidden_layers=LAYERS, num_attention_heads=heads,
+        num_key_value_heads=groups, vocab_size=len(tokenizer), max_position_embeddings=max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=tie,
         initializer_range=STD, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(1)
@@ -54,11 +55,12 @@ def gpt2_folder(folder: Path, positions: int = 64) -> Path:
     return _save(transformers.GPT2LMHeadModel(config), tokenizer, folder)
 
 
-def bert_folder(folder: Path, head=transformers.BertForMaskedLM) -> Path:
+def bert_folder(folder: Path, head=transformers.BertForMaskedLM, max_positions: int = 128) -> Path:
     """A transformers BertForMaskedLM (post-LayerNorm, the original BERT), no dropout, the uncased WordPiece."""
     tokenizer = load_bert_tokenizer()
     config = transformers.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                     intermediate_size=4 * HIDDEN, vocab_size=len(tokenizer), max_position_embeddings=128,
+                                     intermediate_size=4 * HIDDEN, vocab_size=len(tokenizer),
+                                     max_position_embeddings=max_positions,
                                      initializer_range=STD, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                      pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(3)

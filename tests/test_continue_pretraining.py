@@ -41,7 +41,10 @@ def prediction_logits(output) -> torch.Tensor:
     return output.logits if getattr(output, "logits", None) is not None else output.prediction_logits
 
 
-@pytest.mark.parametrize("kind", list(FOLDERS))
+# The Llama in the default tier; the other folders go through the same loader (extended tier; at TP=2 they are
+# tests/distributed/test_continue_layouts.py's)
+@pytest.mark.parametrize("kind", [kind if kind == "llama" else pytest.param(kind, marks=pytest.mark.extended)
+                                  for kind in FOLDERS])
 def test_the_loaded_model_is_the_folders_model(kind, folders, tmp_path):
     """The model a run starts from: logits equal to the folder's own model run by transformers (megahf's class for
     the megahf folder) on 48 positions, and every parameter equal, bit for bit, to the folder's tensor as `megahf
@@ -194,3 +197,17 @@ def test_data_made_with_another_tokenizer_is_refused_before_any_compute(tmp_path
     capsys.readouterr()
     load_tokenizer(other)
     assert "has no tokenizer record" in capsys.readouterr().out
+
+
+def test_a_bert_folder_holding_more_heads_than_its_class_continues_as_its_class(tmp_path):
+    """bert-base-uncased's BertForMaskedLM file also holds the pooler and the next-sentence head of the pretraining it
+    came from; as transformers' from_pretrained does, the class decides: masked LM only, the rest left out (noted)."""
+    folder = bert_folder(tmp_path / "bert", head=transformers.BertForPreTraining)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    loaded = read_model_folder(folder)
+    assert loaded.model_class == "MegatronBertForMaskedLM"
+    assert not any(name.startswith(("model.pooler.", "binary_head.")) for name in loaded.tensors)
+    assert any("model.pooler" in note and "binary_head" in note for note in loaded.notes), loaded.notes
+    recipe = continue_recipe("bert", folder, tmp_path)
+    assert build_config(recipe.model).add_binary_head is False  # no sentence-order loss: masked LM only

@@ -25,8 +25,9 @@ PAPER = {"gpt-1.2b": (64, 1), "gpt-2.5b": (128, 2), "gpt-4.2b": (256, 4), "gpt-8
 
 def paper_plan(model: str) -> dict:
     gpus = PAPER[model][0]
+    # the paper's attention kept every head's [s, s] scores and softmax (no fused kernel in 2019)
     return plan(load_model_config(model), gpus=gpus, gpu_memory_gb=32, seq=1024, global_batch=512, gpu="v100",
-                nodes=gpus // 16)
+                nodes=gpus // 16, attention="eager")
 
 
 @pytest.mark.parametrize("model", list(PAPER))
@@ -56,11 +57,13 @@ SHAPES = {"tiny": dict(hidden_size=64, num_attention_heads=4, seq=64, micro=2),
           "small": dict(hidden_size=256, num_attention_heads=8, seq=128, micro=2)}
 
 
-def _model(shape: dict, layers: int, recompute: bool) -> MegatronGPTForCausalLM:
+def _model(shape: dict, layers: int, recompute: bool, attention: str = "eager",
+           selective: bool = False) -> MegatronGPTForCausalLM:
     config = MegatronGPTConfig.from_preset("gpt-tiny", num_layers=layers, hidden_size=shape["hidden_size"],
                                            num_attention_heads=shape["num_attention_heads"], hidden_dropout=0.0,
-                                           attention_dropout=0.0, max_position_embeddings=256)
-    config._attn_implementation = "eager"  # the paper's count keeps the softmax output
+                                           attention_dropout=0.0, max_position_embeddings=256,
+                                           recompute_granularity="selective" if selective else None)
+    config._attn_implementation = attention  # eager: the paper's count keeps the softmax output
     model = MegatronGPTForCausalLM(config)
     if recompute:
         model.gradient_checkpointing_enable()
@@ -109,6 +112,41 @@ def test_activation_memory_per_layer_matches_the_saved_tensors(name, recompute):
                                          False, recompute, element_bytes=4, dropout=False)
     print(f"{name} recompute {recompute}: measured {per_layer} bytes per layer, planned {planned:.0f}")
     assert per_layer == planned + _norm_statistics_bytes(shape, recompute), (per_layer, planned)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_sdpa_activation_memory_per_layer_matches_the_saved_tensors(name, recompute):
+    """megahf's default attention (SDPA; on CPU torch's flash kernel for a causal mask without padding, as GPUs run
+    their fused kernels) keeps no [s, s] tensor: one layer's saved tensors equal the plan's `attention="sdpa"` count
+    (the paper's layer without its attention term, plus the kernel's output and the query copy, plus the log-sum-exp
+    without selective recompute) once the norms' statistics are added, to the byte, as the eager count above."""
+    shape = SHAPES[name]
+
+    def model(layers):
+        return _model(shape, layers, False, attention="sdpa", selective=recompute == "selective")
+
+    per_layer = _saved_bytes(model(2), shape) - _saved_bytes(model(1), shape)
+    planned = activation_bytes_per_layer(Shape.of(model(1).config), shape["seq"], shape["micro"], 1, False,
+                                         recompute, element_bytes=4, dropout=False, attention="sdpa")
+    assert per_layer == planned + _norm_statistics_bytes(shape, recompute), (per_layer, planned)
+
+
+def test_a_long_sequence_needs_no_recompute_with_sdpa_where_the_papers_count_recomputes():
+    """Sequence 4096, Llama-8B's shape on 8 H100s (no dropout, as Llama): per layer the paper's count keeps the [s, s]
+    softmax of each head, 2 a s / h = 64 bytes per token and hidden unit in bf16, over twice the rest of the layer;
+    SDPA's kernel keeps 4 + 4 a / h. The plan with megahf's attention then fits more layouts and its first keeps
+    every activation, where the paper's count must recompute the attention (a slower step)."""
+    config = load_model_config("llama-8b")
+    sdpa = plan(config, gpus=8, gpu_memory_gb=80, seq=4096, global_batch=64)
+    eager = plan(config, gpus=8, gpu_memory_gb=80, seq=4096, global_batch=64, attention="eager")
+    assert sdpa["attention"] == "sdpa" and len(sdpa["fitting"]) > len(eager["fitting"]) > 0
+    per_layer = {attention: activation_bytes_per_layer(sdpa["shape"], 4096, 1, 1, False, "none", attention=attention)
+                 for attention in ("eager", "sdpa")}
+    sbh = 4096 * 4096
+    assert per_layer["eager"] / sbh == 32 + 64 and per_layer["sdpa"] / sbh == 32 + 4 + 4 * 32 / 4096
+    assert sdpa["fitting"][0].layout.recompute == "none" and eager["fitting"][0].layout.recompute != "none"
+    assert sdpa["fitting"][0].time["total"] < eager["fitting"][0].time["total"]
 
 
 @pytest.mark.parametrize("name", list(SHAPES))

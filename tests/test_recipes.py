@@ -1,16 +1,21 @@
 """Every shipped GPT recipe loads and validates (no training), fits the layouts its comments name, and the paper
-recipes carry the paper's hyper-parameters."""
+recipes carry the paper's hyper-parameters; the continued-pretraining recipes (recipes/continue/, whose `model` is a
+Hub id) load with a local stand-in checkpoint of the same kind in its place."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megahf.training import load_recipe
 from megahf.training.setup import build_config, build_layout
 
-GPT_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "gpt").glob("*.yaml"))
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+GPT_RECIPES = sorted((RECIPES / "gpt").glob("*.yaml"))
+CONTINUE_RECIPES = sorted((RECIPES / "continue").glob("*.yaml"))
 PAPER = ("gpt-345m", "gpt-1.2b", "gpt-2.5b", "gpt-4.2b", "gpt-8.3b")
 
 
@@ -22,7 +27,8 @@ def test_the_paper_models_and_a_llama_style_one_are_shipped():
 @pytest.mark.parametrize("path", GPT_RECIPES, ids=lambda p: p.stem)
 def test_recipe_loads_and_its_layout_fits_one_and_two_nodes(path):
     recipe = load_recipe(path)  # every key known and typed, the model builds, TP divides it
-    assert recipe.model.model == path.stem or path.stem in ("tiny",)
+    # named after its preset (-seq4096: the same model at a longer sequence)
+    assert recipe.model.model == path.stem.removesuffix("-seq4096") or path.stem in ("tiny",)
     for world in (8, 16):  # one and two nodes of 8 GPUs
         layout = build_layout(recipe, world)
         if recipe.parallel.global_batch_size:
@@ -45,3 +51,37 @@ def test_paper_hyper_parameters(name):
     # Megatron's tensor-parallel degree of the paper's Table 1.
     assert recipe.parallel.tensor_parallel_size == {"gpt-345m": 1, "gpt-1.2b": 1, "gpt-2.5b": 2, "gpt-4.2b": 4,
                                            "gpt-8.3b": 8}[name]
+
+
+def test_the_long_context_recipes_train_at_4096_with_sequence_parallelism_where_tensor_parallel():
+    for name in ("llama-8b-seq4096", "gpt-1.2b-seq4096"):
+        recipe = load_recipe(RECIPES / "gpt" / f"{name}.yaml")
+        assert recipe.data.seq_length == 4096
+        assert build_config(recipe.model).max_position_embeddings >= 4096
+        assert recipe.parallel.sequence_parallel == (recipe.parallel.tensor_parallel_size > 1)
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Local checkpoints of each kind a continued-pretraining recipe names on the Hub (their position tables as long
+    as the recipes' sequences)."""
+    from continue_helpers import bert_folder, gpt2_folder, llama_folder
+
+    root = tmp_path_factory.mktemp("stand-ins")
+    # Llama 3 8B's grouping (32 heads in 8 groups: the recipe's tensor parallelism must divide it), smaller heads
+    llama = llama_folder(root / "llama", max_positions=8192, tie=True, hidden=128, heads=32, groups=8)
+    return {"llama": llama, "gpt2": gpt2_folder(root / "gpt2", 1024),
+            "bert": bert_folder(root / "bert", max_positions=512)}
+
+
+@pytest.mark.parametrize("path", CONTINUE_RECIPES, ids=lambda p: p.stem)
+def test_continued_pretraining_recipe_loads_with_a_stand_in_checkpoint(path, stand_ins):
+    values = yaml.safe_load(path.read_text())
+    assert re.fullmatch(r"[\w.-]+/[\w.-]+", values["model"])  # a Hub id
+    kind = path.stem.split("-")[0]
+    folder = str(stand_ins[kind])
+    overrides = ["--model", folder] + (["--tokenizer", folder] if values["tokenizer"] == values["model"] else [])
+    recipe = load_recipe(path, overrides)
+    for world in (8, 16):
+        layout = build_layout(recipe, world)
+        assert layout.global_batch_size == recipe.parallel.global_batch_size

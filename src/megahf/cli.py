@@ -157,14 +157,18 @@ def add_plan_parser(verbs) -> None:
         "models and their constants: megahf/plan.py.",
     )
     plan.add_argument("--model", required=True, metavar="PRESET_OR_CONFIG",
-                      help="a preset (gpt-8.3b), a recipe YAML (its model and model_overrides) or a config.json")
+                      help="a preset (gpt-8.3b), a recipe YAML (its model and model_overrides; a checkpoint's config "
+                      "when its model is one) or a config.json")
     plan.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs in all")
     plan.add_argument("--gpu-memory", default="80GB", metavar="SIZE", help="memory per GPU, e.g. 80GB (default)")
-    plan.add_argument("--seq", "--seq_length", "--seq-length", dest="seq", type=int, default=1024, metavar="S",
-                      help="tokens per sample (recipe key seq_length; default 1024)")
+    plan.add_argument("--seq", "--seq_length", "--seq-length", dest="seq", type=int, default=None, metavar="S",
+                      help="tokens per sample (recipe key seq_length; default: the --model recipe's, else 1024)")
     plan.add_argument("--global-batch", "--global_batch_size", "--global-batch-size", dest="global_batch", type=int,
-                      default=512, metavar="B", help="samples per optimizer step (recipe key global_batch_size; "
-                      "default 512)")
+                      default=None, metavar="B", help="samples per optimizer step (recipe key global_batch_size; "
+                      "default: the --model recipe's, else 512)")
+    plan.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"),
+                      help="sdpa (default, what megahf runs: the fused kernel keeps no [seq, seq] tensor) or eager "
+                      "(the paper's count: scores, softmax and dropout of every head kept)")
     plan.add_argument("--gpu", default="h100", choices=("h100", "a100", "v100", "h200"),
                       help="peak FLOP/s, efficiency and bandwidths of this GPU (default h100)")
     plan.add_argument("--nodes", type=int, default=0, metavar="K", help="nodes (default: 8 GPUs per node)")

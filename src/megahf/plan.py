@@ -15,6 +15,13 @@ Memory per GPU, in bytes, as megahf trains on GPUs (bf16 autocast: the weights s
         SP:        s b h (34 + 5 a s / h) / t
         selective: s b h (10 + 24 / t)             with SP: 34 s b h / t
         full:      2 s b h (the layer inputs)      with SP: 2 s b h / t
+    That is `--attention eager`, the paper's attention, which keeps the [s, s] scores, softmax and dropout of every
+    head. megahf runs SDPA (`--attention sdpa`, the default), whose fused kernel keeps none of them (the scores are
+    recomputed in its backward, the dropout mask is drawn from a seed): the 5 a s / h term becomes 4 + 4 a / h (its
+    output, and the query copy megahf's fused-QKV split makes, 2 bytes each; the log-sum-exp, 4 bytes per head and
+    token), and 4 with selective recompute (the output is recomputed), each / t: linear in s, which is what makes long
+    sequences fit (at s = 4096 with Llama-8B's 32 heads of 128 and no dropout the eager term is 2 a s / h = 64, twice
+    the rest of the layer's 32). Checked on CPU, where torch's SDPA runs its flash kernel (tests/test_plan.py).
     logits/loss, with the chunked loss (`--loss-chunk-size C`, the recipes' default 1024; `chunked_loss.py`):
         min(C, s b) V_padded / t x 6 (one chunk's bf16 logits 2 + their fp32 softmax 4) + V_padded / t x h x 12 (the
         output weight's bf16 copy 2, its fp32 gradient accumulator 4, a chunk's bf16 product 2 and its fp32 sum 4);
@@ -58,6 +65,7 @@ from .errors import MegahfError
 GB = 1e9
 OVERHEAD_GB = 2.0
 RECOMPUTE = ("none", "selective", "full")
+ATTENTIONS = ("sdpa", "eager")
 
 
 class PlanError(MegahfError, ValueError):
@@ -154,20 +162,25 @@ class Layout:
 
 
 def activation_bytes_per_layer(shape: Shape, seq: int, micro: int, tp: int, sp: bool, recompute: str,
-                               element_bytes: int = 2, dropout: bool | None = None) -> float:
+                               element_bytes: int = 2, dropout: bool | None = None, attention: str = "eager") -> float:
     """Korthikanti et al. 2022, Table 2, for one layer and micro batch: with 16-bit activations (`element_bytes` 2)
     and 1-byte dropout masks it is the paper's s b h (34 + 5 a s / h) and its TP / SP / recompute variants. Written
     out by what is kept: (4 e + 2 m) s b h replicated over the TP ranks (two norms' inputs and outputs, two dropout
     masks), 12 e s b h split (Q, K, V, the projection's input, the MLP's 4h input and output), (e + m + e m) a s^2 b
     split (softmax output, its dropout mask and output); e = element bytes, m = 1 with dropout. `element_bytes=4,
-    dropout=False` is megahf in fp32 on CPU, which the tests measure."""
+    dropout=False` is megahf in fp32 on CPU, which the tests measure. `attention="sdpa"`: the fused kernel's count
+    instead of the [s, s] tensors (module docstring): 2 e s b h split (its output, the query copy) and 4 a s b
+    (log-sum-exp) without selective recompute, 2 e s b h with it."""
     e, m = element_bytes, int(shape.dropout if dropout is None else dropout)
     s, b, h, a, t = seq, micro, shape.hidden, shape.heads, tp
     sbh = s * b * h
     if recompute == "full":
         return e * sbh / (t if sp else 1)
-    attention = 0.0 if recompute == "selective" else (e + m + e * m) * a * s / h
-    replicated, split = 4 * e + 2 * m, 12 * e + attention
+    if attention == "sdpa":
+        core = 2 * e + (0.0 if recompute == "selective" else 4 * a / h)
+    else:
+        core = 0.0 if recompute == "selective" else (e + m + e * m) * a * s / h
+    replicated, split = 4 * e + 2 * m, 12 * e + core
     if sp:
         return sbh * (replicated + split) / t
     return sbh * (replicated + split / t)
@@ -181,11 +194,12 @@ def loss_bytes(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int) -> 
     return tokens * vocab * 12
 
 
-def memory_breakdown(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int = 1024) -> dict[str, float]:
+def memory_breakdown(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int = 1024,
+                     attention: str = "eager") -> dict[str, float]:
     """Bytes per GPU, by kind (see the module docstring)."""
     params = shape.parameters_per_gpu(layout.tp, layout.fsdp)
     acts = shape.layers * activation_bytes_per_layer(shape, seq, layout.micro_batch, layout.tp,
-                                                     layout.sequence_parallel, layout.recompute)
+                                                     layout.sequence_parallel, layout.recompute, attention=attention)
     return {
         "weights": 4 * params,
         "gradients": 4 * params,
@@ -257,10 +271,13 @@ def _divisors(n: int) -> list[int]:
 
 
 def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, gpu: str = "h100",
-         nodes: int = 0, loss_chunk_size: int = 1024) -> dict:
-    """Every layout, fitting or not, ranked; see the module docstring. `config`: a MegatronGPT/Bert config."""
+         nodes: int = 0, loss_chunk_size: int = 1024, attention: str = "sdpa") -> dict:
+    """Every layout, fitting or not, ranked; see the module docstring. `config`: a MegatronGPT/Bert config;
+    `attention`: "sdpa" (megahf's) or "eager" (the paper's count)."""
     if gpu not in GPUS:
         raise PlanError(f"--gpu={gpu!r} is not known; use one of {', '.join(GPUS)}")
+    if attention not in ATTENTIONS:
+        raise PlanError(f"--attention={attention!r} is not known; use one of {', '.join(ATTENTIONS)}")
     for flag, value in (("--gpus", gpus), ("--seq", seq), ("--global-batch", global_batch)):
         if value < 1:
             raise PlanError(f"{flag}={value} must be at least 1")
@@ -303,7 +320,7 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
                         if global_batch % (micro * dp):
                             continue
                         layout = Layout(tp, fsdp, dp, sp, recompute, micro, global_batch // (micro * dp))
-                        memory = memory_breakdown(shape, layout, seq, loss_chunk_size)
+                        memory = memory_breakdown(shape, layout, seq, loss_chunk_size, attention)
                         total = sum(memory.values())
                         fits = total <= gpu_memory_gb * GB
                         why = "" if fits else _why_not(memory, gpu_memory_gb)
@@ -312,7 +329,7 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
     fitting = sorted((c for c in candidates if c.fits), key=_rank_key)
     return {"shape": shape, "gpu": device, "gpus": gpus, "nodes": nodes, "gpus_per_node": per_node,
             "gpu_memory_gb": gpu_memory_gb, "seq": seq, "global_batch": global_batch,
-            "loss_chunk_size": loss_chunk_size,
+            "loss_chunk_size": loss_chunk_size, "attention": attention,
             "model_flops_per_step": model_flops_per_step(shape, seq, global_batch),
             "fitting": fitting, "not_fitting": [c for c in candidates if not c.fits], "ruled_out_tp": ruled_out_tp,
             }
@@ -414,7 +431,8 @@ def format_plan(result: dict, model: str, top: int = 10) -> str:
                  f"{shape.heads} heads, vocab {shape.padded_vocab} (padded); {result['gpus']} x {result['gpu'].name} "
                  f"{result['gpu_memory_gb']:g} GB on {result['nodes']} node(s) of {result['gpus_per_node']}; seq "
                  f"{result['seq']}, global batch {result['global_batch']}, "
-                 + (f"loss chunk {result['loss_chunk_size']}" if result["loss_chunk_size"] else "plain loss"))
+                 + (f"loss chunk {result['loss_chunk_size']}" if result["loss_chunk_size"] else "plain loss")
+                 + f", {result['attention']} attention")
     lines.append(f"model FLOPs per step: {result['model_flops_per_step']:.3e}")
     fitting = result["fitting"]
     lines.append(f"{len(fitting)} layouts fit, {len(result['not_fitting'])} do not; the {min(top, len(fitting))} "
@@ -482,12 +500,27 @@ def write_layout(result: dict, out: str | os.PathLike, model: str) -> tuple[Path
     return out / "recipe.yaml", out / "launch.yaml"
 
 
+def recipe_sizes(model: str) -> dict:
+    """The seq_length and global_batch_size a recipe YAML given as --model sets ({} for a preset or config.json)."""
+    path = Path(model)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return {}
+    import yaml
+
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {key: values[key] for key in ("seq_length", "global_batch_size") if values.get(key)}
+
+
 def run(args) -> int:
-    """`megahf plan` (cli.py parses the flags)."""
+    """`megahf plan` (cli.py parses the flags). --seq and --global-batch default to the --model recipe's
+    seq_length and global_batch_size, else 1024 and 512."""
     config = load_model_config(args.model)
-    result = plan(config, gpus=args.gpus, gpu_memory_gb=parse_memory(args.gpu_memory), seq=args.seq,
-                  global_batch=args.global_batch, gpu=args.gpu, nodes=args.nodes,
-                  loss_chunk_size=args.loss_chunk_size)
+    sizes = recipe_sizes(args.model)
+    seq = args.seq if args.seq is not None else sizes.get("seq_length", 1024)
+    global_batch = args.global_batch if args.global_batch is not None else sizes.get("global_batch_size", 512)
+    result = plan(config, gpus=args.gpus, gpu_memory_gb=parse_memory(args.gpu_memory), seq=seq,
+                  global_batch=global_batch, gpu=args.gpu, nodes=args.nodes,
+                  loss_chunk_size=args.loss_chunk_size, attention=args.attention)
     print(format_plan(result, args.model, top=args.top))
     if args.write:
         recipe, launch = write_layout(result, args.write, args.model)
@@ -495,6 +528,7 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["GPUS", "Candidate", "Gpu", "Layout", "PlanError", "Shape", "activation_bytes_per_layer", "best_per_tp",
+__all__ = ["ATTENTIONS", "GPUS", "Candidate", "Gpu", "Layout", "PlanError", "Shape", "activation_bytes_per_layer", "best_per_tp",
            "format_plan", "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step", "plan",
+           "recipe_sizes",
            "step_time", "why_not_tp", "write_layout"]

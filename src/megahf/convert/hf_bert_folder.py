@@ -58,8 +58,31 @@ def read_hf_bert(path: str | os.PathLike, fmt: str, overrides: dict | None = Non
         raise ConversionError(f"{path}: {error}") from None
     suffix = hf_class.__name__.removeprefix(FAMILY[fmt][1])
     loaded = LoadedCheckpoint(config, HEADS[suffix], tensors)
+    _drop_other_heads(loaded)
     check_shapes(loaded, str(path))
     return loaded
+
+
+# modules a BERT head class may lack although the file holds them (bert-base-uncased's BertForMaskedLM file keeps the
+# pooler and the next-sentence head of the pretraining it came from)
+OPTIONAL_HEADS = ("model.pooler.", "binary_head.", "lm_head.", "output_layer.", "classification_head.",
+                  "multichoice_head.", "qa_outputs.")
+
+
+def _drop_other_heads(loaded: LoadedCheckpoint) -> None:
+    """Leave out the tensors of heads the folder's class does not have, as transformers' from_pretrained does."""
+    import torch
+
+    import megahf
+
+    with torch.device("meta"):
+        names = set(getattr(megahf, loaded.model_class)(loaded.config).state_dict())
+    dropped = sorted(name for name in loaded.tensors if name not in names and name.startswith(OPTIONAL_HEADS))
+    for name in dropped:
+        del loaded.tensors[name]
+    if dropped:
+        heads = sorted({name.rsplit(".", 2)[0] for name in dropped})
+        loaded.notes.append(f"the folder's tensors of {', '.join(heads)} are not part of {loaded.model_class}: left out")
 
 
 def write_hf_bert(loaded: LoadedCheckpoint, dst: Path, fmt: str, show_progress: bool = True) -> None:
