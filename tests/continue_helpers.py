@@ -72,8 +72,9 @@ def megahf_folder(folder: Path) -> Path:
     from megahf import MegatronGPTConfig, MegatronGPTForCausalLM
 
     tokenizer = load_gpt2_tokenizer()
-    config = MegatronGPTConfig.from_preset("llama-tiny", hidden_size=HIDDEN, num_layers=LAYERS, num_attention_heads=HEADS,
-                                           num_query_groups=GROUPS, vocab_size=len(tokenizer), init_method_std=STD,
+    config = MegatronGPTConfig.from_preset("llama-tiny", hidden_size=HIDDEN, num_layers=LAYERS,
+                                           num_attention_heads=HEADS, num_query_groups=GROUPS,
+                                           vocab_size=len(tokenizer), init_method_std=STD,
                                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(4)
     return _save(MegatronGPTForCausalLM(config), tokenizer, folder)

@@ -85,14 +85,42 @@ def test_every_converted_tensor_reads_in_blocks_what_the_whole_tensor_holds(kind
 
 
 def test_a_rope_checkpoint_takes_a_longer_context(folders, tmp_path):
-    """A context extension of a RoPE model: max_position_embeddings and rotary_base are model_overrides it takes (the
-    rest of the architecture is the checkpoint's), and dropout may be switched on."""
+    """A context extension of a RoPE model: max_position_embeddings, RoPE's scaling and base are model_overrides it
+    takes (the rest of the architecture is the checkpoint's), and dropout may be switched on."""
     recipe = continue_recipe("llama", folders["llama"], tmp_path, seq_length=1024,
                              **{"model_overrides.max_position_embeddings": 1024,
                                 "model_overrides.rotary_base": 500000, "model_overrides.hidden_dropout": 0.1})
     config = build_config(recipe.model)
     assert (config.max_position_embeddings, config.rotary_base, config.hidden_dropout) == (1024, 500000, 0.1)
     assert config.hidden_size == 64 and config.num_query_groups == 2
+
+
+SCALINGS = {"linear": {"rope_type": "linear", "factor": 4.0},
+            "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}}
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_a_context_extension_equals_transformers_beyond_the_original_context(scaling, folders, tmp_path):
+    """The Llama folder (256 positions) continued at 1024 with RoPE scaling given as model_overrides: the loaded
+    model's logits over 1024 positions equal transformers' LlamaForCausalLM with the same rope_parameters (1e-5 of the
+    largest logit, as above), and beyond position 256 they are not the unscaled model's (the scaling is in force)."""
+    rope = SCALINGS[scaling]
+    recipe = continue_recipe("llama", folders["llama"], tmp_path, seq_length=1024,
+                             **{"model_overrides.max_position_embeddings": 1024,
+                                "model_overrides.rope_parameters": json.dumps(rope)})
+    tokenizer = load_tokenizer(recipe)
+    model = build_model(recipe, tokenizer).eval()
+    assert model.config.rope_parameters == {**rope, "rope_theta": 10000.0}
+    ids = torch.randint(0, len(tokenizer), (1, 1024), generator=torch.Generator().manual_seed(0))
+    hf = transformers.LlamaForCausalLM.from_pretrained(folders["llama"], max_position_embeddings=1024,
+                                                       rope_parameters={**rope, "rope_theta": 10000.0}).eval()
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[..., :len(tokenizer)]
+        theirs = hf(input_ids=ids).logits[..., :len(tokenizer)]
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= 1e-5 * scale
+    unscaled = reference_logits(folders["llama"], ids)[..., :len(tokenizer)]
+    assert (ours[:, 256:] - unscaled[:, 256:]).abs().max().item() > 1e-2 * scale
 
 
 REFUSED = {  # (kind, recipe keys) -> the message

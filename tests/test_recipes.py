@@ -70,7 +70,9 @@ def stand_ins(tmp_path_factory):
     root = tmp_path_factory.mktemp("stand-ins")
     # Llama 3 8B's grouping (32 heads in 8 groups: the recipe's tensor parallelism must divide it), smaller heads
     llama = llama_folder(root / "llama", max_positions=8192, tie=True, hidden=128, heads=32, groups=8)
-    return {"llama": llama, "gpt2": gpt2_folder(root / "gpt2", 1024),
+    # TinyLlama's: 32 heads in 4 groups, 2048 positions (its recipe extends them)
+    tinyllama = llama_folder(root / "tinyllama", max_positions=2048, tie=True, hidden=128, heads=32, groups=4)
+    return {"llama": llama, "tinyllama": tinyllama, "gpt2": gpt2_folder(root / "gpt2", 1024),
             "bert": bert_folder(root / "bert", max_positions=512)}
 
 
@@ -82,6 +84,10 @@ def test_continued_pretraining_recipe_loads_with_a_stand_in_checkpoint(path, sta
     folder = str(stand_ins[kind])
     overrides = ["--model", folder] + (["--tokenizer", folder] if values["tokenizer"] == values["model"] else [])
     recipe = load_recipe(path, overrides)
+    if "rope_parameters" in values["model_overrides"]:  # a context extension: the scaling is on the loaded config
+        config = build_config(recipe.model)
+        assert config.max_position_embeddings == recipe.data.seq_length > 2048
+        assert config.rope_parameters["rope_type"] == values["model_overrides"]["rope_parameters"]["rope_type"]
     for world in (8, 16):
         layout = build_layout(recipe, world)
         assert layout.global_batch_size == recipe.parallel.global_batch_size

@@ -528,7 +528,6 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["ATTENTIONS", "GPUS", "Candidate", "Gpu", "Layout", "PlanError", "Shape", "activation_bytes_per_layer", "best_per_tp",
-           "format_plan", "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step", "plan",
-           "recipe_sizes",
-           "step_time", "why_not_tp", "write_layout"]
+__all__ = ["ATTENTIONS", "GPUS", "Candidate", "Gpu", "Layout", "PlanError", "Shape", "activation_bytes_per_layer",
+           "best_per_tp", "format_plan", "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step",
+           "plan", "recipe_sizes", "step_time", "why_not_tp", "write_layout"]

@@ -53,7 +53,8 @@ def detect_format(path: str | os.PathLike) -> str:
     if tracked or path.name.startswith("iter_") or path.name == "release":
         iterations = _iteration_folders(path) if tracked else [path]
         newest = iterations[-1] if iterations else path
-        return "megatron-dist" if (newest / "metadata.json").is_file() or (newest / ".metadata").is_file() else "megatron"
+        dist = (newest / "metadata.json").is_file() or (newest / ".metadata").is_file()
+        return "megatron-dist" if dist else "megatron"
     raise ConversionError(f"{path}: no config.json (a model folder), megahf_checkpoint.json (a megahf training "
                           "checkpoint), latest_checkpointed_iteration.txt (Megatron-LM) or model_config.json "
                           "(nanotron) in it")

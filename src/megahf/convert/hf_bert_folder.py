@@ -82,7 +82,8 @@ def _drop_other_heads(loaded: LoadedCheckpoint) -> None:
         del loaded.tensors[name]
     if dropped:
         heads = sorted({name.rsplit(".", 2)[0] for name in dropped})
-        loaded.notes.append(f"the folder's tensors of {', '.join(heads)} are not part of {loaded.model_class}: left out")
+        loaded.notes.append(f"the folder's tensors of {', '.join(heads)} are not part of {loaded.model_class}: "
+                            "left out")
 
 
 def write_hf_bert(loaded: LoadedCheckpoint, dst: Path, fmt: str, show_progress: bool = True) -> None:

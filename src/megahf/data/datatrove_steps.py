@@ -33,6 +33,7 @@ from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from .preprocess_errors import PreprocessError
 from .preprocess_output import PreprocessResult, output_prefix_for, publish
 from .preprocess_workers import CHUNK_BYTES_IN_PROCESS, ChunkJob, encode_chunk
+from .tokenizer_record import tokenizer_identity
 
 #: The counts each task writes beside its parts and the merge adds up (a `PreprocessResult` per key, and records).
 COUNTS = ("documents", "sequences", "tokens", "skipped_empty")
@@ -208,7 +209,9 @@ class MergeShards(PipelineStep):
                     self.stat_update("parts merged")
                 self.stat_update("documents", value=result.documents[k], unit="key")
                 self.stat_update("tokens", value=result.tokens[k], unit="key")
-            publish(builders, prefixes, result, job.input)
+            # the tokenizer recorded beside the merged pairs, as `megahf preprocess` on one machine records it
+            identity = tokenizer_identity(load_tokenizer(job.tokenizer), job.tokenizer)
+            publish(builders, prefixes, result, job.input, identity)
         except BaseException:
             for builder in builders.values():
                 builder.abort()

@@ -42,7 +42,8 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def describe(identity: dict[str, Any]) -> str:
-    return f"{identity['name']!r} ({identity['vocab_size']:,} tokens, vocabulary sha256 {identity['vocab_sha256'][:12]})"
+    digest = identity["vocab_sha256"][:12]
+    return f"{identity['name']!r} ({identity['vocab_size']:,} tokens, vocabulary sha256 {digest})"
 
 
 def record_path(prefix: str) -> str:

@@ -33,6 +33,8 @@ CONTINUED_OVERRIDES = {
     "hidden_dropout": "dropout",
     "attention_dropout": "dropout",
     "max_position_embeddings": "the context length of a RoPE model (a context extension)",
+    "rope_parameters": "RoPE's scaling for a context extension, e.g. {rope_type: yarn, factor: 4.0, "
+                       "original_max_position_embeddings: 1024}",
     "rotary_base": "RoPE's base (theta), raised for a context extension",
 }
 # the head classes pretraining continues -> family; a BERT without its sentence-order head continues as masked LM
@@ -98,29 +100,46 @@ def read_checkpoint_model(model: ModelRecipe) -> LoadedCheckpoint:
     config = loaded.config
     if loaded.model_class == "MegatronBertForMaskedLM":
         config.add_binary_head = False  # no sentence-order head to continue: masked LM only
-    for key, value in model.model_overrides.items():
+    if model.model_overrides:
+        loaded.config = _with_overrides(model, config)
+    loaded.layout["format"] = fmt
+    return loaded
+
+
+def _with_overrides(model: ModelRecipe, config):
+    """The checkpoint's config with the `model_overrides` continued pretraining allows, rebuilt by its class (which
+    standardizes and checks RoPE's parameters as for any model)."""
+    overrides = dict(model.model_overrides)
+    for key, value in overrides.items():
         if key not in CONTINUED_OVERRIDES:
             raise RecipeError(
                 f"model_overrides.{key}={value!r} would change the architecture of the checkpoint model="
                 f"{model.model!r}, which continued pretraining keeps; remove it (model_overrides of a checkpoint: "
                 + ", ".join(f"{k} ({why})" for k, why in CONTINUED_OVERRIDES.items()) + ")"
             )
-        if not hasattr(config, key):
-            raise RecipeError(f"model_overrides.{key}={value!r}: the {type(config).__name__} of model="
-                              f"{model.model!r} has no field {key}; remove it")
-        if key == "max_position_embeddings" and _learned_positions(config) and value != config.max_position_embeddings:
-            raise RecipeError(
-                f"model_overrides.max_position_embeddings={value!r} cannot apply to model={model.model!r}: its "
-                f"{config.max_position_embeddings} positions are a learned table, which continued pretraining cannot "
-                "extend; remove it (longer contexts need a RoPE model, e.g. a Llama)"
-            )
-        setattr(config, key, value)
+    rope = getattr(config, "rope_parameters", None)
+    learned = ("rope_parameters", "rotary_base", "max_position_embeddings") if _learned_positions(config) else ()
+    for key in learned:
+        unchanged = key == "max_position_embeddings" and overrides.get(key) == config.max_position_embeddings
+        if key not in overrides or unchanged:
+            continue
+        what = (f"its {config.max_position_embeddings} positions are a learned table, which continued pretraining "
+                "cannot extend" if key == "max_position_embeddings" else "it has learned positions, no RoPE")
+        raise RecipeError(f"model_overrides.{key}={overrides[key]!r} cannot apply to model={model.model!r}: {what}; "
+                          "remove it (longer contexts need a RoPE model, e.g. a Llama)")
+    if "rope_parameters" in overrides or "rotary_base" in overrides:
+        scaling = overrides.pop("rope_parameters", None) or {}
+        if not isinstance(scaling, dict):
+            raise RecipeError(f"model_overrides.rope_parameters={scaling!r} must be a mapping, e.g. {{rope_type: yarn, "
+                              "factor: 4.0, original_max_position_embeddings: 1024}")
+        # a scaling keeps the checkpoint's base unless it names one (or rotary_base does)
+        base = overrides.pop("rotary_base", scaling.get("rope_theta", rope["rope_theta"]))
+        overrides["rope_parameters"] = {**({} if scaling else rope), **scaling, "rope_theta": base}
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
     try:
-        config.check()
-    except ValueError as error:
+        return type(config)(**{**fields, **overrides})
+    except (TypeError, ValueError) as error:
         raise RecipeError(f"model={model.model!r} with model_overrides={model.model_overrides}: {error}") from None
-    loaded.layout["format"] = fmt
-    return loaded
 
 
 def _learned_positions(config) -> bool:
