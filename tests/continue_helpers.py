@@ -32,14 +32,21 @@ def _save(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
+# Llama 3.1 / 3.2's RoPE (base 500k, its "llama3" scaling of the low frequencies, factor 8 here) over an original
+# context of 16 positions, so that every test sequence (24 to 48 tokens) runs past it
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
 def llama_folder(folder: Path, max_positions: int = 256, tie: bool = False, hidden: int = HIDDEN, heads: int = HEADS,
                  groups: int = GROUPS) -> Path:
-    """A transformers LlamaForCausalLM: 4 query heads in 2 key/value groups, untied output layer, GPT-2's tokenizer."""
+    """A transformers LlamaForCausalLM shaped as Llama 3.x: 4 query heads in 2 key/value groups, Llama 3's RoPE
+    scaling (`LLAMA3_ROPE`), untied output layer; GPT-2's tokenizer."""
     tokenizer = load_gpt2_tokenizer()
     config = transformers.LlamaConfig(
         hidden_size=hidden, intermediate_size=176, num_hidden_layers=LAYERS, num_attention_heads=heads,
         num_key_value_heads=groups, vocab_size=len(tokenizer), max_position_embeddings=max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=tie,
+        rope_parameters=dict(LLAMA3_ROPE), tie_word_embeddings=tie,
         initializer_range=STD, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(1)
     return _save(transformers.LlamaForCausalLM(config), tokenizer, folder)

@@ -50,7 +50,8 @@ def test_the_loaded_model_is_the_folders_model(kind, folders, tmp_path):
     the megahf folder) on 48 positions, and every parameter equal, bit for bit, to the folder's tensor as `megahf
     convert` reads it. The logits differ only by the order of float32 reductions (fused vs separate QKV, the
     attention kernels): about 1e-7 of their magnitude; a wrong layout or a missed tensor is off by the order of the
-    logits themselves, hence 1e-5 relative to the largest logit."""
+    logits themselves, hence 1e-5 relative to the largest logit. The Llama is Llama 3.x-shaped (grouped-query
+    attention, Llama 3's RoPE scaling) and the 48 positions run past its original context of 16."""
     recipe = continue_recipe(kind, folders[kind], tmp_path)
     tokenizer = load_tokenizer(recipe)
     model = build_model(recipe, tokenizer).eval()
@@ -89,9 +90,10 @@ def test_a_rope_checkpoint_takes_a_longer_context(folders, tmp_path):
     takes (the rest of the architecture is the checkpoint's), and dropout may be switched on."""
     recipe = continue_recipe("llama", folders["llama"], tmp_path, seq_length=1024,
                              **{"model_overrides.max_position_embeddings": 1024,
-                                "model_overrides.rotary_base": 500000, "model_overrides.hidden_dropout": 0.1})
+                                "model_overrides.rotary_base": 1000000, "model_overrides.hidden_dropout": 0.1})
     config = build_config(recipe.model)
-    assert (config.max_position_embeddings, config.rotary_base, config.hidden_dropout) == (1024, 500000, 0.1)
+    assert (config.max_position_embeddings, config.rotary_base, config.hidden_dropout) == (1024, 1000000, 0.1)
+    assert config.rope_parameters["rope_type"] == "llama3"  # the checkpoint's scaling kept with the new base
     assert config.hidden_size == 64 and config.num_query_groups == 2
 
 
@@ -101,26 +103,27 @@ SCALINGS = {"linear": {"rope_type": "linear", "factor": 4.0},
 
 @pytest.mark.parametrize("scaling", list(SCALINGS))
 def test_a_context_extension_equals_transformers_beyond_the_original_context(scaling, folders, tmp_path):
-    """The Llama folder (256 positions) continued at 1024 with RoPE scaling given as model_overrides: the loaded
-    model's logits over 1024 positions equal transformers' LlamaForCausalLM with the same rope_parameters (1e-5 of the
-    largest logit, as above), and beyond position 256 they are not the unscaled model's (the scaling is in force)."""
+    """The Llama folder (256 positions) continued at 1024 with another RoPE scaling given as model_overrides: the
+    loaded model's logits over 1024 positions equal transformers' LlamaForCausalLM with the same rope_parameters (1e-5
+    of the largest logit, as above), and beyond position 256 they are not the folder's model's (the new scaling is in
+    force)."""
     rope = SCALINGS[scaling]
     recipe = continue_recipe("llama", folders["llama"], tmp_path, seq_length=1024,
                              **{"model_overrides.max_position_embeddings": 1024,
                                 "model_overrides.rope_parameters": json.dumps(rope)})
     tokenizer = load_tokenizer(recipe)
     model = build_model(recipe, tokenizer).eval()
-    assert model.config.rope_parameters == {**rope, "rope_theta": 10000.0}
+    assert model.config.rope_parameters == {**rope, "rope_theta": 500000.0}  # the checkpoint's base kept
     ids = torch.randint(0, len(tokenizer), (1, 1024), generator=torch.Generator().manual_seed(0))
     hf = transformers.LlamaForCausalLM.from_pretrained(folders["llama"], max_position_embeddings=1024,
-                                                       rope_parameters={**rope, "rope_theta": 10000.0}).eval()
+                                                       rope_parameters={**rope, "rope_theta": 500000.0}).eval()
     with torch.no_grad():
         ours = model(input_ids=ids).logits[..., :len(tokenizer)]
         theirs = hf(input_ids=ids).logits[..., :len(tokenizer)]
     scale = theirs.abs().max().item()
     assert (ours - theirs).abs().max().item() <= 1e-5 * scale
-    unscaled = reference_logits(folders["llama"], ids)[..., :len(tokenizer)]
-    assert (ours[:, 256:] - unscaled[:, 256:]).abs().max().item() > 1e-2 * scale
+    before = reference_logits(folders["llama"], ids)[..., :len(tokenizer)]
+    assert (ours[:, 256:] - before[:, 256:]).abs().max().item() > 1e-2 * scale
 
 
 REFUSED = {  # (kind, recipe keys) -> the message

@@ -11,6 +11,8 @@ is off by far more. Both in the extended tier (a 4096-token step of a 50k vocabu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from _launch import final_weights, losses, run_pretrain_cli
@@ -48,6 +50,8 @@ def run(model: str, layout: str, data_path: str, out) -> None:
 def test_a_4096_token_step_with_sequence_parallelism_equals_one_process(model, data_path, tmp_path):
     run(model, "single", data_path, tmp_path / "single")
     run(model, "tp2-sp", data_path, tmp_path / "tp2-sp")
+    assert "tensor parallel 2 (sequence parallel)" in json.loads((tmp_path / "tp2-sp" / "metrics.json").read_text())[
+        "layout"]
     got, expected = losses(tmp_path / "tp2-sp"), losses(tmp_path / "single")
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     assert max(abs(got[s] - expected[s]) / abs(expected[s]) for s in expected) <= TOLERANCE, (got, expected)
