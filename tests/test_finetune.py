@@ -263,6 +263,8 @@ def test_bad_input_is_refused_before_anything_is_computed(base, gpt_folder, tmp_
         (GLUE / "sst2.yaml", {"peft": "lora", "tensor_parallel_size": 2, "lora_dropout": 0.1},
          r"lora_dropout=0.1 with tensor_parallel_size=2: .*set lora_dropout: 0"),
         (GLUE / "sst2.yaml", {"optim": "sgd"}, r"optim='sgd' is invalid"),
+        (GLUE / "sst2.yaml", {"optim": "adamw_bnb_8bit", "fsdp_size": 2},
+         r"optim='adamw_bnb_8bit' with fsdp_size=2: bitsandbytes' 8-bit AdamW updates plain tensors"),
         (GLUE / "sst2.yaml", {"tensor_parallel_size": 2, "sequence_parallel": "true"},
          r"sequence_parallel=True: megahf finetune does not split sequences"),
         (GLUE / "sst2.yaml", {"epochs": 0, "train_steps": 0, "warmup_steps": 0},

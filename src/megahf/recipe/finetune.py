@@ -50,8 +50,8 @@ class TaskRecipe:
                               "local folder laid out like it ({config}/{split}-00000-of-00001.parquet + README.md).",
                               default=None)
     model: str = arg("The pretrained model: a folder (a `megahf pretrain` BERT run's final/, or a transformers BERT "
-                     "converted with megahf.convert.hf_bert), a peft adapter folder (its base with the adapter merged), "
-                     "a Hub id, or a BERT preset (random weights: warned).",
+                     "converted with megahf.convert.hf_bert), a peft adapter folder (its base with the adapter "
+                     "merged), a Hub id, or a BERT preset (random weights: warned).",
                      default="")
     tokenizer: str | None = arg("null: the model folder's own tokenizer, else the shipped BERT WordPiece; or "
                                 "'bert-uncased-embedded' or a tokenizer folder.", default=None)
@@ -197,6 +197,13 @@ class FinetuneRecipe:
                 "(tensor_parallel_size alone still shards the model)"
             )
         tp = self.parallel.tensor_parallel_size
+        if self.optim.optim == "adamw_bnb_8bit" and (tp > 1 or self.parallel.fsdp_size > 1):
+            key = "tensor_parallel_size" if tp > 1 else "fsdp_size"
+            raise RecipeError(
+                f"recipe key optim='adamw_bnb_8bit' with {key}={getattr(self.parallel, key)}: bitsandbytes' 8-bit "
+                "AdamW updates plain tensors and has no rule for the DTensor shards of tensor parallelism or FSDP2; "
+                "use optim: adamw there, or adamw_bnb_8bit on one process or under data parallelism (DDP)"
+            )
         if self.peft.peft == "qlora" and tp > 1:
             raise RecipeError(
                 f"recipe key peft='qlora' with tensor_parallel_size={tp}: bitsandbytes packs each 4-bit matrix whole "
