@@ -230,7 +230,8 @@ def test_preprocess_disk_full_keeps_the_previous_outputs(tmp_path, monkeypatch, 
     assert main(_preprocess_args(write_corpus(tmp_path / "a.jsonl", 20, 1), out / "p")) == 0
     capsys.readouterr()
     before = {name: (out / name).read_bytes() for name in files_under(out)}
-    assert sorted(before) == ["p_text_document.bin", "p_text_document.idx"]
+    # the pair and the record of the tokenizer that wrote it
+    assert sorted(before) == ["p_text_document.bin", "p_text_document.idx", "p_text_document.tokenizer_identity.json"]
 
     def disk_full(self, arr):
         raise OSError(errno.ENOSPC, "No space left on device")
