@@ -14,6 +14,9 @@
 #       4. megahf itself, editable, with --no-deps (the pins cover its dependencies);
 #       5. bytecode for the modules a run imports (pip writes none: --no-compile);
 #     then writes the stamp, so the next runs skip all of this;
+#   * with MEGAHF_EXTENDED_TESTS=1 only (the extended tier), installs scripts/requirements-extended.txt (Ray) when
+#     .venv/.megahf-extended-stamp does not hold its sha256, then writes that stamp: the default tier never pays for
+#     it, and the second extended run skips it;
 #   * restores transformers' common model tests from its pinned sdist (scripts/fetch_transformers_tests.py:
 #     PyPI, sha256-checked, into .venv/transformers-tests/; a no-op once done). Offline, it warns and goes on:
 #     the tests in tests/hf_common then fail with the command that fetches them;
@@ -22,15 +25,18 @@
 #
 # Settings (environment):
 #   MEGAHF_PYTHON           interpreter used to create .venv (default: python3)
+#   MEGAHF_EXTENDED_TESTS   1: also install scripts/requirements-extended.txt (see above)
 #
 # It does not use `set -e` (it is sourced into other shells); every step checks its own errors.
 
 _megahf_setup() {
-    local root venv stamp_file want have py t0 torch_version
+    local root venv stamp_file want have py t0 torch_version log extended_stamp extended_want
     local torch_pin="2.13.0"
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
     venv="$root/.venv"
     stamp_file="$venv/.megahf-stamp"
+    extended_stamp="$venv/.megahf-extended-stamp"
+    log="$venv/.megahf-install.log"
     t0=$SECONDS
 
     _megahf_say() { printf '[setup_env] %s\n' "$*" >&2; }
@@ -40,12 +46,15 @@ _megahf_setup() {
         return 1
     fi
 
-    # sha256 of the two files that decide what gets installed
-    if command -v sha256sum >/dev/null 2>&1; then
-        want="$(cat "$root/scripts/requirements-test.txt" "$root/setup.cfg" | sha256sum | cut -d' ' -f1)"
-    else
-        want="$(cat "$root/scripts/requirements-test.txt" "$root/setup.cfg" | shasum -a 256 | cut -d' ' -f1)"
-    fi || return 1
+    # sha256 of the files that decide what gets installed
+    _megahf_sha256() {
+        if command -v sha256sum >/dev/null 2>&1; then
+            cat "$@" | sha256sum | cut -d' ' -f1
+        else
+            cat "$@" | shasum -a 256 | cut -d' ' -f1
+        fi
+    }
+    want="$(_megahf_sha256 "$root/scripts/requirements-test.txt" "$root/setup.cfg")" || return 1
 
     if [[ ! -x "$venv/bin/python" ]]; then
         py="${MEGAHF_PYTHON:-python3}"
@@ -55,8 +64,21 @@ _megahf_setup() {
         fi
         _megahf_say "creating $venv with $("$py" --version 2>&1)"
         "$py" -m venv "$venv" || { _megahf_say "error: python -m venv failed"; return 1; }
-        rm -f "$stamp_file"
+        rm -f "$stamp_file" "$extended_stamp"
     fi
+
+    # pip's (and setuptools') chatter goes to the log; its tail is shown when a step fails
+    # --no-compile: no bytecode for every file of every package at install time (torch and transformers hold
+    # thousands); the modules a run imports are compiled below
+    _megahf_pip() {
+        local t=$SECONDS
+        if ! "$venv/bin/python" -m pip "$@" --no-compile >>"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            _megahf_say "error: 'pip $*' failed (full log: $log)"
+            return 1
+        fi
+        _megahf_say "  done in $((SECONDS - t))s"
+    }
 
     have=""
     [[ -f "$stamp_file" ]] && have="$(cat "$stamp_file")"
@@ -64,20 +86,7 @@ _megahf_setup() {
         _megahf_say "environment up to date (stamp matches), skipping installs"
     else
         rm -f "$stamp_file"
-        local log="$venv/.megahf-install.log"
         : >"$log" || return 1
-        # pip's (and setuptools') chatter goes to the log; its tail is shown when a step fails
-        # --no-compile: no bytecode for every file of every package at install time (torch and transformers hold
-        # thousands); the modules a run imports are compiled once below
-        _megahf_pip() {
-            local t=$SECONDS
-            if ! "$venv/bin/python" -m pip "$@" --no-compile >>"$log" 2>&1; then
-                tail -n 30 "$log" >&2
-                _megahf_say "error: 'pip $*' failed (full log: $log)"
-                return 1
-            fi
-            _megahf_say "  done in $((SECONDS - t))s"
-        }
 
         _megahf_say "upgrading pip"
         _megahf_pip install -q --upgrade pip || return 1
@@ -113,6 +122,19 @@ _megahf_setup() {
         _megahf_say "installed (torch $torch_version) in $((SECONDS - t0))s"
     fi
 
+    # the extended tier's additions, on their own stamp: the default tier neither installs nor checks them
+    if [[ "${MEGAHF_EXTENDED_TESTS:-}" == "1" ]]; then
+        extended_want="$(_megahf_sha256 "$root/scripts/requirements-extended.txt")" || return 1
+        have=""
+        [[ -f "$extended_stamp" ]] && have="$(cat "$extended_stamp")"
+        if [[ "$have" != "$extended_want" ]]; then
+            rm -f "$extended_stamp"
+            _megahf_say "installing scripts/requirements-extended.txt (MEGAHF_EXTENDED_TESTS=1)"
+            _megahf_pip install -q -r "$root/scripts/requirements-extended.txt" || return 1
+            printf '%s\n' "$extended_want" >"$extended_stamp" || return 1
+        fi
+    fi
+
     if ! "$venv/bin/python" "$root/scripts/fetch_transformers_tests.py"; then
         _megahf_say "warning: transformers' common model tests are not restored; tests/hf_common will fail until" \
             "'python scripts/fetch_transformers_tests.py' runs with access to PyPI"
@@ -130,7 +152,7 @@ _megahf_setup() {
 
 _megahf_setup
 _megahf_status=$?
-unset -f _megahf_setup _megahf_say _megahf_pip
+unset -f _megahf_setup _megahf_say _megahf_pip _megahf_sha256
 if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
     # sourced
     return "$_megahf_status"

@@ -1,5 +1,6 @@
 """What decides a claim must not vanish: the oracles a test compares megahf against (megatron-core, lm-eval,
-nanotron) and the sources it rebuilds from (the Shakespeare plays of the shipped corpus).
+nanotron), the engines it runs on (Ray, in the extended tier: scripts/requirements-extended.txt) and the sources it
+rebuilds from (the Shakespeare plays of the shipped corpus).
 
 Outside the pinned environment a missing one skips the test, with the reason. Under `bash scripts/test.sh`
 (MEGAHF_REQUIRE_ORACLES=1), whose environment has them all, a missing one FAILS the test instead: a skip there would
@@ -27,12 +28,12 @@ def missing(what: str, fix: str) -> None:
     pytest.skip(f"{what} is missing: {fix}", allow_module_level=True)
 
 
-def oracle(module: str) -> ModuleType:
+def oracle(module: str, fix: str = "bash scripts/setup_env.sh installs scripts/requirements-test.txt") -> ModuleType:
     """`importlib.import_module(module)`, or skip/fail as above."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        missing(f"{module} ({error})", "bash scripts/setup_env.sh installs scripts/requirements-test.txt")
+        missing(f"{module} ({error})", fix)
 
 
 def shakespeare_texts() -> Path:
