@@ -196,6 +196,13 @@ class FinetuneRecipe:
                 "longest example, which the tensor-parallel ranks need not divide); set sequence_parallel: false "
                 "(tensor_parallel_size alone still shards the model)"
             )
+        if self.parallel.pipeline_parallel_size > 1:
+            raise RecipeError(
+                f"recipe key pipeline_parallel_size={self.parallel.pipeline_parallel_size}: megahf finetune does not "
+                "pipeline (a fine-tuned model is small next to the one it was pretrained as); set "
+                "pipeline_parallel_size: 1 and use tensor_parallel_size and fsdp_size. A pipelined pretraining run's "
+                "final/ folder is an ordinary model folder that fine-tuning takes as model"
+            )
         tp = self.parallel.tensor_parallel_size
         if self.optim.optim == "adamw_bnb_8bit" and (tp > 1 or self.parallel.fsdp_size > 1):
             key = "tensor_parallel_size" if tp > 1 else "fsdp_size"

@@ -1,4 +1,5 @@
-"""How the processes split the work and the batch: tensor parallel x FSDP x replicas, micro and global batch.
+"""How the processes split the work and the batch: pipeline stages x tensor parallel x FSDP x replicas, micro and
+global batch.
 
 The launch config only says how many processes start; `megahf.training.setup.build_layout` fits these sizes to
 that world size."""
@@ -28,17 +29,59 @@ class ParallelRecipe:
         "Megatron's sequence parallelism: the norms, dropouts and residual stream between the tensor-parallel layers "
         "hold 1/tensor_parallel_size of the sequence on each rank (needs tensor_parallel_size >= 2 and a seq_length "
         "divisible by it).", default=False)
-    data_parallel_size: int = arg("Ranks with distinct batches = world size / tensor_parallel_size, checked at "
-                                  "launch (0: derived).", default=0)
+    data_parallel_size: int = arg("Ranks with distinct batches = world size / (tensor_parallel_size x "
+                                  "pipeline_parallel_size), checked at launch (0: derived).", default=0)
+    pipeline_parallel_size: int = arg(
+        "Pipeline stages (Megatron's --pipeline-model-parallel-size): the layers are split over this many groups of "
+        "ranks, the outermost dimension of the layout; each optimizer step runs its micro-batches (global batch / "
+        "(micro_batch_size x data-parallel size)) through them on pipeline_schedule.", default=1)
+    virtual_pipeline_size: int = arg(
+        "Model chunks per pipeline rank (Megatron's virtual pipeline stages): 2 or more with interleaved-1f1b "
+        "(the bubble shrinks by this factor), 2 with zbv, 1 otherwise.", default=1)
+    pipeline_schedule: str = arg(
+        "How the micro-batches flow through the stages (torch.distributed.pipelining's schedules): 1f1b, gpipe, "
+        "interleaved-1f1b, zbv (zero bubble, V-shaped: two chunks per rank).", default="1f1b")
 
     def validate(self) -> None:
-        need_at_least(self, 1, "micro_batch_size", "tensor_parallel_size", "fsdp_size")
+        need_at_least(self, 1, "micro_batch_size", "tensor_parallel_size", "fsdp_size", "pipeline_parallel_size",
+                      "virtual_pipeline_size")
         need_at_least(self, 0, "gradient_accumulation_steps", "global_batch_size", "data_parallel_size")
         need(self, not self.sequence_parallel or self.tensor_parallel_size >= 2, "sequence_parallel",
              f"it splits the sequence over the tensor-parallel ranks, and tensor_parallel_size="
              f"{self.tensor_parallel_size}; set tensor_parallel_size to 2 or more, or sequence_parallel to false")
         need(self, self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
              f"it must be a multiple of micro_batch_size={self.micro_batch_size}")
+        self._validate_pipeline()
+
+    def _validate_pipeline(self) -> None:
+        schedules = ", ".join(PIPELINE_SCHEDULES)
+        need(self, self.pipeline_schedule in PIPELINE_SCHEDULES, "pipeline_schedule", f"use one of {schedules}")
+        chunks = PIPELINE_SCHEDULES[self.pipeline_schedule]
+        v = self.virtual_pipeline_size
+        if chunks == 1:
+            need(self, v == 1, "virtual_pipeline_size",
+                 f"pipeline_schedule={self.pipeline_schedule} runs one model chunk per rank; set "
+                 "virtual_pipeline_size: 1, or pipeline_schedule: interleaved-1f1b")
+        elif chunks == 2:
+            need(self, v == 2, "virtual_pipeline_size",
+                 f"pipeline_schedule={self.pipeline_schedule} runs two model chunks per rank (a V); set "
+                 "virtual_pipeline_size: 2")
+        else:
+            need(self, v >= 2, "virtual_pipeline_size",
+                 f"pipeline_schedule={self.pipeline_schedule} interleaves several model chunks per rank; set "
+                 "virtual_pipeline_size to 2 or more, or pipeline_schedule: 1f1b")
+        if self.pipeline_parallel_size == 1:
+            need(self, v == 1, "virtual_pipeline_size",
+                 "it splits the stages of a pipeline, and pipeline_parallel_size=1; set pipeline_parallel_size to "
+                 "2 or more, or virtual_pipeline_size: 1")
+        else:
+            need(self, not self.sequence_parallel, "sequence_parallel",
+                 f"megahf does not combine it with pipeline_parallel_size={self.pipeline_parallel_size} yet; set "
+                 "sequence_parallel: false (tensor parallelism inside each stage still works)")
 
 
-__all__ = ["ParallelRecipe"]
+# Model chunks per pipeline rank each schedule runs (0: two or more).
+PIPELINE_SCHEDULES = {"1f1b": 1, "gpipe": 1, "interleaved-1f1b": 0, "zbv": 2}
+
+
+__all__ = ["PIPELINE_SCHEDULES", "ParallelRecipe"]

@@ -103,6 +103,7 @@ def check_recipe(recipe: PretrainRecipe) -> None:
             f"recipe key tensor_parallel_size={tp} does not fit model={model!r}: "
             f"{error}".replace("tp_size=", "tensor_parallel_size=")
         ) from None
+    check_pipeline(recipe, config)
     learned = getattr(config, "position_embedding_type", "learned_absolute") == "learned_absolute"  # BERT: always
     seq_length = recipe.data.seq_length
     if recipe.parallel.sequence_parallel:
@@ -127,6 +128,31 @@ def check_recipe(recipe: PretrainRecipe) -> None:
         )
 
 
+def check_pipeline(recipe: PretrainRecipe, config) -> None:
+    """A pipelined layout splits a GPT's layers evenly over pipeline_parallel_size x virtual_pipeline_size stages;
+    BERT is not pipelined (its pretraining heads take the first token's and every masked token's states, and the
+    model is small enough for tensor parallelism x FSDP alone)."""
+    p = recipe.parallel
+    if p.pipeline_parallel_size == 1:
+        return
+    if isinstance(config, MegatronBertConfig):
+        raise RecipeError(
+            f"recipe key pipeline_parallel_size={p.pipeline_parallel_size}: megahf pipelines GPT models only, and "
+            f"model={recipe.model.model!r} is a BERT; set pipeline_parallel_size: 1 and use tensor_parallel_size "
+            "and fsdp_size (Megatron's BERTs up to 3.9B fit them)"
+        )
+    stages = p.pipeline_parallel_size * p.virtual_pipeline_size
+    if config.num_layers % stages:
+        raise RecipeError(
+            f"recipe key pipeline_parallel_size={p.pipeline_parallel_size} x virtual_pipeline_size="
+            f"{p.virtual_pipeline_size} = {stages} stages do not divide the model's num_layers={config.num_layers}; "
+            f"use sizes whose product divides {config.num_layers}"
+        )
+    if recipe.model.compile:
+        raise RecipeError(f"recipe key compile=True: megahf does not compile a pipelined model yet; set compile: "
+                          f"false, or pipeline_parallel_size: 1")
+
+
 def build_layout(recipe: PretrainRecipe, world_size: int | None = None) -> ParallelLayout:
     """The parallel layout for `world_size` processes (default: $WORLD_SIZE, 1 without a launcher), with the
     gradient accumulation derived; `RecipeError` naming the key when the sizes do not fit."""
@@ -138,7 +164,8 @@ def build_layout(recipe: PretrainRecipe, world_size: int | None = None) -> Paral
             world_size=world_size, tensor_parallel_size=p.tensor_parallel_size, fsdp_size=p.fsdp_size,
             data_parallel_size=p.data_parallel_size, micro_batch_size=p.micro_batch_size,
             gradient_accumulation_steps=p.gradient_accumulation_steps, global_batch_size=p.global_batch_size,
-            sequence_parallel=p.sequence_parallel,
+            sequence_parallel=p.sequence_parallel, pipeline_parallel_size=p.pipeline_parallel_size,
+            virtual_pipeline_size=p.virtual_pipeline_size, pipeline_schedule=p.pipeline_schedule,
         )
     except LayoutError as error:
         raise RecipeError(f"recipe layout: {error}") from None

@@ -157,15 +157,7 @@ class MegatronGPTModel(MegatronGPTPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + reference.shape[1], device=reference.device)[None]
         hidden_states = self.embedding(input_ids, position_ids, inputs_embeds)
-        mask = create_causal_mask(
-            config=self.config,
-            # every position of the input (sequence parallelism hands the layers a shard of them)
-            inputs_embeds=hidden_states.new_empty(*reference.shape[:2], 0),
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        rotary = self.rotary_pos_emb(hidden_states, position_ids) if self.rotary_pos_emb is not None else None
+        mask, rotary = self.layer_inputs(hidden_states, reference.shape[:2], attention_mask, position_ids, cache)
         for layer in self.decoder.layers:
             # Keyword arguments: GradientCheckpointingLayer drops a `cache=` keyword under checkpointing (a positional
             # cache would be updated a second time when the backward pass replays the layer).
@@ -173,6 +165,22 @@ class MegatronGPTModel(MegatronGPTPreTrainedModel):
                                   position_ids=position_ids, **kwargs)
         hidden_states = self.decoder.final_layernorm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def layer_inputs(self, hidden_states: torch.Tensor, batch_shape: tuple[int, int],
+                     attention_mask: torch.Tensor | None, position_ids: torch.LongTensor,
+                     cache: Cache | None = None) -> tuple[torch.Tensor | None, tuple | None]:
+        """What every layer takes besides the hidden states: the causal mask of a `[batch, seq]` input and the RoPE
+        cosines and sines (None for learned positions). A pipeline stage without the embedding computes them too."""
+        mask = create_causal_mask(
+            config=self.config,
+            # every position of the input (sequence parallelism hands the layers a shard of them)
+            inputs_embeds=hidden_states.new_empty(*batch_shape, 0),
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        rotary = self.rotary_pos_emb(hidden_states, position_ids) if self.rotary_pos_emb is not None else None
+        return mask, rotary
 
 
 class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
@@ -235,14 +243,30 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        loss, logits = self.head_and_loss(hidden_states, labels, **kwargs)
+        if logits is None:
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits[..., : self.config.vocab_size],
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def head_and_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor | None = None,
+                      **kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The output layer and the loss on the final hidden states: `(loss, logits)` (logits over the padded
+        vocabulary; `None` when the chunked training loss never held them whole). The last pipeline stage calls it
+        on the hidden states it computed."""
         has_labels = labels is not None or kwargs.get("shift_labels") is not None
         if has_labels and self.training and self.config.loss_chunk_size and can_chunk(self.output_layer):
             loss = self.chunked_loss_function(hidden_states, self.output_layer, labels,
                                               vocab_size=self.config.vocab_size,
                                               padded_vocab_softmax=self.config.padded_vocab_softmax,
                                               chunk_size=self.config.loss_chunk_size, **kwargs)
-            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
-                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            return loss, None
         if has_labels and self.training and not self.config.padded_vocab_softmax:  # the padded rows' logits unused
             logits = output_logits(self.output_layer, hidden_states, self.config.vocab_size)
         else:
@@ -251,14 +275,7 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
         if has_labels:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size,
                                       padded_vocab_softmax=self.config.padded_vocab_softmax, **kwargs)
-        logits = logits[..., : self.config.vocab_size]
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return loss, logits
 
 
 __all__ = ["MegatronGPTForCausalLM", "MegatronGPTModel", "MegatronGPTPreTrainedModel"]
