@@ -61,6 +61,10 @@ def same_bytes(a: str, b: str) -> bool:
     return all(Path(a + suffix).read_bytes() == Path(b + suffix).read_bytes() for suffix in (".bin", ".idx"))
 
 
+def no_second_load(name):
+    raise AssertionError(f"a task loaded the tokenizer {name!r} again instead of taking the planning process's")
+
+
 def run_local(corpus, prefix, tasks=3, split_sentences=False, **options):
     options.setdefault("workers", 1)
     return preprocess_datatrove(corpus, str(prefix), ExecutorOptions(executor="local", tasks=tasks, **options),
@@ -69,8 +73,11 @@ def run_local(corpus, prefix, tasks=3, split_sentences=False, **options):
 
 @pytest.mark.parametrize("split_sentences", [False, pytest.param(True, marks=pytest.mark.extended)],
                          ids=["documents", "sentences"])
-def test_local_executor_writes_the_single_machine_bytes(tmp_path, corpus, reference, split_sentences):
+def test_local_executor_writes_the_single_machine_bytes(tmp_path, corpus, reference, split_sentences, monkeypatch):
+    # the tasks and the merge run in this process: they take the tokenizer loaded to plan the job
+    monkeypatch.setattr(datatrove_steps, "load_tokenizer", no_second_load)
     result = run_local(corpus, tmp_path / "dt", split_sentences=split_sentences)
+    assert datatrove_steps._PLANNED_TOKENIZER == {}  # forgotten once the job is done
     assert same_bytes(result.prefixes["text"], reference[split_sentences])
     assert result.records == len(DOCS) and result.skipped_empty["text"] == 1
     work = tmp_path / "dt.datatrove"
@@ -92,8 +99,10 @@ def test_a_datasets_folder_is_split_into_record_ranges(tmp_path):
 
 
 @pytest.mark.extended
-def test_four_tasks_on_two_worker_processes(tmp_path, corpus, reference):
-    """datatrove's process pool (forkserver): the steps travel pickled to fresh processes."""
+def test_four_tasks_on_two_worker_processes(tmp_path, corpus, reference, monkeypatch):
+    """datatrove's process pool: the steps travel pickled to processes forked from this one, which take the tokenizer
+    loaded to plan the job instead of loading it again."""
+    monkeypatch.setattr(datatrove_steps, "load_tokenizer", no_second_load)
     result = run_local(corpus, tmp_path / "dt", tasks=4, workers=2)
     assert same_bytes(result.prefixes["text"], reference[False])
 

@@ -38,6 +38,24 @@ from .tokenizer_record import tokenizer_identity
 #: The counts each task writes beside its parts and the merge adds up (a `PreprocessResult` per key, and records).
 COUNTS = ("documents", "sequences", "tokens", "skipped_empty")
 
+#: The tokenizer `preprocess_datatrove` loaded to plan the job, by the name the job gives it. The local executor forks
+#: its tasks from that process and runs the merge in it: they take this one instead of loading it again (a few tenths
+#: of a second each, the merge's on the critical path). A fresh process (Slurm, Ray) finds nothing here and loads it.
+_PLANNED_TOKENIZER: Dict[str, Any] = {}
+
+
+def plan_tokenizer(name: Optional[str], tokenizer: Any = None) -> None:
+    """Hand the tasks started from this process the tokenizer loaded as `name`; `plan_tokenizer(None)` forgets it."""
+    _PLANNED_TOKENIZER.clear()
+    if name is not None:
+        _PLANNED_TOKENIZER[name] = tokenizer
+
+
+def job_tokenizer(name: str) -> Any:
+    """The planning process's tokenizer when this task runs in (or was forked from) it, else a fresh load."""
+    tok = _PLANNED_TOKENIZER.get(name)
+    return load_tokenizer(name) if tok is None else tok
+
 
 @dataclass(frozen=True)
 class PreprocessJob:
@@ -112,7 +130,7 @@ class TokenizeShard(PipelineStep):
         from_byte = start and source.kind in ("json", "text")
         description = f"{source.description} from byte {start}" if from_byte else source.description
         chunk_job = ChunkJob(job.keys, description, job.settings)
-        tok = load_tokenizer(job.tokenizer)
+        tok = job_tokenizer(job.tokenizer)
         counts = {c: dict.fromkeys(job.keys, 0) for c in COUNTS}
         records = 0
         builders: Dict[str, IndexedDatasetBuilder] = {}
@@ -210,7 +228,7 @@ class MergeShards(PipelineStep):
                 self.stat_update("documents", value=result.documents[k], unit="key")
                 self.stat_update("tokens", value=result.tokens[k], unit="key")
             # the tokenizer recorded beside the merged pairs, as `megahf preprocess` on one machine records it
-            identity = tokenizer_identity(load_tokenizer(job.tokenizer), job.tokenizer)
+            identity = tokenizer_identity(job_tokenizer(job.tokenizer), job.tokenizer)
             publish(builders, prefixes, result, job.input, identity)
         except BaseException:
             for builder in builders.values():
@@ -219,4 +237,4 @@ class MergeShards(PipelineStep):
         return result
 
 
-__all__ = ["MergeShards", "PreprocessJob", "TokenizeShard"]
+__all__ = ["MergeShards", "PreprocessJob", "TokenizeShard", "job_tokenizer", "plan_tokenizer"]

@@ -109,12 +109,16 @@ def encode_documents(values: Sequence[Any], locations: Sequence[str], key: str, 
     a batch over its threads). `locations` name the documents and `description` their input in messages."""
     dtype = np.dtype(settings.dtype)
     n_docs = len(locations)
-    texts: List[str] = []
-    per_doc_pieces = np.zeros(n_docs, dtype=np.int64)
-    for d, (value, loc) in enumerate(zip(values, locations)):
-        pieces = document_texts(value, key, loc, settings.split_sentences)
-        texts.extend(pieces)
-        per_doc_pieces[d] = len(pieces)
+    if not settings.split_sentences and all(type(v) is str for v in values):
+        texts: List[str] = list(values)  # the common case, one sequence per document: no loop over documents
+        per_doc_pieces = np.ones(n_docs, dtype=np.int64)
+    else:
+        texts = []
+        per_doc_pieces = np.zeros(n_docs, dtype=np.int64)
+        for d, (value, loc) in enumerate(zip(values, locations)):
+            pieces = document_texts(value, key, loc, settings.split_sentences)
+            texts.extend(pieces)
+            per_doc_pieces[d] = len(pieces)
     ids = tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"] if texts else []
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))

@@ -81,9 +81,10 @@ def preprocess_datatrove(
     options.check()
     require_datatrove(options.executor)
     open_corpus(input, keys, split, subset)
-    settings = tokenize_settings(load_tokenizer(tokenizer), tokenizer, append_eod, split_sentences, dtype)
+    tok = load_tokenizer(tokenizer)
+    settings = tokenize_settings(tok, tokenizer, append_eod, split_sentences, dtype)
 
-    from .datatrove_steps import PreprocessJob
+    from .datatrove_steps import PreprocessJob, plan_tokenizer
 
     work_dir = os.path.abspath(options.logging_dir or output_prefix + ".datatrove")
     # paths as absolute paths: a Slurm or Ray task need not start in this folder
@@ -104,6 +105,16 @@ def preprocess_datatrove(
             f" is missing (removed since?); remove {work_dir} to run the job again")
 
     tokenize, merge = _executors(job, options)
+    plan_tokenizer(job.tokenizer, tok)  # for the tasks forked from this process, and the merge run in it
+    try:
+        return _run(job, options, tokenize, merge, t0)
+    finally:
+        plan_tokenizer(None)
+
+
+def _run(job, options: ExecutorOptions, tokenize, merge, t0: float) -> Optional[PreprocessResult]:
+    """Run (or submit) the two stages; the result once the final pairs are written (see `preprocess_datatrove`)."""
+    work_dir = job.work_dir
     if options.executor == "slurm":
         merge.run()  # submits the tokenize array (if any task is missing), then the merge job depending on it
         print(f"megahf preprocess: submitted to Slurm (tokenize job {tokenize.job_id}, merge job {merge.job_id}); "
