@@ -12,8 +12,9 @@ import torch
 
 from megahf import MegatronGPTConfig
 from megahf.models.gpt.modeling_megatron_gpt import MegatronGPTForCausalLM
-from megahf.plan import (Layout, Shape, activation_bytes_per_layer, load_model_config, memory_breakdown, plan,
-                         why_not_tp)
+from megahf.plan import (GPUS, Layout, Shape, activation_bytes_per_layer, bubble_fraction, format_plan,
+                         in_flight_layers, load_model_config, memory_breakdown, plan, recipe_refuses_pipeline,
+                         step_time, why_not_pp, why_not_tp, write_layout)
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 from _launch import REPO_ROOT, free_port, launch, tiny_args, torchrun_command, write_corpus  # noqa: E402
@@ -227,6 +228,169 @@ def test_sharded_memory_per_rank_matches_the_plan(tp, fsdp, tmp_path):
         for key in ("weights", "gradients", "optimizer"):
             assert measured[key] == planned[key], (rank, key, measured[key], planned[key])
         assert measured["activations_per_layer"] == per_layer + _norm_statistics_bytes(shape, "none"), (rank, measured)
+
+
+# ---------------------------------------------------------------------- pipeline parallelism
+
+
+def v100_16gb_plan(model: str = "gpt-8.3b", **kwargs) -> dict:
+    """DGX-1 nodes of 8 V100 16GB: gpt-8.3b's 16 bytes per parameter / 8 = 16.6 GB do not fit one node's TP 8."""
+    return plan(load_model_config(model), gpus=64, gpu_memory_gb=16, seq=1024, global_batch=512, gpu="v100", nodes=8,
+                **kwargs)
+
+
+def test_pipeline_is_proposed_where_tensor_parallelism_and_fsdp_within_a_node_do_not_fit():
+    """gpt-8.3b on 8 nodes of 8 V100 16GB: no layout fits with TP x FSDP inside a node (TP 16 would cross it), so the
+    plan adds pipeline stages at TP 8, the whole node (Megatron's advice), and the fewest the model needs: PP 2, whose
+    1F1B step is faster than sharding the weights over the network with FSDP (the best layout without a pipeline)."""
+    result = v100_16gb_plan()
+    first = result["fitting"][0]
+    lay = first.layout
+    assert (lay.pp, lay.tp, lay.schedule, lay.sequence_parallel) == (2, 8, "1f1b", False), lay
+    assert lay.accumulation == 512 // (lay.micro_batch * lay.dp) >= lay.pp  # m from the global batch
+    assert result["pipeline"].startswith("considered at TP 8"), result["pipeline"]
+    assert why_not_pp(result, 2) == "PP 2: the best layout"
+    assert "does not divide the 72 layers" in why_not_pp(result, 16)
+    assert "s of compute" in why_not_pp(result, 4)  # more stages: the last one's output layer weighs more
+    unpipelined = [c for c in result["fitting"] if c.layout.pp == 1]
+    assert unpipelined and all(c.layout.tp * c.layout.fsdp > 8 for c in unpipelined)
+    assert first.time["total"] < unpipelined[0].time["total"] and unpipelined[0].time["fsdp"] > 0
+    assert not any(c.layout.sequence_parallel for c in result["fitting"] + result["not_fitting"] if c.layout.pp > 1)
+    assert first.stage == 0 and first.stage_why.startswith("stage 0 of 2 is the largest")
+    assert "keeps 72 layers' activations" in first.stage_why  # 2 micro-batches of 36 layers
+    text = format_plan(result, "gpt-8.3b", top=1)
+    assert f"= 1 / ({lay.accumulation} + 1) = {1 / (lay.accumulation + 1):.1%} of the step" in text, text
+    assert "stage 0 of 2 is the largest" in text
+
+
+def test_no_pipeline_where_a_node_holds_the_model_nor_for_bert_or_a_compiled_recipe(tmp_path):
+    paper = paper_plan("gpt-8.3b")  # TP 8 fits within a 16-GPU node
+    assert paper["pipeline"].startswith("not needed: TP 8, DP 64") and not paper["ruled_out_pp"]
+    assert all(c.layout.pp == 1 for c in paper["fitting"] + paper["not_fitting"])
+    bert = plan(load_model_config("bert-3.9b"), gpus=64, gpu_memory_gb=8, seq=512, global_batch=512, gpu="v100")
+    assert bert["pipeline"] == "not considered: megahf pipelines GPT models only (BERT's heads read the first and " \
+                               "the masked tokens)"
+    assert all(c.layout.pp == 1 for c in bert["fitting"] + bert["not_fitting"])
+    recipe = tmp_path / "compiled.yaml"
+    recipe.write_text("model: gpt-8.3b\ncompile: true\n")
+    compiled = v100_16gb_plan(pipeline=recipe_refuses_pipeline(str(recipe)))
+    assert compiled["pipeline"].startswith("not considered: the recipe sets compile: true")
+    assert all(c.layout.pp == 1 for c in compiled["fitting"])
+
+
+def _fake_stages(pp: int, virtual: int, rank: int) -> list:
+    """What torch.distributed.pipelining's schedules read of their stages to lay out their order (no process group)."""
+    from types import SimpleNamespace
+
+    stages = pp * virtual
+    return [SimpleNamespace(num_stages=stages, group_size=pp, group_rank=rank, stage_index=rank + i * pp,
+                            is_first=rank + i * pp == 0, is_last=rank + i * pp == stages - 1) for i in range(virtual)]
+
+
+def _peak_forwards_in_flight(actions) -> int:
+    """The most chunk forwards a rank has run whose backward has not (each holds its chunk's activations)."""
+    from torch.distributed.pipelining.schedules import _ComputationType
+
+    held = peak = 0
+    for action in actions:
+        if action is not None and action.computation_type == _ComputationType.FORWARD:
+            held += 1
+        elif action is not None and action.computation_type == _ComputationType.FULL_BACKWARD:
+            held -= 1
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("pp, micro_batches", [(2, 4), (4, 4), (4, 8), (3, 6)])
+def test_activations_in_flight_are_those_of_torchs_schedules(pp, micro_batches):
+    """The plan's layers in flight per pipeline rank against the order torch.distributed.pipelining's own schedules
+    (what megahf's pipeline runs) give each rank: GPipe, 1F1B, and interleaved 1F1B with 2 and 3 chunks, including
+    where there are fewer micro-batches than the warm-up would take. Counts of forwards: equal."""
+    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    def loss(output, target):
+        return output
+
+    for rank in range(pp):
+        for schedule, cls in (("1f1b", Schedule1F1B), ("gpipe", ScheduleGPipe)):
+            order = cls(_fake_stages(pp, 1, rank)[0], micro_batches, loss_fn=loss).pipeline_order[rank]
+            layers = 2 * pp  # 2 layers per stage
+            assert in_flight_layers(layers, pp, 1, schedule, micro_batches, rank) == \
+                2 * _peak_forwards_in_flight(order), (schedule, rank)
+        for virtual in (2, 3):
+            order = ScheduleInterleaved1F1B(_fake_stages(pp, virtual, rank), micro_batches,
+                                            loss_fn=loss).pipeline_order[rank]
+            layers = 2 * pp * virtual  # 2 layers per chunk
+            assert in_flight_layers(layers, pp, virtual, "interleaved-1f1b", micro_batches, rank) == \
+                2 * _peak_forwards_in_flight(order), (virtual, rank)
+
+
+def test_the_first_stage_keeps_megatrons_activations_and_the_bubble_is_narayanans():
+    """Korthikanti et al. 2022, section 4.2.3: under 1F1B the first stage keeps num_layers' worth of activations
+    whatever p is (p micro-batches of layers / p), interleaved (1 + (p - 1) / (p v)) times that; the bubble is
+    (p - 1) / (v m + p - 1) of the step (Narayanan et al. 2021), and the step time's bubble is that share of the
+    pipeline's busy time. Sums of a few float terms: relative 1e-12."""
+    shape = Shape.of(load_model_config("gpt-8.3b"))
+    alone = memory_breakdown(shape, Layout(8, 1, 8, False, "none", 1, 16), 1024)["activations"]
+    for pp, virtual in ((2, 1), (4, 1), (8, 1), (4, 2), (4, 3), (2, 6)):
+        layout = Layout(8, 1, 64 // (8 * pp), False, "none", 1, 16, pp, virtual,
+                        "interleaved-1f1b" if virtual > 1 else "1f1b")
+        first = memory_breakdown(shape, layout, 1024, rank=0)["activations"]
+        assert first == pytest.approx(alone * (1 + (pp - 1) / (pp * virtual) if virtual > 1 else 1), rel=1e-12)
+        assert memory_breakdown(shape, layout, 1024, rank=pp - 1)["activations"] < first
+        time = step_time(shape, layout, 1024, 512, GPUS["v100"], 64, 8)
+        busy = time["total"] - time["bubble"] - time["data_parallel"]
+        assert time["bubble"] / (busy + time["bubble"]) == pytest.approx(bubble_fraction(pp, virtual, 16), rel=1e-12)
+    assert bubble_fraction(4, 1, 8) == 3 / 11 and bubble_fraction(4, 2, 8) == 3 / 19 and bubble_fraction(1, 1, 8) == 0
+    gpipe = Layout(8, 1, 2, False, "none", 1, 16, 4, 1, "gpipe")
+    assert memory_breakdown(shape, gpipe, 1024, rank=0)["activations"] == pytest.approx(alone * 16 / 4, rel=1e-12)
+
+
+@pytest.mark.parametrize("preset, tied", [("gpt-tiny", True), ("gpt-tiny", False), ("llama-tiny", False)])
+def test_stage_parameters_match_the_tensors_each_stage_holds(preset, tied):
+    """Each pipeline rank's parameters, planned, against the model's own tensors split as the config's pp plan
+    splits them (the embedding first, layers in order, the final norm and output layer last): the state dict's keys,
+    in which a tied output layer is the word embedding again, the copy the last stage keeps. Counts: equal."""
+    config = MegatronGPTConfig.from_preset(preset, num_layers=4, tie_word_embeddings=tied)
+    state = MegatronGPTForCausalLM(config).state_dict()
+    for pp in (1, 2, 4):
+        held = [0] * pp
+        seen = set()
+        for name, tensor in state.items():
+            if name.startswith("model.embedding."):
+                rank = 0
+            elif name.startswith("model.decoder.layers."):
+                rank = int(name.split(".")[3]) // (4 // pp)
+            else:
+                assert name.startswith(("model.decoder.final_layernorm.", "output_layer.")), name
+                rank = pp - 1
+            if (rank, tensor.data_ptr()) not in seen:  # one rank holds one copy of a tied tensor
+                seen.add((rank, tensor.data_ptr()))
+                held[rank] += tensor.numel()
+        planned = [sum(Shape.of(config).stage_parameters(pp, rank)) for rank in range(pp)]
+        assert planned == held, (pp, planned, held)
+
+
+def test_written_pipeline_recipe_is_accepted_by_the_recipe_parser(tmp_path):
+    """--write for a pipelined layout: the recipe megahf's parser loads (load_recipe checks it whole, the pipeline's
+    refusals included) and whose layout on the planned world size is the plan's; the same for an interleaved one."""
+    from megahf.cli import main
+    from megahf.training.setup import build_layout, load_recipe
+
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", "gpt-8.3b", "--gpus", "64", "--gpu", "v100", "--gpu-memory", "16GB",
+                 "--nodes", "8", "--top", "1", "--write", str(out)]) == 0
+    result = v100_16gb_plan()
+    interleaved = next(c for c in result["fitting"] if c.layout.virtual > 1)
+    result_interleaved = dict(result, fitting=[interleaved])
+    write_layout(result_interleaved, tmp_path / "interleaved", "gpt-8.3b")
+    for folder, lay in ((out, result["fitting"][0].layout), (tmp_path / "interleaved", interleaved.layout)):
+        layout = build_layout(load_recipe(folder / "recipe.yaml"), world_size=64)
+        assert (layout.pipeline_parallel_size, layout.virtual_pipeline_size, layout.pipeline_schedule) == \
+            (lay.pp, lay.virtual, lay.schedule)
+        assert (layout.tensor_parallel_size, layout.fsdp_size, layout.data_parallel_size, layout.micro_batch_size,
+                layout.gradient_accumulation_steps) == (lay.tp, lay.fsdp, lay.dp, lay.micro_batch, lay.accumulation)
+        assert "num_processes: 64" in (folder / "launch.yaml").read_text()
 
 
 # ---------------------------------------------------------------------- --write, run as written

@@ -3,8 +3,12 @@
     megahf plan --model gpt-8.3b --gpus 512 --gpu v100 --gpu-memory 32GB --nodes 32 --seq 1024 --global-batch 512
 
 A layout is tensor parallel t (within a node), FSDP f (shards weights, gradients and optimizer state over f of the
-data-parallel ranks), data parallel d = N / t, sequence parallel (t >= 2), recompute (none | selective | full) and
-the micro batch b (global batch = b x d x accumulation).
+data-parallel ranks), data parallel d = N / (t p), sequence parallel (t >= 2, not with a pipeline), recompute (none |
+selective | full), the micro batch b (global batch = b x d x accumulation) and pipeline parallel p (the outermost
+dimension; its m micro-batches per step are the accumulation, at least p; the schedule 1F1B, or interleaved 1F1B with
+v chunks per rank and m a multiple of p; p v divides the layers). Pipelines follow Megatron's advice (Narayanan et al.
+2021, section 3.3): they are considered only when no layout fits with its TP x FSDP groups within one node, and then
+at the largest TP degree of a node; never for BERT or a recipe that compiles (megahf's pipeline refuses both).
 
 Memory per GPU, in bytes, as megahf trains on GPUs (bf16 autocast: the weights stay fp32 and are the master copy):
     weights 4 P_local, gradients 4 P_local, optimizer 8 P_local (Adam's two fp32 moments), P_local = the
@@ -29,6 +33,12 @@ Memory per GPU, in bytes, as megahf trains on GPUs (bf16 autocast: the weights s
         it 4, the loss's dense fp32 gradient with respect to it 4 and the logits' fp32 gradient 4); the
         vocabulary-parallel loss never gathers them. Both are checked against torch's allocator (tests/test_plan.py)
     framework overhead: OVERHEAD_GB (CUDA context, NCCL and allocator slack).
+    Under pipeline parallelism, per pipeline rank (the plan shows the largest): its layers / p layers; the word and
+    position embeddings on the first, the final norm and output layer on the last (with tied embeddings a copy of the
+    word embedding, whose gradients the two all-reduce, as Megatron); the logits term on the last only; activations of
+    the layers' micro-batches in flight (Korthikanti et al. 2022, section 4.2.3, `in_flight_layers`): the first 1F1B
+    stage keeps p micro-batches of layers / p layers, num_layers' worth whatever p is, interleaved (1 + (p - 1) /
+    (p v)) times that, GPipe m / p times.
 Step time (seconds) = compute + tensor-parallel communication + exposed data-parallel communication, with
     compute = hardware FLOPs / (N x peak x efficiency); hardware FLOPs = model FLOPs (`flops.py`: 6 N_matmul +
         12 l h s per token) plus the recomputed forward (full: + the layers' forward; selective: + the attention
@@ -41,13 +51,18 @@ Step time (seconds) = compute + tensor-parallel communication + exposed data-par
         bandwidth, not overlapped (FSDP2 prefetches one layer ahead: a bound, not an estimate). The bandwidth of a
         group within one node is NVLink's, across nodes the node's network (per-GPU link x GPUs per node: NCCL
         drives one link per GPU).
+    PP: the slowest stage paces the pipeline: the last, with its layers and the output layer (compute = its FLOPs /
+        (N / p GPUs x peak x efficiency)); each chunk sends s b h bf16 values forward and their gradient back per
+        micro batch (2 v m sends, not overlapped: a bound) over NVLink on one node, else the network; the bubble
+        idles (p - 1) / v micro-batch slots of m (Narayanan et al. 2021, section 2.2), (p - 1) / (v m + p - 1) of
+        the step: `bubble_fraction`, (p - 1) / (m + p - 1) for 1F1B.
 Constants per GPU (`GPUS`): dense bf16/fp16 peak (data sheets), efficiency (what Megatron reached: one V100 30% of
 peak in Shoeybi et al. 2019; 44-52% on A100 in Narayanan et al. 2021; 41-48% on H100 for Megatron-Core), NVLink
 bus bandwidth per GPU, and the network per GPU of the systems those papers used (DGX-2H: 8 x 100 Gb/s for 16 V100;
 DGX A100: 200 Gb/s per GPU; DGX H100/H200: 400 Gb/s per GPU).
 
-Among layouts of equal predicted time (to 4 digits), the one with less FSDP, less tensor parallelism, less recompute
-and the larger micro batch ranks first (fewer moving parts).
+Among layouts of equal predicted time (to 4 digits), the one with fewer pipeline stages and chunks, less FSDP, less
+tensor parallelism, less recompute and the larger micro batch ranks first (fewer moving parts).
 """
 
 from __future__ import annotations
@@ -120,8 +135,8 @@ class Shape:
                    bias=config.add_bias_linear, swiglu=config.activation == "swiglu", tied=config.tie_word_embeddings,
                    dropout=config.hidden_dropout > 0 or config.attention_dropout > 0)
 
-    def parameters(self, tp: int = 1) -> tuple[int, int]:
-        """(parameters split over the TP ranks, held whole by every rank), summed over the model."""
+    def layer_parameters(self) -> tuple[int, int]:
+        """One layer's (parameters split over the TP ranks, held whole by every rank)."""
         h, qkv_out = self.hidden, (self.heads + 2 * self.query_groups) * self.head_dim
         fc1_out = self.ffn * (2 if self.swiglu else 1)
         split = h * qkv_out + self.heads * self.head_dim * h + h * fc1_out + self.ffn * h  # column and row weights
@@ -129,14 +144,29 @@ class Shape:
         if self.bias:
             split += qkv_out + fc1_out  # column-parallel biases are split
             whole += 2 * h  # row-parallel biases are added after the reduction: whole
-        split *= self.layers
-        whole *= self.layers
-        split += self.padded_vocab * h * (1 if self.tied else 2)
-        whole += h * (2 if self.layernorm_bias else 1) + (self.max_positions * h if self.learned_positions else 0)
         return split, whole
 
-    def parameters_per_gpu(self, tp: int, fsdp: int) -> float:
-        split, whole = self.parameters()
+    def parameters(self, tp: int = 1) -> tuple[int, int]:
+        """(parameters split over the TP ranks, held whole by every rank), summed over the model."""
+        return self.stage_parameters(1, 0)
+
+    def stage_parameters(self, pp: int, rank: int) -> tuple[int, int]:
+        """(split, whole) of pipeline rank `rank` of `pp`: its num_layers / pp layers (whatever its chunks), the word
+        and position embeddings on the first, the final norm and the output layer on the last; with tied embeddings
+        and pp > 1 the last holds a copy of the word embedding as its output layer (Megatron's)."""
+        split, whole = self.layer_parameters()
+        split, whole = split * self.layers // pp, whole * self.layers // pp
+        embedding = self.padded_vocab * self.hidden
+        if rank == 0:
+            split += embedding
+            whole += self.max_positions * self.hidden if self.learned_positions else 0
+        if rank == pp - 1:
+            split += embedding if (pp > 1 or not self.tied) else 0
+            whole += self.hidden * (2 if self.layernorm_bias else 1)  # the final norm
+        return split, whole
+
+    def parameters_per_gpu(self, tp: int, fsdp: int, pp: int = 1, rank: int = 0) -> float:
+        split, whole = self.stage_parameters(pp, rank)
         return (split / tp + whole) / fsdp
 
 
@@ -148,17 +178,49 @@ class Layout:
     sequence_parallel: bool
     recompute: str
     micro_batch: int
-    accumulation: int
+    accumulation: int  # under pipeline parallelism: the micro-batches that flow through the stages in one step
+    pp: int = 1
+    virtual: int = 1  # model chunks per pipeline rank (interleaved-1f1b)
+    schedule: str = "1f1b"
 
     def describe(self) -> str:
-        parts = [f"TP {self.tp}", f"DP {self.dp}"]
+        parts = []
+        if self.pp > 1:
+            chunks = f" x {self.virtual} chunks" if self.virtual > 1 else ""
+            parts.append(f"PP {self.pp}{chunks} ({self.schedule})")
+        parts += [f"TP {self.tp}", f"DP {self.dp}"]
         if self.fsdp > 1:
             parts.append(f"FSDP {self.fsdp}")
         if self.sequence_parallel:
             parts.append("SP")
         parts.append(f"recompute {self.recompute}")
-        parts.append(f"micro {self.micro_batch} x acc {self.accumulation}")
+        if self.pp > 1:
+            parts.append(f"micro {self.micro_batch} x {self.accumulation} micro-batches")
+        else:
+            parts.append(f"micro {self.micro_batch} x acc {self.accumulation}")
         return ", ".join(parts)
+
+
+def in_flight_layers(layers: int, pp: int, virtual: int, schedule: str, micro_batches: int, rank: int) -> float:
+    """How many layers' activations of one micro batch pipeline rank `rank` keeps at its peak (Korthikanti et al.
+    2022, section 4.2.3; the warm-up counts of torch.distributed.pipelining's schedules, which are Megatron's):
+    1F1B runs min(pp - rank, m) forwards before its first backward, each through its layers / pp: the first stage
+    holds num_layers' worth whatever pp is; interleaved 1F1B runs (v - 1) pp + 2 (pp - 1 - rank) + 1 chunk forwards
+    of layers / (pp v), the first stage's layers (1 + (pp - 1) / (pp v)); GPipe keeps all m. Without a pipeline:
+    the layers once (each accumulated micro batch frees its activations in its backward)."""
+    if schedule == "gpipe":
+        return micro_batches * layers / pp
+    if virtual > 1:
+        chunks = min((virtual - 1) * pp + 2 * (pp - 1 - rank) + 1, micro_batches * virtual)
+        return chunks * layers / (pp * virtual)
+    return min(pp - rank, micro_batches) * layers / pp
+
+
+def bubble_fraction(pp: int, virtual: int, micro_batches: int) -> float:
+    """The share of a step each stage idles (Narayanan et al. 2021, section 2.2): the bubble lasts (pp - 1) micro-batch
+    slots (fill and drain) against m of work, (pp - 1) / v of them with v interleaved chunks per rank, so
+    (pp - 1) / (v m + pp - 1); (pp - 1) / (m + pp - 1) for 1F1B and GPipe."""
+    return (pp - 1) / (virtual * micro_batches + pp - 1)
 
 
 def activation_bytes_per_layer(shape: Shape, seq: int, micro: int, tp: int, sp: bool, recompute: str,
@@ -195,19 +257,54 @@ def loss_bytes(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int) -> 
 
 
 def memory_breakdown(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int = 1024,
-                     attention: str = "eager") -> dict[str, float]:
-    """Bytes per GPU, by kind (see the module docstring)."""
-    params = shape.parameters_per_gpu(layout.tp, layout.fsdp)
-    acts = shape.layers * activation_bytes_per_layer(shape, seq, layout.micro_batch, layout.tp,
-                                                     layout.sequence_parallel, layout.recompute, attention=attention)
+                     attention: str = "eager", rank: int = 0) -> dict[str, float]:
+    """Bytes per GPU of pipeline rank `rank`, by kind (see the module docstring); without a pipeline, rank 0 holds
+    the whole model."""
+    params = shape.parameters_per_gpu(layout.tp, layout.fsdp, layout.pp, rank)
+    layers = in_flight_layers(shape.layers, layout.pp, layout.virtual, layout.schedule, layout.accumulation, rank)
+    acts = layers * activation_bytes_per_layer(shape, seq, layout.micro_batch, layout.tp, layout.sequence_parallel,
+                                               layout.recompute, attention=attention)
     return {
         "weights": 4 * params,
         "gradients": 4 * params,
         "optimizer": 8 * params,
         "activations": acts,
-        "logits": loss_bytes(shape, layout, seq, loss_chunk_size),
+        "logits": loss_bytes(shape, layout, seq, loss_chunk_size) if rank == layout.pp - 1 else 0.0,
         "overhead": OVERHEAD_GB * GB,
     }
+
+
+def stage_memory(shape: Shape, layout: Layout, seq: int, loss_chunk_size: int = 1024,
+                 attention: str = "eager") -> dict[int, dict[str, float]]:
+    """The breakdown of the first and the last pipeline rank (one rank without a pipeline): the only candidates for
+    the largest, since a middle rank holds the same layers as they do, no embedding, no output layer, and fewer
+    micro-batches in flight than the first."""
+    return {rank: memory_breakdown(shape, layout, seq, loss_chunk_size, attention, rank)
+            for rank in sorted({0, layout.pp - 1})}
+
+
+def largest_stage_why(shape: Shape, layout: Layout, stages: dict[int, dict[str, float]]) -> tuple[int, str]:
+    """The pipeline rank with the most bytes, and why in one sentence ("" without a pipeline)."""
+    if layout.pp == 1:
+        return 0, ""
+    last = layout.pp - 1
+    total = {rank: sum(memory.values()) for rank, memory in stages.items()}
+    largest = max(total, key=total.get)
+    first_acts, last_acts = stages[0]["activations"] / GB, stages[last]["activations"] / GB
+    in_flight = in_flight_layers(shape.layers, layout.pp, layout.virtual, layout.schedule, layout.accumulation, 0)
+    layers = shape.layers // layout.pp
+    keeps = (f"keeps {in_flight:g} layers' activations of a micro batch in flight ({layout.schedule}: "
+             + ("all m micro-batches" if layout.schedule == "gpipe" else
+                f"{layout.pp} micro-batches x {layers} layers" if layout.virtual == 1 else
+                "1 + (pp - 1) / (pp v) times num_layers")
+             + f", {first_acts:.1f} GB; the last stage {last_acts:.1f} GB)")
+    output = "a copy of the tied word embedding" if shape.tied else "the output layer"
+    if largest == 0:
+        return 0, (f"stage 0 of {layout.pp} is the largest ({total[0] / GB:.1f} GB vs {total[last] / GB:.1f} GB): it "
+                   f"holds the word embedding and {layers} layers and {keeps}")
+    return last, (f"stage {last} of {layout.pp} is the largest ({total[last] / GB:.1f} GB vs {total[0] / GB:.1f} GB): "
+                  f"{output}, the final norm and the loss's logits ({stages[last]['logits'] / GB:.1f} GB) outweigh "
+                  f"what the first stage {keeps.replace('keeps', 'keeps more:', 1)}")
 
 
 def model_flops_per_step(shape: Shape, seq: int, global_batch: int) -> float:
@@ -227,14 +324,17 @@ def step_time(shape: Shape, layout: Layout, seq: int, global_batch: int, gpu: Gp
               gpus_per_node: int) -> dict[str, float]:
     """Seconds per optimizer step, by part (see the module docstring)."""
     flops = model_flops_per_step(shape, seq, global_batch)
-    layer_forward = flops / 3 * (1 - shape.padded_vocab * shape.hidden * 6 * seq * global_batch / flops)
+    head = shape.padded_vocab * shape.hidden * 6 * seq * global_batch  # the output layer, on the last stage
+    layer_forward = (flops - head) / 3
     extra = {"none": 0.0, "selective": 4.0 * shape.layers * shape.hidden * seq * seq * global_batch,
              "full": layer_forward}[layout.recompute]
-    compute = (flops + extra) / (gpus * gpu.peak_tflops * 1e12 * gpu.efficiency)
+    # the slowest stage paces the pipeline: the last, its layers and the output layer (all of it without a pipeline)
+    stage_flops = (flops - head + extra) / layout.pp + head
+    compute = stage_flops / (gpus // layout.pp * gpu.peak_tflops * 1e12 * gpu.efficiency)
     micro_batches = layout.accumulation
     tp_bytes = seq * layout.micro_batch * shape.hidden * 2  # bf16 activations
     per_layer = 4 + (2 if layout.recompute == "full" else 0)
-    tp = micro_batches * shape.layers * per_layer * _allreduce_s(tp_bytes, layout.tp, gpu.nvlink_gbps)
+    tp = micro_batches * shape.layers // layout.pp * per_layer * _allreduce_s(tp_bytes, layout.tp, gpu.nvlink_gbps)
 
     def bandwidth(group: int) -> float:
         """A data-parallel group of `group` ranks spans group x TP GPUs (TP innermost): NVLink within a node."""
@@ -242,15 +342,23 @@ def step_time(shape: Shape, layout: Layout, seq: int, global_batch: int, gpu: Gp
             return gpu.nvlink_gbps
         return min(gpu.nvlink_gbps, gpu.network_gbps * gpus_per_node)
 
-    params = shape.parameters_per_gpu(layout.tp, 1)  # fp32, before FSDP sharding
+    params = max(shape.parameters_per_gpu(layout.tp, 1, layout.pp, rank) for rank in {0, layout.pp - 1})  # fp32
     fsdp = 0.0
     if layout.fsdp > 1:
         fsdp = micro_batches * 3 * (layout.fsdp - 1) / layout.fsdp * 4 * params / (bandwidth(layout.fsdp) * GB)
+    pipeline = bubble = 0.0
+    if layout.pp > 1:
+        # each chunk sends its output forward and its input's gradient back, bf16, per micro batch (every TP rank its
+        # own copy, in parallel); PP is the outermost dimension: across nodes as soon as there are several
+        link = gpu.network_gbps if gpus > gpus_per_node else gpu.nvlink_gbps
+        pipeline = 2 * layout.virtual * micro_batches * tp_bytes / (link * GB)
+        busy = compute + tp + fsdp + pipeline
+        bubble = busy * (layout.pp - 1) / (layout.virtual * micro_batches)  # (p - 1) / v slots of m: idle
     allreduce = _allreduce_s(4 * params / layout.fsdp, layout.dp // layout.fsdp, bandwidth(layout.dp))
     last_backward = compute * 2 / 3 / micro_batches
     dp = max(0.0, allreduce - last_backward)
-    return {"compute": compute, "tensor_parallel": tp, "fsdp": fsdp, "data_parallel": dp,
-            "total": compute + tp + fsdp + dp}
+    return {"compute": compute, "tensor_parallel": tp, "fsdp": fsdp, "pipeline": pipeline, "bubble": bubble,
+            "data_parallel": dp, "total": compute + tp + fsdp + pipeline + bubble + dp}
 
 
 @dataclass
@@ -260,6 +368,8 @@ class Candidate:
     time: dict[str, float]
     fits: bool
     why_not: str = ""
+    stage: int = 0  # the pipeline rank whose memory this is: the largest
+    stage_why: str = ""  # which stage is the largest and why ("" without a pipeline)
 
     @property
     def memory_total(self) -> float:
@@ -271,9 +381,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, gpu: str = "h100",
-         nodes: int = 0, loss_chunk_size: int = 1024, attention: str = "sdpa") -> dict:
+         nodes: int = 0, loss_chunk_size: int = 1024, attention: str = "sdpa", pipeline: str = "") -> dict:
     """Every layout, fitting or not, ranked; see the module docstring. `config`: a MegatronGPT/Bert config;
-    `attention`: "sdpa" (megahf's) or "eager" (the paper's count)."""
+    `attention`: "sdpa" (megahf's) or "eager" (the paper's count); `pipeline`: why the run cannot be pipelined
+    (e.g. its recipe compiles the model), "" when it can."""
     if gpu not in GPUS:
         raise PlanError(f"--gpu={gpu!r} is not known; use one of {', '.join(GPUS)}")
     if attention not in ATTENTIONS:
@@ -298,7 +409,9 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
     if not any(global_batch % (gpus // tp) == 0 for tp in _divisors(gpus)):
         raise PlanError(f"--global-batch={global_batch} is not a multiple of any data-parallel size of {gpus} GPUs; "
                         f"use a multiple of {gpus}")
-    candidates, ruled_out_tp = [], {}
+    pipeline = pipeline or ("megahf pipelines GPT models only (BERT's heads read the first and the masked tokens)"
+                            if "bert" in getattr(config, "model_type", "") else "")
+    candidates, ruled_out_tp, tps = [], {}, []
     for tp in _divisors(gpus):
         if tp > per_node:
             ruled_out_tp[tp] = f"TP {tp} would span nodes ({per_node} GPUs per node): its all-reduces, 4 per layer, " \
@@ -309,38 +422,87 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
         except ValueError as error:
             ruled_out_tp[tp] = f"TP {tp} does not divide the model: {error}"
             continue
-        dp = gpus // tp
+        if global_batch % (gpus // tp):
+            ruled_out_tp[tp] = (f"TP {tp}: the global batch {global_batch} does not divide over {gpus // tp} "
+                                "data-parallel ranks")
+        tps.append(tp)
+
+    def add(tp: int, pp: int = 1, virtual: int = 1, schedule: str = "1f1b") -> None:
+        """Every layout of these TP and PP degrees (sequence parallelism only without a pipeline: megahf's
+        pipeline refuses it)."""
+        dp = gpus // (tp * pp)
         if global_batch % dp:
-            ruled_out_tp[tp] = f"TP {tp}: the global batch {global_batch} does not divide over {dp} data-parallel ranks"
-            continue
+            return
         for fsdp in _divisors(dp):
-            for sp in ((False, True) if tp > 1 else (False,)):
+            for sp in ((False, True) if tp > 1 and pp == 1 else (False,)):
                 for recompute in RECOMPUTE:
-                    for micro in _divisors(global_batch):
-                        if global_batch % (micro * dp):
-                            continue
-                        layout = Layout(tp, fsdp, dp, sp, recompute, micro, global_batch // (micro * dp))
-                        memory = memory_breakdown(shape, layout, seq, loss_chunk_size, attention)
-                        total = sum(memory.values())
-                        fits = total <= gpu_memory_gb * GB
-                        why = "" if fits else _why_not(memory, gpu_memory_gb)
-                        candidates.append(Candidate(layout, memory, step_time(shape, layout, seq, global_batch,
-                                                                              device, gpus, per_node), fits, why))
+                    for micro in _divisors(global_batch // dp):
+                        micro_batches = global_batch // (micro * dp)
+                        if pp > 1 and (micro_batches < pp or (virtual > 1 and micro_batches % pp)):
+                            continue  # refused by the layout: fewer micro-batches than stages, or partial rounds
+                        layout = Layout(tp, fsdp, dp, sp, recompute, micro, micro_batches, pp, virtual, schedule)
+                        candidates.append(_candidate(shape, layout, seq, global_batch, loss_chunk_size, attention,
+                                                     gpu_memory_gb, device, gpus, per_node))
+
+    for tp in tps:
+        add(tp)
+    within = [c for c in candidates if c.fits and c.layout.tp * c.layout.fsdp <= per_node]
+    ruled_out_pp: dict[int, str] = {}
+    if pipeline:
+        pipeline = f"not considered: {pipeline}"
+    elif within:
+        best = min(within, key=_rank_key).layout
+        pipeline = (f"not needed: {best.describe()} fits with its TP x FSDP groups ({best.tp * best.fsdp} GPUs) "
+                    f"within a node of {per_node} (Megatron's advice: tensor parallelism within a node first, "
+                    "pipeline stages only where the model does not fit so)")
+    else:
+        # Megatron's advice (Narayanan et al. 2021, section 3.3): tensor parallelism up to the GPUs of a node, then
+        # pipeline stages across nodes; the bubble (and the tie-break) keep the stages as few as the model needs
+        tp = max(tps, default=1)
+        pipeline = (f"considered at TP {tp}, the most within a node of {per_node} GPUs that the model takes: no layout "
+                    "fits with its TP x FSDP groups within a node; pipeline stages split the layers instead of "
+                    "sharding them across nodes")
+        for pp in _divisors(gpus)[1:]:
+            if shape.layers % pp:
+                ruled_out_pp[pp] = f"PP {pp} does not divide the {shape.layers} layers"
+                continue
+            if (gpus // tp) % pp:
+                ruled_out_pp[pp] = f"PP {pp} x TP {tp} does not divide the {gpus} GPUs"
+                continue
+            before = len(candidates)
+            add(tp, pp)
+            for virtual in _divisors(shape.layers // pp)[1:]:
+                add(tp, pp, virtual, "interleaved-1f1b")
+            if len(candidates) == before:
+                ruled_out_pp[pp] = (f"PP {pp}: the global batch {global_batch} gives fewer micro-batches than its "
+                                    f"{pp} stages (or not a multiple of the data-parallel size {gpus // (tp * pp)})")
     fitting = sorted((c for c in candidates if c.fits), key=_rank_key)
     return {"shape": shape, "gpu": device, "gpus": gpus, "nodes": nodes, "gpus_per_node": per_node,
             "gpu_memory_gb": gpu_memory_gb, "seq": seq, "global_batch": global_batch,
             "loss_chunk_size": loss_chunk_size, "attention": attention,
             "model_flops_per_step": model_flops_per_step(shape, seq, global_batch),
             "fitting": fitting, "not_fitting": [c for c in candidates if not c.fits], "ruled_out_tp": ruled_out_tp,
-            }
+            "pipeline": pipeline, "ruled_out_pp": ruled_out_pp}
+
+
+def _candidate(shape: Shape, layout: Layout, seq: int, global_batch: int, loss_chunk_size: int, attention: str,
+               gpu_memory_gb: float, device: Gpu, gpus: int, per_node: int) -> Candidate:
+    """One layout's memory (of its largest pipeline stage), step time and fit."""
+    stages = stage_memory(shape, layout, seq, loss_chunk_size, attention)
+    stage, stage_why = largest_stage_why(shape, layout, stages)
+    memory = stages[stage]
+    fits = sum(memory.values()) <= gpu_memory_gb * GB
+    why = "" if fits else _why_not(memory, gpu_memory_gb) + (f" on stage {stage}" if layout.pp > 1 else "")
+    return Candidate(layout, memory, step_time(shape, layout, seq, global_batch, device, gpus, per_node), fits, why,
+                     stage, stage_why)
 
 
 def _rank_key(c: Candidate):
     lay = c.layout
-    # equal predicted times (to 4 significant digits), then the simpler layout: no FSDP (its time is a bound), less
-    # TP, less recompute, no SP, the larger micro batch
-    return (float(f"{c.time['total']:.4g}"), lay.fsdp, lay.tp, RECOMPUTE.index(lay.recompute), lay.sequence_parallel,
-            -lay.micro_batch)
+    # equal predicted times (to 4 significant digits), then the simpler layout: fewer pipeline stages and chunks, no
+    # FSDP (its time is a bound), less TP, less recompute, no SP, the larger micro batch
+    return (float(f"{c.time['total']:.4g}"), lay.pp, lay.virtual, lay.fsdp, lay.tp, RECOMPUTE.index(lay.recompute),
+            lay.sequence_parallel, -lay.micro_batch)
 
 
 def _why_not(memory: dict[str, float], gpu_memory_gb: float) -> str:
@@ -369,8 +531,9 @@ def why_not_tp(result: dict, tp: int) -> str:
     if this is first:
         return f"TP {tp}: the best layout"
     unsharded = ""
-    if not any(c.layout.tp == tp and c.layout.fsdp == 1 for c in result["fitting"]):
-        smallest = min((c for c in result["not_fitting"] if c.layout.tp == tp and c.layout.fsdp == 1),
+    if not any(c.layout.tp == tp and c.layout.fsdp == 1 and c.layout.pp == 1 for c in result["fitting"]):
+        smallest = min((c for c in result["not_fitting"] if c.layout.tp == tp and c.layout.fsdp == 1
+                        and c.layout.pp == 1),
                        key=lambda c: c.memory_total)
         unsharded = f"; without FSDP nothing fits ({smallest.why_not})"
     return (f"TP {tp}: fits ({this.layout.describe()}), but {this.time['total']:.3f} s per step vs "
@@ -378,11 +541,27 @@ def why_not_tp(result: dict, tp: int) -> str:
 
 
 def _slower_because(this: Candidate, first: Candidate) -> str:
-    diffs = {k: this.time[k] - first.time[k] for k in ("compute", "tensor_parallel", "fsdp", "data_parallel")}
+    diffs = {k: this.time[k] - first.time[k]
+             for k in ("compute", "tensor_parallel", "fsdp", "pipeline", "bubble", "data_parallel")}
     part = max(diffs, key=diffs.get)
     if diffs[part] <= 0:
         return "equal time: the simpler layout ranks first"
-    return f"+{diffs[part]:.3f} s of {part.replace('_', ' ')}"
+    return f"+{diffs[part]:.3f} s of {part.replace('_', ' ').replace('pipeline', 'pipeline sends')}"
+
+
+def why_not_pp(result: dict, pp: int) -> str:
+    """Why no layout of this pipeline degree is the first (as `why_not_tp`)."""
+    if pp in result["ruled_out_pp"]:
+        return result["ruled_out_pp"][pp]
+    mine = [c for c in result["fitting"] if c.layout.pp == pp]
+    if not mine:
+        smallest = min((c for c in result["not_fitting"] if c.layout.pp == pp), key=lambda c: c.memory_total)
+        return f"PP {pp}: no layout fits; the smallest ({smallest.layout.describe()}) {smallest.why_not}"
+    first, this = result["fitting"][0], mine[0]
+    if this is first:
+        return f"PP {pp}: the best layout"
+    return (f"PP {pp}: fits ({this.layout.describe()}), but {this.time['total']:.3f} s per step vs "
+            f"{first.time['total']:.3f} s ({_slower_because(this, first)})")
 
 
 # ---------------------------------------------------------------------- the verb
@@ -439,13 +618,24 @@ def format_plan(result: dict, model: str, top: int = 10) -> str:
                  "fastest (memory per GPU in GB: weights + gradients + optimizer + activations + logits + overhead):")
     for i, c in enumerate(fitting[:top], 1):
         m, t = {k: v / GB for k, v in c.memory.items()}, c.time
+        pipelined = f", PP {t['pipeline']:.3f}, bubble {t['bubble']:.3f}" if c.layout.pp > 1 else ""
         lines.append(f"{i:3d}. {c.layout.describe():55s} {t['total']:8.3f} s/step (compute {t['compute']:.3f}, TP "
-                     f"{t['tensor_parallel']:.3f}, FSDP {t['fsdp']:.3f}, DP {t['data_parallel']:.3f})")
+                     f"{t['tensor_parallel']:.3f}, FSDP {t['fsdp']:.3f}{pipelined}, DP {t['data_parallel']:.3f})")
         lines.append(f"     {c.memory_total / GB:6.1f} GB = {m['weights']:.1f} + {m['gradients']:.1f} + "
-                     f"{m['optimizer']:.1f} + {m['activations']:.1f} + {m['logits']:.1f} + {m['overhead']:.1f}")
+                     f"{m['optimizer']:.1f} + {m['activations']:.1f} + {m['logits']:.1f} + {m['overhead']:.1f}"
+                     + (f" on stage {c.stage} of {c.layout.pp}, the largest" if c.layout.pp > 1 else ""))
+        if c.layout.pp > 1:
+            lay = c.layout
+            bubble = bubble_fraction(lay.pp, lay.virtual, lay.accumulation)
+            v = f"{lay.virtual} x " if lay.virtual > 1 else ""
+            lines.append(f"     bubble (p - 1) / ({v}m + p - 1) = {lay.pp - 1} / ({v}{lay.accumulation} + "
+                         f"{lay.pp - 1}) = {bubble:.1%} of the step; {c.stage_why}")
     lines.append("each tensor-parallel degree:")
     tps = sorted({c.layout.tp for c in fitting + result["not_fitting"]} | set(result["ruled_out_tp"]))
     lines.extend(f"  {why_not_tp(result, tp)}" for tp in tps)
+    lines.append(f"pipeline parallelism: {result['pipeline']}")
+    pps = sorted({c.layout.pp for c in fitting + result["not_fitting"]} - {1} | set(result["ruled_out_pp"]))
+    lines.extend(f"  {why_not_pp(result, pp)}" for pp in pps)
     if not fitting:
         lines.append("nothing fits: more GPUs, more memory per GPU, or a smaller model / sequence")
     return "\n".join(lines)
@@ -457,8 +647,8 @@ def write_layout(result: dict, out: str | os.PathLike, model: str) -> tuple[Path
 
         accelerate launch --config_file OUT/launch.yaml -m megahf pretrain OUT/recipe.yaml
 
-    `sequence_parallel` and `recompute` (recipe keys of megahf's scale work) are written only when the layout uses
-    them."""
+    `sequence_parallel`, `recompute` and the pipeline keys are written only when the layout uses them (and removed
+    from the `--model` recipe when it does not)."""
     import yaml
 
     from .atomic import atomic_write_text
@@ -478,10 +668,17 @@ def write_layout(result: dict, out: str | os.PathLike, model: str) -> tuple[Path
     values.update({"tensor_parallel_size": lay.tp, "fsdp_size": lay.fsdp, "data_parallel_size": 0,
                    "micro_batch_size": lay.micro_batch, "gradient_accumulation_steps": 0,
                    "global_batch_size": result["global_batch"], "seq_length": result["seq"]})
+    for key in ("sequence_parallel", "recompute", "pipeline_parallel_size", "virtual_pipeline_size",
+                "pipeline_schedule"):
+        values.pop(key, None)  # the layout's, not the --model recipe's
     if lay.sequence_parallel:
         values["sequence_parallel"] = True
     if lay.recompute != "none":
         values["recompute"] = lay.recompute
+    if lay.pp > 1:
+        values.update({"pipeline_parallel_size": lay.pp, "pipeline_schedule": lay.schedule})
+        if lay.virtual > 1:
+            values["virtual_pipeline_size"] = lay.virtual
     if result["loss_chunk_size"] != 1024:  # the recipes' default
         values["loss_chunk_size"] = result["loss_chunk_size"]
     out = Path(out)
@@ -492,7 +689,7 @@ def write_layout(result: dict, out: str | os.PathLike, model: str) -> tuple[Path
     atomic_write_text(out / "recipe.yaml", header + yaml.safe_dump(values, sort_keys=False))
     launch = "\n".join([
         f"# Written by `megahf plan`: {result['gpus']} processes on {result['nodes']} node(s); the layout is the "
-        "recipe's (tensor_parallel_size, fsdp_size).",
+        "recipe's (tensor_parallel_size, fsdp_size" + (", pipeline_parallel_size" if lay.pp > 1 else "") + ").",
         "compute_environment: LOCAL_MACHINE", "distributed_type: MULTI_GPU",
         f"num_machines: {result['nodes']}", f"num_processes: {result['gpus']}", "machine_rank: 0",
         "mixed_precision: bf16", "use_cpu: false", "rdzv_backend: static", "same_network: true"]) + "\n"
@@ -511,6 +708,18 @@ def recipe_sizes(model: str) -> dict:
     return {key: values[key] for key in ("seq_length", "global_batch_size") if values.get(key)}
 
 
+def recipe_refuses_pipeline(model: str) -> str:
+    """Why a recipe YAML given as --model cannot be pipelined ("" when it can, or for a preset or config.json):
+    megahf does not compile a pipelined model (training/setup.py check_pipeline)."""
+    path = Path(model)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return ""
+    import yaml
+
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return "the recipe sets compile: true, which megahf does not pipeline" if values.get("compile") else ""
+
+
 def run(args) -> int:
     """`megahf plan` (cli.py parses the flags). --seq and --global-batch default to the --model recipe's
     seq_length and global_batch_size, else 1024 and 512."""
@@ -520,7 +729,8 @@ def run(args) -> int:
     global_batch = args.global_batch if args.global_batch is not None else sizes.get("global_batch_size", 512)
     result = plan(config, gpus=args.gpus, gpu_memory_gb=parse_memory(args.gpu_memory), seq=seq,
                   global_batch=global_batch, gpu=args.gpu, nodes=args.nodes,
-                  loss_chunk_size=args.loss_chunk_size, attention=args.attention)
+                  loss_chunk_size=args.loss_chunk_size, attention=args.attention,
+                  pipeline=recipe_refuses_pipeline(args.model))
     print(format_plan(result, args.model, top=args.top))
     if args.write:
         recipe, launch = write_layout(result, args.write, args.model)
@@ -529,5 +739,7 @@ def run(args) -> int:
 
 
 __all__ = ["ATTENTIONS", "GPUS", "Candidate", "Gpu", "Layout", "PlanError", "Shape", "activation_bytes_per_layer",
-           "best_per_tp", "format_plan", "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step",
-           "plan", "recipe_sizes", "step_time", "why_not_tp", "write_layout"]
+           "best_per_tp", "bubble_fraction", "format_plan", "in_flight_layers", "largest_stage_why",
+           "load_model_config", "loss_bytes", "memory_breakdown", "model_flops_per_step", "plan",
+           "recipe_refuses_pipeline", "recipe_sizes", "stage_memory", "step_time", "why_not_pp", "why_not_tp",
+           "write_layout"]
