@@ -250,6 +250,7 @@ def test_pipeline_is_proposed_where_tensor_parallelism_and_fsdp_within_a_node_do
     assert lay.accumulation == 512 // (lay.micro_batch * lay.dp) >= lay.pp  # m from the global batch
     assert result["pipeline"].startswith("considered at TP 8"), result["pipeline"]
     assert why_not_pp(result, 2) == "PP 2: the best layout"
+    assert why_not_pp(result, 1).startswith("PP 1: fits (TP 8, DP 8, FSDP 4") and "s of fsdp)" in why_not_pp(result, 1)
     assert "does not divide the 72 layers" in why_not_pp(result, 16)
     assert "s of compute" in why_not_pp(result, 4)  # more stages: the last one's output layer weighs more
     unpipelined = [c for c in result["fitting"] if c.layout.pp == 1]

@@ -151,10 +151,11 @@ def add_plan_parser(verbs) -> None:
     plan = verbs.add_parser(
         "plan",
         help="every parallel layout that fits a model on N GPUs, ranked by predicted step time",
-        description="Every layout (tensor parallel, FSDP, data parallel, sequence parallel, recompute, micro batch) "
-        "of a model on N GPUs: memory per GPU by kind, predicted step time, model FLOPs per step; for the others, "
-        "why not. --write DIR writes the first as a recipe and an accelerate launch config. The memory and time "
-        "models and their constants: megahf/plan.py.",
+        description="Every layout (tensor parallel, FSDP, data parallel, sequence parallel, recompute, micro batch; "
+        "pipeline parallel where TP x FSDP within a node do not hold the model) of a model on N GPUs: memory per GPU "
+        "by kind (of the largest pipeline stage), predicted step time with the pipeline bubble, model FLOPs per step; "
+        "for the others, why not. --write DIR writes the first as a recipe and an accelerate launch config. The "
+        "memory and time models and their constants: megahf/plan.py.",
     )
     plan.add_argument("--model", required=True, metavar="PRESET_OR_CONFIG",
                       help="a preset (gpt-8.3b), a recipe YAML (its model and model_overrides; a checkpoint's config "

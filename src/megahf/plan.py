@@ -634,7 +634,8 @@ def format_plan(result: dict, model: str, top: int = 10) -> str:
     tps = sorted({c.layout.tp for c in fitting + result["not_fitting"]} | set(result["ruled_out_tp"]))
     lines.extend(f"  {why_not_tp(result, tp)}" for tp in tps)
     lines.append(f"pipeline parallelism: {result['pipeline']}")
-    pps = sorted({c.layout.pp for c in fitting + result["not_fitting"]} - {1} | set(result["ruled_out_pp"]))
+    pps = sorted({c.layout.pp for c in fitting + result["not_fitting"]} | set(result["ruled_out_pp"]))
+    pps = pps if len(pps) > 1 else []  # PP 1 only against pipelines
     lines.extend(f"  {why_not_pp(result, pp)}" for pp in pps)
     if not fitting:
         lines.append("nothing fits: more GPUs, more memory per GPU, or a smaller model / sequence")
