@@ -258,7 +258,7 @@ def test_pipeline_is_proposed_where_tensor_parallelism_and_fsdp_within_a_node_do
     assert first.time["total"] < unpipelined[0].time["total"] and unpipelined[0].time["fsdp"] > 0
     assert not any(c.layout.sequence_parallel for c in result["fitting"] + result["not_fitting"] if c.layout.pp > 1)
     assert first.stage == 0 and first.stage_why.startswith("stage 0 of 2 is the largest")
-    assert "keeps 72 layers' activations" in first.stage_why  # 2 micro-batches of 36 layers
+    assert "72 layer forwards awaiting their backward (1F1B: 2 micro-batches x 36 layers)" in first.stage_why
     text = format_plan(result, "gpt-8.3b", top=1)
     assert f"= 1 / ({lay.accumulation} + 1) = {1 / (lay.accumulation + 1):.1%} of the step" in text, text
     assert "stage 0 of 2 is the largest" in text
@@ -345,6 +345,21 @@ def test_the_first_stage_keeps_megatrons_activations_and_the_bubble_is_narayanan
     assert bubble_fraction(4, 1, 8) == 3 / 11 and bubble_fraction(4, 2, 8) == 3 / 19 and bubble_fraction(1, 1, 8) == 0
     gpipe = Layout(8, 1, 2, False, "none", 1, 16, 4, 1, "gpipe")
     assert memory_breakdown(shape, gpipe, 1024, rank=0)["activations"] == pytest.approx(alone * 16 / 4, rel=1e-12)
+
+
+def test_the_plan_names_the_last_stage_where_the_output_layer_outweighs_the_activations_in_flight():
+    """Llama-8B's 128,256-row untied output layer and its logits against full recompute's small activations: at PP 2
+    the last stage holds more than the first, and the plan says so and why; without recompute the first again."""
+    from megahf.plan import largest_stage_why, stage_memory
+
+    shape = Shape.of(load_model_config("llama-8b"))
+    recomputed = Layout(8, 1, 4, False, "full", 1, 128, 2)
+    stages = stage_memory(shape, recomputed, 4096)
+    assert sum(stages[1].values()) > sum(stages[0].values()) and stages[0]["logits"] == 0 < stages[1]["logits"]
+    stage, why = largest_stage_why(shape, recomputed, stages)
+    assert stage == 1 and why.startswith("stage 1 of 2 is the largest") and "the output layer, the final norm" in why
+    kept = Layout(8, 1, 4, False, "none", 1, 128, 2)
+    assert largest_stage_why(shape, kept, stage_memory(shape, kept, 4096))[0] == 0
 
 
 @pytest.mark.parametrize("preset, tied", [("gpt-tiny", True), ("gpt-tiny", False), ("llama-tiny", False)])

@@ -287,24 +287,28 @@ def largest_stage_why(shape: Shape, layout: Layout, stages: dict[int, dict[str, 
     """The pipeline rank with the most bytes, and why in one sentence ("" without a pipeline)."""
     if layout.pp == 1:
         return 0, ""
-    last = layout.pp - 1
-    total = {rank: sum(memory.values()) for rank, memory in stages.items()}
-    largest = max(total, key=total.get)
+    last, p, m = layout.pp - 1, layout.pp, layout.accumulation
+    total = {rank: sum(memory.values()) / GB for rank, memory in stages.items()}
     first_acts, last_acts = stages[0]["activations"] / GB, stages[last]["activations"] / GB
-    in_flight = in_flight_layers(shape.layers, layout.pp, layout.virtual, layout.schedule, layout.accumulation, 0)
-    layers = shape.layers // layout.pp
-    keeps = (f"keeps {in_flight:g} layers' activations of a micro batch in flight ({layout.schedule}: "
-             + ("all m micro-batches" if layout.schedule == "gpipe" else
-                f"{layout.pp} micro-batches x {layers} layers" if layout.virtual == 1 else
-                "1 + (pp - 1) / (pp v) times num_layers")
-             + f", {first_acts:.1f} GB; the last stage {last_acts:.1f} GB)")
+    in_flight = in_flight_layers(shape.layers, p, layout.virtual, layout.schedule, m, 0)
+    layers = shape.layers // p
+    if layout.schedule == "gpipe":
+        detail = f"GPipe: all {m} micro-batches x {layers} layers"
+    elif layout.virtual > 1:
+        chunk = shape.layers // (p * layout.virtual)
+        detail = (f"interleaved 1F1B: {in_flight / chunk:g} chunk forwards x {chunk} layers, "
+                  f"(1 + (p - 1) / (p v)) x num_layers")
+    else:
+        detail = f"1F1B: {min(p, m)} micro-batches x {layers} layers"
+    acts = (f"the activations of {in_flight:g} layer forwards awaiting their backward ({detail}), {first_acts:.1f} GB "
+            f"against the last stage's {last_acts:.1f} GB")
+    if total[0] >= total[last]:
+        return 0, (f"stage 0 of {p} is the largest ({total[0]:.1f} GB, the last {total[last]:.1f} GB): the word "
+                   f"embedding, and {acts}")
     output = "a copy of the tied word embedding" if shape.tied else "the output layer"
-    if largest == 0:
-        return 0, (f"stage 0 of {layout.pp} is the largest ({total[0] / GB:.1f} GB vs {total[last] / GB:.1f} GB): it "
-                   f"holds the word embedding and {layers} layers and {keeps}")
-    return last, (f"stage {last} of {layout.pp} is the largest ({total[last] / GB:.1f} GB vs {total[0] / GB:.1f} GB): "
-                  f"{output}, the final norm and the loss's logits ({stages[last]['logits'] / GB:.1f} GB) outweigh "
-                  f"what the first stage {keeps.replace('keeps', 'keeps more:', 1)}")
+    return last, (f"stage {last} of {p} is the largest ({total[last]:.1f} GB, the first {total[0]:.1f} GB): {output}, "
+                  f"the final norm and the loss's logits ({stages[last]['logits'] / GB:.1f} GB) outweigh the first "
+                  f"stage's word embedding and {acts}")
 
 
 def model_flops_per_step(shape: Shape, seq: int, global_batch: int) -> float:
