@@ -156,7 +156,7 @@ def _check_micro_batches(micro_batches: int, pp: int, schedule: str, per_step: i
             f"{micro_batches} (global_batch_size / (micro_batch_size x data-parallel size) = global_batch_size / "
             f"{per_step}); set global_batch_size to at least {pp * per_step}, or lower micro_batch_size"
         )
-    if schedule in ("interleaved-1f1b", "zbv") and micro_batches % pp:
+    if schedule.startswith("interleaved") and micro_batches % pp:
         raise LayoutError(
             f"pipeline_schedule={schedule} runs the micro-batches in rounds of pipeline_parallel_size={pp}, and the "
             f"global batch gives {micro_batches}; set global_batch_size to a multiple of {pp * per_step}"

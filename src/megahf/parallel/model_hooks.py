@@ -25,17 +25,29 @@ from .sequence_parallel import check_sequence_parallel, model_parallel_rng_plan,
 from .vocab_parallel import parallel_chunked_causal_lm_loss, use_vocab_parallel_output
 
 
-def _maybe_distribute_model(cls, model, distributed_config, mesh_manager):
-    if distributed_config is not None and hasattr(model, "chunked_loss_function"):
+def use_parallel_chunked_loss(model) -> None:
+    if hasattr(model, "chunked_loss_function"):
         model.chunked_loss_function = parallel_chunked_causal_lm_loss  # vocabulary shards, FSDP2 units
+
+
+def tensor_parallel_plan(model, tp_size: int, sequence_parallel: bool) -> dict[str, str]:
+    """The model's tensor-parallel plan with megahf's additions (the vocabulary-parallel loss, each rank's dropout
+    stream, sequence parallelism, LoRA adapters); refuses a size that does not divide the model."""
+    model.config.check_tensor_parallel(tp_size)
+    use_vocab_parallel_output(model)
+    plan = {**model._tp_plan, **model_parallel_rng_plan(model)}
+    if sequence_parallel:
+        check_sequence_parallel(model)
+        plan.update(sequence_parallel_plan(model))
+    return lora_tp_plan(model, plan)
+
+
+def _maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+    if distributed_config is not None:
+        use_parallel_chunked_loss(model)
     if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
-        model.config.check_tensor_parallel(distributed_config.tp_size)
-        use_vocab_parallel_output(model)
-        plan = {**model._tp_plan, **model_parallel_rng_plan(model)}
-        if distributed_config.enable_sequence_parallel:
-            check_sequence_parallel(model)
-            plan.update(sequence_parallel_plan(model))
-        model._tp_plan = lora_tp_plan(model, plan)
+        model._tp_plan = tensor_parallel_plan(model, distributed_config.tp_size,
+                                              distributed_config.enable_sequence_parallel)
     elif distributed_config is not None and distributed_config.enable_sequence_parallel:
         raise ValueError("enable_sequence_parallel needs tp_size >= 2: the sequence is split over the "
                          "tensor-parallel ranks.")

@@ -36,11 +36,11 @@ class ParallelRecipe:
         "ranks, the outermost dimension of the layout; each optimizer step runs its micro-batches (global batch / "
         "(micro_batch_size x data-parallel size)) through them on pipeline_schedule.", default=1)
     virtual_pipeline_size: int = arg(
-        "Model chunks per pipeline rank (Megatron's virtual pipeline stages): 2 or more with interleaved-1f1b "
-        "(the bubble shrinks by this factor), 2 with zbv, 1 otherwise.", default=1)
+        "Model chunks per pipeline rank (Megatron's virtual pipeline stages): 2 or more with interleaved-1f1b and "
+        "interleaved-zb (the bubble shrinks by this factor), 1 otherwise.", default=1)
     pipeline_schedule: str = arg(
         "How the micro-batches flow through the stages (torch.distributed.pipelining's schedules): 1f1b, gpipe, "
-        "interleaved-1f1b, zbv (zero bubble, V-shaped: two chunks per rank).", default="1f1b")
+        "interleaved-1f1b, interleaved-zb (zero bubble: the weight gradients fill the bubble).", default="1f1b")
 
     def validate(self) -> None:
         need_at_least(self, 1, "micro_batch_size", "tensor_parallel_size", "fsdp_size", "pipeline_parallel_size",
@@ -62,10 +62,6 @@ class ParallelRecipe:
             need(self, v == 1, "virtual_pipeline_size",
                  f"pipeline_schedule={self.pipeline_schedule} runs one model chunk per rank; set "
                  "virtual_pipeline_size: 1, or pipeline_schedule: interleaved-1f1b")
-        elif chunks == 2:
-            need(self, v == 2, "virtual_pipeline_size",
-                 f"pipeline_schedule={self.pipeline_schedule} runs two model chunks per rank (a V); set "
-                 "virtual_pipeline_size: 2")
         else:
             need(self, v >= 2, "virtual_pipeline_size",
                  f"pipeline_schedule={self.pipeline_schedule} interleaves several model chunks per rank; set "
@@ -81,7 +77,7 @@ class ParallelRecipe:
 
 
 # Model chunks per pipeline rank each schedule runs (0: two or more).
-PIPELINE_SCHEDULES = {"1f1b": 1, "gpipe": 1, "interleaved-1f1b": 0, "zbv": 2}
+PIPELINE_SCHEDULES = {"1f1b": 1, "gpipe": 1, "interleaved-1f1b": 0, "interleaved-zb": 0}
 
 
 __all__ = ["PIPELINE_SCHEDULES", "ParallelRecipe"]

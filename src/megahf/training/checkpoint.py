@@ -174,7 +174,7 @@ def save_checkpoint(
         (partial / "rng").mkdir(parents=True)
 
     def write_states() -> None:  # every rank
-        model_sd, optim_sd = trained_state(model), get_optimizer_state_dict(model, optimizer)
+        model_sd, optim_sd = trained_state(model), optimizer_state(model, optimizer)
         pending.writer = FileSystemWriter(partial / MODEL_OPTIM)
         pending.writer.fs = HashingFileSystem()  # checksums computed from the bytes as they are written
         with _quiet_single_process():
@@ -456,12 +456,62 @@ def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: t
     per-parameter state (Adam's step and moments, keyed by parameter name) is read: the parameter groups are
     numbered, and their number follows the layout (Trainer gives each device mesh its own group), so the groups'
     values stay this run's (the recipe's), and the learning rate is the resumed scheduler's (`load_scheduler`)."""
-    current = get_optimizer_state_dict(model, optimizer)
+    current = optimizer_state(model, optimizer)
+    # a pipeline's stages hold different groups, which a checkpoint stores once: read the per-parameter state only
+    same_layout = same_layout and not hasattr(model, "_megahf_pipeline")
     state = {"optim": current if same_layout else {"state": current["state"]}}
     _dcp_load(state, path)
     if not same_layout:
         state["optim"]["param_groups"] = current["param_groups"]
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    set_optimizer_state_dict(model, optimizer, _from_checkpoint_names(model, state["optim"]))
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters whose optimizer state a checkpoint holds under another's name: a pipeline's last stage keeps a
+    copy of the tied word embeddings as its output layer (`parallel/pipeline.py`), stored as the embedding, as one
+    process holds the tied weight, so that checkpoints move between pipelined and other layouts."""
+    return getattr(model, "_megahf_checkpoint_aliases", {})
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, as a checkpoint holds it (the aliases renamed, or dropped where
+    this rank also holds the parameter they copy)."""
+    state = get_optimizer_state_dict(model, optimizer)
+    aliases = _aliases(model)
+    if not aliases:
+        return state
+    held = set(state["state"])
+
+    def name(key: str) -> str | None:
+        source = aliases.get(key)
+        return key if source is None else (None if source in held else source)
+
+    return {"state": {name(k): v for k, v in state["state"].items() if name(k) is not None},
+            "param_groups": [{**group, "params": [name(k) for k in group["params"] if name(k) is not None]}
+                             for group in state["param_groups"]]}
+
+
+def _from_checkpoint_names(model: torch.nn.Module, state: dict) -> dict:
+    """`optimizer_state`'s renaming undone: each alias takes the state stored under the name of what it copies."""
+    aliases = _aliases(model)
+    if not aliases:
+        return state
+    held = _held_parameters(model)
+    per_param = dict(state["state"])
+    groups = [dict(group, params=list(group["params"])) for group in state["param_groups"]]
+    for alias, source in aliases.items():
+        if source in held:  # dropped beside its source on this rank: a copy of the source's state
+            per_param[alias] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in per_param[source].items()}
+            next(group for group in groups if source in group["params"])["params"].append(alias)
+        else:  # stored under the source's name
+            per_param[alias] = per_param.pop(source)
+            for group in groups:
+                group["params"] = [alias if k == source else k for k in group["params"]]
+    return {"state": per_param, "param_groups": groups}
+
+
+def _held_parameters(model: torch.nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters()}
 
 
 def load_scheduler(path: str | os.PathLike, scheduler) -> None:

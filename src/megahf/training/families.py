@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ..models.bert import MegatronBertForPreTraining
 from ..models.gpt import MegatronGPTForCausalLM
 from ..recipe import PretrainRecipe
+from .log import say
 from .model_source import model_family
 
 
@@ -45,6 +46,9 @@ def _gpt_validate(trainer) -> dict[str, float]:
 def generate_sample(model, tokenizer, recipe: PretrainRecipe) -> str:
     """Continue `sample_prompt` by `sample_tokens` tokens (seeded top-k sampling, or greedy with top_k 0)."""
     if recipe.run.sample_tokens == 0:
+        return ""
+    if hasattr(model, "_megahf_pipeline"):
+        say("sample: none under pipeline parallelism (each rank holds some of the layers); generate from final/")
         return ""
     was_training = model.training
     model.eval()

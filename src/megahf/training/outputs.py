@@ -19,7 +19,8 @@ matplotlib.use("Agg")  # files only, never a window
 def save_final(model, tokenizer, output_dir: Path, state_dict: dict | None = None) -> Path:
     """Write `output_dir/final` so that it is either the complete new checkpoint or not there at all. Called on
     every rank: a sharded model is gathered, rank 0 writes (`state_dict`: what to write instead of the model's own,
-    gathered already; a peft model under FSDP2 or tensor parallelism needs it)."""
+    gathered already; a peft model under FSDP2 or tensor parallelism needs it). `model` is None on the ranks that
+    hold no part of what is written (a pipeline assembles the whole model on rank 0)."""
     final = output_dir / "final"
     partial = Path(temporary_name(final, per_process=False))
     if is_rank_zero():
@@ -30,8 +31,9 @@ def save_final(model, tokenizer, output_dir: Path, state_dict: dict | None = Non
     with explain_write_errors(final, intact=f"{intact} (the partial copy is removed)",
                               elsewhere="choose another output_dir"):
         try:
-            model.save_pretrained(partial, is_main_process=is_rank_zero(),
-                                  **({} if state_dict is None else {"state_dict": state_dict}))
+            if model is not None:
+                model.save_pretrained(partial, is_main_process=is_rank_zero(),
+                                      **({} if state_dict is None else {"state_dict": state_dict}))
             # every rank's save_pretrained lists partial/: rank 0 renames it only once all are done (a loaded
             # machine let rank 1 list a folder that rank 0 had already published)
             barrier()

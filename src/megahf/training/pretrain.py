@@ -240,7 +240,8 @@ def write_outputs(recipe: PretrainRecipe, trainer: MegatronTrainer, model, token
     if is_rank_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
     check_finite_weights(model, "final model")
-    final = save_final(model, tokenizer, output_dir)
+    pipeline = getattr(model, "_megahf_pipeline", None)
+    final = save_final(model if pipeline is None else pipeline.gather_model(), tokenizer, output_dir)
     valid_ppl = metrics["valid_ppl"]
     if trainer.is_world_process_zero():
         history = trainer.state.log_history

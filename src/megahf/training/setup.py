@@ -25,6 +25,7 @@ from ..models.gpt import MegatronGPTConfig
 from ..parallel import distribute_model
 from ..parallel.layout import LayoutError, ParallelLayout, resolve_layout
 from ..parallel.load_shards import load_into_layout
+from ..parallel.pipeline import ZERO_BUBBLE, build_pipeline
 from ..parallel.rng import checkpoint_context
 from ..recipe import ModelRecipe, PretrainRecipe, RecipeError, parse_recipe
 from ..recipe.data import EMBEDDED_BERT_TOKENIZER, EMBEDDED_TOKENIZER, GPT2_TOKENIZER_NAMES
@@ -242,7 +243,7 @@ def check_tokenizer(recipe: PretrainRecipe, tokenizer) -> None:
 
 def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None = None):
     """The recipe's model, sharded as the layout says (tensor parallel and/or FSDP2 through transformers'
-    DistributedConfig): a preset freshly initialised from the seed, its vocabulary sized to the tokenizer (every rank
+    DistributedConfig; a pipelined layout keeps this rank's stages only, `parallel/pipeline.py`): a preset freshly initialised from the seed, its vocabulary sized to the tokenizer (every rank
     initialises the full model, so each keeps its slice of the same model as one process would build), or a
     checkpoint's weights, each rank reading only its shards (continued pretraining)."""
     family = family_of(recipe)
@@ -267,7 +268,16 @@ def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
     if recipe.model.compile:
         compile_layers(model)
+    if layout is not None and layout.pipelined:
+        if layout.pipeline_schedule in ZERO_BUBBLE and model.config.loss_chunk_size:
+            say(f"pipeline_schedule={layout.pipeline_schedule}: the last stage computes its loss unchunked "
+                f"(loss_chunk_size={model.config.loss_chunk_size} takes one backward pass, zero-bubble schedules two)")
+        build_pipeline(model, layout, _device())
     return model
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _initialised_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None, family, distributed):

@@ -4,6 +4,7 @@ gives."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from transformers.trainer_callback import ProgressCallback
 from ..errors import MegahfError
 from ..parallel import clip_grad_norm_
 from ..parallel.layout import ParallelLayout
+from ..parallel.pipeline import shard_data_like_pipeline
 from ..recipe import FinetuneRecipe, PretrainRecipe
 from . import checkpoint as ckpt
 from .callbacks import MegatronLogCallback
@@ -39,6 +41,10 @@ class MegatronTrainer(Trainer):
         self.checkpoint_metadata = checkpoint_metadata or {}
         self.progress = progress
         super().__init__(*args, **kwargs)
+        self.pipeline = getattr(self.model, "_megahf_pipeline", None)
+        if self.pipeline is not None:
+            shard_data_like_pipeline(self.accelerator, self.pipeline)
+            self.gather_function = functools.partial(self.pipeline.gather_for_metrics, self.accelerator)
 
     def train(self, *args, **kwargs):
         try:
@@ -68,9 +74,23 @@ class MegatronTrainer(Trainer):
         return metrics
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.pipeline is not None:  # every micro-batch of the step, forward and backward, through the stages
+            model.train()
+            loss = self.pipeline.train_step(self._prepare_inputs(inputs))
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         check_finite_loss(loss, self.state.global_step + 1)
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.pipeline is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        model.eval()
+        return self.pipeline.eval_loss(self._prepare_inputs(inputs)), None, None
+
+    def _sync_replicated_trainable_parameters(self, model) -> None:
+        if self.pipeline is None:  # a pipeline's stages hold different parameters and reduce their own gradients
+            super()._sync_replicated_trainable_parameters(model)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.progress is not None and "loss" in logs:
@@ -80,6 +100,8 @@ class MegatronTrainer(Trainer):
     # ---- gradient clipping across meshes (TP-only, FSDP2 and TP x FSDP2 parameters side by side)
 
     def _clip_grad_norm(self, model):
+        if self.pipeline is not None:
+            return self.pipeline.clip_grad_norm_(self.args.max_grad_norm)
         if self.is_distributed_loading_by_transformers:
             return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
@@ -209,9 +231,11 @@ def trainer_arguments(optimizer, parallel, run, layout: ParallelLayout, *, num_w
     arguments = dict(
         output_dir=run.output_dir,
         max_steps=optimizer.train_steps,
-        per_device_train_batch_size=parallel.micro_batch_size,
-        per_device_eval_batch_size=parallel.micro_batch_size,
-        gradient_accumulation_steps=layout.gradient_accumulation_steps,
+        # a pipeline takes all the micro-batches of a step at once and splits them itself
+        per_device_train_batch_size=parallel.micro_batch_size * (steps_at_once := layout.gradient_accumulation_steps
+                                                                 if layout.pipelined else 1),
+        per_device_eval_batch_size=parallel.micro_batch_size * steps_at_once,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps // steps_at_once,
         learning_rate=optimizer.learning_rate,
         lr_scheduler_type=schedule[0],
         lr_scheduler_kwargs=schedule[1],

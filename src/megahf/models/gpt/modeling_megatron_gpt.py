@@ -256,12 +256,12 @@ class MegatronGPTForCausalLM(MegatronGPTPreTrainedModel, GenerationMixin):
         )
 
     def head_and_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor | None = None,
-                      **kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      chunked: bool = True, **kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The output layer and the loss on the final hidden states: `(loss, logits)` (logits over the padded
-        vocabulary; `None` when the chunked training loss never held them whole). The last pipeline stage calls it
-        on the hidden states it computed."""
+        vocabulary; `None` when the chunked training loss never held them whole; `chunked=False` never chunks). The
+        last pipeline stage calls it on the hidden states it computed."""
         has_labels = labels is not None or kwargs.get("shift_labels") is not None
-        if has_labels and self.training and self.config.loss_chunk_size and can_chunk(self.output_layer):
+        if chunked and has_labels and self.training and self.config.loss_chunk_size and can_chunk(self.output_layer):
             loss = self.chunked_loss_function(hidden_states, self.output_layer, labels,
                                               vocab_size=self.config.vocab_size,
                                               padded_vocab_softmax=self.config.padded_vocab_softmax,
