@@ -13,9 +13,12 @@
 A recipe that cannot run (unknown key, wrong type, missing corpus, ...) is reported as one line on stderr with exit
 status 2, before anything is computed or written. So is every other megahf error a verb meets later (a damaged
 dataset file or checkpoint, a NaN loss, a full disk: `megahf.errors.MegahfError`): one line,
-`megahf VERB: error: MESSAGE`, exit status 2 (argparse's), no traceback. Anything else is a bug and keeps its
-traceback. Parsing and `--help` import neither torch nor transformers: what a verb runs is imported when it runs
-(`run_verb`).
+`megahf VERB: error: MESSAGE`, exit status 2 (argparse's), no traceback. Under a launcher (torchrun, accelerate
+launch) an error every process meets alike before any compute (the recipe, the layout, the launch config:
+`megahf.errors.alike_on_every_rank`) is printed by the first process of each launcher only; the others exit 2
+silently. An error met later, which may differ per rank, is printed by every process that meets it. Anything else is
+a bug and keeps its traceback. Parsing and `--help` import neither torch nor transformers: what a verb runs is
+imported when it runs (`run_verb`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 
 from . import __version__
 from .data import preprocess_arguments
-from .errors import MegahfError, one_line
+from .errors import MegahfError, alike_on_every_rank, one_line, prints_here
 from .hub.cli import add_hub_parsers
 from .recipe import FinetuneRecipe, PretrainRecipe, recipe_help
 
@@ -245,13 +248,15 @@ def run_verb(module: str, function: str, *args) -> int:
 
 
 def run_pretrain_verb(recipe_path: str, overrides: list[str]) -> int:
-    recipe = run_verb("megahf.training.setup", "load_recipe", recipe_path, overrides)
+    with alike_on_every_rank():
+        recipe = run_verb("megahf.training.setup", "load_recipe", recipe_path, overrides)
     run_verb("megahf.training.pretrain", "pretrain", recipe)
     return 0
 
 
 def run_finetune_verb(recipe_path: str, overrides: list[str]) -> int:
-    recipe = run_verb("megahf.training.finetune", "load_finetune_recipe", recipe_path, overrides)
+    with alike_on_every_rank():
+        recipe = run_verb("megahf.training.finetune", "load_finetune_recipe", recipe_path, overrides)
     run_verb("megahf.training.finetune", "finetune", recipe)
     return 0
 
@@ -279,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "plan":
             return run_verb("megahf.plan", "run", args)
     except MegahfError as error:
-        print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
+        if prints_here(error):
+            print(f"megahf {args.verb}: error: {one_line(error)}", file=sys.stderr)
         return 2
     parser.error(f"unknown verb {args.verb!r}")  # unreachable: argparse checks the verb
     return 2

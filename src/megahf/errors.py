@@ -89,9 +89,29 @@ def _os_error_code(error: Exception) -> int | None:
     return int(found.group(1)) if found else None
 
 
+@contextlib.contextmanager
+def alike_on_every_rank() -> Iterator[None]:
+    """Mark the `MegahfError` raised in the block as one that every process of a launch meets alike: the checks of
+    the command line, the recipe and the launch config, run before any process group or compute exists, read the
+    same inputs in every process. The command line prints such an error once per launcher (`prints_here`)."""
+    try:
+        yield
+    except MegahfError as error:
+        error.alike_on_every_rank = True
+        raise
+
+
+def prints_here(error: MegahfError) -> bool:
+    """Whether this process prints `error`: all do, except for an error marked `alike_on_every_rank`, which only the
+    first process of each launcher prints (LOCAL_RANK 0: once on one machine, once in each node's log on several,
+    where a node's processes read their files alike but nodes need not). The others exit with the same status."""
+    return not getattr(error, "alike_on_every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (a message's own line breaks become spaces)."""
     return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
-__all__ = ["WRITE_FAILURES", "MegahfError", "OutputWriteError", "UnsupportedModelError", "explain_write_errors", "one_line"]
+__all__ = ["WRITE_FAILURES", "MegahfError", "OutputWriteError", "UnsupportedModelError", "alike_on_every_rank",
+           "explain_write_errors", "one_line", "prints_here"]

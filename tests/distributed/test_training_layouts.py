@@ -28,6 +28,9 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     # the default tier's real two-process accelerate launch is test_plan's written launch config)
     "ddp2-accelerate": (2, {}),
     "fsdp2": (2, {"fsdp_size": 2}),
+    # FSDP2 from the launch config: `accelerate launch --config_file recipes/accelerate/cpu-fsdp2.yaml`
+    # (distributed_type: FSDP, as `accelerate config` writes it) and the recipe's fsdp_size 0
+    "fsdp2-accelerate": (2, {}),
     "tp2": (2, {"tensor_parallel_size": 2}),
     "tp2xfsdp2": (4, {"tensor_parallel_size": 2, "fsdp_size": 2}),
     # Megatron's sequence parallelism, with the attention core recomputed (selective) and the recipe's default chunked
@@ -47,13 +50,14 @@ LAYOUTS = {  # name -> (processes, recipe keys)
     "hsdp": (4, {"fsdp_size": 2, "micro_batch_size": 2}),
 }
 # What each layout's log must say it ran (the layout line in metrics.json).
-LAYOUT_LINES = {"hsdp": "4 processes x FSDP2 2 x HSDP replicas 2"}
+LAYOUT_LINES = {"hsdp": "4 processes x FSDP2 2 x HSDP replicas 2", "fsdp2-accelerate": "2 processes x FSDP2 2;"}
 # Runs whose reductions are those of one process: DDP=2 averages two micro-batch gradients, (g1 + g2) / 2, where one
 # process accumulates g1 / 2 + g2 / 2, the same floating-point values (halving is exact, and a sum of two is
 # commutative), so the runs are equal bit for bit, not only within TOLERANCE.
 BITWISE = {"ddp2", "ddp2-accelerate", "bert-ddp2"}
 # The default tier keeps one run per mechanism; these repeat what it proves with more processes or compile time.
-EXTENDED_LAYOUTS = {"ddp2-accelerate", "tp2-sp-compile", "ddp2-compile", "tp2-compile", "tp2xfsdp2-compile", "hsdp"}
+EXTENDED_LAYOUTS = {"ddp2-accelerate", "fsdp2-accelerate", "tp2-sp-compile", "ddp2-compile", "tp2-compile",
+                    "tp2xfsdp2-compile", "hsdp"}
 DROPOUT = {"model_overrides.hidden_dropout": 0.1, "model_overrides.attention_dropout": 0.1}
 # BERT: masked LM + sentence order on sentence-split data built from the same corpus.
 BERT = {"model": "bert-tiny", "tokenizer": "bert-uncased-embedded", "split": "80,20,0", "eval_iters": 1,
@@ -92,7 +96,8 @@ def layout_run(corpus, tmp_path_factory):
             out = tmp_path_factory.mktemp(name) / "out"
             # The CPU launch configs are tested here, where their runs are also checked for exactness (each once:
             # BERT's runs use the tests' launcher).
-            launch_config = {"single": "cpu.yaml", "ddp2-accelerate": "cpu-multi.yaml"}.get(name, "")
+            launch_config = {"single": "cpu.yaml", "ddp2-accelerate": "cpu-multi.yaml",
+                             "fsdp2-accelerate": "cpu-fsdp2.yaml"}.get(name, "")
             result = run_pretrain_cli(nproc, layout_args(corpus, out, keys), launch_config=launch_config)
             (out / "output.txt").write_text(result.stdout)
             done[name] = out

@@ -1,8 +1,9 @@
 """How the processes split the work and the batch: pipeline stages x tensor parallel x FSDP x replicas, micro and
 global batch.
 
-The launch config only says how many processes start; `megahf.training.setup.build_layout` fits these sizes to
-that world size."""
+The launch config says how many processes start, and, when it is accelerate's `distributed_type: FSDP`, that the
+data-parallel ranks shard (read as fsdp_size where this says 0: `megahf.parallel.launch_config`);
+`megahf.training.setup.build_layout` fits these sizes to that world size."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ class ParallelRecipe:
                                     "size); must divide the heads, query groups, FFN and padded vocabulary.",
                                     default=1)
     fsdp_size: int = arg("Data-parallel ranks over which FSDP2 shards parameters, gradients and optimizer state "
-                         "(1: no sharding; must divide the data-parallel size).", default=1)
+                         "(1: no sharding; must divide the data-parallel size; 0: what the launch config says, i.e. "
+                         "every data-parallel rank under an accelerate config of distributed_type: FSDP, else 1).",
+                         default=0)
     sequence_parallel: bool = arg(
         "Megatron's sequence parallelism: the norms, dropouts and residual stream between the tensor-parallel layers "
         "hold 1/tensor_parallel_size of the sequence on each rank (needs tensor_parallel_size >= 2 and a seq_length "
@@ -43,9 +46,9 @@ class ParallelRecipe:
         "interleaved-1f1b, interleaved-zb (zero bubble: the weight gradients fill the bubble).", default="1f1b")
 
     def validate(self) -> None:
-        need_at_least(self, 1, "micro_batch_size", "tensor_parallel_size", "fsdp_size", "pipeline_parallel_size",
+        need_at_least(self, 1, "micro_batch_size", "tensor_parallel_size", "pipeline_parallel_size",
                       "virtual_pipeline_size")
-        need_at_least(self, 0, "gradient_accumulation_steps", "global_batch_size", "data_parallel_size")
+        need_at_least(self, 0, "fsdp_size", "gradient_accumulation_steps", "global_batch_size", "data_parallel_size")
         need(self, not self.sequence_parallel or self.tensor_parallel_size >= 2, "sequence_parallel",
              f"it splits the sequence over the tensor-parallel ranks, and tensor_parallel_size="
              f"{self.tensor_parallel_size}; set tensor_parallel_size to 2 or more, or sequence_parallel to false")

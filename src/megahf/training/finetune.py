@@ -27,6 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback, set_seed
 
+from ..errors import alike_on_every_rank
 from ..parallel.layout import ParallelLayout
 from ..recipe import FinetuneRecipe, RecipeError, parse_recipe
 from ..tasks.finetuning import FinetuneTask, get_task
@@ -63,13 +64,14 @@ def run_finetune(recipe: FinetuneRecipe, callbacks: list[TrainerCallback] | None
     """Fine-tune as the recipe says and write the run's outputs. Under a launcher (torchrun, accelerate launch) every
     process calls it. Everything the user gave is checked before anything is computed or written."""
     start = time.perf_counter()
-    recipe.validate()
-    task = get_task(recipe.task.task)
-    source = resolve_model(recipe, task)
-    layout = build_layout(recipe)
-    check_layout(recipe, source, layout)
+    with alike_on_every_rank():  # every process reads the same recipe and launch config: printed once (megahf.cli)
+        recipe.validate()
+        task = get_task(recipe.task.task)
+        source = resolve_model(recipe, task)
+        layout = build_layout(recipe)
+        check_layout(recipe, source, layout)
+        prepare_processes(layout)
     check_hub_push(recipe)  # a push that cannot happen is refused before any training
-    prepare_processes(layout)
     set_seed(recipe.run.seed)
     tokenizer = load_tokenizer(recipe, source)
     raw, dataset_path = load_data(recipe, task)

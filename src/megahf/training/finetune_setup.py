@@ -91,6 +91,12 @@ def check_layout(recipe: FinetuneRecipe, source: ModelSource, layout: ParallelLa
             f"{config.max_position_embeddings} ({source.name}); lower max_seq_length to at most "
             f"{config.max_position_embeddings}"
         )
+    if recipe.optim.optim == "adamw_bnb_8bit" and layout.fsdp_size > 1 and not recipe.parallel.fsdp_size:
+        raise RecipeError(  # the recipe's own fsdp_size > 1 is refused with the recipe (FinetuneRecipe.validate)
+            f"recipe key optim='adamw_bnb_8bit' under the launch config's distributed_type: FSDP (fsdp_size="
+            f"{layout.fsdp_size}): bitsandbytes' 8-bit AdamW has no rule for FSDP2's DTensor shards; use optim: adamw, "
+            "or launch with a MULTI_GPU config (DDP)"
+        )
     tp = layout.tensor_parallel_size
     try:
         config.check_tensor_parallel(tp)

@@ -27,6 +27,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..atomic import atomic_write_json
 from ..data.pretraining_data import build_datasets
+from ..errors import alike_on_every_rank
 from ..data.train_valid import TrainValidDatasets
 from ..parallel.layout import ParallelLayout
 from ..parallel.ranks import barrier, is_rank_zero
@@ -59,10 +60,11 @@ def run_pretrain(recipe: PretrainRecipe, callbacks: list[TrainerCallback] | None
     (torchrun, accelerate launch) every process calls it; the recipe's layout says how they split the work.
     Extra `callbacks` are added to the Trainer's."""
     start = time.perf_counter()
-    check_recipe(recipe)
+    with alike_on_every_rank():  # every process reads the same recipe and launch config: printed once (megahf.cli)
+        check_recipe(recipe)
+        layout = build_layout(recipe)  # the world size must fit before anything is computed
+        prepare_processes(layout)
     check_hub_push(recipe)  # a push that cannot happen is refused before hours of training
-    layout = build_layout(recipe)  # the world size must fit before anything is computed
-    prepare_processes(layout)
     set_seed(recipe.run.seed)
     tokenizer = load_tokenizer(recipe)
     args = training_arguments(recipe, layout)  # starts the process group under a launcher

@@ -7,8 +7,8 @@ import os
 import torch
 
 from ..parallel.accelerate_cpu import allow_parallelism_config_on_cpu
+from ..parallel.launch_config import hand_over_sharding
 from ..parallel.layout import ParallelLayout
-from ..recipe import RecipeError
 from .cpu_malloc import keep_freed_memory
 from .log import say
 
@@ -16,13 +16,10 @@ from .log import say
 def prepare_processes(layout: ParallelLayout) -> None:
     """Make a multi-process CPU launch (plain torchrun) a real gloo run, and let a tensor-parallel model train
     there. Without ACCELERATE_USE_CPU accelerate would see `DistributedType.NO` in every process and each would
-    train alone, silently. On CPU, also keep freed memory for reuse between steps (`cpu_malloc`)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise RecipeError(
-            "the launch config enables accelerate's FSDP plugin (distributed_type: FSDP), which would shard the model "
-            "a second time: megahf shards it from the recipe's fsdp_size and tensor_parallel_size; launch with a "
-            "MULTI_GPU config such as recipes/accelerate/fsdp2.yaml"
-        )
+    train alone, silently. A launch config of `distributed_type: FSDP` has been read into `layout` (`build_layout`):
+    accelerate's own FSDP plugin is turned off, as it would shard the model a second time. On CPU, also keep freed
+    memory for reuse between steps (`cpu_malloc`)."""
+    hand_over_sharding()
     if torch.cuda.is_available():
         return
     tuned = keep_freed_memory()

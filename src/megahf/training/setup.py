@@ -20,14 +20,15 @@ from transformers import AutoTokenizer
 from ..assets import embedded_tokenizer_path
 from ..data.tokenizer_record import TokenizerRecordError, describe, read_tokenizer_record, same_tokenizer, \
     tokenizer_identity
-from ..models.bert import MegatronBertConfig
-from ..models.gpt import MegatronGPTConfig
+from ..models.bert import MegatronBertConfig, MegatronBertPreTrainedModel
+from ..models.gpt import MegatronGPTConfig, MegatronGPTPreTrainedModel
 from ..parallel import distribute_model
+from ..parallel.launch_config import launch_fsdp_size, read_fsdp_launch
 from ..parallel.layout import LayoutError, ParallelLayout, resolve_layout
 from ..parallel.load_shards import load_into_layout
 from ..parallel.pipeline import ZERO_BUBBLE, build_pipeline
 from ..parallel.rng import checkpoint_context
-from ..recipe import ModelRecipe, PretrainRecipe, RecipeError, parse_recipe
+from ..recipe import FinetuneRecipe, ModelRecipe, PretrainRecipe, RecipeError, parse_recipe
 from ..recipe.data import EMBEDDED_BERT_TOKENIZER, EMBEDDED_TOKENIZER, GPT2_TOKENIZER_NAMES
 from ..recipe.errors import did_you_mean
 from .compile import compile_layers
@@ -154,15 +155,22 @@ def check_pipeline(recipe: PretrainRecipe, config) -> None:
                           f"false, or pipeline_parallel_size: 1")
 
 
-def build_layout(recipe: PretrainRecipe, world_size: int | None = None) -> ParallelLayout:
-    """The parallel layout for `world_size` processes (default: $WORLD_SIZE, 1 without a launcher), with the
-    gradient accumulation derived; `RecipeError` naming the key when the sizes do not fit."""
+def build_layout(recipe: PretrainRecipe | FinetuneRecipe, world_size: int | None = None) -> ParallelLayout:
+    """The parallel layout for `world_size` processes (default: $WORLD_SIZE, 1 without a launcher), with the FSDP
+    size an accelerate launch config of `distributed_type: FSDP` asks for where the recipe's fsdp_size is 0
+    (`megahf.parallel.launch_config`) and the gradient accumulation derived; `RecipeError` naming the key (and the
+    launch config's option) when the sizes do not fit."""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     p = recipe.parallel
     try:
+        launch = read_fsdp_launch(os.environ, LAYER_CLASSES)
+        fsdp_size = launch_fsdp_size(launch, p.fsdp_size, world_size, p.tensor_parallel_size,
+                                     int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), p.pipeline_parallel_size)
+        if launch is not None and launch.activation_checkpointing:
+            check_activation_checkpointing(recipe)
         return resolve_layout(
-            world_size=world_size, tensor_parallel_size=p.tensor_parallel_size, fsdp_size=p.fsdp_size,
+            world_size=world_size, tensor_parallel_size=p.tensor_parallel_size, fsdp_size=fsdp_size,
             data_parallel_size=p.data_parallel_size, micro_batch_size=p.micro_batch_size,
             gradient_accumulation_steps=p.gradient_accumulation_steps, global_batch_size=p.global_batch_size,
             sequence_parallel=p.sequence_parallel, pipeline_parallel_size=p.pipeline_parallel_size,
@@ -170,6 +178,23 @@ def build_layout(recipe: PretrainRecipe, world_size: int | None = None) -> Paral
         )
     except LayoutError as error:
         raise RecipeError(f"recipe layout: {error}") from None
+
+
+# The transformer layer classes megahf's FSDP plans wrap, one unit each (what TRANSFORMER_BASED_WRAP may name).
+LAYER_CLASSES = (*MegatronGPTPreTrainedModel._no_split_modules, *MegatronBertPreTrainedModel._no_split_modules)
+
+
+def check_activation_checkpointing(recipe: PretrainRecipe | FinetuneRecipe) -> None:
+    """A launch config's fsdp_activation_checkpointing: true is honoured by the recipe's recompute, never silently
+    dropped."""
+    recompute = recipe.model.recompute if isinstance(recipe, PretrainRecipe) else None
+    if recompute is None:
+        raise LayoutError("the launch config's fsdp_activation_checkpointing: true (FSDP_ACTIVATION_CHECKPOINTING): "
+                          "megahf finetune does not recompute activations; set fsdp_activation_checkpointing: false")
+    if recompute == "none":
+        raise LayoutError("the launch config's fsdp_activation_checkpointing: true (FSDP_ACTIVATION_CHECKPOINTING) "
+                          "contradicts recipe key recompute='none'; set recompute: full (every layer recomputed from "
+                          "its input, what that option does) or selective, or fsdp_activation_checkpointing: false")
 
 
 def load_tokenizer(recipe: PretrainRecipe):
