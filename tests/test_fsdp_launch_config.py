@@ -50,12 +50,13 @@ def accelerate_env(tmp_path: Path, base: str = "fsdp2.yaml", fsdp: dict | None =
 
 @pytest.fixture
 def launched(monkeypatch, tmp_path):
-    """Set what accelerate exports for a config (and the launcher's world) in this process's environment."""
-    for key in list(os.environ):
-        if key.startswith(("FSDP_", "PARALLELISM_CONFIG_", "ACCELERATE_USE_")):
-            monkeypatch.delenv(key)
+    """Set what accelerate exports for a config (and the launcher's world) in this process's environment, in place of
+    what an earlier call set."""
 
     def launch(world: int, local_world: int | None = None, **config) -> None:
+        for key in list(os.environ):
+            if key.startswith(("FSDP_", "PARALLELISM_CONFIG_", "ACCELERATE_USE_")):
+                monkeypatch.delenv(key)
         for key, value in accelerate_env(tmp_path, **config).items():
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("WORLD_SIZE", str(world))
