@@ -39,6 +39,8 @@ def checkpoint_metadata(recipe: PretrainRecipe, layout: ParallelLayout) -> dict:
     return {"global_batch_size": layout.global_batch_size, "seq_length": recipe.data.seq_length,
             "seed": recipe.run.seed, "world_size": layout.world_size,
             "tensor_parallel_size": layout.tensor_parallel_size, "fsdp_size": layout.fsdp_size,
+            "pipeline_parallel_size": layout.pipeline_parallel_size,
+            "virtual_pipeline_size": layout.virtual_pipeline_size,
             "train_steps": recipe.optim.train_steps, "model_config": model_config_fields(recipe)}
 
 
@@ -94,17 +96,20 @@ def resume_checkpoint(run, now: dict, reasons: dict[str, str]) -> Path | None:
     return path
 
 
-LAYOUT_KEYS = ("world_size", "tensor_parallel_size", "fsdp_size")
+LAYOUT_KEYS = ("world_size", "tensor_parallel_size", "fsdp_size", "pipeline_parallel_size", "virtual_pipeline_size")
+_BEFORE_PIPELINES = {"pipeline_parallel_size": 1, "virtual_pipeline_size": 1}  # a marker written without them
 
 
 def same_layout(saved: dict, now: dict) -> bool:
     """Whether a checkpoint's layout (its marker) is the run's: only then can each rank's RNG state be restored."""
-    return all(saved.get(key) == now.get(key) for key in LAYOUT_KEYS)
+    return all(saved.get(key, _BEFORE_PIPELINES.get(key)) == now.get(key, _BEFORE_PIPELINES.get(key))
+               for key in LAYOUT_KEYS)
 
 
 def describe_layout(meta: dict) -> str:
+    pipeline = meta.get("pipeline_parallel_size", 1)
     return (f"{meta.get('world_size')} process(es), tensor_parallel_size={meta.get('tensor_parallel_size')}, "
-            f"fsdp_size={meta.get('fsdp_size')}")
+            f"fsdp_size={meta.get('fsdp_size')}" + (f", pipeline_parallel_size={pipeline}" if pipeline > 1 else ""))
 
 
 def derived_seed(seed: int, step: int) -> int:
