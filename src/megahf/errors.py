@@ -113,5 +113,17 @@ def one_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
-__all__ = ["WRITE_FAILURES", "MegahfError", "OutputWriteError", "UnsupportedModelError", "alike_on_every_rank",
-           "explain_write_errors", "one_line", "prints_here"]
+TRAINING_CHECKPOINT_MARKER = "megahf_checkpoint.json"  # megahf.training.checkpoint.MARKER
+
+
+def training_checkpoint_hint(path: str | os.PathLike) -> str | None:
+    """If `path` is a megahf training checkpoint (each rank's model and optimizer shards, of any layout, a pipelined
+    one included) rather than a model folder: what it is and how to get a model folder from it; else None."""
+    if not os.path.isfile(os.path.join(path, TRAINING_CHECKPOINT_MARKER)):
+        return None
+    return (f"{path} is a megahf training checkpoint (each rank's shards), not a model folder: use the run's "
+            f"final/ folder, or write one with `megahf convert --from megahf --to megahf {path} NEW_FOLDER`")
+
+
+__all__ = ["TRAINING_CHECKPOINT_MARKER", "WRITE_FAILURES", "MegahfError", "OutputWriteError", "UnsupportedModelError",
+           "alike_on_every_rank", "explain_write_errors", "one_line", "prints_here", "training_checkpoint_hint"]

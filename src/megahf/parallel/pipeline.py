@@ -223,18 +223,6 @@ class Pipeline:
                                uncounted=[named[name] for name in self.excluded_from_norm])
 
 
-    def gather_for_metrics(self, accelerator, tensor: torch.Tensor) -> torch.Tensor:
-        """accelerate's `gather_for_metrics` over the data-parallel ranks only (every rank of a slice holds the same
-        values, which a gather over the world would count pp x tp times, wrongly for a short last batch)."""
-        if self.layout.data_parallel_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(self.layout.data_parallel_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=self.dp_group)
-            tensor = torch.cat(parts)
-        state = accelerator.gradient_state
-        if state.end_of_dataloader and state.remainder > 0:
-            tensor = tensor[: state.remainder]
-        return tensor
-
     def gather_model(self) -> nn.Module | None:
         """The whole model, assembled on global rank 0 from every stage's full tensors (None on the other ranks).
         Collective. Rank 0 builds it whole on the CPU: `final/` is one ordinary model folder."""

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import parallel  # noqa: F401  (attaches megahf's distribution hooks to its model classes)
 from ..adapter_folder import AdapterFolderError, adapter_base, is_adapter_folder, merge_adapter
 from ..assets import embedded_tokenizer_path
-from ..errors import MegahfError
+from ..errors import MegahfError, training_checkpoint_hint
 
 #: The shipped tokenizer of each model family (`megahf.assets`), used when the model folder has none.
 FAMILY_TOKENIZERS = {"megatron_gpt": "gpt2", "megatron_bert": "bert-uncased"}
@@ -54,6 +54,9 @@ def weights_folder(model: str | os.PathLike) -> Path:
 def check_model_folder(model: str | os.PathLike) -> dict[str, Any]:
     """The `config.json` of the model folder `model` (of its base, for a peft adapter folder), read as a dict (no
     weights loaded yet)."""
+    hint = training_checkpoint_hint(model)
+    if hint:
+        raise EvaluationError(f"--model {model}: {hint}")
     folder = weights_folder(model)
     config_file = folder / "config.json"
     if not config_file.is_file():

@@ -51,13 +51,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..atomic import atomic_write_json, fsync_dir, fsync_file, publish_folder
-from ..errors import WRITE_FAILURES, MegahfError
+from ..errors import TRAINING_CHECKPOINT_MARKER, WRITE_FAILURES, MegahfError
 from ..parallel.ranks import barrier, is_distributed, rank
 from ..parallel.rng import get_rng_tracker
 from .checksums import CHECKSUM, HashingFileSystem, file_digest
 from .safe_checkpoint_reader import SafeFileSystemReader, UnsafePickleError, check_dcp_folder, load_weights_only
 
-MARKER = "megahf_checkpoint.json"
+MARKER = TRAINING_CHECKPOINT_MARKER
 MODEL_OPTIM = "model_optim"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: Trainer reads it on resume

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..adapter_folder import AdapterFolderError, adapter_base, is_adapter_folder
 from ..assets import embedded_tokenizer_path
+from ..errors import training_checkpoint_hint
 from ..models.bert import MegatronBertConfig
 from ..parallel.layout import ParallelLayout
 from ..recipe import FinetuneRecipe, RecipeError
@@ -55,6 +56,9 @@ def resolve_model(recipe: FinetuneRecipe, task: FinetuneTask) -> ModelSource:
             adapter_of, _ = adapter_base(name)
         except AdapterFolderError as error:
             raise RecipeError(f"recipe key model={name!r}: {error}") from None
+    hint = training_checkpoint_hint(name)
+    if hint:
+        raise RecipeError(f"recipe key model={name!r}: {hint}")
     try:
         config = AutoConfig.from_pretrained(adapter_of or name)
     except (OSError, ValueError) as error:

@@ -4,7 +4,6 @@ gives."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -44,7 +43,24 @@ class MegatronTrainer(Trainer):
         self.pipeline = getattr(self.model, "_megahf_pipeline", None)
         if self.pipeline is not None:
             shard_data_like_pipeline(self.accelerator, self.pipeline)
-            self.gather_function = functools.partial(self.pipeline.gather_for_metrics, self.accelerator)
+        parallel = recipe.parallel
+        if isinstance(recipe, PretrainRecipe) and parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+            self.gather_function = self._gather_once_per_batch
+
+    def _gather_once_per_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """accelerate's `gather_for_metrics` for a layout whose ranks share batches: the tensor-parallel ranks and the
+        pipeline stages of a data-parallel rank hold the same values, which a gather over every process would count
+        tp x pp times, wrongly for a short last batch (cut to the batch's real rows from the front). One copy per
+        data-parallel rank, then the cut."""
+        tp, pp = self.recipe.parallel.tensor_parallel_size, self.recipe.parallel.pipeline_parallel_size
+        gathered = self.accelerator.gather(tensor.contiguous())
+        per_rank = gathered.reshape(self.accelerator.num_processes, -1, *tensor.shape[1:])
+        # ranks are numbered pipeline stage outermost, tensor-parallel rank innermost
+        tensor = per_rank[: self.accelerator.num_processes // pp : tp].reshape(-1, *tensor.shape[1:])
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            tensor = tensor[: state.remainder]
+        return tensor
 
     def train(self, *args, **kwargs):
         try:
