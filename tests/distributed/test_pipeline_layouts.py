@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from _launch import final_weights, losses, run_pretrain_cli, tiny_args, write_corpus
 
@@ -169,3 +172,16 @@ def test_a_checkpoint_resumes_across_pipeline_layouts(corpus, pipeline_run, tmp_
     assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith(f"step_{SAVE:07d}")
     assert "model and optimizer resharded" in result.stdout
     assert_same_run(f"{source} -> {target}", out, straight, steps=range(SAVE + 1, STEPS + 1))
+
+
+@pytest.mark.extended
+def test_a_pipelined_checkpoint_converts_to_a_model_folder(pipeline_run, tmp_path):
+    """`megahf convert --from megahf` reads a PP=2 training checkpoint (each stage's shards) into one model folder:
+    the last step's checkpoint holds what final/ holds, bit for bit."""
+    out = pipeline_run("pp2")
+    folder = tmp_path / "converted"
+    subprocess.run([sys.executable, "-m", "megahf", "convert", "--from", "megahf", "--to", "megahf", "--no-progress",
+                    str(out / "checkpoints" / f"step_{STEPS:07d}"), str(folder)], check=True)
+    converted, final = load_file(folder / "model.safetensors"), final_weights(out)
+    assert converted.keys() == final.keys()
+    assert [n for n in final if not torch.equal(converted[n], final[n])] == []
