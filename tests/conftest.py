@@ -15,6 +15,18 @@ import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+import leaked_state  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _leaves_no_warning_state_behind():
+    """The test that leaves a `catch_warnings` open or torch's compile flag set fails here, at its own teardown,
+    instead of a later test that records warnings failing by chance (leaked_state.py says how; issue 22)."""
+    before = leaked_state.snapshot()
+    yield
+    if problems := leaked_state.leaks_since(before):
+        pytest.fail("this test leaves process-global state behind:\n- " + "\n- ".join(problems), pytrace=False)
+
 
 @pytest.fixture(scope="module")
 def megatron_core():
