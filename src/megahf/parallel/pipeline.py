@@ -68,20 +68,41 @@ class _HeldElsewhere(nn.Module):
         raise RuntimeError("this decoder layer lives on another pipeline stage")
 
 
+@dataclass(frozen=True)
+class PipelinePlan:
+    """The model's pipeline plan (the config's `base_model_pp_plan` and the head's `_pp_plan`, transformers'
+    `model.pp_plan`) read as the pieces of the stages: the modules before the layer list open the first stage, the
+    layer list is divided, the modules after it (and the head's) close the last. For Megatron's GPT: the embedding;
+    `model.decoder.layers`; the final norm and the output layer."""
+
+    openers: tuple[str, ...]
+    layers: str
+    closers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> PipelinePlan:
+        names = list(model.pp_plan)
+        body = [n for n in names if n.startswith(model.base_model_prefix + ".")]
+        layers = next(n for n in body if isinstance(model.get_submodule(n), nn.ModuleList))
+        cut = body.index(layers)
+        return cls(tuple(body[:cut]), layers, tuple(body[cut + 1:] + [n for n in names if n not in body]))
+
+
 class PipelineChunk(nn.Module):
     """One stage of a MegatronGPTForCausalLM: the input is the token ids (first stage) or the hidden states the
     previous stage sent; the output is the hidden states for the next stage or, on the last, the sum of the token
-    losses of the micro-batch (`shift_labels` is passed to every stage, split like the input)."""
+    losses of the micro-batch (`shift_labels` is passed to every stage, split like the input). Its modules are the
+    model's own (shared, not copied), as the pipeline plan places them."""
 
-    def __init__(self, model: nn.Module, stage: int, num_stages: int, layers: range, chunked_loss: bool = True):
+    def __init__(self, model: nn.Module, plan: PipelinePlan, stage: int, num_stages: int, layers: range,
+                 chunked_loss: bool = True):
         super().__init__()
         self.chunked_loss = chunked_loss
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
-        body = model.model
-        self.embedding = body.embedding if self.is_first else None
-        self.layers = nn.ModuleList(body.decoder.layers[i] for i in layers)
-        self.final_layernorm = body.decoder.final_layernorm if self.is_last else None
-        self.output_layer = model.output_layer if self.is_last else None
+        self.openers = nn.ModuleList(model.get_submodule(n) for n in plan.openers) if self.is_first else None
+        self.layers = nn.ModuleList(model.get_submodule(plan.layers)[i] for i in layers)
+        # the last stage's norm(s) run here; its output layer runs in the model's head and loss
+        self.closers = nn.ModuleList(model.get_submodule(n) for n in plan.closers) if self.is_last else None
         self._model = (model,)  # the whole model's methods (not a submodule: its parameters are other stages' too)
 
     def forward(self, inputs: torch.Tensor, shift_labels: torch.Tensor | None = None,
@@ -90,13 +111,18 @@ class PipelineChunk(nn.Module):
         batch_shape = tuple(inputs.shape[:2])
         if position_ids is None:
             position_ids = torch.arange(batch_shape[1], device=inputs.device)[None]
-        hidden = self.embedding(inputs, position_ids, None) if self.is_first else inputs
+        hidden = inputs
+        for opener in self.openers or ():  # input_ids -> inputs_embeds (the embedding adds the positions)
+            hidden = opener(hidden, position_ids, None)
         mask, rotary = model.model.layer_inputs(hidden, batch_shape, attention_mask, position_ids)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
         if not self.is_last:
             return hidden
-        hidden = self.final_layernorm(hidden)
+        output_layer = model.get_output_embeddings()
+        for closer in self.closers:
+            if closer is not output_layer:
+                hidden = closer(hidden)
         # the token sum (num_items_in_batch=1): the schedule's loss function divides by the global batch's tokens
         loss, _ = model.head_and_loss(hidden, shift_labels=shift_labels, num_items_in_batch=1,
                                       chunked=self.chunked_loss)
@@ -113,18 +139,17 @@ class Pipeline:
     mesh: DeviceMesh
     chunks: list[nn.Module]
     stages: list[PipelineStage]
-    schedule: object
+    schedule: object = None
+    dp_group: object = None  # the data-parallel ranks of this stage and tensor-parallel rank (None: only this one)
     tied: list[nn.Parameter] = field(default_factory=list)  # this rank's copies of the tied embedding
     tied_group: object = None  # the ranks holding the first and the last stage of this (replica, shard, tp) slice
     excluded_from_norm: set = field(default_factory=set)  # the last stage's tied copy, counted once (on the first)
+    # training: data-parallel size / the global batch's tokens; None: evaluating
+    _train_scale: float | None = field(default=None, init=False, repr=False)
 
     @property
     def pp_group(self):
         return self.mesh.get_group("pp")
-
-    @property
-    def dp_group(self):
-        return self.mesh["dp_replicate", "fsdp"]._flatten().get_group() if self.layout.data_parallel_size > 1 else None
 
     @property
     def holds_last_stage(self) -> bool:
@@ -155,9 +180,8 @@ class Pipeline:
         args, kwargs, labels = self._split(inputs)
         tokens = self._data_parallel_sum((labels != IGNORE_INDEX).sum().to(torch.float64))
         # DDP and FSDP2 average the gradients over the data-parallel ranks; the loss is a share of the global sum
-        scale = float(self.layout.data_parallel_size) / tokens.item()
+        self._train_scale = float(self.layout.data_parallel_size) / tokens.item()
         losses: list[torch.Tensor] = []
-        self.schedule._loss_fn = lambda summed, _target: summed * scale
         self.schedule.step(*args, target=labels, losses=losses, return_outputs=False, **kwargs)
         self._average_over_replicas()
         self._sum_tied_gradients()
@@ -173,13 +197,21 @@ class Pipeline:
         inputs = _padded(inputs, micro * self.layout.gradient_accumulation_steps)
         args, kwargs, labels = self._split(inputs)
         losses: list[torch.Tensor] = []
-        self.schedule._loss_fn = lambda summed, target: summed / (target != IGNORE_INDEX).sum().clamp(min=1)
+        self._train_scale = None
         self.schedule.eval(*args, target=labels, losses=losses, return_outputs=False, **kwargs)
         local = torch.zeros(())
         if losses:
             weights = [min(micro, max(0, rows - i * micro)) for i in range(len(losses))]  # real rows of each
             local = sum(w * loss.float() for w, loss in zip(weights, losses)) / rows
         return self._global_loss(local.float(), reduce=False)
+
+    def loss_fn(self, summed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss of a micro-batch from the last stage's token sum: in training its share of the global
+        batch's mean (scaled by the data-parallel size, which DDP and FSDP2 average over); in evaluation the
+        micro-batch's own mean."""
+        if self._train_scale is not None:
+            return summed * self._train_scale
+        return summed / (target != IGNORE_INDEX).sum().clamp(min=1)
 
     def _global_loss(self, local: torch.Tensor, reduce: bool) -> torch.Tensor:
         """The last stage's value on every rank of the pipeline (summed over the data-parallel ranks if `reduce`)."""
@@ -309,8 +341,10 @@ def build_pipeline(model: nn.Module, layout: ParallelLayout, device: torch.devic
     layers = stage_layers(config.num_layers, num_stages)
     pp_rank = mesh.get_local_rank("pp")
     mine = stages_of_rank(pp_rank, pp, chunks)
+    plan = PipelinePlan.of(model)
     tied_names = _untie(model) if config.tie_word_embeddings else ()
-    _keep_only(model, sorted(i for s in mine for i in layers[s]), first=0 in mine, last=num_stages - 1 in mine)
+    _keep_only(model, plan, sorted(i for s in mine for i in layers[s]), first=0 in mine, last=num_stages - 1 in mine)
+    model.to(device)  # this rank's stages only
     if layout.tensor_parallel_size > 1 or layout.data_parallel_size > 1:
         use_parallel_chunked_loss(model)
     if layout.tensor_parallel_size > 1:
@@ -318,17 +352,17 @@ def build_pipeline(model: nn.Module, layout: ParallelLayout, device: torch.devic
     # zero-bubble schedules run the backward of the input gradients and of the weight gradients apart, twice
     # through the loss: the chunked loss supports one backward, so their last stage holds its logits whole
     chunked_loss = layout.pipeline_schedule not in ZERO_BUBBLE
-    pieces = [PipelineChunk(model, s, num_stages, layers[s], chunked_loss) for s in mine]
+    pieces = [PipelineChunk(model, plan, s, num_stages, layers[s], chunked_loss) for s in mine]
     if layout.fsdp_size > 1:
         pieces = [_fully_shard(chunk, mesh, layout) for chunk in pieces]
     stages = [PipelineStage(chunk, s, num_stages, device, group=mesh.get_group("pp")) for chunk, s in zip(pieces, mine)]
-    m = layout.gradient_accumulation_steps
+    dp_group = mesh["dp_replicate", "fsdp"]._flatten().get_group() if layout.data_parallel_size > 1 else None
+    pipeline = Pipeline(model=model, layout=layout, mesh=mesh, chunks=pieces, stages=stages, dp_group=dp_group)
     schedule_class = SCHEDULES[layout.pipeline_schedule]
-    placeholder_loss = lambda summed, _target: summed  # noqa: E731 (each step sets its own)
-    schedule = (schedule_class(stages[0], n_microbatches=m, loss_fn=placeholder_loss, scale_grads=False)
-                if len(stages) == 1 else
-                schedule_class(stages, n_microbatches=m, loss_fn=placeholder_loss, scale_grads=False))
-    pipeline = Pipeline(model=model, layout=layout, mesh=mesh, chunks=pieces, stages=stages, schedule=schedule)
+    # the gradients are the micro-batches' sum, as the loss is a share of the global mean: no division by m
+    pipeline.schedule = schedule_class(stages[0] if len(stages) == 1 else stages,
+                                       n_microbatches=layout.gradient_accumulation_steps, loss_fn=pipeline.loss_fn,
+                                       scale_grads=False)
     if tied_names:
         _join_tied(pipeline, mesh, first=0 in mine, last=num_stages - 1 in mine, names=tied_names)
     model._megahf_pipeline = pipeline
@@ -339,23 +373,23 @@ def build_pipeline(model: nn.Module, layout: ParallelLayout, device: torch.devic
 
 def _untie(model: nn.Module) -> tuple[str, str]:
     """Give the output layer its own copy of the tied word embeddings (the stages holding them differ); returns
-    (embedding name, output layer name)."""
-    embedding = model.get_input_embeddings()
-    model.output_layer.weight = nn.Parameter(embedding.weight.detach().clone())
-    return "model.embedding.word_embeddings.weight", "output_layer.weight"
+    (embedding name, output layer name), from the model's tied-weights table."""
+    ((copy, source),) = model._tied_weights_keys.items()
+    parent, _, name = copy.rpartition(".")
+    setattr(model.get_submodule(parent), name, nn.Parameter(model.get_parameter(source).detach().clone()))
+    return source, copy
 
 
-def _keep_only(model: nn.Module, layers: list[int], first: bool, last: bool) -> None:
+def _keep_only(model: nn.Module, plan: PipelinePlan, layers: list[int], first: bool, last: bool) -> None:
     """Drop every module this rank's stages do not run; the kept ones keep their names."""
-    decoder = model.model.decoder
-    for i in range(len(decoder.layers)):
+    layer_list = model.get_submodule(plan.layers)
+    for i in range(len(layer_list)):
         if i not in layers:
-            decoder.layers[i] = _HeldElsewhere()
-    if not first:
-        model.model.embedding = None
-    if not last:
-        decoder.final_layernorm = None
-        model.output_layer = None
+            layer_list[i] = _HeldElsewhere()
+    for names, kept in ((plan.openers, first), (plan.closers, last)):
+        for name in names if not kept else ():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, None)
 
 
 def _tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, layout: ParallelLayout) -> None:
@@ -372,16 +406,16 @@ def _tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, layout: ParallelLayo
 
 
 def _fully_shard(chunk: PipelineChunk, mesh: DeviceMesh, layout: ParallelLayout) -> PipelineChunk:
-    """FSDP2 inside a stage: each layer and the word embeddings a unit that frees its full weights after use, the
-    final norm and the output layer one unit kept whole until the backward (the config's FSDP plan), and the chunk
-    the root, so that what is left (learned position embeddings) is gathered when the stage runs."""
+    """FSDP2 inside a stage, as the config's FSDP plan: each layer and the word embeddings a unit that frees its full
+    weights after use, the last stage's closers (final norm, output layer) one unit kept whole until the backward,
+    and the chunk the root, so that what is left (learned position embeddings) is gathered when the stage runs."""
     shard_mesh = mesh["dp_replicate", "fsdp"] if layout.replicas > 1 else mesh["fsdp"]
-    if chunk.embedding is not None:
-        fully_shard(chunk.embedding.word_embeddings, mesh=shard_mesh, reshard_after_forward=True)
+    if chunk.is_first:
+        fully_shard(chunk._model[0].get_input_embeddings(), mesh=shard_mesh, reshard_after_forward=True)
     for layer in chunk.layers:
         fully_shard(layer, mesh=shard_mesh, reshard_after_forward=True)
     if chunk.is_last:
-        fully_shard([chunk.final_layernorm, chunk.output_layer], mesh=shard_mesh, reshard_after_forward=False)
+        fully_shard(list(chunk.closers), mesh=shard_mesh, reshard_after_forward=False)
     fully_shard(chunk, mesh=shard_mesh)
     return chunk
 
@@ -407,5 +441,5 @@ def _join_tied(pipeline: Pipeline, mesh: DeviceMesh, first: bool, last: bool, na
             pipeline.tied_group = group
 
 
-__all__ = ["Pipeline", "PipelineChunk", "SCHEDULES", "build_pipeline", "shard_data_like_pipeline", "stage_layers",
+__all__ = ["Pipeline", "PipelineChunk", "PipelinePlan", "SCHEDULES", "build_pipeline", "shard_data_like_pipeline", "stage_layers",
            "stages_of_rank"]
