@@ -441,5 +441,5 @@ def _join_tied(pipeline: Pipeline, mesh: DeviceMesh, first: bool, last: bool, na
             pipeline.tied_group = group
 
 
-__all__ = ["Pipeline", "PipelineChunk", "PipelinePlan", "SCHEDULES", "build_pipeline", "shard_data_like_pipeline", "stage_layers",
-           "stages_of_rank"]
+__all__ = ["Pipeline", "PipelineChunk", "PipelinePlan", "SCHEDULES", "build_pipeline", "shard_data_like_pipeline",
+           "stage_layers", "stages_of_rank"]

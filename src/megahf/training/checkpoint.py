@@ -501,7 +501,8 @@ def _from_checkpoint_names(model: torch.nn.Module, state: dict) -> dict:
     groups = [dict(group, params=list(group["params"])) for group in state["param_groups"]]
     for alias, source in aliases.items():
         if source in held:  # dropped beside its source on this rank: a copy of the source's state
-            per_param[alias] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in per_param[source].items()}
+            per_param[alias] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                for k, v in per_param[source].items()}
             next(group for group in groups if source in group["params"])["params"].append(alias)
         else:  # stored under the source's name
             per_param[alias] = per_param.pop(source)

@@ -268,9 +268,10 @@ def check_tokenizer(recipe: PretrainRecipe, tokenizer) -> None:
 
 def build_model(recipe: PretrainRecipe, tokenizer, layout: ParallelLayout | None = None):
     """The recipe's model, sharded as the layout says (tensor parallel and/or FSDP2 through transformers'
-    DistributedConfig; a pipelined layout keeps this rank's stages only, `parallel/pipeline.py`): a preset freshly initialised from the seed, its vocabulary sized to the tokenizer (every rank
-    initialises the full model, so each keeps its slice of the same model as one process would build), or a
-    checkpoint's weights, each rank reading only its shards (continued pretraining)."""
+    DistributedConfig; a pipelined layout keeps this rank's stages only, `parallel/pipeline.py`): a preset freshly
+    initialised from the seed, its vocabulary sized to the tokenizer (every rank initialises the full model, so each
+    keeps its slice of the same model as one process would build), or a checkpoint's weights, each rank reading only
+    its shards (continued pretraining; a pipelined layout loads them whole, then keeps its stages')."""
     family = family_of(recipe)
     distributed = layout.distributed_config() if layout is not None and layout.sharded else None
     if recipe.model.is_preset:

@@ -244,14 +244,14 @@ def trainer_arguments(optimizer, parallel, run, layout: ParallelLayout, *, num_w
         "linear": ("linear", {}),  # replaced by MegatronTrainer.create_scheduler (decay to min_lr)
         "constant": ("constant_with_warmup", {}),
     }[optimizer.lr_schedule]
+    # a pipeline takes all the micro-batches of a step at once and splits them itself
+    at_once = layout.gradient_accumulation_steps if layout.pipelined else 1
     arguments = dict(
         output_dir=run.output_dir,
         max_steps=optimizer.train_steps,
-        # a pipeline takes all the micro-batches of a step at once and splits them itself
-        per_device_train_batch_size=parallel.micro_batch_size * (steps_at_once := layout.gradient_accumulation_steps
-                                                                 if layout.pipelined else 1),
-        per_device_eval_batch_size=parallel.micro_batch_size * steps_at_once,
-        gradient_accumulation_steps=layout.gradient_accumulation_steps // steps_at_once,
+        per_device_train_batch_size=parallel.micro_batch_size * at_once,
+        per_device_eval_batch_size=parallel.micro_batch_size * at_once,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps // at_once,
         learning_rate=optimizer.learning_rate,
         lr_scheduler_type=schedule[0],
         lr_scheduler_kwargs=schedule[1],
