@@ -61,8 +61,6 @@ def test_layouts_that_do_not_fit_name_key_value_and_fix(kwargs, message):
      r"virtual_pipeline_size=1 is invalid: pipeline_schedule=interleaved-1f1b interleaves several model chunks"),
     (["--pipeline_parallel_size", "3"],
      r"pipeline_parallel_size=3 x virtual_pipeline_size=1 = 3 stages do not divide the model's num_layers=4"),
-    (["--pipeline_parallel_size", "2", "--tensor_parallel_size", "2", "--sequence_parallel", "true"],
-     r"sequence_parallel=True is invalid: megahf does not combine it with pipeline_parallel_size=2 yet"),
     (["--pipeline_parallel_size", "2", "--compile", "true"],
      r"compile=True: megahf does not compile a pipelined model yet"),
     (["--pipeline_parallel_size", "2", "--model", "bert-tiny", "--tokenizer", "bert-uncased-embedded"],

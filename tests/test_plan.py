@@ -256,7 +256,8 @@ def test_pipeline_is_proposed_where_tensor_parallelism_and_fsdp_within_a_node_do
     unpipelined = [c for c in result["fitting"] if c.layout.pp == 1]
     assert unpipelined and all(c.layout.tp * c.layout.fsdp > 8 for c in unpipelined)
     assert first.time["total"] < unpipelined[0].time["total"] and unpipelined[0].time["fsdp"] > 0
-    assert not any(c.layout.sequence_parallel for c in result["fitting"] + result["not_fitting"] if c.layout.pp > 1)
+    # sequence parallelism inside the stages is one more pipelined layout
+    assert any(c.layout.sequence_parallel for c in result["fitting"] + result["not_fitting"] if c.layout.pp > 1)
     assert first.stage == 0 and first.stage_why.startswith("stage 0 of 2 is the largest")
     assert "72 layer forwards awaiting their backward (1F1B: 2 micro-batches x 36 layers)" in first.stage_why
     text = format_plan(result, "gpt-8.3b", top=1)

@@ -3,7 +3,7 @@
     megahf plan --model gpt-8.3b --gpus 512 --gpu v100 --gpu-memory 32GB --nodes 32 --seq 1024 --global-batch 512
 
 A layout is tensor parallel t (within a node), FSDP f (shards weights, gradients and optimizer state over f of the
-data-parallel ranks), data parallel d = N / (t p), sequence parallel (t >= 2, not with a pipeline), recompute (none |
+data-parallel ranks), data parallel d = N / (t p), sequence parallel (t >= 2), recompute (none |
 selective | full), the micro batch b (global batch = b x d x accumulation) and pipeline parallel p (the outermost
 dimension; its m micro-batches per step are the accumulation, at least p; the schedule 1F1B, or interleaved 1F1B with
 v chunks per rank and m a multiple of p; p v divides the layers). Pipelines follow Megatron's advice (Narayanan et al.
@@ -432,13 +432,12 @@ def plan(config, gpus: int, gpu_memory_gb: float, seq: int, global_batch: int, g
         tps.append(tp)
 
     def add(tp: int, pp: int = 1, virtual: int = 1, schedule: str = "1f1b") -> None:
-        """Every layout of these TP and PP degrees (sequence parallelism only without a pipeline: megahf's
-        pipeline refuses it)."""
+        """Every layout of these TP and PP degrees."""
         dp = gpus // (tp * pp)
         if global_batch % dp:
             return
         for fsdp in _divisors(dp):
-            for sp in ((False, True) if tp > 1 and pp == 1 else (False,)):
+            for sp in ((False, True) if tp > 1 else (False,)):
                 for recompute in RECOMPUTE:
                     for micro in _divisors(global_batch // dp):
                         micro_batches = global_batch // (micro * dp)

@@ -1,5 +1,5 @@
-"""`megahf pretrain` with pipeline parallelism equals one process at the same global batch: every schedule, PP x TP,
-PP x FSDP2, PP x replicas, tied and untied GPT-2-style and Llama-style GPTs; a PP run killed with SIGKILL resumes
+"""`megahf pretrain` with pipeline parallelism equals one process at the same global batch: every schedule, PP x TP
+(with and without sequence parallelism), PP x FSDP2, PP x replicas, tied and untied GPT-2-style and Llama-style GPTs; a PP run killed with SIGKILL resumes
 bitwise; checkpoints move between pipelined and other layouts.
 
 Each run is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains a 4-layer,
@@ -40,6 +40,8 @@ LAYOUTS = {  # name -> (processes, recipe keys, reference run)
     "pp2-interleaved": (2, {**PP2, "pipeline_schedule": "interleaved-1f1b", "virtual_pipeline_size": 2}, "single"),
     "pp2-zero-bubble": (2, {**PP2, "pipeline_schedule": "interleaved-zb", "virtual_pipeline_size": 2}, "single"),
     "pp2xtp2": (4, {**PP2, "tensor_parallel_size": 2}, "single"),
+    # sequence parallelism inside the stages: they exchange sequence shards in training, whole sequences in eval
+    "pp2xtp2-sp": (4, {**PP2, "tensor_parallel_size": 2, "sequence_parallel": True}, "single"),
     # 2 data-parallel ranks of micro-batch 2: the same global batch of 8, the same micro-batches of the step
     "pp2xfsdp2": (4, {**PP2, "fsdp_size": 2, "micro_batch_size": 2}, "single"),
     "pp2xddp2": (4, {**PP2, "micro_batch_size": 2}, "single"),

@@ -108,7 +108,9 @@ class PipelineChunk(nn.Module):
     def forward(self, inputs: torch.Tensor, shift_labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
         model = self._model[0]
-        batch_shape = tuple(inputs.shape[:2])
+        # [batch, sequence] of the micro-batch: the labels', since under sequence parallelism a stage receives the
+        # hidden states of its rank's shard of the sequence
+        batch_shape = tuple(shift_labels.shape[:2])
         if position_ids is None:
             position_ids = torch.arange(batch_shape[1], device=inputs.device)[None]
         hidden = inputs
@@ -146,6 +148,7 @@ class Pipeline:
     excluded_from_norm: set = field(default_factory=set)  # the last stage's tied copy, counted once (on the first)
     # training: data-parallel size / the global batch's tokens; None: evaluating
     _train_scale: float | None = field(default=None, init=False, repr=False)
+    _evaluation: object = field(default=None, init=False, repr=False)  # evaluation's schedule (sequence parallel)
 
     @property
     def pp_group(self):
@@ -198,7 +201,7 @@ class Pipeline:
         args, kwargs, labels = self._split(inputs)
         losses: list[torch.Tensor] = []
         self._train_scale = None
-        self.schedule.eval(*args, target=labels, losses=losses, return_outputs=False, **kwargs)
+        self._evaluation_schedule().eval(*args, target=labels, losses=losses, return_outputs=False, **kwargs)
         local = torch.zeros(())
         if losses:
             weights = [min(micro, max(0, rows - i * micro)) for i in range(len(losses))]  # real rows of each
@@ -212,6 +215,24 @@ class Pipeline:
         if self._train_scale is not None:
             return summed * self._train_scale
         return summed / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+    def _evaluation_schedule(self):
+        """The schedule evaluation runs: under sequence parallelism the stages exchange whole sequences in eval mode
+        (the sequence-parallel layers run as plain tensor parallelism there) and sequence shards in training, and a
+        pipeline stage keeps the shapes it met first: evaluation gets stages of its own over the same modules."""
+        if not self.layout.sequence_parallel:
+            return self.schedule
+        if self._evaluation is None:
+            self._evaluation = self._schedule_of([
+                PipelineStage(stage.submod, stage.stage_index, stage.num_stages, stage.device, group=self.pp_group)
+                for stage in self.stages])
+        return self._evaluation
+
+    def _schedule_of(self, stages: list[PipelineStage]):
+        # the gradients are the micro-batches' sum, as the loss is a share of the global mean: no division by m
+        return SCHEDULES[self.layout.pipeline_schedule](
+            stages[0] if len(stages) == 1 else stages, n_microbatches=self.layout.gradient_accumulation_steps,
+            loss_fn=self.loss_fn, scale_grads=False)
 
     def _global_loss(self, local: torch.Tensor, reduce: bool) -> torch.Tensor:
         """The last stage's value on every rank of the pipeline (summed over the data-parallel ranks if `reduce`)."""
@@ -358,11 +379,7 @@ def build_pipeline(model: nn.Module, layout: ParallelLayout, device: torch.devic
     stages = [PipelineStage(chunk, s, num_stages, device, group=mesh.get_group("pp")) for chunk, s in zip(pieces, mine)]
     dp_group = mesh["dp_replicate", "fsdp"]._flatten().get_group() if layout.data_parallel_size > 1 else None
     pipeline = Pipeline(model=model, layout=layout, mesh=mesh, chunks=pieces, stages=stages, dp_group=dp_group)
-    schedule_class = SCHEDULES[layout.pipeline_schedule]
-    # the gradients are the micro-batches' sum, as the loss is a share of the global mean: no division by m
-    pipeline.schedule = schedule_class(stages[0] if len(stages) == 1 else stages,
-                                       n_microbatches=layout.gradient_accumulation_steps, loss_fn=pipeline.loss_fn,
-                                       scale_grads=False)
+    pipeline.schedule = pipeline._schedule_of(stages)
     if tied_names:
         _join_tied(pipeline, mesh, first=0 in mine, last=num_stages - 1 in mine, names=tied_names)
     model._megahf_pipeline = pipeline
@@ -399,7 +416,7 @@ def _tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, layout: ParallelLayo
 
     from .model_hooks import tensor_parallel_plan
 
-    plan = tensor_parallel_plan(model, layout.tensor_parallel_size, sequence_parallel=False)
+    plan = tensor_parallel_plan(model, layout.tensor_parallel_size, sequence_parallel=layout.sequence_parallel)
     # transformers' expansion lists the modules the model has: this rank's only
     apply_tensor_parallelism(model, tp_mesh, model._expand_parallel_plan(plan))
     get_rng_tracker().seed(torch.initial_seed(), tp_mesh.get_local_rank())

@@ -73,10 +73,6 @@ class ParallelRecipe:
             need(self, v == 1, "virtual_pipeline_size",
                  "it splits the stages of a pipeline, and pipeline_parallel_size=1; set pipeline_parallel_size to "
                  "2 or more, or virtual_pipeline_size: 1")
-        else:
-            need(self, not self.sequence_parallel, "sequence_parallel",
-                 f"megahf does not combine it with pipeline_parallel_size={self.pipeline_parallel_size} yet; set "
-                 "sequence_parallel: false (tensor parallelism inside each stage still works)")
 
 
 # Model chunks per pipeline rank each schedule runs (0: two or more).
