@@ -154,10 +154,6 @@ class Pipeline:
     def pp_group(self):
         return self.mesh.get_group("pp")
 
-    @property
-    def holds_last_stage(self) -> bool:
-        return any(stage.is_last for stage in self.stages)
-
     # ---- training and evaluation
 
     def _split(self, inputs: dict) -> tuple[tuple, dict, torch.Tensor]:
@@ -249,7 +245,7 @@ class Pipeline:
         in buckets; torch's pipeline stage and DDP's reducer disagree on a stage run several times per step)."""
         if self.layout.replicas == 1 or self.layout.fsdp_size > 1:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]  # TP: each rank's part
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.dp_group)
         flat /= self.layout.replicas
