@@ -123,3 +123,12 @@ def losses(output_dir: Path) -> dict[int, float]:
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "final" / "model.safetensors")
 
+
+def relative_weight_errors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each weight's max |difference| relative to the model's largest weight, not to that tensor's own: AdamW moves
+    every element by about lr whatever its gradient, so the roundoff of a near-zero gradient element becomes a weight
+    difference of order lr x roundoff / eps, independent of the tensor's scale."""
+    assert got.keys() == expected.keys()
+    scale = max(ref.abs().max().item() for ref in expected.values())
+    return {n: (got[n] - ref).abs().max().item() / scale for n, ref in expected.items()}
+

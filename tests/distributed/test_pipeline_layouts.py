@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _launch import final_weights, losses, run_pretrain_cli, tiny_args, write_corpus
+from _launch import final_weights, losses, relative_weight_errors, run_pretrain_cli, tiny_args, write_corpus
 
 STEPS, SAVE = 6, 3
 TOLERANCE = 1e-5
@@ -87,12 +87,6 @@ def pipeline_run(corpus, tmp_path_factory):
         return done[name]
 
     return get
-
-
-def relative_weight_errors(got: dict, expected: dict) -> dict[str, float]:
-    assert got.keys() == expected.keys()
-    scale = max(ref.abs().max().item() for ref in expected.values())
-    return {n: (got[n] - ref).abs().max().item() / scale for n, ref in expected.items()}
 
 
 def assert_same_run(name: str, out, reference, steps=range(1, STEPS + 1)) -> None:

@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from _launch import final_weights, losses, run_pretrain_cli, tiny_args, write_corpus
+from _launch import final_weights, losses, relative_weight_errors, run_pretrain_cli, tiny_args, write_corpus
 
 STEPS, SAVE = 6, 3
 LAYOUTS = {  # name -> (processes, recipe keys)
@@ -135,9 +135,7 @@ def assert_same_run(name: str, out, reference, nproc: int) -> None:
         print(f"{name}: losses and final weights bitwise equal to one process")
         return
 
-    assert got_weights.keys() == ref_weights.keys()
-    scale = max(ref.abs().max().item() for ref in ref_weights.values())
-    weight_errors = {n: (got_weights[n] - ref).abs().max().item() / scale for n, ref in ref_weights.items()}
+    weight_errors = relative_weight_errors(got_weights, ref_weights)
     worst = max(weight_errors, key=weight_errors.get)
     print(f"{name}: worst loss error {max(loss_errors.values()):.1e}, weights {weight_errors[worst]:.1e} ({worst})")
     assert weight_errors[worst] <= TOLERANCE, f"{name}: {worst} off by {weight_errors[worst]:.2e}"
@@ -225,9 +223,7 @@ def test_a_checkpoint_resumes_on_another_layout(corpus, layout_run, tmp_path, so
     assert sorted(got) == list(range(1, STEPS + 1))
     errors = {step: abs(got[step] - expected[step]) / abs(expected[step]) for step in range(SAVE + 1, STEPS + 1)}
     assert max(errors.values()) <= TOLERANCE, f"{source} -> {target}: relative loss errors {errors}"
-    got_weights, ref_weights = final_weights(out), final_weights(straight)
-    scale = max(ref.abs().max().item() for ref in ref_weights.values())
-    weight_errors = {n: (got_weights[n] - ref).abs().max().item() / scale for n, ref in ref_weights.items()}
+    weight_errors = relative_weight_errors(final_weights(out), final_weights(straight))
     worst = max(weight_errors, key=weight_errors.get)
     print(f"{source} -> {target}: losses 4-6 off by {max(errors.values()):.1e}, weights {weight_errors[worst]:.1e}")
     assert weight_errors[worst] <= TOLERANCE, f"{worst} off by {weight_errors[worst]:.2e}"

@@ -139,7 +139,6 @@ class Pipeline:
     model: nn.Module  # the whole model's class with this rank's modules only
     layout: ParallelLayout
     mesh: DeviceMesh
-    chunks: list[nn.Module]
     stages: list[PipelineStage]
     schedule: object = None
     dp_group: object = None  # the data-parallel ranks of this stage and tensor-parallel rank (None: only this one)
@@ -374,7 +373,7 @@ def build_pipeline(model: nn.Module, layout: ParallelLayout, device: torch.devic
         pieces = [_fully_shard(chunk, mesh, layout) for chunk in pieces]
     stages = [PipelineStage(chunk, s, num_stages, device, group=mesh.get_group("pp")) for chunk, s in zip(pieces, mine)]
     dp_group = mesh["dp_replicate", "fsdp"]._flatten().get_group() if layout.data_parallel_size > 1 else None
-    pipeline = Pipeline(model=model, layout=layout, mesh=mesh, chunks=pieces, stages=stages, dp_group=dp_group)
+    pipeline = Pipeline(model=model, layout=layout, mesh=mesh, stages=stages, dp_group=dp_group)
     pipeline.schedule = pipeline._schedule_of(stages)
     if tied_names:
         _join_tied(pipeline, mesh, first=0 in mine, last=num_stages - 1 in mine, names=tied_names)

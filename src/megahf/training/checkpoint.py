@@ -496,7 +496,7 @@ def _from_checkpoint_names(model: torch.nn.Module, state: dict) -> dict:
     aliases = _aliases(model)
     if not aliases:
         return state
-    held = _held_parameters(model)
+    held = {name for name, _ in model.named_parameters()}
     per_param = dict(state["state"])
     groups = [dict(group, params=list(group["params"])) for group in state["param_groups"]]
     for alias, source in aliases.items():
@@ -509,10 +509,6 @@ def _from_checkpoint_names(model: torch.nn.Module, state: dict) -> dict:
             for group in groups:
                 group["params"] = [alias if k == source else k for k in group["params"]]
     return {"state": per_param, "param_groups": groups}
-
-
-def _held_parameters(model: torch.nn.Module) -> set[str]:
-    return {name for name, _ in model.named_parameters()}
 
 
 def load_scheduler(path: str | os.PathLike, scheduler) -> None:

@@ -151,8 +151,8 @@ def check_pipeline(recipe: PretrainRecipe, config) -> None:
             f"use sizes whose product divides {config.num_layers}"
         )
     if recipe.model.compile:
-        raise RecipeError(f"recipe key compile=True: megahf does not compile a pipelined model yet; set compile: "
-                          f"false, or pipeline_parallel_size: 1")
+        raise RecipeError("recipe key compile=True: megahf does not compile a pipelined model yet; set compile: "
+                          "false, or pipeline_parallel_size: 1")
 
 
 def build_layout(recipe: PretrainRecipe | FinetuneRecipe, world_size: int | None = None) -> ParallelLayout:
