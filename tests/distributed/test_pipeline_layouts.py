@@ -1,6 +1,6 @@
 """`megahf pretrain` with pipeline parallelism equals one process at the same global batch: every schedule, PP x TP
-(with and without sequence parallelism), PP x FSDP2, PP x replicas, tied and untied GPT-2-style and Llama-style GPTs; a PP run killed with SIGKILL resumes
-bitwise; checkpoints move between pipelined and other layouts.
+(with and without sequence parallelism), PP x FSDP2, PP x replicas, tied and untied GPT-2-style and Llama-style
+GPTs; a PP run killed with SIGKILL resumes bitwise; checkpoints move between pipelined and other layouts.
 
 Each run is launched as a user launches it (torchrun on gloo, the layout in recipe keys) and trains a 4-layer,
 hidden-64 GPT for 6 steps at a global batch of 8 (one process: micro-batch 4 x accumulation 2; PP=2: the two
