@@ -15,15 +15,16 @@ times, each --repeats times (best kept), end to end from the jsonl to a token fi
   json reader of the same contiguous byte ranges; one unmerged pair per task, read back as one
   dataset). Both include starting the worker processes, which import what each needs.
 
-Every route loads its tokenizer inside the timed region (a fresh GPT-2 tokenizer has a cold BPE
-word cache; reusing a warm one would favour whichever route ran second).
+Each timed run is a fresh process (a user's command): what every route imports is imported before the clock
+starts, then the route runs, tokenizer load included (a fresh GPT-2 tokenizer has a cold BPE word cache). Running the
+routes one after another in one process made them disturb each other (worker processes forked from a process that
+had just run datasets.map were slower).
 
-It checks that every route wrote the same tokens, and prints a table of tokens/s (wall clock)
-and the ratio of each route to the single-process baseline, plus the CPU seconds each route
-burnt (this process, its threads and its reaped child processes), which moves less than wall
-time on a shared machine; the load average is printed so a busy machine shows. TOKENIZERS_PARALLELISM is reported: when unset,
-the Rust tokenizer batches over all cores in single-process runs (megahf's worker processes are
-always single-threaded).
+It checks that every route wrote the same tokens, and prints a table of tokens/s (wall clock) and the ratio of each
+route to the single-process baseline, plus the CPU seconds each route burnt (the run's process, its threads and its
+reaped child processes), which moves less than wall time on a shared machine; the load average is printed so a busy
+machine shows. TOKENIZERS_PARALLELISM is reported: when unset, the Rust tokenizer batches over all cores in
+single-process runs (megahf's worker processes and local tasks sharing the cores tokenize on one thread each).
 """
 
 from __future__ import annotations
@@ -144,20 +145,67 @@ def run_baseline(corpus: str, out_dir: str, num_proc: int) -> np.ndarray:
     return tokens
 
 
+ROUTES = {
+    "megahf preprocess, 1 worker": lambda c, d, tj: run_megahf(c, d, 1),
+    "megahf preprocess, 2 workers": lambda c, d, tj: run_megahf(c, d, 2),
+    "datasets.map + np.tofile (baseline)": lambda c, d, tj: run_baseline(c, d, 1),
+    "datasets.map num_proc=2 + np.tofile": lambda c, d, tj: run_baseline(c, d, 2),
+    "megahf --executor local, 2 tasks": lambda c, d, tj: run_megahf_datatrove(c, d, 2),
+    "datatrove MegatronDocumentTokenizer, 2 tasks": lambda c, d, tj: run_datatrove_megatron(c, d, 2, tj),
+}
+NAMES = list(ROUTES)
+BASELINE, OURS, THEIRS = NAMES[2], NAMES[4], NAMES[5]
+
+
+def run_child(route: str, corpus: str, out_dir: str, tokenizer_json: str) -> None:
+    """One timed run of one route, in this fresh process: what every route imports is imported first (untimed, so
+    that no route pays for another's imports), then the route runs; its tokens go to out_dir/tokens.npy and its
+    seconds and CPU seconds to stdout's last line."""
+    import json
+
+    import datasets  # noqa: F401
+    import datatrove.executor  # noqa: F401
+    from datasets.utils.logging import disable_progress_bar
+
+    import megahf.data.preprocess  # noqa: F401  (transformers, torch through the Auto registration)
+    import megahf.data.preprocess_datatrove  # noqa: F401
+
+    disable_progress_bar()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    tokens = ROUTES[route](corpus, out_dir, tokenizer_json)
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    np.save(os.path.join(out_dir, "tokens.npy"), tokens)
+    print(json.dumps({"seconds": seconds, "cpu": cpu}))
+
+
+def _timed_in_a_fresh_process(route: str, corpus: str, out_dir: str, tokenizer_json: str) -> tuple:
+    import json
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", route, corpus, out_dir, tokenizer_json]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"the route {route!r} failed (exit {done.returncode})")
+    timing = json.loads(done.stdout.strip().splitlines()[-1])
+    return timing["seconds"], timing["cpu"], np.load(os.path.join(out_dir, "tokens.npy"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--megabytes", type=float, default=4.0, help="corpus size to build (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per route, best kept (default 3)")
     p.add_argument("--out", default=None, help="also write the output to this file (with the command line first)")
+    p.add_argument("--child", nargs=4, metavar=("ROUTE", "CORPUS", "OUT_DIR", "TOKENIZER_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.child:
+        run_child(*args.child)
+        return 0
     if args.out:
         sys.stdout = Tee(sys.stdout, args.out)
         print(f"$ python {' '.join(sys.argv)}")
 
-    warnings.filterwarnings("ignore")
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
     root = tempfile.mkdtemp(prefix="megahf-bench-preprocess-")
     try:
         corpus = os.path.join(root, "corpus.jsonl")
@@ -167,49 +215,36 @@ def main(argv=None) -> int:
 
         tokenizer_json = os.path.join(root, "tokenizer.json")  # the shipped GPT-2 files as the one file datatrove reads
         load_gpt2_tokenizer().backend_tokenizer.save(tokenizer_json)
-        routes = [
-            ("megahf preprocess, 1 worker", lambda d: run_megahf(corpus, d, 1)),
-            ("megahf preprocess, 2 workers", lambda d: run_megahf(corpus, d, 2)),
-            ("datasets.map + np.tofile (baseline)", lambda d: run_baseline(corpus, d, 1)),
-            ("datasets.map num_proc=2 + np.tofile", lambda d: run_baseline(corpus, d, 2)),
-            ("megahf --executor local, 2 tasks", lambda d: run_megahf_datatrove(corpus, d, 2)),
-            ("datatrove MegatronDocumentTokenizer, 2 tasks", lambda d: run_datatrove_megatron(corpus, d, 2,
-                                                                                              tokenizer_json)),
-        ]
-        best = {name: float("inf") for name, _ in routes}
-        cpu = {name: float("inf") for name, _ in routes}
+        best = dict.fromkeys(NAMES, float("inf"))
+        cpu = dict.fromkeys(NAMES, float("inf"))
         load0 = os.getloadavg()[0]
         tokens = {}
         for r in range(args.repeats):
-            for name, fn in routes:  # interleaved, so drift hits every route alike
-                d = os.path.join(root, f"run{r}-{len(tokens)}-{abs(hash(name))}")
+            for i, name in enumerate(NAMES):  # interleaved, so drift hits every route alike
+                d = os.path.join(root, f"run{r}-{i}")
                 os.makedirs(d)
-                c0 = _cpu_seconds()
-                t0 = time.perf_counter()
-                out = fn(d)
-                best[name] = min(best[name], time.perf_counter() - t0)
-                cpu[name] = min(cpu[name], _cpu_seconds() - c0)
-                tokens[name] = out
+                seconds, cpu_s, tokens[name] = _timed_in_a_fresh_process(name, corpus, d, tokenizer_json)
+                best[name], cpu[name] = min(best[name], seconds), min(cpu[name], cpu_s)
                 shutil.rmtree(d)
-        ref = tokens[routes[0][0]]
+        ref = tokens[NAMES[0]]
         same = all(np.array_equal(ref, t) for t in tokens.values())
-        base = best[routes[2][0]]
+        base = best[BASELINE]
         n = int(ref.size)
         print(f"corpus: shipped Shakespeare jsonl x {copies} = {size_mb:.2f} MB, {n:,} GPT-2 tokens (+eod); "
               f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}; "
-              f"best of {args.repeats}; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+              f"best of {args.repeats}, each run in a fresh process; load average {load0:.1f} at start, "
+              f"{os.getloadavg()[0]:.1f} at end")
         print(f"identical tokens across routes: {'yes' if same else 'NO'}")
-        w = max(len(name) for name, _ in routes)
+        w = max(map(len, NAMES))
         print(f"{'route':<{w}}  {'seconds':>8}  {'tokens/s':>11}  {'vs baseline':>11}  {'CPU s':>7}")
-        for name, _ in routes:
+        for name in NAMES:
             s = best[name]
-            cpu_s = "n/a" if name.startswith("datatrove ") else f"{cpu[name]:.2f}"
+            cpu_s = "n/a" if name == THEIRS else f"{cpu[name]:.2f}"
             print(f"{name:<{w}}  {s:8.2f}  {n / s:11,.0f}  {base / s:10.2f}x  {cpu_s:>7}")
-        print("(CPU s: this process, its threads and its reaped children; n/a where datatrove's forkserver, not this "
-              "process, started the workers)")
-        ours, theirs = best[routes[4][0]], best[routes[5][0]]
+        print("(CPU s: the run's process, its threads and its reaped children; n/a where datatrove's forkserver, not "
+              "that process, started the workers)")
         print(f"megahf --executor local vs datatrove's MegatronDocumentTokenizer (same executor, tasks, workers): "
-              f"{theirs / ours:.2f}x its tokens/s")
+              f"{best[THEIRS] / best[OURS]:.2f}x its tokens/s")
         sys.stdout.flush()
         return 0 if same else 1
     finally:

@@ -25,7 +25,7 @@ from megahf.cli import main as cli_main  # noqa: E402
 from megahf.data import datatrove_steps  # noqa: E402
 from megahf.data.preprocess import preprocess_corpus  # noqa: E402
 from megahf.data.preprocess_arguments import ExecutorOptions  # noqa: E402
-from megahf.data.preprocess_datatrove import _executors, preprocess_datatrove  # noqa: E402
+from megahf.data.preprocess_datatrove import _executors, _threads, preprocess_datatrove  # noqa: E402
 from megahf.data.preprocess_errors import PreprocessError  # noqa: E402
 
 DOCS = (["Hello world. This is megahf.", "", "Mr. Smith went to Washington. He stayed!\n\nA new paragraph? yes.",
@@ -242,6 +242,33 @@ def test_ray_executors_carry_the_options(tmp_path, corpus):
     assert (merge.tasks, merge.depends) == (1, tokenize)
     assert isinstance(tokenize.pipeline[0], datatrove_steps.TokenizeShard)
     assert isinstance(merge.pipeline[0], datatrove_steps.MergeShards)
+
+
+@pytest.mark.parametrize("cores, options, threads", [
+    (2, dict(executor="local", tasks=2), 1),  # as many tasks at once as cores: one thread each
+    (2, dict(executor="local", tasks=8, workers=2), 1),
+    (16, dict(executor="local", tasks=8, workers=4), 4),
+    (16, dict(executor="local", tasks=8, local_tasks=2), 8),
+    (16, dict(executor="local", tasks=4, workers=1), None),  # one at a time: the tokenizer's own choice
+    (16, dict(executor="ray", tasks=4, cpus_per_task=3), 3),
+    (16, dict(executor="slurm", tasks=4, partition="p", time="1:00:00"), 1),  # Slurm's default: 1 CPU per task
+], ids=["local-2-cores", "local-workers", "local-16-cores", "local-tasks", "one-at-a-time", "ray", "slurm"])
+def test_the_tokenizer_threads_of_each_task(monkeypatch, cores, options, threads):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert _threads(ExecutorOptions(**options)) == threads
+
+
+def test_a_task_sharing_the_cores_tokenizes_on_one_thread(tmp_path, corpus, reference, monkeypatch):
+    """The limit is set in the task's process, before it tokenizes (here the task runs in this one)."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # restored after the test: the task changes it
+    seen = []
+    real = datatrove_steps.encode_chunk
+    monkeypatch.setattr(datatrove_steps, "encode_chunk",
+                        lambda *a: seen.append(os.environ.get("TOKENIZERS_PARALLELISM")) or real(*a))
+    monkeypatch.setattr("megahf.data.preprocess_datatrove._threads", lambda options: 1)
+    result = run_local(corpus, tmp_path / "dt", tasks=2)
+    assert seen and set(seen) == {"false"}
+    assert same_bytes(result.prefixes["text"], reference[False])
 
 
 # ----------------------------------------------------------------------------------------------------- bad options

@@ -72,6 +72,7 @@ class PreprocessJob:
     tasks: int
     input_state: Any = None  # `corpus_reader.input_state` when the job was planned: each task checks it
     log_interval: int = 0
+    threads: Optional[int] = None  # the Rust tokenizer's threads per task; None: all it sees
 
     def part_prefix(self, key: str, rank: int) -> str:
         return os.path.join(self.work_dir, "parts", f"{key}_{rank:05d}")
@@ -94,6 +95,15 @@ class PreprocessJob:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _limit_tokenizer_threads(threads: Optional[int]) -> None:
+    """Set in the task's own process (a forked or remote worker; one task at a time runs in the caller's process and
+    keeps every thread), before the tokenizer first spreads a batch over its threads."""
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    elif threads:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
 
 
 def _remove_stale_temporaries(job: PreprocessJob, rank: int) -> None:
@@ -130,6 +140,7 @@ class TokenizeShard(PipelineStep):
         from_byte = start and source.kind in ("json", "text")
         description = f"{source.description} from byte {start}" if from_byte else source.description
         chunk_job = ChunkJob(job.keys, description, job.settings)
+        _limit_tokenizer_threads(job.threads)
         tok = job_tokenizer(job.tokenizer)
         counts = {c: dict.fromkeys(job.keys, 0) for c in COUNTS}
         records = 0

@@ -94,10 +94,10 @@ def preprocess_datatrove(
         tokenizer = os.path.abspath(tokenizer)
     job = PreprocessJob(input=input, split=split, subset=subset, keys=keys, tokenizer=tokenizer, settings=settings,
                         output_prefix=os.path.abspath(output_prefix), work_dir=work_dir, tasks=options.tasks,
-                        input_state=input_state(input), log_interval=log_interval)
+                        input_state=input_state(input), log_interval=log_interval, threads=_threads(options))
     make_output_folder(output_prefix)
     os.makedirs(work_dir, exist_ok=True)
-    identity = {k: v for k, v in job.as_dict().items() if k not in ("work_dir", "log_interval")}
+    identity = {k: v for k, v in job.as_dict().items() if k not in ("work_dir", "log_interval", "threads")}
     _claim_work_dir(identity, os.path.join(work_dir, "job.json"))
     if os.path.isfile(job.merged_path) and not job.finished():
         raise PreprocessError(
@@ -143,6 +143,18 @@ def _run(job, options: ExecutorOptions, tokenize, merge, t0: float) -> Optional[
     result.workers = options.tasks
     result.executor = f"datatrove {options.executor} executor"
     return result
+
+
+def _threads(options: ExecutorOptions) -> Optional[int]:
+    """The Rust tokenizer's threads in each task: a Slurm/Ray task's CPUs; for local tasks running at once, this
+    machine's cores divided among them (one each when they are as many as the cores: their thread pools would
+    oversubscribe them); None for one task at a time (its thread pool takes every core)."""
+    if options.executor != "local":
+        return options.resources[0]
+    at_once = options.tasks if options.local_tasks is None else options.local_tasks
+    if options.workers is not None:
+        at_once = min(at_once, options.workers)
+    return None if at_once <= 1 else max(1, (os.cpu_count() or 1) // at_once)
 
 
 def _ranks(ranks: Sequence[int]) -> str:
