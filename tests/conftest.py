@@ -18,6 +18,16 @@ import pytest  # noqa: E402
 import leaked_state  # noqa: E402
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report also shows the warning state and the threads right after it failed (issue 22's
+    flake was never reproduced: should it recur, its report says what was off)."""
+    report = yield
+    if report.failed and call.when == "call":
+        report.sections.append(("process state at failure", leaked_state.describe()))
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _leaves_no_warning_state_behind():
     """The test that leaves a `catch_warnings` open or torch's compile flag set fails here, at its own teardown,

@@ -17,23 +17,40 @@ fails by name, instead of a later, unrelated test failing by chance. (A warning 
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 
 
 def snapshot() -> dict:
-    """What a later test's warnings depend on: the filter list and the function that receives shown warnings (both
-    replaced by `catch_warnings.__enter__` and put back by its `__exit__`), and torch's compile flags."""
-    return {"filters": warnings.filters, "receiver": warnings._showwarnmsg_impl,
+    """What a later test's warnings depend on: the filter list and the functions that receive shown warnings (all
+    replaced by `catch_warnings.__enter__` and put back by its `__exit__`; torch's `hide_warnings` replaces
+    `showwarning` too), and torch's compile flags."""
+    return {"filters": warnings.filters, "receiver": warnings._showwarnmsg_impl, "showwarning": warnings.showwarning,
             "compiling": torch.compiler.is_compiling(), "exporting": torch.compiler.is_exporting()}
+
+
+def describe() -> str:
+    """The state a warning depends on right now, and the other threads (which share it), for a failure report: if a
+    test that records warnings ever fails by chance again, its report says which piece was off."""
+    threads = [f"{t.name}{' (daemon)' if t.daemon else ''}" for t in threading.enumerate()
+               if t is not threading.current_thread()]
+    return "\n".join([
+        f"warnings.showwarning: {warnings.showwarning!r}",
+        f"warnings._showwarnmsg_impl: {warnings._showwarnmsg_impl!r}",
+        f"first warning filters: {warnings.filters[:4]!r}",
+        f"torch.compiler.is_compiling(): {torch.compiler.is_compiling()}, "
+        f"is_exporting(): {torch.compiler.is_exporting()}",
+        f"other threads: {', '.join(threads) or 'none'}",
+    ])
 
 
 def leaks_since(before: dict) -> list[str]:
     """One line per piece of `snapshot()` that is not as it was at `before`, saying what a later test would see."""
     now = snapshot()
     found = []
-    if now["filters"] is not before["filters"] or now["receiver"] is not before["receiver"]:
+    if any(now[k] is not before[k] for k in ("filters", "receiver", "showwarning")):
         found.append("the warning filters or the function receiving shown warnings were replaced and not put back: "
                      "a warnings.catch_warnings() entered here is still open (e.g. held by a suspended generator; "
                      "whenever it is closed, inside a later test, that test's recorded warnings go astray), or one "

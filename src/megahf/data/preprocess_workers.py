@@ -2,16 +2,16 @@
 a pool of worker processes, in input order.
 
 `--workers 1` tokenizes in the main process, in chunks of ~1 MiB of text (the Rust tokenizer spreads a batch over its
-own threads unless `TOKENIZERS_PARALLELISM=false`); with more, a `multiprocessing.Pool` tokenizes chunks of ~256 KiB
-in order (`imap`), each worker single-threaded, with a bounded number of chunks in flight so memory stays flat on
-large inputs.
+own threads unless `TOKENIZERS_PARALLELISM=false`); with more, a `ProcessPoolExecutor` tokenizes chunks of ~256 KiB,
+each worker single-threaded, at most 4 chunks per worker in flight (memory stays flat on large inputs), taken back
+in input order.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import collections
 import os
-import threading
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Tuple
 
@@ -69,47 +69,41 @@ def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
 
 
 class ChunkEncoder:
-    """Chunks -> `EncodedChunk`s, in this process (`workers=1`) or in a pool that reads at most 4 chunks per worker
-    ahead of the consumer (Pool.imap would otherwise read its whole input as fast as it can)."""
+    """Chunks -> `EncodedChunk`s, in this process (`workers=1`) or in a process pool, in input order.
+
+    The pool gets at most 4 chunks per worker ahead of the consumer, submitted from the consumer's own thread. An
+    aborted run never kills a worker: each finishes the chunks already handed to it and exits, so no thread is left
+    writing to a pipe that nobody reads (which made `multiprocessing.Pool.terminate` hang, rarely)."""
 
     def __init__(self, job: ChunkJob, tok: Any, workers: int) -> None:
         self.job, self.tok, self.workers = job, tok, workers
         self.pool = None
-        self.stop = threading.Event()
-        self.in_flight = threading.Semaphore(4 * workers)
 
     def encode(self, chunks: Iterator[Chunk]) -> Iterator[EncodedChunk]:
         if self.workers == 1:
             _init_worker(self.job, self.tok, single_threaded=False)
             return map(_encode_in_worker, chunks)
-        self.pool = multiprocessing.Pool(self.workers, initializer=_init_worker,
-                                         initargs=(self.job, self.tok, True))
-        return self._taken(self.pool.imap(_encode_in_worker, self._throttled(chunks), chunksize=1))
+        self.pool = ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=(self.job, self.tok, True))
+        return self._in_order(chunks, self.pool)
 
-    def _throttled(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-        for c in chunks:
-            self.in_flight.acquire()
-            if self.stop.is_set():
-                return
-            yield c
-
-    def _taken(self, encoded: Iterator[EncodedChunk]) -> Iterator[EncodedChunk]:
-        for enc in encoded:
-            self.in_flight.release()  # the consumer has taken one encoded chunk: let the reader queue another
-            yield enc
+    def _in_order(self, chunks: Iterator[Chunk], pool: ProcessPoolExecutor) -> Iterator[EncodedChunk]:
+        window: collections.deque[Future] = collections.deque()
+        for chunk in chunks:
+            window.append(pool.submit(_encode_in_worker, chunk))
+            if len(window) >= 4 * self.workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
     def abort(self) -> None:
-        self.stop.set()
-        self.in_flight.release(8 * self.workers + 8)
+        """Drop the chunks not started; the workers finish the ones they hold (a fraction of a second) and exit."""
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+            self.pool.shutdown(wait=True)
             self.pool = None
         _STATE.clear()
 
