@@ -18,10 +18,10 @@ times, each --repeats times (best kept), end to end from the jsonl to a token fi
   already in memory (no reading, no writing, the tokenizer loaded before the clock starts). Twice its rate is the
   most that 2 single-threaded tasks or workers can reach on this machine.
 
-Each timed run is a fresh process (a user's command): what every route imports is imported before the clock
-starts, then the route runs, tokenizer load included (a fresh GPT-2 tokenizer has a cold BPE word cache). Running the
-routes one after another in one process made them disturb each other (worker processes forked from a process that
-had just run datasets.map were slower).
+Each timed run is a process of its own, forked from the script's process once that has imported what every route
+needs and before it runs anything, so every run starts from the same state; the route's tokenizer load is timed (a
+fresh GPT-2 tokenizer has a cold BPE word cache). Running the routes one after another in one process made them
+disturb each other (worker processes forked from a process that had just run datasets.map were slower).
 
 It checks that every route wrote the same tokens, and prints a table of tokens/s (wall clock) and the ratio of each
 route to the single-process baseline, plus the CPU seconds each route burnt (the run's process, its threads and its
@@ -184,12 +184,9 @@ def _ceiling(corpus: str):
     return timed
 
 
-def run_child(route: str, corpus: str, out_dir: str, tokenizer_json: str) -> None:
-    """One timed run of one route, in this fresh process: what every route imports is imported first (untimed, so
-    that no route pays for another's imports), then the route runs; its tokens go to out_dir/tokens.npy and its
-    seconds and CPU seconds to stdout's last line."""
-    import json
-
+def import_every_route() -> None:
+    """What every route imports, imported once before any run (so that no run pays for imports, nor for another
+    route's)."""
     import datasets  # noqa: F401
     import datatrove.executor  # noqa: F401
     from datasets.utils.logging import disable_progress_bar
@@ -198,24 +195,40 @@ def run_child(route: str, corpus: str, out_dir: str, tokenizer_json: str) -> Non
     import megahf.data.preprocess_datatrove  # noqa: F401
 
     disable_progress_bar()
-    run = _ceiling(corpus) if route == CEILING else (lambda: ROUTES[route](corpus, out_dir, tokenizer_json))
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    tokens = run()
-    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    np.save(os.path.join(out_dir, "tokens.npy"), tokens)
-    print(json.dumps({"seconds": seconds, "cpu": cpu}))
 
 
-def _timed_in_a_fresh_process(route: str, corpus: str, out_dir: str, tokenizer_json: str) -> tuple:
+def _timed_in_a_forked_process(route: str, corpus: str, out_dir: str, tokenizer_json: str) -> tuple:
+    """One run of one route in a child forked from this process, which has imported everything and run nothing, so
+    every run starts from the same state (the child's CPU counters start at zero). Returns (seconds, CPU seconds,
+    tokens)."""
     import json
-    import subprocess
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", route, corpus, out_dir, tokenizer_json]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stderr)
-        raise SystemExit(f"the route {route!r} failed (exit {done.returncode})")
-    timing = json.loads(done.stdout.strip().splitlines()[-1])
+    timing_path = os.path.join(out_dir, "timing.json")
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            run = _ceiling(corpus) if route == CEILING else (lambda: ROUTES[route](corpus, out_dir, tokenizer_json))
+            c0, t0 = _cpu_seconds(), time.perf_counter()
+            tokens = run()
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            np.save(os.path.join(out_dir, "tokens.npy"), tokens)
+            with open(timing_path, "w") as f:
+                json.dump({"seconds": seconds, "cpu": cpu}, f)
+            status = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        raise SystemExit(f"the route {route!r} failed (wait status {status})")
+    with open(timing_path) as f:
+        timing = json.load(f)
     return timing["seconds"], timing["cpu"], np.load(os.path.join(out_dir, "tokens.npy"))
 
 
@@ -224,12 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--megabytes", type=float, default=4.0, help="corpus size to build (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per route, best kept (default 3)")
     p.add_argument("--out", default=None, help="also write the output to this file (with the command line first)")
-    p.add_argument("--child", nargs=4, metavar=("ROUTE", "CORPUS", "OUT_DIR", "TOKENIZER_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
-    if args.child:
-        run_child(*args.child)
-        return 0
     if args.out:
         sys.stdout = Tee(sys.stdout, args.out)
         print(f"$ python {' '.join(sys.argv)}")
@@ -242,7 +251,8 @@ def main(argv=None) -> int:
         from megahf.assets import load_gpt2_tokenizer
 
         tokenizer_json = os.path.join(root, "tokenizer.json")  # the shipped GPT-2 files as the one file datatrove reads
-        load_gpt2_tokenizer().backend_tokenizer.save(tokenizer_json)
+        load_gpt2_tokenizer().backend_tokenizer.save(tokenizer_json)  # (loaded, never used to encode)
+        import_every_route()
         runs = NAMES + [CEILING]
         best = dict.fromkeys(runs, float("inf"))
         cpu = dict.fromkeys(runs, float("inf"))
@@ -252,7 +262,7 @@ def main(argv=None) -> int:
             for i, name in enumerate(runs):  # interleaved, so drift hits every route alike
                 d = os.path.join(root, f"run{r}-{i}")
                 os.makedirs(d)
-                seconds, cpu_s, tokens[name] = _timed_in_a_fresh_process(name, corpus, d, tokenizer_json)
+                seconds, cpu_s, tokens[name] = _timed_in_a_forked_process(name, corpus, d, tokenizer_json)
                 best[name], cpu[name] = min(best[name], seconds), min(cpu[name], cpu_s)
                 shutil.rmtree(d)
         ref = tokens[NAMES[0]]
@@ -261,7 +271,7 @@ def main(argv=None) -> int:
         n = int(ref.size)
         print(f"corpus: shipped Shakespeare jsonl x {copies} = {size_mb:.2f} MB, {n:,} GPT-2 tokens (+eod); "
               f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}; "
-              f"best of {args.repeats}, each run in a fresh process; load average {load0:.1f} at start, "
+              f"best of {args.repeats}, each run in a process of its own; load average {load0:.1f} at start, "
               f"{os.getloadavg()[0]:.1f} at end")
         print(f"identical tokens across routes: {'yes' if same else 'NO'}")
         w = max(map(len, runs))
