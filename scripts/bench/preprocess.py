@@ -204,6 +204,8 @@ def _timed_in_a_forked_process(route: str, corpus: str, out_dir: str, tokenizer_
     import json
 
     timing_path = os.path.join(out_dir, "timing.json")
+    sys.stdout.flush()  # or the child would print this process's buffered output a second time
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         status = 1
