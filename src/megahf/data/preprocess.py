@@ -46,9 +46,9 @@ Differences from Megatron's tool, on purpose
       and renamed only when every key's pair is complete;
     * `--workers 1` tokenizes in the main process, in batches of ~1 MiB of text (the Rust
       tokenizer spreads a batch over its own threads unless `TOKENIZERS_PARALLELISM=false`);
-      with more, a `multiprocessing.Pool` tokenizes chunks of ~256 KiB in order (`imap`),
-      each worker single-threaded (`TOKENIZERS_PARALLELISM=false`), with a bounded number of
-      chunks in flight so memory stays flat on large inputs.
+      with more, a process pool tokenizes chunks of ~256 KiB, taken back in input order, each
+      worker single-threaded (`TOKENIZERS_PARALLELISM=false`), with a bounded number of chunks
+      in flight so memory stays flat on large inputs (`preprocess_workers`).
 
 Many machines (`--executor local|slurm|ray`, `pip install 'megahf[distributed]'`)
     `preprocess_datatrove` runs the same parts as datatrove pipeline steps (`datatrove_steps`): `--tasks`
