@@ -20,8 +20,8 @@ times, each --repeats times (best kept), end to end from the jsonl to a token fi
 
 Each timed run is a process of its own, forked from the script's process once that has imported what every route
 needs and before it runs anything, so every run starts from the same state; the route's tokenizer load is timed (a
-fresh GPT-2 tokenizer has a cold BPE word cache). Running the routes one after another in one process made them
-disturb each other (worker processes forked from a process that had just run datasets.map were slower).
+fresh GPT-2 tokenizer has a cold BPE word cache). Routes run one after another in one process can disturb each
+other (worker processes forked from a process that has just run datasets.map inherit its state).
 
 It checks that every route wrote the same tokens, and prints a table of tokens/s (wall clock) and the ratio of each
 route to the single-process baseline, plus the CPU seconds each route burnt (the run's process, its threads and its
@@ -160,8 +160,7 @@ NAMES = list(ROUTES)
 BASELINE, OURS, THEIRS = NAMES[2], NAMES[4], NAMES[5]
 #: Not a route: the Rust tokenizer alone on one thread (`encode_batch_fast`, the texts already in memory and the
 #: tokenizer loaded before the clock starts, nothing written). Twice its rate bounds what 2 single-threaded worker
-#: processes or tasks can reach here (its rayon pool over every core was slower than 2 processes: the corpus has few,
-#: long documents).
+#: processes or tasks can reach here.
 CEILING = "the Rust tokenizer alone, one thread"
 
 

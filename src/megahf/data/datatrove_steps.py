@@ -32,7 +32,7 @@ from .document_tokenizer import TokenizeSettings, load_tokenizer
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from .preprocess_errors import PreprocessError
 from .preprocess_output import PreprocessResult, output_prefix_for, publish
-from .preprocess_workers import CHUNK_BYTES_IN_PROCESS, ChunkJob, encode_chunk
+from .preprocess_workers import CHUNK_BYTES_IN_PROCESS, ChunkJob, encode_chunk, limit_tokenizer_threads
 from .tokenizer_record import tokenizer_identity
 
 #: The counts each task writes beside its parts and the merge adds up (a `PreprocessResult` per key, and records).
@@ -97,15 +97,6 @@ class PreprocessJob:
         return asdict(self)
 
 
-def _limit_tokenizer_threads(threads: Optional[int]) -> None:
-    """Set in the task's own process (a forked or remote worker; one task at a time runs in the caller's process and
-    keeps every thread), before the tokenizer first spreads a batch over its threads."""
-    if threads == 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    elif threads:
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-
-
 def _remove_stale_temporaries(job: PreprocessJob, rank: int) -> None:
     """The hidden temporary files a killed run of this task left (a builder removes its own unless the process is
     killed): `.{name}.*` for each of the task's files."""
@@ -140,7 +131,7 @@ class TokenizeShard(PipelineStep):
         from_byte = start and source.kind in ("json", "text")
         description = f"{source.description} from byte {start}" if from_byte else source.description
         chunk_job = ChunkJob(job.keys, description, job.settings)
-        _limit_tokenizer_threads(job.threads)
+        limit_tokenizer_threads(job.threads)  # None when tasks run one at a time, in the caller's own process
         tok = job_tokenizer(job.tokenizer)
         counts = {c: dict.fromkeys(job.keys, 0) for c in COUNTS}
         records = 0

@@ -13,7 +13,7 @@ import collections
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from .corpus_reader import Chunk, chunk_columns
 from .document_tokenizer import Encoded, TokenizeSettings, encode_documents
@@ -56,10 +56,17 @@ def encode_chunk(chunk: Chunk, tok: Any, job: ChunkJob) -> EncodedChunk:
 _STATE: Dict[str, Any] = {}
 
 
-def _init_worker(job: ChunkJob, tokenizer: Any, single_threaded: bool) -> None:
-    if single_threaded:
-        # N worker processes on N cores: the Rust tokenizer's own thread pool would oversubscribe.
+def limit_tokenizer_threads(threads: Optional[int]) -> None:
+    """Give the Rust tokenizer of this process `threads` threads (None: leave it its own choice, every core), before
+    it first spreads a batch over them: processes sharing the cores would oversubscribe them with a pool each."""
+    if threads == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    elif threads:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+
+
+def _init_worker(job: ChunkJob, tokenizer: Any, single_threaded: bool) -> None:
+    limit_tokenizer_threads(1 if single_threaded else None)  # N worker processes on N cores: one thread each
     _STATE["job"] = job
     _STATE["tokenizer"] = tokenizer
 
@@ -109,4 +116,4 @@ class ChunkEncoder:
 
 
 __all__ = ["CHUNK_BYTES_IN_PROCESS", "CHUNK_BYTES_POOL", "ChunkEncoder", "ChunkJob", "EncodedChunk",
-           "default_chunk_bytes", "encode_chunk"]
+           "default_chunk_bytes", "encode_chunk", "limit_tokenizer_threads"]
